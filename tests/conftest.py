@@ -1,0 +1,28 @@
+"""Shared fixtures and named tolerances for the test-suite."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+# Compare float32 kernel results to the float64/float32 NumPy twins.
+RTOL32 = 1e-5
+ATOL32 = 1e-6
+# Statistics accumulated in float64 from float32 inputs.
+RTOL64 = 1e-9
+
+# Keep Numba from writing its cache next to the installed sources in CI clones.
+os.environ.setdefault("PACS_LOG_LEVEL", "WARNING")
+
+
+@pytest.fixture(params=[0, 1, 2])
+def seed(request: pytest.FixtureRequest) -> int:
+    """Seeds for randomised kernel checks."""
+    return int(request.param)
+
+
+@pytest.fixture
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
