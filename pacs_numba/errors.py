@@ -17,3 +17,15 @@ class ConfigError(PacsError, ValueError):
 
 class BudgetError(PacsError, MemoryError):
     """Not even one patient fits in the memory the job has."""
+
+
+class OutputError(PacsError, OSError):
+    """An output could not be written (no space, no permission); nothing partial is left."""
+
+
+class Interrupted(PacsError):
+    """The run was stopped by SIGTERM (SLURM time limit) or SIGINT; complete outputs are kept."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
