@@ -55,7 +55,7 @@ try:
 except ImportError:  # not POSIX: no inter-process lock, atomic renames still keep entries whole
     fcntl = None  # type: ignore[assignment]
 
-from .errors import InputError, OutputError, PacsError
+from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -911,7 +911,7 @@ def _atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
     The temporary file is ``<name>.tmp-<pid>-<thread>`` in the same folder (a rename within one
     file system is atomic); parent folders are created.  Any OSError becomes a
-    :class:`PacsError` naming ``path``; on any failure the temporary file is removed.
+    :class:`OutputError` naming ``path``; on any failure the temporary file is removed.
     """
     final = Path(path)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
@@ -939,7 +939,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
 
     Raises
     ------
-    PacsError
+    OutputError
         If the file cannot be written; the message names ``path`` and the OS error.  Nothing
         is left under ``path`` or under a temporary name.
     """
@@ -984,7 +984,7 @@ def atomic_savez(
 
     Raises
     ------
-    PacsError
+    OutputError
         If the file cannot be written.
     """
     save = np.savez_compressed if compressed else np.savez
@@ -1033,7 +1033,7 @@ def write_nifti(
 
     Raises
     ------
-    PacsError
+    OutputError
         If the file cannot be written: the message names ``path`` and the OS error (e.g.
         "cannot write '/x/y.nii.gz': No space left on device").  No file is left under
         ``path`` or under the temporary name ``<name>.tmp-<pid>-<thread>``.

@@ -1,1 +1,129 @@
-"""Slow twins: see package docstring."""
+"""Slow twins of ``pacs_numba.kernels.stats``, written literally from SPEC.md A2-A4.
+
+Everything is materialised the way the published reference does it: float32
+z-scored volumes, ``scipy.ndimage`` gradient volumes (mode "nearest"), one
+boolean mask ``labels == r`` per tile, and Q/B summed in float64 with einsum.
+Two agreed additions to SPEC A3.1 are mirrored here: voxels where the HR or any
+expert is non-finite are left out of the mask (and counted), and a non-finite
+value is read as 0.0 wherever a value is still needed; an empty mask has the
+identity z-score (mean 0, std 1).  Never imports numba or pacs_numba.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+SD_FLOOR = 1e-8  # A3.2
+EDGE_EPS = 1e-6  # A3.4
+SMOOTHING = {"sobel": [1.0, 2.0, 1.0], "prewitt": [1.0, 1.0, 1.0], "scharr": [3.0, 10.0, 3.0]}
+
+
+def valid_mask(hr: np.ndarray, experts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean mask ``finite(hr) & hr > 0 & finite(every expert)`` and non-finite counts."""
+    hr = np.asarray(hr, np.float32)
+    mask = np.isfinite(hr) & (np.nan_to_num(hr, nan=0.0, posinf=0.0, neginf=0.0) > 0)
+    bad = [int(np.count_nonzero(~np.isfinite(hr)))]
+    for x in experts:
+        fin = np.isfinite(np.asarray(x, np.float32))
+        mask &= fin
+        bad.append(int(np.count_nonzero(~fin)))
+    return mask, np.array(bad, np.int64)
+
+
+def clean(vol: np.ndarray) -> np.ndarray:
+    """float32 copy with non-finite values replaced by 0.0."""
+    vol = np.asarray(vol, np.float32)
+    return np.where(np.isfinite(vol), vol, np.float32(0.0))
+
+
+def moments(vol: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Mean and population std (floored) of ``vol[mask]`` in float64 (A3.2)."""
+    v = clean(vol)[np.asarray(mask, bool)].astype(np.float64)
+    if v.size == 0:
+        return 0.0, 1.0
+    return float(v.mean()), max(float(v.std()), SD_FLOOR)
+
+
+def zscore(vol: np.ndarray, mu: float, sd: float) -> np.ndarray:
+    """``(vol - mu) / sd`` over the whole volume, as float32 (A3.2-3)."""
+    return ((clean(vol).astype(np.float64) - mu) / sd).astype(np.float32)
+
+
+def gradient(vol_n: np.ndarray, axis: int, operator: str) -> np.ndarray:
+    """Derivative along ``axis`` with the given operator, mode "nearest" (A3.5)."""
+    if operator == "sobel":
+        return ndimage.sobel(vol_n, axis=axis, mode="nearest")
+    if operator == "prewitt":
+        return ndimage.prewitt(vol_n, axis=axis, mode="nearest")
+    out = ndimage.correlate1d(vol_n, [-1.0, 0.0, 1.0], axis=axis, mode="nearest")
+    for other in range(vol_n.ndim):
+        if other != axis:
+            out = ndimage.correlate1d(out, SMOOTHING[operator], axis=other, mode="nearest")
+    return out
+
+
+def edge_weight(hr_n: np.ndarray, lambda_edge: float, edge_power: float) -> np.ndarray:
+    """``e = 1 + lambda_edge * (g / (max(g) + 1e-6)) ** edge_power`` (A3.4), float32."""
+    s = [ndimage.sobel(hr_n, axis=d, mode="nearest") for d in range(3)]
+    g = np.sqrt(s[0] ** 2 + s[1] ** 2 + s[2] ** 2)
+    return 1 + lambda_edge * (g / (g.max() + EDGE_EPS)) ** edge_power
+
+
+def patient_statistics(
+    hr: np.ndarray,
+    experts: Sequence[np.ndarray],
+    labels: np.ndarray,
+    n_tiles: int,
+    *,
+    lambda_edge: float,
+    edge_power: float,
+    lambda_grad: float,
+    grad_operator: str = "sobel",
+    tiles: Sequence[int] | None = None,
+) -> dict[str, np.ndarray | float]:
+    """Per-tile Q, B, counts of one patient (A3-A4), the slow obvious way.
+
+    ``labels`` is the SPEC A2 label volume.  ``tiles`` restricts Q/B/counts to a
+    subset (other rows stay 0).  Also returns ``yy`` per tile,
+    ``sum omega y^2 + lambda_grad sum_d sum omega H_d^2``, which bounds ``|B|`` by
+    Cauchy-Schwarz (the tests scale tolerances with it).
+    """
+    m = len(experts)
+    mask, nonfinite = valid_mask(hr, experts)
+    mu_hr, sd_hr = moments(hr, mask)
+    mom = [moments(x, mask) for x in experts]
+    hr_n = zscore(hr, mu_hr, sd_hr)
+    xs_n = [zscore(x, mu, sd) for x, (mu, sd) in zip(experts, mom, strict=True)]
+    e = edge_weight(hr_n, lambda_edge, edge_power) if lambda_edge > 0 else np.float32(1.0)
+    omega = e * mask
+    if lambda_grad > 0:
+        h = [gradient(hr_n, d, grad_operator) for d in range(3)]
+        g = [[gradient(x, d, grad_operator) for d in range(3)] for x in xs_n]
+    q = np.zeros((n_tiles, m, m))
+    b = np.zeros((n_tiles, m))
+    yy = np.zeros(n_tiles)
+    counts = np.zeros(n_tiles, np.int64)
+    for r in range(n_tiles) if tiles is None else tiles:
+        sel = labels == r
+        w = omega[sel].astype(np.float64)
+        x = np.stack([xn[sel] for xn in xs_n], axis=1).astype(np.float64)
+        y = hr_n[sel].astype(np.float64)
+        q[r] = np.einsum("v,va,vb->ab", w, x, x)
+        b[r] = np.einsum("v,va,v->a", w, x, y)
+        yy[r] = np.einsum("v,v,v->", w, y, y)
+        if lambda_grad > 0:
+            for d in range(3):
+                gd = np.stack([gm[d][sel] for gm in g], axis=1).astype(np.float64)
+                hd = h[d][sel].astype(np.float64)
+                q[r] += lambda_grad * np.einsum("v,va,vb->ab", w, gd, gd)
+                b[r] += lambda_grad * np.einsum("v,va,v->a", w, gd, hd)
+                yy[r] += lambda_grad * np.einsum("v,v,v->", w, hd, hd)
+        counts[r] = np.count_nonzero(mask[sel])
+    return {
+        "Q": q, "B": b, "counts": counts, "yy": yy, "mask": mask, "nonfinite": nonfinite,
+        "mu_hr": mu_hr, "sd_hr": sd_hr,
+        "mus": np.array([mu for mu, _ in mom]), "sds": np.array([sd for _, sd in mom]),
+    }
