@@ -1,0 +1,579 @@
+"""The YAML experiment config of PaCS-SR (SPEC A1), loaded into frozen dataclasses.
+
+A config written for the published tool loads unchanged: sections ``data``,
+``registration``, ``pacs_sr`` and the optional ``predict``, with the same keys
+(``data`` keys are hyphenated, ``pacs_sr`` keys are the field names of
+:class:`PacsConfig`).  Every problem is a :class:`~pacs_numba.errors.ConfigError`
+whose one-line message names the file, the key and what was expected; unknown
+keys only warn.
+
+Relative paths are kept exactly as written and resolve against the working
+directory at the moment they are used, as in the published tool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._config import GRAD_OPERATORS, SSIM_AXES, WINDOWS
+from .errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "RegistrationConfig",
+    "PacsConfig",
+    "FullConfig",
+    "load_config",
+    "config_to_dict",
+    "dump_config",
+]
+
+#: Allowed values of the enumerated ``pacs_sr`` keys, in the order messages list them.
+MIXING_WINDOWS = tuple(WINDOWS)
+GRAD_OPERATOR_NAMES = tuple(GRAD_OPERATORS)
+SSIM_AXIS_NAMES = tuple(SSIM_AXES)
+NORMALIZATIONS = ("zscore",)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PARALLEL_BACKENDS = ("loky", "threading", "multiprocessing", "sequential")
+
+#: Top-level sections of the published tool that pacs_numba does not use: ignored silently.
+IGNORED_SECTIONS = frozenset({"visualizations", "analysis", "pipeline"})
+KNOWN_SECTIONS = ("data", "registration", "pacs_sr", "predict")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` section: where the volumes are and how to split patients.
+
+    Parameters
+    ----------
+    models_root, hr_root, lr_root : Path
+        Roots of the expert outputs, the HR volumes and the LR volumes
+        (YAML keys ``models-root``, ``hr-root``, ``lr-root``).
+    spacings, pulses, models : tuple of str
+        Slice spacings (e.g. ``"3mm"``), pulse names and expert names.
+    kfolds : int
+        Number of cross-validation folds (>= 2).
+    seed : int
+        Seed of the patient shuffle.
+    out : Path
+        Path of the manifest JSON.
+    """
+
+    models_root: Path
+    hr_root: Path
+    lr_root: Path
+    spacings: tuple[str, ...]
+    pulses: tuple[str, ...]
+    models: tuple[str, ...]
+    kfolds: int
+    seed: int
+    out: Path
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """The ``registration`` section: an atlas folder and the file names inside it."""
+
+    atlas: Path
+    t1: str
+    t2: str
+    epi: str
+    pd: str
+    brain_mask: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PacsConfig:
+    """The ``pacs_sr`` section.  Field names are the YAML keys.
+
+    Keys with a default are optional in the YAML; the others are required.
+    ``parallel_backend``, ``device``, ``compute_lpips`` and ``compute_kid`` are
+    accepted for compatibility with the published tool and otherwise unused.
+    """
+
+    experiment_name: str
+    patch_size: int
+    stride: int
+    mixing_window: str = "flat"
+    simplex: bool
+    lambda_ridge: float
+    laplacian_tau: float
+    lambda_edge: float
+    edge_power: float
+    lambda_grad: float = 0.0
+    grad_operator: str = "sobel"
+    normalize: str
+    use_registration: bool = False
+    num_workers: int
+    parallel_backend: str = "loky"
+    device: str
+    compute_lpips: bool
+    compute_kid: bool = False
+    ssim_axis: str
+    evaluate_train: bool = True
+    save_weight_volumes: bool
+    save_blends: bool
+    log_level: str = "INFO"
+    log_to_file: bool = True
+    log_region_freq: int = 10
+    disable_tqdm: bool = False
+    out_root: Path
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """A whole config file.
+
+    Parameters
+    ----------
+    data : DataConfig
+    registration : RegistrationConfig or None
+        None when the file has no ``registration`` section (allowed only if
+        ``pacs_sr.use_registration`` is false).
+    pacs_sr : PacsConfig
+    predict : dict or None
+        The ``predict`` section as loaded, untouched.
+    path : Path
+        The file the config was loaded from.
+    """
+
+    data: DataConfig
+    registration: RegistrationConfig | None
+    pacs_sr: PacsConfig
+    predict: dict | None
+    path: Path
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-4``), so the common
+    ``lambda_ridge: 1e-4`` would arrive as the *string* ``"1e-4"``.  The published
+    tool hides this by calling ``float()`` on every value; we type-check instead,
+    so we resolve exponent-only numbers the YAML 1.2 way.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+# --------------------------------------------------------------------- validation
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+class _Section:
+    """Reads the keys of one YAML section, raising ConfigError with the file and key."""
+
+    def __init__(self, file: Path, name: str, mapping: dict) -> None:
+        self.file = file
+        self.name = name
+        self.mapping = mapping
+        self.known: list[str] = []
+
+    def fail(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {self.name}.{key} {what}")
+
+    def _get(self, key: str, expected: str, default: Any) -> Any:
+        self.known.append(key)
+        value = self.mapping.get(key, _MISSING)
+        if value is _MISSING:
+            if default is not _MISSING:
+                return default
+            hint = ""
+            alt = key.replace("-", "_") if "-" in key else key.replace("_", "-")
+            if alt != key and alt in self.mapping:
+                hint = f" (found {alt!r}; this key is spelled {key!r})"
+            raise self.fail(key, f"is missing; expected {expected}{hint}")
+        return value
+
+    def _bad(self, key: str, expected: str, value: Any) -> ConfigError:
+        return self.fail(key, f"must be {expected}; got {_show(value)} ({_kind(value)})")
+
+    def boolean(self, key: str, default: Any = _MISSING) -> bool:
+        expected = "true or false"
+        value = self._get(key, expected, default)
+        if not isinstance(value, bool):
+            raise self._bad(key, expected, value)
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+        value = self._get(key, expected, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, expected, value)
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"must be {expected}; got {value}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+    ) -> float:
+        if low is None:
+            expected = "a number"
+        elif high is None:
+            expected = f"a number {'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"a number in [{low:g}, {high:g}]"
+        value = self._get(key, expected, default)
+        # Ints are numbers; bools are not, although Python says so.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._bad(key, expected, value)
+        value = float(value)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and value > high
+        # NaN compares False everywhere, so reject it explicitly.
+        if too_low or too_high or value != value:
+            raise self.fail(key, f"must be {expected}; got {value:g}")
+        return value
+
+    def string(self, key: str, default: Any = _MISSING) -> str:
+        expected = "a non-empty string"
+        value = self._get(key, expected, default)
+        if not isinstance(value, str) or not value.strip():
+            raise self._bad(key, expected, value)
+        return value
+
+    def path(self, key: str, default: Any = _MISSING) -> Path:
+        expected = "a path (string)"
+        value = self._get(key, expected, default)
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise self._bad(key, expected, value)
+        return Path(value)
+
+    def choice(
+        self, key: str, allowed: tuple[str, ...], default: Any = _MISSING, *, case: str = ""
+    ) -> str:
+        expected = "one of " + ", ".join(allowed)
+        value = self._get(key, expected, default)
+        if not isinstance(value, str):
+            raise self._bad(key, expected, value)
+        # The published tool lower-cases mixing_window and grad_operator; we also
+        # accept log levels in any case because logging needs them upper-case.
+        norm = value.lower() if case == "lower" else value.upper() if case == "upper" else value
+        if norm not in allowed:
+            raise self.fail(key, f"must be {expected}; got {value!r}")
+        return norm
+
+    def names(self, key: str) -> tuple[str, ...]:
+        expected = "a non-empty list of names"
+        value = self._get(key, expected, _MISSING)
+        if not isinstance(value, list):
+            raise self._bad(key, expected, value)
+        if not value:
+            raise self.fail(key, f"is an empty list; expected {expected}")
+        out: list[str] = []
+        for item in value:
+            # `spacings: [3mm, 5mm]` gives strings; a bare number is taken as written.
+            if isinstance(item, bool) or not isinstance(item, str | int) or not str(item).strip():
+                raise self.fail(
+                    key, f"must be {expected}; item {_show(item)} ({_kind(item)}) is not a name"
+                )
+            out.append(str(item))
+        dupes = sorted({n for n in out if out.count(n) > 1})
+        if dupes:
+            raise self.fail(key, f"lists {', '.join(dupes)} more than once; names must be unique")
+        return tuple(out)
+
+    def unknown(self) -> list[str]:
+        """Messages for the keys nobody read (call after reading every known key)."""
+        out = []
+        for key in self.mapping:
+            if key in self.known:
+                continue
+            close = difflib.get_close_matches(str(key), self.known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(f"{self.file}: unknown key {self.name}.{key} ignored{hint}")
+        return out
+
+
+def _section(file: Path, doc: dict, name: str, required: bool, why: str = "") -> dict | None:
+    value = doc.get(name)
+    if value is None:
+        if not required:
+            return None
+        state = "is empty" if name in doc else "is missing"
+        keys = {
+            "data": "models-root, hr-root, lr-root, spacings, pulses, models, kfolds, seed, out",
+            "registration": "atlas, t1, t2, epi, pd, brain_mask",
+            "pacs_sr": "experiment_name, patch_size, stride, simplex, lambda_ridge, ...",
+        }[name]
+        raise ConfigError(f"{file}: section {name!r} {state}{why}; expected a mapping with {keys}")
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{file}: section {name!r} must be a mapping of keys; "
+            f"got {_show(value)} ({_kind(value)})"
+        )
+    return value
+
+
+def _read_yaml(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: is a directory; expected a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read config file ({exc})") from None
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(exc.problem or exc.context or "syntax error").split())
+        raise ConfigError(f"{file}: invalid YAML{where}: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if doc is None:
+        raise ConfigError(f"{file}: config file is empty; expected sections data and pacs_sr")
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"{file}: expected a mapping of sections (data, pacs_sr, ...); got a {_kind(doc)}"
+        )
+    return doc
+
+
+def _load_data(file: Path, mapping: dict, notes: list[str]) -> DataConfig:
+    s = _Section(file, "data", mapping)
+    cfg = DataConfig(
+        models_root=s.path("models-root"),
+        hr_root=s.path("hr-root"),
+        lr_root=s.path("lr-root"),
+        spacings=s.names("spacings"),
+        pulses=s.names("pulses"),
+        models=s.names("models"),
+        kfolds=s.integer("kfolds", minimum=2),
+        seed=s.integer("seed"),
+        out=s.path("out"),
+    )
+    notes.extend(s.unknown())
+    return cfg
+
+
+def _load_registration(file: Path, mapping: dict, notes: list[str]) -> RegistrationConfig:
+    s = _Section(file, "registration", mapping)
+    cfg = RegistrationConfig(
+        atlas=s.path("atlas"),
+        t1=s.string("t1"),
+        t2=s.string("t2"),
+        epi=s.string("epi"),
+        pd=s.string("pd"),
+        brain_mask=s.string("brain_mask"),
+    )
+    notes.extend(s.unknown())
+    return cfg
+
+
+def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
+    s = _Section(file, "pacs_sr", mapping)
+    patch_size = s.integer("patch_size", minimum=1)
+    stride = s.integer("stride")
+    if not 1 <= stride <= patch_size:
+        raise s.fail("stride", f"must be an integer in [1, patch_size={patch_size}]; got {stride}")
+    cfg = PacsConfig(
+        experiment_name=s.string("experiment_name"),
+        patch_size=patch_size,
+        stride=stride,
+        mixing_window=s.choice("mixing_window", MIXING_WINDOWS, "flat", case="lower"),
+        simplex=s.boolean("simplex"),
+        lambda_ridge=s.number("lambda_ridge", low=0.0),
+        laplacian_tau=s.number("laplacian_tau", low=0.0, high=1.0),
+        lambda_edge=s.number("lambda_edge", low=0.0),
+        edge_power=s.number("edge_power", low=0.0, low_open=True),
+        lambda_grad=s.number("lambda_grad", 0.0, low=0.0),
+        grad_operator=s.choice("grad_operator", GRAD_OPERATOR_NAMES, "sobel", case="lower"),
+        normalize=s.choice("normalize", NORMALIZATIONS),
+        use_registration=s.boolean("use_registration", False),
+        num_workers=s.integer("num_workers", minimum=1),
+        parallel_backend=s.choice("parallel_backend", PARALLEL_BACKENDS, "loky"),
+        device=s.string("device"),
+        compute_lpips=s.boolean("compute_lpips"),
+        compute_kid=s.boolean("compute_kid", False),
+        ssim_axis=s.choice("ssim_axis", SSIM_AXIS_NAMES),
+        evaluate_train=s.boolean("evaluate_train", True),
+        save_weight_volumes=s.boolean("save_weight_volumes"),
+        save_blends=s.boolean("save_blends"),
+        log_level=s.choice("log_level", LOG_LEVELS, "INFO", case="upper"),
+        log_to_file=s.boolean("log_to_file", True),
+        log_region_freq=s.integer("log_region_freq", 10, minimum=1),
+        disable_tqdm=s.boolean("disable_tqdm", False),
+        out_root=s.path("out_root"),
+    )
+    notes.extend(s.unknown())
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> FullConfig:
+    """Load and validate a PaCS-SR YAML config.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The YAML file.
+
+    Returns
+    -------
+    FullConfig
+        The validated config; ``registration`` and ``predict`` are None when absent.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not valid YAML, a required section or key is
+        missing, or a value has the wrong type or is out of range.  The message
+        names the file and the key (``pacs_sr.stride``) and says what is allowed.
+
+    Warns
+    -----
+    UserWarning
+        For every unknown key in a known section and every unknown top-level
+        section (``visualizations``, ``analysis`` and ``pipeline`` of the
+        published tool are ignored silently).
+
+    Examples
+    --------
+    >>> cfg = load_config("config.yaml")  # doctest: +SKIP
+    >>> cfg.pacs_sr.patch_size, cfg.data.models  # doctest: +SKIP
+    (32, ('BSPLINE', 'ECLARE', 'SMORE', 'UNIRES'))
+    """
+    file = Path(path)
+    doc = _read_yaml(file)
+    for name in doc:
+        if name not in KNOWN_SECTIONS and name not in IGNORED_SECTIONS:
+            warnings.warn(f"{file}: unknown section {name!r} ignored", stacklevel=2)
+
+    data_map = _section(file, doc, "data", required=True)
+    pacs_map = _section(file, doc, "pacs_sr", required=True)
+    assert data_map is not None and pacs_map is not None  # required=True raised otherwise
+    # Unknown keys are collected and warned about here, so that stacklevel=2
+    # points at the caller of load_config.
+    notes: list[str] = []
+    data = _load_data(file, data_map, notes)
+    pacs = _load_pacs(file, pacs_map, notes)
+    why = " but pacs_sr.use_registration is true" if pacs.use_registration else ""
+    reg_map = _section(file, doc, "registration", required=pacs.use_registration, why=why)
+    registration = None if reg_map is None else _load_registration(file, reg_map, notes)
+    predict = _section(file, doc, "predict", required=False)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return FullConfig(
+        data=data, registration=registration, pacs_sr=pacs, predict=predict, path=file
+    )
+
+
+# ------------------------------------------------------------------------ writing
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: FullConfig) -> dict:
+    """Return the YAML-shaped dict of a config (to record the settings a run used).
+
+    Parameters
+    ----------
+    cfg : FullConfig
+
+    Returns
+    -------
+    dict
+        Sections ``data`` (hyphenated keys), ``registration`` (if any),
+        ``pacs_sr`` (every key, defaults included) and ``predict`` (if any);
+        paths are strings and tuples are lists.  ``load_config`` of its YAML
+        gives back ``cfg`` (apart from ``path``).
+    """
+    data = {
+        f.name.replace("_", "-") if f.name.endswith("_root") else f.name: _plain(
+            getattr(cfg.data, f.name)
+        )
+        for f in dataclasses.fields(cfg.data)
+    }
+    out: dict[str, Any] = {"data": data}
+    if cfg.registration is not None:
+        out["registration"] = {
+            f.name: _plain(getattr(cfg.registration, f.name))
+            for f in dataclasses.fields(cfg.registration)
+        }
+    out["pacs_sr"] = {
+        f.name: _plain(getattr(cfg.pacs_sr, f.name)) for f in dataclasses.fields(cfg.pacs_sr)
+    }
+    if cfg.predict is not None:
+        out["predict"] = cfg.predict
+    return out
+
+
+def dump_config(cfg: FullConfig, path: str | os.PathLike[str]) -> None:
+    """Write ``cfg`` as YAML to ``path`` (atomically: temp file, then rename).
+
+    Parameters
+    ----------
+    cfg : FullConfig
+    path : str or PathLike
+        Destination; its folder is created if needed.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
