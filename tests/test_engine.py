@@ -1,0 +1,312 @@
+"""End to end: the CLI on generated cohorts, checked against independent recomputations.
+
+The oracle for "what the published tool does" is ``scripts/literal_baseline.py``, a literal
+NumPy/loky re-implementation that never imports pacs_numba.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from pacs_numba import cli
+from pacs_numba.cohort import make_cohort
+from pacs_numba.config import load_config
+from pacs_numba.manifest import build_manifest, select_task, write_manifest
+from pacs_numba.solve import objective
+from pacs_numba.tiling import TileGrid
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+lb = importlib.import_module("literal_baseline")
+
+SHAPE = (30, 34, 27)  # not divisible by the stride along any axis
+SPACING, PULSE = "3mm", "t1c"
+
+
+def _edit_config(path: Path, **pacs_sr) -> Path:
+    doc = yaml.safe_load(path.read_text())
+    doc["pacs_sr"].update(pacs_sr)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _cohort(root: Path, **pacs_sr) -> Path:
+    cfg = make_cohort(root, patients=6, shape=SHAPE, spacings=(SPACING,), pulses=(PULSE,),
+                      seed=3, kfolds=3, patch_size=8, stride=4)
+    _edit_config(cfg, num_workers=2, log_to_file=False, **pacs_sr)
+    config = load_config(cfg)
+    write_manifest(build_manifest(config.data), config.data.out)
+    return cfg
+
+
+def _run(*argv: str) -> int:
+    return cli.main([*map(str, argv)])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A cohort trained on fold 1 with the CLI (laplacian_tau 0 so the fit is a pure QP)."""
+    root = tmp_path_factory.mktemp("cohort")
+    cfg = _cohort(root, laplacian_tau=0.0)
+    cache = root / "cache"
+    rc = _run("train", "--config", cfg, "--fold", 1, "--cache-dir", cache, "--no-progress")
+    assert rc == 0
+    config = load_config(cfg)
+    mdir = Path(config.pacs_sr.out_root) / "PaCS_SR" / SPACING / "model_data" / "fold_1" / PULSE
+    return cfg, config, mdir, cache
+
+
+def test_train_writes_every_output_of_the_published_layout(trained):
+    cfg, config, mdir, _ = trained
+    manifest = json.loads(Path(config.data.out).read_text())
+    train, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    vdir = mdir.parents[2] / "output_volumes"
+    M = len(config.data.models)
+    grid = TileGrid(SHAPE, 8, 4)
+
+    metrics = json.loads((mdir / "metrics.json").read_text())
+    assert list(metrics) == ["train", "test"]
+    for split in ("train", "test"):
+        assert list(metrics[split]) == ["mse", "mae", "psnr", "ssim"]
+
+    text = (mdir / "weights.json").read_text()
+    weights = json.loads(text)
+    keys = [int(k) for k in weights]
+    assert keys == sorted(keys) and 0 < len(keys) <= grid.n_tiles
+    assert text == json.dumps(weights, indent=2)
+    for vec in weights.values():
+        assert len(vec) == M
+        assert all(float(np.float32(x)) == x for x in vec)  # float(float32) values
+        assert min(vec) >= 0 and abs(sum(vec) - 1) < 1e-5
+
+    for pid, paths in test.items():
+        hr = nib.load(paths["HR"])
+        out = nib.load(vdir / f"{pid}-{PULSE}.nii.gz")
+        assert out.shape == SHAPE and out.get_data_dtype() == np.float32
+        np.testing.assert_allclose(out.affine, hr.affine)
+        with np.load(mdir / f"{pid}_weights_test.npz") as z:
+            assert set(z.files) == {"weight_maps", "model_names", "patient_id", "split", "spacing",
+                                    "pulse", "patch_size", "stride", "shape", "n_models"}
+            assert z["weight_maps"].shape == (*SHAPE, M) and z["weight_maps"].dtype == np.float32
+            assert str(z["patient_id"]) == pid and str(z["split"]) == "test"
+            assert list(z["model_names"]) == list(config.data.models)
+            labels = grid.labels()
+            for t in (0, int(keys[len(keys) // 2])):
+                np.testing.assert_array_equal(
+                    z["weight_maps"][labels == t][0],
+                    np.float32(weights[str(t)]) if str(t) in weights else np.float32(1 / M))
+        with np.load(mdir / f"{pid}_weight_analysis_test.npz", allow_pickle=True) as z:
+            assert set(z.files) == {"weight_maps", "entropy_map", "dominant_map", "model_names",
+                                    "patient_id", "statistics"}
+            assert z["entropy_map"].dtype == np.float32 and z["dominant_map"].dtype == np.int32
+            stats = z["statistics"].item()
+            assert set(stats) == set(config.data.models)
+            assert set(stats[config.data.models[0]]) == {"mean", "std", "min", "max", "median",
+                                                         "q25", "q75"}
+    for pid in train:
+        img = nib.load(mdir / f"{pid}_blend_train.nii.gz")
+        assert img.shape == SHAPE and img.get_data_dtype() == np.float32
+    assert (mdir / "pacs_model.npz").exists()
+    leftovers = [p for p in mdir.parents[3].rglob("*") if ".tmp" in p.name]
+    assert not leftovers
+
+
+def test_metrics_json_equals_a_recomputation_from_the_written_blends(trained):
+    _, config, mdir, _ = trained
+    manifest = json.loads(Path(config.data.out).read_text())
+    train, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    vdir = mdir.parents[2] / "output_volumes"
+    metrics = json.loads((mdir / "metrics.json").read_text())
+    for split, patients, name in (("test", test, lambda p: vdir / f"{p}-{PULSE}.nii.gz"),
+                                  ("train", train, lambda p: mdir / f"{p}_blend_train.nii.gz")):
+        per = []
+        for pid, paths in patients.items():
+            hr = nib.load(paths["HR"]).get_fdata(dtype=np.float32)
+            blend = nib.load(name(pid)).get_fdata(dtype=np.float32)
+            per.append(lb.patient_metrics(hr, blend, "axial"))
+        for k in ("mse", "mae", "psnr", "ssim"):
+            expect = float(np.mean([m[k] for m in per]))
+            assert metrics[split][k] == pytest.approx(expect, rel=1e-6, abs=1e-9), (split, k)
+
+
+def _baseline_stats(config, train):
+    p = config.pacs_sr
+    grid = None
+    Q = B = n = None
+    for paths in train.values():
+        hr = nib.load(paths["HR"]).get_fdata(dtype=np.float32)
+        experts = [nib.load(e).get_fdata(dtype=np.float32) for e in paths["experts"]]
+        grid = grid or TileGrid(hr.shape, p.patch_size, p.stride)
+        M = len(experts)
+        if Q is None:
+            Q = np.zeros((grid.n_tiles, M, M))
+            B = np.zeros((grid.n_tiles, M))
+            n = np.zeros(grid.n_tiles, dtype=np.int64)
+        st = lb.patient_statistics(hr, experts, p.patch_size, p.stride, p.lambda_edge,
+                                   p.edge_power, p.lambda_grad, p.grad_operator)
+        for t, (q, b, c) in st.items():
+            Q[t] += q
+            B[t] += b
+            n[t] += c
+    return Q, B, n
+
+
+def test_train_weights_are_exact_minimisers_never_worse_than_any_expert(trained):
+    """The fitted objective beats every single expert (a simplex vertex) on every tile."""
+    _, config, mdir, _ = trained
+    manifest = json.loads(Path(config.data.out).read_text())
+    train, _ = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    Q, B, n = _baseline_stats(config, train)
+    lam = config.pacs_sr.lambda_ridge
+    weights = json.loads((mdir / "weights.json").read_text())
+    learned = np.flatnonzero(n > 0)
+    assert sorted(int(k) for k in weights) == list(learned)
+    W = np.array([weights[str(t)] for t in learned], dtype=np.float64)
+    f = objective(Q[learned], B[learned], lam, W)
+    scale = np.abs(f).max()
+    M = Q.shape[1]
+    for m in range(M):
+        e = np.zeros_like(W)
+        e[:, m] = 1
+        assert np.all(f <= objective(Q[learned], B[learned], lam, e) + 1e-6 * scale)
+    # and never worse than the published SLSQP weights, tile by tile (SPEC A5)
+    for i, t in enumerate(learned):
+        w_ref = lb.solve_tile(Q[t], B[t], lam, True)
+        f_ref = lb.objective(w_ref, Q[t], B[t], lam)
+        # float32 storage of our weights costs ~1e-7 relative of |f|
+        assert f[i] <= f_ref + 1e-9 * abs(f_ref) + 1e-6 * abs(f[i]), t
+
+
+def test_evaluate_published_weights_reproduces_published_metrics_and_blends(trained, tmp_path):
+    cfg, config, _, cache = trained
+    ref_root = tmp_path / "published"
+    ref = lb.run(cfg, 1, SPACING, PULSE, workers=2, out_root=ref_root)
+    ref_mdir = ref_root / "PaCS_SR" / SPACING / "model_data" / "fold_1" / PULSE
+    ours_root = tmp_path / "ours"
+    rc = _run("evaluate", "--config", cfg, "--fold", 1, "--spacing", SPACING, "--pulse", PULSE,
+              "--weights", ref_mdir / "weights.json", "--out-root", ours_root,
+              "--cache-dir", cache, "--no-progress")
+    assert rc == 0
+    ours_mdir = ours_root / "PaCS_SR" / SPACING / "model_data" / "fold_1" / PULSE
+    ref_m = json.loads((ref_mdir / "metrics.json").read_text())
+    our_m = json.loads((ours_mdir / "metrics.json").read_text())
+    for split in ("train", "test"):
+        assert our_m[split]["psnr"] == pytest.approx(ref_m[split]["psnr"], abs=1e-4)
+        assert our_m[split]["ssim"] == pytest.approx(ref_m[split]["ssim"], abs=1e-6)
+        assert our_m[split]["mse"] == pytest.approx(ref_m[split]["mse"], rel=1e-5)
+        assert our_m[split]["mae"] == pytest.approx(ref_m[split]["mae"], rel=1e-5)
+    assert (ours_mdir / "weights.json").read_text() == (ref_mdir / "weights.json").read_text()
+    for f in sorted((ref_root / "PaCS_SR" / SPACING / "output_volumes").glob("*.nii.gz")):
+        a = nib.load(f).get_fdata(dtype=np.float32)
+        b = nib.load(ours_root / "PaCS_SR" / SPACING / "output_volumes" / f.name).get_fdata(
+            dtype=np.float32)
+        # float32 rounding of a different summation order
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_result_does_not_depend_on_the_number_of_workers(trained, tmp_path):
+    cfg, config, mdir, cache = trained
+    rc = _run("train", "--config", cfg, "--fold", 1, "--out-root", tmp_path, "--workers", 1,
+              "--cache-dir", cache, "--no-progress")
+    assert rc == 0
+    other = tmp_path / "PaCS_SR" / SPACING / "model_data" / "fold_1" / PULSE
+    assert (other / "weights.json").read_text() == (mdir / "weights.json").read_text()
+    assert (other / "metrics.json").read_text() == (mdir / "metrics.json").read_text()
+
+
+def test_existing_outputs_are_not_overwritten_without_force(trained, capsys):
+    cfg, _, _, cache = trained
+    rc = _run("train", "--config", cfg, "--fold", 1, "--cache-dir", cache, "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "already exist" in err and "--force" in err and "Traceback" not in err
+
+
+def test_corrupt_volume_skips_the_patient_and_metrics_name_it(tmp_path, capsys):
+    cfg = _cohort(tmp_path)
+    config = load_config(cfg)
+    manifest = json.loads(Path(config.data.out).read_text())
+    train, _ = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    victim = sorted(train)[0]
+    bad = Path(train[victim]["experts"][1])
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a copy that died
+    rc = _run("train", "--config", cfg, "--fold", 1, "--cache-dir", tmp_path / "c",
+              "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert victim in err and str(bad) in err
+    mdir = Path(config.pacs_sr.out_root) / "PaCS_SR" / SPACING / "model_data" / "fold_1" / PULSE
+    metrics = json.loads((mdir / "metrics.json").read_text())
+    assert victim in metrics["skipped"] and str(bad) in metrics["skipped"][victim]
+    assert np.isfinite(metrics["test"]["psnr"])
+
+
+def test_missing_inputs_are_all_listed_before_any_work(tmp_path, capsys):
+    cfg = _cohort(tmp_path)
+    config = load_config(cfg)
+    manifest = json.loads(Path(config.data.out).read_text())
+    train, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    gone = [Path(train[sorted(train)[0]]["HR"]), Path(test[sorted(test)[0]]["experts"][0])]
+    for g in gone:
+        g.unlink()
+    rc = _run("train", "--config", cfg, "--fold", 1, "--cache-dir", tmp_path / "c")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert all(str(g) in err for g in gone) and "2 input file(s)" in err
+    assert not (Path(config.pacs_sr.out_root) / "PaCS_SR").exists()
+
+
+def test_config_errors_exit_2_with_one_line_naming_the_key(tmp_path, capsys):
+    cfg = _cohort(tmp_path)
+    _edit_config(cfg, stride=99)
+    rc = _run("train", "--config", cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "pacs_sr.stride" in err[0] and "Traceback" not in err[0]
+    rc = _run("train", "--config", tmp_path / "nope.yaml")
+    assert rc == 2 and "nope.yaml" in capsys.readouterr().err
+
+
+def test_bad_fold_spacing_pulse_name_the_allowed_values(trained, capsys):
+    cfg, _, _, _ = trained
+    assert _run("train", "--config", cfg, "--fold", 9) == 2
+    assert "1..3" in capsys.readouterr().err
+    assert _run("train", "--config", cfg, "--spacing", "9mm") == 2
+    assert "3mm" in capsys.readouterr().err
+
+
+def test_build_manifest_make_cohort_cache_and_version_commands(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert _run("make-cohort", "--out", out, "--patients", 4, "--shape", 20, 22, 18,
+                "--kfolds", 2) == 0
+    cfg = out / "config.yaml"
+    assert cfg.exists()
+    assert _run("build-manifest", "--config", cfg) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert len(man["folds"]) == 2
+    cache = tmp_path / "cache"
+    assert _run("cache", "info", "--cache-dir", cache) == 0
+    assert "entries: 0" in capsys.readouterr().out
+    assert _run("cache", "clear", "--cache-dir", cache) == 0
+    assert _run("--version") == 0
+    assert "pacs-numba" in capsys.readouterr().out
+
+
+def test_demo_prints_the_table(tmp_path, capsys):
+    from pacs_numba.demo import run_demo
+
+    text = run_demo(tmp_path, patients=4, shape=(28, 30, 26), cache_dir=tmp_path / "cache",
+                    no_progress=True)
+    assert "PaCS-SR" in text and "BSPLINE" in text and "PSNR" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("PaCS-SR "))
+    psnr = float(row.split()[1])
+    assert np.isfinite(psnr)
