@@ -22,10 +22,13 @@ def tile_boxes(shape, patch_size, stride):
     for a0 in anchors(shape[0], stride):
         for a1 in anchors(shape[1], stride):
             for a2 in anchors(shape[2], stride):
-                yield rid, (
-                    slice(a0, min(a0 + patch_size, shape[0])),
-                    slice(a1, min(a1 + patch_size, shape[1])),
-                    slice(a2, min(a2 + patch_size, shape[2])),
+                yield (
+                    rid,
+                    (
+                        slice(a0, min(a0 + patch_size, shape[0])),
+                        slice(a1, min(a1 + patch_size, shape[1])),
+                        slice(a2, min(a2 + patch_size, shape[2])),
+                    ),
                 )
                 rid += 1
 
@@ -45,12 +48,12 @@ def zscore_expert(x, mu: float, sd: float) -> np.ndarray:
     return ((x - mu) / sd).astype(np.float32)
 
 
-def blend_volume(experts, shape, patch_size, stride, weights, mus, sds, mu_hr, sd_hr,
-                 mask, window):
+def blend_volume(experts, shape, patch_size, stride, weights, mus, sds, mu_hr, sd_hr, mask, window):
     """SPEC A7.2-A7.5, literally: overlap-add every tile box in float32 arrays."""
     kind = "flat" if stride >= patch_size else window
-    x = np.stack([zscore_expert(e, float(m), float(s)) for e, m, s in zip(experts, mus, sds,
-                                                                           strict=True)])
+    x = np.stack(
+        [zscore_expert(e, float(m), float(s)) for e, m, s in zip(experts, mus, sds, strict=True)]
+    )
     acc = np.zeros(shape, dtype=np.float32)
     den = np.zeros(shape, dtype=np.float32)
     weights = np.asarray(weights, dtype=np.float32)

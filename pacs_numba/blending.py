@@ -1,0 +1,311 @@
+"""Blend the experts with the tile weights, build the weight maps and the brain mask.
+
+Public wrappers of :mod:`pacs_numba.kernels.blend` (SPEC A7.2-A7.5, A8): they
+check shapes and dtypes, bring arrays into the kernels' layout and pick the
+window; the kernels do the work in one pass over the volumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._arrays import as_volume, as_volume_list
+from ._config import BRAIN_THRESHOLD, WINDOWS
+from .kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
+from .tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+__all__ = ["blend_volume", "brain_mask", "weight_analysis", "weight_maps"]
+
+
+def _readonly(arr: NDArray) -> NDArray:
+    """Read-only view, so each kernel compiles once (Numba types readonly arrays apart)."""
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+
+
+def _as_weights(weights: ArrayLike, grid: TileGrid, n_experts: int | None = None) -> NDArray:
+    w = _readonly(np.ascontiguousarray(weights, dtype=np.float32))
+    if w.ndim != 2 or w.shape[0] != grid.n_tiles or w.shape[1] < 1:
+        raise ValueError(
+            f"weights have shape {w.shape}; expected ({grid.n_tiles}, n_experts) for the "
+            f"{grid.counts} tile grid of a {grid.shape} volume "
+            f"(patch_size={grid.patch_size}, stride={grid.stride})"
+        )
+    if n_experts is not None and w.shape[1] != n_experts:
+        raise ValueError(f"weights have {w.shape[1]} columns but {n_experts} experts were given")
+    return w
+
+
+def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[np.uint8]:
+    """Largest 26-connected component of ``hr >= threshold`` (SPEC A7.5, no registration).
+
+    Parameters
+    ----------
+    hr : array_like, (N0, N1, N2)
+        Raw HR volume (converted to float32; the comparison is made in float32
+        like the reference's ``vol >= 0.1`` on a float32 array).
+    threshold : float, optional
+        Foreground threshold, default ``BRAIN_THRESHOLD`` (0.1).
+
+    Returns
+    -------
+    ndarray of uint8, (N0, N1, N2)
+        1 on the largest component, 0 elsewhere.  Among equally large components
+        the one whose first voxel comes first in C order wins, as
+        ``scipy.ndimage.label`` + ``argmax(bincount)`` decides.  All zeros when no
+        voxel reaches the threshold (the reference raises ``ValueError`` there).
+
+    Raises
+    ------
+    ValueError
+        If ``hr`` is not 3-D.
+
+    Notes
+    -----
+    NaN voxels are background.  Allocates a union-find scratch of 4 bytes per
+    voxel (8 above 2**31 voxels) besides the 1-byte mask.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> hr = np.zeros((4, 4, 6), np.float32)
+    >>> hr[1:3, 1:3, 0:2] = 1.0
+    >>> hr[1:3, 1:3, 3:6] = 1.0
+    >>> int(brain_mask(hr).sum())
+    12
+    """
+    vol = as_volume(hr)
+    n = vol.size
+    parent = np.empty(n, dtype=np.int32 if n < 2**31 - 1 else np.int64)
+    return _brain_mask(vol, float(threshold), parent, numba.get_num_threads())
+
+
+def blend_volume(
+    experts: Sequence[ArrayLike],
+    grid: TileGrid,
+    weights: ArrayLike,
+    *,
+    mus: ArrayLike,
+    sds: ArrayLike,
+    mu_hr: float,
+    sd_hr: float,
+    mask: ArrayLike | None,
+    window: str,
+) -> NDArray[np.float32]:
+    """Blend the experts with one weight vector per tile (SPEC A7.2-A7.5).
+
+    Parameters
+    ----------
+    experts : sequence of array_like, M x (N0, N1, N2)
+        Raw expert volumes (memmaps welcome; read as float32, never copied if
+        already C-contiguous float32).
+    grid : TileGrid
+        Tile grid of ``grid.shape == (N0, N1, N2)``.
+    weights : array_like, (grid.n_tiles, M)
+        Tile weights (cast to float32); rows of tiles without a learned weight
+        must already hold ``1/M``.
+    mus, sds : array_like, (M,)
+        Each expert's z-score mean and std over the HR mask (SPEC A3.3).
+    mu_hr, sd_hr : float
+        HR mean and std that turn the blend back into HR intensities.
+    mask : array_like of bool or uint8, (N0, N1, N2), or None
+        Brain mask multiplied into the blend (SPEC A7.5), nonzero = inside;
+        None = no masking.
+    window : {"flat", "hann"}
+        ``mixing_window``.  Flat is used whenever ``grid.stride >= grid.patch_size``
+        (no overlap), as the reference does.
+
+    Returns
+    -------
+    ndarray of float32, (N0, N1, N2)
+        ``(acc / (den + 1e-8)) * sd_hr + mu_hr`` times the mask, with
+        ``acc = sum_tiles win * sum_m w_m (x_m - mu_m) / sd_m`` and
+        ``den = sum_tiles win`` over every tile box covering the voxel.
+
+    Raises
+    ------
+    ValueError
+        On an unknown window, an empty expert list, mismatched shapes, a
+        weights array that does not match the grid and the experts, or a
+        non-positive / non-finite ``sds`` or ``sd_hr``.
+
+    Notes
+    -----
+    Computed in float32 in the reference's order (tile id order per voxel), so
+    it matches the reference to float32 rounding.  A non-finite expert value is
+    read as 0.0 before z-scoring, so no NaN reaches the blend.  With the periodic
+    Hann window the first voxel of every axis gets weight 0 from its only tile,
+    so ``den`` is 0 there and the blend is ``0 * sd_hr + mu_hr`` -- the
+    reference's behaviour, kept for compatibility.  The numerator and
+    denominator are computed per row and never stored as volumes: the only
+    volume allocated is the float32 output.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> g = TileGrid((4, 4, 4), patch_size=2, stride=2)
+    >>> x = np.full((4, 4, 4), 3.0, np.float32)
+    >>> w = np.full((g.n_tiles, 2), 0.5, np.float32)
+    >>> b = blend_volume([x, x], g, w, mus=[1.0, 1.0], sds=[2.0, 2.0],
+    ...                  mu_hr=1.0, sd_hr=2.0, mask=None, window="hann")
+    >>> float(b[0, 0, 0])
+    3.0
+    """
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {sorted(WINDOWS)}, got {window!r}")
+    vols = as_volume_list(experts, grid.shape)
+    n_exp = len(vols)
+    w = _as_weights(weights, grid, n_exp)
+    mus64 = _readonly(np.ascontiguousarray(mus, dtype=np.float64).reshape(-1))
+    sds64 = _readonly(np.ascontiguousarray(sds, dtype=np.float64).reshape(-1))
+    if mus64.shape != (n_exp,) or sds64.shape != (n_exp,):
+        raise ValueError(
+            f"mus and sds need one value per expert ({n_exp}); got {mus64.size} and {sds64.size}"
+        )
+    if not (np.all(np.isfinite(sds64)) and np.all(sds64 > 0) and np.all(np.isfinite(mus64))):
+        raise ValueError(
+            f"expert statistics must be finite with sds > 0; got mus={mus64}, sds={sds64}"
+        )
+    if not (np.isfinite(sd_hr) and sd_hr > 0 and np.isfinite(mu_hr)):
+        raise ValueError(
+            f"HR statistics must be finite with sd_hr > 0; got mu_hr={mu_hr}, sd_hr={sd_hr}"
+        )
+    if mask is None:
+        mask_u8 = _readonly(np.zeros((1, 1, 1), np.uint8))
+        use_mask = False
+    else:
+        mask_u8 = np.asarray(mask)
+        # bool -> uint8 is a view (no copy); any other dtype: nonzero = inside.
+        mask_u8 = (
+            mask_u8.view(np.uint8) if mask_u8.dtype == np.bool_ else (mask_u8 != 0).view(np.uint8)
+        )
+        mask_u8 = _readonly(np.ascontiguousarray(mask_u8))
+        if mask_u8.shape != grid.shape:
+            raise ValueError(f"mask has shape {mask_u8.shape}; expected {grid.shape}")
+        use_mask = True
+    kind = "flat" if grid.stride >= grid.patch_size else window
+    return _blend_volume(
+        vols,
+        w,
+        mus64,
+        sds64,
+        float(mu_hr),
+        float(sd_hr),
+        mask_u8,
+        use_mask,
+        grid.patch_size,
+        grid.stride,
+        WINDOWS[kind],
+        4 * numba.get_num_threads(),
+    )
+
+
+def weight_maps(weights: ArrayLike, grid: TileGrid) -> NDArray[np.float32]:
+    """Per-voxel weight volume of the A8 npz files.
+
+    Parameters
+    ----------
+    weights : array_like, (grid.n_tiles, M)
+        Tile weights (cast to float32), ``1/M`` for tiles without a learned weight.
+    grid : TileGrid
+        The tile grid of the volume.
+
+    Returns
+    -------
+    ndarray of float32, (N0, N1, N2, M)
+        ``weights[r(v)]`` for every voxel, ``r(v)`` the voxel label of SPEC A2
+        (the largest id among the tiles covering ``v``).
+
+    Raises
+    ------
+    ValueError
+        If ``weights`` does not have one row per tile.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> g = TileGrid((3, 2, 2), patch_size=2, stride=2)
+    >>> w = np.array([[1.0, 0.0], [0.25, 0.75]], np.float32)
+    >>> weight_maps(w, g)[:, 0, 0, 1].tolist()
+    [0.0, 0.0, 0.75]
+    """
+    w = _as_weights(weights, grid)
+    n0, n1, n2 = grid.shape
+    return _weight_maps(w, n0, n1, n2, grid.stride)
+
+
+def weight_analysis(maps: ArrayLike, model_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Content of the ``{pid}_weight_analysis_{split}.npz`` file minus ``patient_id`` (SPEC A8).
+
+    Parameters
+    ----------
+    maps : array_like, (N0, N1, N2, M)
+        Per-voxel weights from :func:`weight_maps` (cast to float32).
+    model_names : sequence of str, length M
+        Expert names in column order.
+
+    Returns
+    -------
+    dict
+        Keys and values exactly as ``np.savez_compressed`` stores the reference's:
+
+        ``weight_maps``
+            (N0, N1, N2, M) float32, the input.
+        ``entropy_map``
+            (N0, N1, N2) float32, ``-sum w' log(w' + 1e-10)`` with
+            ``w' = w / (sum w + 1e-10)`` (the reference's normaliser; equal to
+            ``w / sum w`` in float32 whenever ``sum w > 2e-3``).
+        ``dominant_map``
+            (N0, N1, N2) int32, ``argmax`` over the experts (first on ties).
+        ``model_names``
+            (M,) unicode array (``np.asarray(list(model_names))``).
+        ``statistics``
+            0-d object array holding ``{model: {"mean", "std", "min", "max",
+            "median", "q25", "q75"}}`` of Python floats over every voxel of that
+            model's float32 map (NumPy's float32 mean and ``std`` with ddof 0,
+            linear percentiles) -- the same NumPy calls as the reference, so
+            identical numbers.  Load it with ``np.load(..., allow_pickle=True)``
+            and ``.item()``.
+
+    Raises
+    ------
+    ValueError
+        If ``maps`` is not 4-D or ``model_names`` does not name its last axis.
+    """
+    wm = _readonly(np.ascontiguousarray(maps, dtype=np.float32))
+    names = [str(n) for n in model_names]
+    if wm.ndim != 4 or wm.shape[3] != len(names) or len(names) == 0:
+        raise ValueError(
+            f"weight maps have shape {wm.shape}; expected (N0, N1, N2, {len(names)}) "
+            f"for models {names}"
+        )
+    entropy, dominant = _weight_analysis(wm)
+    stats: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(names):
+        col = wm[..., i]
+        stats[name] = {
+            "mean": float(np.mean(col)),
+            "std": float(np.std(col)),
+            "min": float(np.min(col)),
+            "max": float(np.max(col)),
+            "median": float(np.median(col)),
+            "q25": float(np.percentile(col, 25)),
+            "q75": float(np.percentile(col, 75)),
+        }
+    statistics = np.empty((), dtype=object)
+    statistics[()] = stats
+    return {
+        "weight_maps": wm,
+        "entropy_map": entropy,
+        "dominant_map": dominant,
+        "model_names": np.asarray(names),
+        "statistics": statistics,
+    }
