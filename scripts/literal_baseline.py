@@ -428,9 +428,12 @@ def laplacian_smooth(weights: dict[int, NDArray[np.float32]], counts: tuple[int,
 def hann_periodic(length: int) -> NDArray[np.float32]:
     """Periodic Hann ``0.5 - 0.5 cos(2 pi k / L)``, ``k = 0..L-1`` (SPEC A7.2), float32.
 
-    Note: SPEC's formula gives 0 for ``L = 1``; ``scipy.signal.windows.hann(1, sym=False)``
-    (which the published tool calls) gives 1.  SPEC wins here.
+    For ``L = 1`` the formula gives 0, but ``scipy.signal.windows.hann(1, sym=False)``, which
+    the published tool calls, returns 1: a one-voxel clipped box (N mod stride == 1) keeps its
+    weight.  This script stands in for the published tool, so it returns 1 there too.
     """
+    if length == 1:
+        return np.ones(1, dtype=np.float32)
     k = np.arange(length, dtype=np.float64)
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * k / length)).astype(np.float32)
 

@@ -28,7 +28,7 @@ if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 lb = importlib.import_module("literal_baseline")
 
-SHAPE = (30, 34, 27)  # not divisible by the stride along any axis
+SHAPE = (29, 34, 27)  # no axis divisible by the stride; 29 % 4 == 1 leaves one-voxel tiles
 SPACING, PULSE = "3mm", "t1c"
 
 
