@@ -36,13 +36,13 @@ from .memory import Limits, PoolPlan, detect_limits, per_patient_bytes, plan_poo
 from .metrics import aggregate, volume_metrics
 from .model import MODEL_FILE, StackingModel, read_weights_json, save_model, write_weights_json
 from .progress import progress
-from .solve import fit_weights
+from .solve import fit_weights, laplacian_smooth
 from .statistics import normalisation, patient_statistics, valid_mask
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
-STAGES = ("load", "statistics", "solve", "blend", "metrics", "writes")
+STAGES = ("load", "statistics", "solve", "smoothing", "blend", "metrics", "writes")
 METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 AFFINE_ATOL = 1e-3
 
@@ -511,8 +511,11 @@ class Engine:
         with clock("solve"):
             weights, learned = fit_weights(
                 Q, B, n, grid.counts, simplex=p.simplex, lambda_ridge=p.lambda_ridge,
-                laplacian_tau=p.laplacian_tau,
+                laplacian_tau=0.0,
             )
+        if p.laplacian_tau > 0:
+            with clock("smoothing"):  # leaves tiles without a learned weight at 1/M
+                weights = laplacian_smooth(weights, learned, grid.counts, p.laplacian_tau)
         log.info(
             "fit %s: %d/%d tiles learned from %d patients (%d skipped)",
             task, int(learned.sum()), grid.n_tiles, len(used), len(pids) - len(used),
