@@ -1,0 +1,347 @@
+"""Per-patient statistics (SPEC A3-A4): valid mask, z-score moments and tile normal equations.
+
+Public wrappers around :mod:`pacs_numba.kernels.stats`.  They check shapes and
+options, bring the volumes into the one layout the kernels are compiled for
+(read-only, C-contiguous float32, experts as a ``numba.typed.List``; see
+:mod:`pacs_numba._arrays`) and call the kernels.  Memory-mapped volumes are not
+copied.
+
+Non-finite voxels
+-----------------
+The reference algorithm assumes finite volumes (a NaN would turn the whole
+tile's Q and B into NaN).  Here a voxel whose HR or any expert is NaN/Inf is left
+out of the mask and counted (``PatientStats.nonfinite``), and wherever a value is
+still needed (gradient stencils of neighbouring voxels, the edge map) a
+non-finite value is read as 0.0.  Q and B are therefore always finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba.typed import List
+from numpy.typing import ArrayLike, NDArray
+
+from ._arrays import as_volume, as_volume_list
+from ._config import GRAD_OPERATORS
+from .errors import ConfigError, InputError
+from .kernels.stats import _sobel_magnitude_max, _tile_statistics, _valid_mask, _volume_moments
+from .tiling import TileGrid
+
+__all__ = [
+    "PatientStats",
+    "normalisation",
+    "patient_statistics",
+    "valid_mask",
+    "volume_moments",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class PatientStats:
+    """Everything the fit needs from one patient (SPEC A3-A4).
+
+    ``eq=False``: the fields are arrays, for which ``==`` is elementwise.
+
+    Attributes
+    ----------
+    Q : (T, M, M) float64
+        Per-tile ``sum omega x x^T + lambda_grad sum_d sum omega G_d G_d^T``
+        (symmetric).
+    B : (T, M) float64
+        Per-tile ``sum omega x y + lambda_grad sum_d sum omega G_d H_d``.
+    counts : (T,) int64
+        Mask voxels per tile (label partition of SPEC A2).
+    mu_hr, sd_hr : float
+        HR mean and floored population std over the mask.
+    mus, sds : (M,) float64
+        The same for each expert (over the HR mask).
+    nonfinite : (M + 1,) int64
+        NaN/Inf voxels in the HR (index 0) and in each expert.
+    n_mask : int
+        Number of mask voxels, ``counts.sum()``.
+    """
+
+    Q: NDArray[np.float64]
+    B: NDArray[np.float64]
+    counts: NDArray[np.int64]
+    mu_hr: float
+    sd_hr: float
+    mus: NDArray[np.float64]
+    sds: NDArray[np.float64]
+    nonfinite: NDArray[np.int64]
+    n_mask: int
+
+
+def _check_volumes(
+    hr: ArrayLike, experts: Sequence[ArrayLike]
+) -> tuple[NDArray[np.float32], List]:
+    """Return ``hr`` as a kernel volume and ``experts`` as a typed list, or raise InputError."""
+    hr_shape = np.shape(hr)
+    if len(hr_shape) != 3:
+        raise InputError(f"HR volume has shape {hr_shape}; expected a 3-D volume")
+    if len(experts) == 0:
+        raise InputError("need at least one expert volume, got none")
+    for e, x in enumerate(experts):
+        if np.shape(x) != hr_shape:
+            raise InputError(
+                f"expert {e} has shape {np.shape(x)}; expected {hr_shape} like the HR volume"
+            )
+    return as_volume(hr), as_volume_list(experts)
+
+
+def _as_mask(mask: ArrayLike, shape: tuple[int, ...]) -> NDArray[np.uint8]:
+    """Return ``mask != 0`` as a read-only C-contiguous uint8 array of ``shape``."""
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise InputError(f"mask has shape {m.shape}; expected {tuple(shape)} like the volumes")
+    if m.dtype != np.uint8:
+        m = m != 0
+    m = np.ascontiguousarray(m, dtype=np.uint8)
+    if m.flags.writeable:
+        m = m.view()
+        m.flags.writeable = False
+    return m
+
+
+def valid_mask(
+    hr: ArrayLike, experts: Sequence[ArrayLike]
+) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    """Voxels used by the statistics, and non-finite counts.
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) array_like
+        HR volume (any real dtype; converted to float32).
+    experts : sequence of M (N0, N1, N2) array_like
+        Expert volumes.
+
+    Returns
+    -------
+    mask : (N0, N1, N2) uint8
+        1 where ``hr`` is finite and ``> 0`` and every expert is finite (SPEC A3.1,
+        plus finiteness).
+    nonfinite : (M + 1,) int64
+        NaN/Inf voxel count of the HR (index 0) and of each expert.
+
+    Raises
+    ------
+    InputError
+        If a volume is not 3-D, there is no expert, or the shapes differ.
+
+    Examples
+    --------
+    >>> hr = np.array([1.0, 0.0, np.nan, 2.0], np.float32).reshape(1, 1, 4)
+    >>> mask, bad = valid_mask(hr, [np.ones((1, 1, 4), np.float32)])
+    >>> mask.ravel().tolist(), bad.tolist()
+    ([1, 0, 0, 1], [1, 0])
+    """
+    hr_v, ex = _check_volumes(hr, experts)
+    return _valid_mask(hr_v, ex)
+
+
+def volume_moments(
+    vol_or_list: ArrayLike | Sequence[ArrayLike], mask: ArrayLike
+) -> NDArray[np.float64]:
+    """Mean and floored population std of one or several volumes over a mask.
+
+    Parameters
+    ----------
+    vol_or_list : (N0, N1, N2) array_like, or sequence of K of them
+        Volume(s).  A single 3-D array counts as ``K = 1``.
+    mask : (N0, N1, N2) array_like
+        Voxels to use (non-zero / True).
+
+    Returns
+    -------
+    (K, 2) float64
+        ``[mean, max(std, 1e-8)]`` per volume (SPEC A3.2, ``ddof=0``), accumulated in
+        float64.  An empty mask gives ``[0.0, 1.0]`` (identity z-score) instead of
+        NaN.  A non-finite value under the mask is read as 0.
+
+    Raises
+    ------
+    InputError
+        If a volume is not 3-D or the shapes differ.
+
+    Examples
+    --------
+    >>> v = np.array([1.0, 2.0, 3.0, 100.0], np.float32).reshape(1, 1, 4)
+    >>> volume_moments(v, v < 10).round(6).tolist()
+    [[2.0, 0.816497]]
+    """
+    arr = vol_or_list if isinstance(vol_or_list, np.ndarray) else None
+    if arr is not None and arr.ndim == 3:
+        vols = [arr]
+    elif arr is not None:
+        raise InputError(f"volume has shape {arr.shape}; expected a 3-D volume or a list of them")
+    else:
+        vols = list(vol_or_list)  # type: ignore[arg-type]
+    if len(vols) == 0:
+        raise InputError("need at least one volume, got none")
+    shape = np.shape(vols[0])
+    if len(shape) != 3:
+        raise InputError(f"volume 0 has shape {shape}; expected a 3-D volume")
+    for e, v in enumerate(vols):
+        if np.shape(v) != shape:
+            raise InputError(f"volume {e} has shape {np.shape(v)}; expected {shape} like volume 0")
+    return _volume_moments(as_volume_list(vols), _as_mask(mask, shape))
+
+
+def normalisation(
+    hr: ArrayLike, experts: Sequence[ArrayLike], mask: ArrayLike
+) -> tuple[float, float, NDArray[np.float64], NDArray[np.float64]]:
+    """z-score statistics of the HR and of every expert over the HR mask (SPEC A3.2-3).
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) array_like
+        HR volume.
+    experts : sequence of M (N0, N1, N2) array_like
+        Expert volumes.
+    mask : (N0, N1, N2) array_like
+        Voxels to use, normally :func:`valid_mask`'s mask.
+
+    Returns
+    -------
+    mu_hr, sd_hr : float
+        HR mean and floored population std.
+    mus, sds : (M,) float64
+        The same for each expert.
+
+    Raises
+    ------
+    InputError
+        If a volume is not 3-D, there is no expert, or the shapes differ.
+
+    Examples
+    --------
+    >>> hr = np.arange(1, 9, dtype=np.float32).reshape(2, 2, 2)
+    >>> mu, sd, mus, sds = normalisation(hr, [2 * hr], hr > 0)
+    >>> float(mu), float(mus[0])
+    (4.5, 9.0)
+    """
+    hr_v, ex = _check_volumes(hr, experts)
+    vols = as_volume_list([hr_v, *ex])
+    mom = _volume_moments(vols, _as_mask(mask, hr_v.shape))
+    return float(mom[0, 0]), float(mom[0, 1]), mom[1:, 0].copy(), mom[1:, 1].copy()
+
+
+def _check_option(name: str, value: float, *, positive_only: bool = True) -> float:
+    value = float(value)
+    if not math.isfinite(value) or (positive_only and value < 0):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def patient_statistics(
+    hr: ArrayLike,
+    experts: Sequence[ArrayLike],
+    grid: TileGrid,
+    *,
+    lambda_edge: float,
+    edge_power: float,
+    lambda_grad: float,
+    grad_operator: str = "sobel",
+) -> PatientStats:
+    """One patient's per-tile normal equations, the whole pipeline (SPEC A3-A4).
+
+    Valid mask, z-score moments, the global edge maximum (if ``lambda_edge > 0``)
+    and one fused pass that accumulates Q, B and counts per tile, computing
+    z-scores, gradients and edge weights on the fly from the raw volumes.
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) array_like
+        HR volume (float32 memmaps are used in place).
+    experts : sequence of M (N0, N1, N2) array_like
+        Expert volumes, in model order.
+    grid : TileGrid
+        Tile grid of the volume shape.  Only ``grid.stride`` enters the fit (voxel
+        labels, SPEC A2); ``patch_size`` does not.
+    lambda_edge : float
+        Edge weight strength; 0 turns edge weighting off.
+    edge_power : float
+        Exponent of the normalised gradient magnitude in the edge weight.
+    lambda_grad : float
+        Weight of the gradient-matching terms; 0 turns them off.
+    grad_operator : {"sobel", "prewitt", "scharr"}
+        Gradient operator of the gradient terms (the edge map always uses sobel).
+
+    Returns
+    -------
+    PatientStats
+        ``Q (T, M, M)``, ``B (T, M)``, ``counts (T,)`` with ``T = grid.n_tiles``, the
+        normalisation statistics, non-finite counts and the mask size.  An empty mask
+        is not an error: counts, Q and B are then all zero.
+
+    Raises
+    ------
+    InputError
+        If a volume is not 3-D, there is no expert, the shapes differ, or ``grid``
+        was built for another shape.
+    ConfigError
+        If ``grad_operator`` is unknown, or a lambda or ``edge_power`` is negative or
+        not finite.
+
+    Notes
+    -----
+    Voxels with a non-finite HR or expert value are excluded and counted (see the
+    module docstring).  Thread-safe: kernels write only their own outputs, so
+    several patients may be processed concurrently from a thread pool (with a
+    thread-safe Numba threading layer).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> hr = rng.random((6, 5, 4), np.float32) + 0.5
+    >>> st = patient_statistics(hr, [hr, hr + 1], TileGrid(hr.shape, 4, 4),
+    ...                         lambda_edge=0.0, edge_power=1.0, lambda_grad=0.0)
+    >>> st.Q.shape, int(st.counts.sum()), np.allclose(st.Q.sum(0), 120.0)
+    ((4, 2, 2), 120, True)
+    """
+    if grad_operator not in GRAD_OPERATORS:
+        raise ConfigError(
+            f"unknown grad_operator {grad_operator!r}; expected one of {sorted(GRAD_OPERATORS)}"
+        )
+    lambda_edge = _check_option("lambda_edge", lambda_edge)
+    edge_power = _check_option("edge_power", edge_power)
+    lambda_grad = _check_option("lambda_grad", lambda_grad)
+    hr_v, ex = _check_volumes(hr, experts)
+    if tuple(grid.shape) != hr_v.shape:
+        raise InputError(
+            f"tile grid was built for shape {tuple(grid.shape)}; the HR volume has shape "
+            f"{hr_v.shape}"
+        )
+
+    mask, nonfinite = _valid_mask(hr_v, ex)
+    mask.flags.writeable = False  # same compiled signature as masks from _as_mask
+    mom = _volume_moments(as_volume_list([hr_v, *ex]), mask)
+    mus_all = np.ascontiguousarray(mom[:, 0])
+    sds_all = np.ascontiguousarray(mom[:, 1])
+    # One scratch/work block per Numba thread of the calling thread (thread-local).
+    n_chunks = numba.get_num_threads()
+    gmax = 0.0
+    if lambda_edge > 0:
+        gmax = float(
+            _sobel_magnitude_max(hr_v, float(mus_all[0]), float(sds_all[0]), n_chunks)
+        )
+    q, b, counts = _tile_statistics(
+        hr_v, ex, mask, int(grid.stride), mus_all, sds_all,
+        lambda_edge, edge_power, gmax, lambda_grad, int(GRAD_OPERATORS[grad_operator]), n_chunks,
+    )
+    return PatientStats(
+        Q=q,
+        B=b,
+        counts=counts,
+        mu_hr=float(mus_all[0]),
+        sd_hr=float(sds_all[0]),
+        mus=mus_all[1:].copy(),
+        sds=sds_all[1:].copy(),
+        nonfinite=nonfinite,
+        n_mask=int(counts.sum()),
+    )
