@@ -31,29 +31,46 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 def _common(*, run: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("logging")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: DEBUG)")
+    g.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: DEBUG)"
+    )
     g.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     g.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
-    g.add_argument("--cache-dir", type=Path, default=None,
-                   help="volume cache directory (default: $PACS_NUMBA_CACHE_DIR or a per-user "
-                        "folder under the system temp dir)")
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="volume cache directory (default: $PACS_NUMBA_CACHE_DIR or a per-user "
+        "folder under the system temp dir)",
+    )
     if run:
         r = p.add_argument_group("resources")
-        r.add_argument("--workers", type=int, default=None,
-                       help="at most this many patients at once (default: from memory and CPUs)")
-        r.add_argument("--mem-budget", default=None, metavar="SIZE",
-                       help="use at most this much memory, e.g. 64G (default: the job's limit)")
-        r.add_argument("--no-progress", action="store_true",
-                       help="log progress lines instead of drawing a progress bar")
+        r.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="at most this many patients at once (default: from memory and CPUs)",
+        )
+        r.add_argument(
+            "--mem-budget",
+            default=None,
+            metavar="SIZE",
+            help="use at most this much memory, e.g. 64G (default: the job's limit)",
+        )
+        r.add_argument(
+            "--no-progress",
+            action="store_true",
+            help="log progress lines instead of drawing a progress bar",
+        )
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``pacs-numba``."""
+    """Build the argument parser of ``pacs-numba``."""
     parser = argparse.ArgumentParser(
         prog="pacs-numba",
         description="PaCS-SR patchwise convex stacking of super-resolution experts, "
-                    "on a shared-memory Numba engine.",
+        "on a shared-memory Numba engine.",
     )
     parser.add_argument("--version", action="version", version=f"pacs-numba {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -62,37 +79,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     def task_args(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument("--config", type=Path, required=True, help="the PaCS-SR YAML config")
-        p.add_argument("--fold", type=int, required=required, default=None,
-                       help="fold number, 1-based (default: all)" if not required else "fold, 1-based")
-        p.add_argument("--spacing", required=required, default=None,
-                       help="spacing, e.g. 3mm (default: all of data.spacings)")
-        p.add_argument("--pulse", required=required, default=None,
-                       help="pulse, e.g. t1c (default: all of data.pulses)")
-        p.add_argument("--out-root", type=Path, default=None,
-                       help="write outputs here instead of pacs_sr.out_root")
+        p.add_argument(
+            "--fold",
+            type=int,
+            required=required,
+            default=None,
+            help="fold number, 1-based (default: all)" if not required else "fold, 1-based",
+        )
+        p.add_argument(
+            "--spacing",
+            required=required,
+            default=None,
+            help="spacing, e.g. 3mm (default: all of data.spacings)",
+        )
+        p.add_argument(
+            "--pulse",
+            required=required,
+            default=None,
+            help="pulse, e.g. t1c (default: all of data.pulses)",
+        )
+        p.add_argument(
+            "--out-root",
+            type=Path,
+            default=None,
+            help="write outputs here instead of pacs_sr.out_root",
+        )
         p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
-    p = sub.add_parser("train", parents=[run_common], help="fit tile weights and evaluate",
-                       description="Fit the tile weights on each fold's training patients and "
-                                   "evaluate them, like pacs-sr-train.")
+    p = sub.add_parser(
+        "train",
+        parents=[run_common],
+        help="fit tile weights and evaluate",
+        description="Fit the tile weights on each fold's training patients and "
+        "evaluate them, like pacs-sr-train.",
+    )
     task_args(p, required=False)
-    p.add_argument("--resume", action="store_true",
-                   help="keep outputs that are complete and were made from the same inputs "
-                        "and settings; compute the rest")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep outputs that are complete and were made from the same inputs "
+        "and settings; compute the rest",
+    )
 
-    p = sub.add_parser("evaluate", parents=[run_common], help="evaluate given tile weights",
-                       description="Blend and score one task's patients with given weights: "
-                                   "ours or a weights.json of the published tool.")
+    p = sub.add_parser(
+        "evaluate",
+        parents=[run_common],
+        help="evaluate given tile weights",
+        description="Blend and score one task's patients with given weights: "
+        "ours or a weights.json of the published tool.",
+    )
     task_args(p, required=True)
-    p.add_argument("--weights", type=Path, default=None,
-                   help="weights.json or pacs_model.npz (default: the task's own model)")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights.json or pacs_model.npz (default: the task's own model)",
+    )
 
-    p = sub.add_parser("build-manifest", parents=[plain_common],
-                       help="scan the data layout and write the K-fold manifest")
+    p = sub.add_parser(
+        "build-manifest",
+        parents=[plain_common],
+        help="scan the data layout and write the K-fold manifest",
+    )
     p.add_argument("--config", type=Path, required=True)
 
-    p = sub.add_parser("make-cohort", parents=[plain_common],
-                       help="generate a synthetic cohort in the published layout")
+    p = sub.add_parser(
+        "make-cohort",
+        parents=[plain_common],
+        help="generate a synthetic cohort in the published layout",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder to create")
     p.add_argument("--patients", type=int, default=6)
     p.add_argument("--shape", type=int, nargs=3, default=(96, 112, 96), metavar=("Z", "Y", "X"))
@@ -103,10 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", parents=[run_common],
-                       help="generate a small cohort, train fold 1 and print a table")
-    p.add_argument("--out", type=Path, default=Path("pacs_numba_demo"),
-                   help="folder for the cohort and the results (default: ./pacs_numba_demo)")
+    p = sub.add_parser(
+        "demo", parents=[run_common], help="generate a small cohort, train fold 1 and print a table"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("pacs_numba_demo"),
+        help="folder for the cohort and the results (default: ./pacs_numba_demo)",
+    )
     p.add_argument("--patients", type=int, default=8)
     p.add_argument("--shape", type=int, nargs=3, default=(96, 112, 96), metavar=("Z", "Y", "X"))
     p.add_argument("--seed", type=int, default=0)
@@ -123,15 +183,31 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     import numba
 
     env = os.environ
-    slurm = " ".join(
-        f"{k}={env[k]}" for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_CPUS_PER_TASK",
-                                  "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU") if k in env
-    ) or "no SLURM job"
+    slurm = (
+        " ".join(
+            f"{k}={env[k]}"
+            for k in (
+                "SLURM_JOB_ID",
+                "SLURM_ARRAY_TASK_ID",
+                "SLURM_CPUS_PER_TASK",
+                "SLURM_MEM_PER_NODE",
+                "SLURM_MEM_PER_CPU",
+            )
+            if k in env
+        )
+        or "no SLURM job"
+    )
     log.info(
         "pacs-numba %s on %s (%s); %s; numba %s, threading layer %s, %d numba threads; "
         "volume cache %s",
-        __version__, platform.node(), slurm, engine.limits.describe(), numba.__version__,
-        engine.layer, numba.config.NUMBA_NUM_THREADS, engine.store.directory,
+        __version__,
+        platform.node(),
+        slurm,
+        engine.limits.describe(),
+        numba.__version__,
+        engine.layer,
+        numba.config.NUMBA_NUM_THREADS,
+        engine.store.directory,
     )
 
 
@@ -148,9 +224,13 @@ def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
     if getattr(args, "workers", None) is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     opts = RunOptions(
-        cache_dir=args.cache_dir, workers=getattr(args, "workers", None), mem_budget_bytes=budget,
-        force=getattr(args, "force", False), resume=getattr(args, "resume", False),
-        no_progress=getattr(args, "no_progress", False), out_root=getattr(args, "out_root", None),
+        cache_dir=args.cache_dir,
+        workers=getattr(args, "workers", None),
+        mem_budget_bytes=budget,
+        force=getattr(args, "force", False),
+        resume=getattr(args, "resume", False),
+        no_progress=getattr(args, "no_progress", False),
+        out_root=getattr(args, "out_root", None),
     )
     return Engine(config, opts)
 
@@ -162,8 +242,11 @@ def _file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
 
     root = Path(getattr(args, "out_root", None) or config.pacs_sr.out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / config.pacs_sr.experiment_name / "logs" / (
-        f"pacs_numba-{args.command}-{stamp}-{platform.node()}-{os.getpid()}.log"
+    path = (
+        root
+        / config.pacs_sr.experiment_name
+        / "logs"
+        / (f"pacs_numba-{args.command}-{stamp}-{platform.node()}-{os.getpid()}.log")
     )
     add_file_log(path, logging.getLogger().level)
     log.info("logging to %s", path)
@@ -184,8 +267,12 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
             try:
                 res = engine.evaluate(task, args.weights) if evaluate else engine.train(task)
             except Interrupted as exc:
-                log.error("%s; %d/%d tasks complete; rerun with --resume to finish", exc, i - 1,
-                          len(tasks))
+                log.error(
+                    "%s; %d/%d tasks complete; rerun with --resume to finish",
+                    exc,
+                    i - 1,
+                    len(tasks),
+                )
                 raise
             except (BudgetError, ConfigError):
                 raise
@@ -223,8 +310,10 @@ class _stop_on_signals:
     def _handler(self, signum: int, frame: object) -> None:
         if self.engine.stop_event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        log.warning("received %s: finishing patients in flight, starting no new one",
-                    signal.Signals(signum).name)
+        log.warning(
+            "received %s: finishing patients in flight, starting no new one",
+            signal.Signals(signum).name,
+        )
         self.engine.request_stop(signum)
 
     def __enter__(self) -> _stop_on_signals:
@@ -261,9 +350,15 @@ def _make_cohort(args: argparse.Namespace) -> int:
     from .cohort import make_cohort
 
     cfg = make_cohort(
-        args.out, patients=args.patients, shape=tuple(args.shape), spacings=tuple(args.spacings),
-        pulses=tuple(args.pulses), seed=args.seed, kfolds=args.kfolds,
-        patch_size=args.patch_size, stride=args.stride,
+        args.out,
+        patients=args.patients,
+        shape=tuple(args.shape),
+        spacings=tuple(args.spacings),
+        pulses=tuple(args.pulses),
+        seed=args.seed,
+        kfolds=args.kfolds,
+        patch_size=args.patch_size,
+        stride=args.stride,
     )
     print(f"cohort written; config: {cfg}")
     return EXIT_OK
@@ -288,8 +383,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     with _DemoStop() as stop:
         text = run_demo(
-            args.out, patients=args.patients, shape=tuple(args.shape), seed=args.seed,
-            cache_dir=args.cache_dir, workers=args.workers, no_progress=args.no_progress,
+            args.out,
+            patients=args.patients,
+            shape=tuple(args.shape),
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+            workers=args.workers,
+            no_progress=args.no_progress,
             on_engine=stop.attach,
         )
     print(text)

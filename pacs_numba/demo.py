@@ -18,7 +18,9 @@ from .metrics import aggregate, volume_metrics
 from .statistics import normalisation, valid_mask
 
 
-def expert_alone_metrics(engine: Engine, task: Task, split: str = "test") -> dict[str, dict[str, float]]:
+def expert_alone_metrics(
+    engine: Engine, task: Task, split: str = "test"
+) -> dict[str, dict[str, float]]:
     """Mean metrics of each expert used alone, scored exactly like the blend.
 
     Each expert is put through the same path as the stacked prediction (z-scored over the
@@ -41,8 +43,17 @@ def expert_alone_metrics(engine: Engine, task: Task, split: str = "test") -> dic
         for m, name in enumerate(engine.models):
             w = np.zeros((grid.n_tiles, len(engine.models)), dtype=np.float32)
             w[:, m] = 1.0
-            pred = blend_volume(experts, grid, w, mus=mus, sds=sds, mu_hr=mu_hr, sd_hr=sd_hr,
-                                mask=bmask, window=pacs.mixing_window)
+            pred = blend_volume(
+                experts,
+                grid,
+                w,
+                mus=mus,
+                sds=sds,
+                mu_hr=mu_hr,
+                sd_hr=sd_hr,
+                mask=bmask,
+                window=pacs.mixing_window,
+            )
             per_model[name].append(volume_metrics(hr, pred, ssim_axis=pacs.ssim_axis))
     return {name: aggregate(v) for name, v in per_model.items() if v}
 
@@ -62,13 +73,22 @@ def run_demo(
     t0 = time.perf_counter()
     out = Path(out).resolve()
     config_path = make_cohort(
-        out / "cohort", patients=patients, shape=shape, spacings=("3mm",), pulses=("t1c",),
-        seed=seed, kfolds=4, patch_size=16, stride=8,
+        out / "cohort",
+        patients=patients,
+        shape=shape,
+        spacings=("3mm",),
+        pulses=("t1c",),
+        seed=seed,
+        kfolds=4,
+        patch_size=16,
+        stride=8,
     )
     config = load_config(config_path)
     write_manifest(build_manifest(config.data), config.data.out)
-    engine = Engine(config, RunOptions(cache_dir=cache_dir, workers=workers, force=True,
-                                       no_progress=no_progress))
+    engine = Engine(
+        config,
+        RunOptions(cache_dir=cache_dir, workers=workers, force=True, no_progress=no_progress),
+    )
     if on_engine is not None:
         on_engine(engine)
     task = Task(1, config.data.spacings[0], config.data.pulses[0])

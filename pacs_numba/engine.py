@@ -34,8 +34,16 @@ from .io import VolumeStore, atomic_savez, atomic_write_json, file_fingerprint, 
 from .manifest import load_manifest, select_task
 from .memory import Limits, PoolPlan, detect_limits, per_patient_bytes, plan_pool
 from .metrics import aggregate, volume_metrics
-from .model import MODEL_FILE, StackingModel, read_weights_json, save_model, write_weights_json
+from .model import (
+    MODEL_FILE,
+    StackingModel,
+    load_model,
+    read_weights_json,
+    save_model,
+    write_weights_json,
+)
 from .progress import progress
+from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
 from .solve import fit_weights, laplacian_smooth
 from .statistics import normalisation, patient_statistics, valid_mask
 from .tiling import TileGrid
@@ -116,6 +124,7 @@ class StageClock:
 
     @contextmanager
     def __call__(self, stage: str):  # noqa: ANN204 - contextmanager
+        """Add the wall time of the ``with`` block to ``stage``."""
         t0 = time.perf_counter()
         try:
             yield
@@ -205,7 +214,7 @@ class Engine:
         return Path(self.options.out_root or self.pacs.out_root)
 
     def manifest(self) -> dict:
-        """The K-fold manifest named by ``data.out`` (read once)."""
+        """Return the K-fold manifest named by ``data.out`` (read once)."""
         if self._manifest is None:
             self._manifest = load_manifest(self.config.data.out)
         return self._manifest
@@ -222,7 +231,9 @@ class Engine:
             ("pulse", pulse, self.config.data.pulses),
         ):
             if value is not None and value not in allowed:
-                raise ConfigError(f"--{name} {value!r}: data.{name}s in the config has {list(allowed)}")
+                raise ConfigError(
+                    f"--{name} {value!r}: data.{name}s in the config has {list(allowed)}"
+                )
         folds = [fold] if fold is not None else list(range(1, n_folds + 1))
         spacings = [spacing] if spacing is not None else list(self.config.data.spacings)
         pulses = [pulse] if pulse is not None else list(self.config.data.pulses)
@@ -236,8 +247,12 @@ class Engine:
     def model_dir(self, task: Task) -> Path:
         """``{out_root}/{experiment}/{spacing}/model_data/fold_{N}/{pulse}``."""
         return (
-            self.out_root / self.pacs.experiment_name / task.spacing / "model_data"
-            / f"fold_{task.fold}" / task.pulse
+            self.out_root
+            / self.pacs.experiment_name
+            / task.spacing
+            / "model_data"
+            / f"fold_{task.fold}"
+            / task.pulse
         )
 
     def volumes_dir(self, task: Task) -> Path:
@@ -260,7 +275,8 @@ class Engine:
                 weights_path = mdir / "weights.json"
             if not weights_path.exists():
                 raise InputError(
-                    f"no model for {task} in '{mdir}': run `pacs-numba train` first or pass --weights"
+                    f"no model for {task} in '{mdir}': run `pacs-numba train` first "
+                    "or pass --weights"
                 )
         return self._run(task, weights_path=Path(weights_path))
 
@@ -274,37 +290,63 @@ class Engine:
         self._check_existing_outputs(task, mdir)
         log.info(
             "task %s: %d train, %d test patients, %d experts %s -> %s",
-            task, len(train), len(test), len(self.models), list(self.models), mdir,
+            task,
+            len(train),
+            len(test),
+            len(self.models),
+            list(self.models),
+            mdir,
         )
         skipped: dict[str, str] = {}
         nonfinite: dict[str, dict[str, int]] = {}
-
+        record = RunRecord(
+            mdir / RECORD_FILE,
+            result_settings(config_to_dict(self.config)["pacs_sr"], self.models),
+            resume=self.options.resume,
+        )
+        plan: PoolPlan | None = None
         if weights_path is None:
-            model, plan = self._fit(task, train, clock, skipped, nonfinite)
-            with clock("writes"):
-                save_model(mdir / MODEL_FILE, model)
-                write_weights_json(mdir / "weights.json", model.weights, model.learned)
+            source: dict[str, Any] = {
+                "train": {
+                    pid: fingerprints([paths["HR"], *paths["experts"]])
+                    for pid, paths in train.items()
+                }
+            }
+            model = self._reusable_model(record, source, mdir)
+            if model is None:
+                model, plan = self._fit(task, train, clock, skipped, nonfinite)
+                with clock("writes"):
+                    save_model(mdir / MODEL_FILE, model)
+                    write_weights_json(mdir / "weights.json", model.weights, model.learned)
+            else:
+                skipped.update((record.old or {}).get("model", {}).get("skipped", {}))
         else:
             model = self._load_weights(task, weights_path, train, test)
-            plan = None
+            source = {"weights": fingerprints([weights_path])}
             with clock("writes"):
                 write_weights_json(mdir / "weights.json", model.weights, model.learned)
+        record.set_model(
+            model_digest(model.weights, model.learned, model.grid.shape), source, dict(skipped)
+        )
 
         per_patient: dict[str, dict[str, dict[str, float]]] = {"train": {}, "test": {}}
         results: dict[str, dict[str, float]] = {}
         if self.pacs.evaluate_train and train:
-            per_patient["train"], plan = self._evaluate_split(
-                task, "train", train, model, clock, skipped, nonfinite
+            per_patient["train"], plan_e = self._evaluate_split(
+                task, "train", train, model, clock, skipped, nonfinite, record
             )
+            plan = plan or plan_e
             if per_patient["train"]:
                 results["train"] = aggregate(list(per_patient["train"].values()))
             else:
                 log.warning("task %s: no train metrics to aggregate", task)
         per_patient["test"], plan_t = self._evaluate_split(
-            task, "test", test, model, clock, skipped, nonfinite
+            task, "test", test, model, clock, skipped, nonfinite, record
         )
         plan = plan or plan_t
-        results["test"] = aggregate(list(per_patient["test"].values())) if per_patient["test"] else {}
+        results["test"] = (
+            aggregate(list(per_patient["test"].values())) if per_patient["test"] else {}
+        )
         if not per_patient["test"]:
             log.warning("task %s: no test metrics to aggregate", task)
 
@@ -320,10 +362,13 @@ class Engine:
                 {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds},
                 indent=2,
             )
+        record.mark_complete()
         secs = time.perf_counter() - t_task
         summary = " ".join(
             f"{split}_{k}={results[split][k]:.4f}"
-            for split in ("train", "test") if results.get(split) for k in ("psnr", "ssim")
+            for split in ("train", "test")
+            if results.get(split)
+            for k in ("psnr", "ssim")
         )
         log.info("task=%s secs=%.1f skipped=%d %s", task, secs, len(skipped), summary)
         return TaskResult(task, results, per_patient, skipped, mdir, dict(clock.seconds), plan)
@@ -355,24 +400,35 @@ class Engine:
     def _plan(self, n_patients: int, shape: tuple[int, int, int], stage: str) -> PoolPlan:
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         per = per_patient_bytes(
-            shape, len(self.models), lambda_grad=self.pacs.lambda_grad,
-            lambda_edge=self.pacs.lambda_edge, n_tiles=grid.n_tiles, stage=stage,
+            shape,
+            len(self.models),
+            lambda_grad=self.pacs.lambda_grad,
+            lambda_edge=self.pacs.lambda_edge,
+            n_tiles=grid.n_tiles,
+            stage=stage,
             save_weight_volumes=self.pacs.save_weight_volumes,
         )
         from .memory import baseline_bytes
 
         plan = plan_pool(
-            self.limits, per_patient_bytes=per, baseline_bytes=baseline_bytes(),
-            n_patients=max(1, n_patients), num_workers=self.pacs.num_workers,
-            workers_override=self.options.workers, mem_budget_bytes=self.options.mem_budget_bytes,
+            self.limits,
+            per_patient_bytes=per,
+            baseline_bytes=baseline_bytes(),
+            n_patients=max(1, n_patients),
+            num_workers=self.pacs.num_workers,
+            workers_override=self.options.workers,
+            mem_budget_bytes=self.options.mem_budget_bytes,
         )
         if plan.width > 1 and not thread_safe_layer():
             log.warning(
                 "Numba threading layer is %s, which aborts when several threads launch "
-                "kernels; running patients one at a time", self.layer,
+                "kernels; running patients one at a time",
+                self.layer,
             )
             plan = dataclasses.replace(
-                plan, width=1, threads=plan.threads * plan.width,
+                plan,
+                width=1,
+                threads=plan.threads * plan.width,
                 reason=plan.reason + "; 1 worker: workqueue layer",
             )
         return plan
@@ -400,13 +456,21 @@ class Engine:
 
         pending: set[Future] = set()
         queue = list(items)
-        with ThreadPoolExecutor(plan.width, thread_name_prefix="patient") as pool, progress(
-            len(items), desc, disabled=self.pacs.disable_tqdm or self.options.no_progress
-        ) as bar:
+        with (
+            ThreadPoolExecutor(plan.width, thread_name_prefix="patient") as pool,
+            progress(
+                len(items), desc, disabled=self.pacs.disable_tqdm or self.options.no_progress
+            ) as bar,
+        ):
             futures: dict[Future, str] = {}
             error: BaseException | None = None
             while queue or pending:
-                while queue and len(pending) < plan.width and error is None and not self.stop_event.is_set():
+                while (
+                    queue
+                    and len(pending) < plan.width
+                    and error is None
+                    and not self.stop_event.is_set()
+                ):
                     pid = queue.pop(0)
                     fut = pool.submit(run_one, pid)
                     futures[fut] = pid
@@ -438,8 +502,14 @@ class Engine:
         return out
 
     # ---------------------------------------------------------------- loading
-    def _load(self, pid: str, paths: Mapping[str, Any], clock: StageClock,
-              skipped: dict[str, str], nonfinite: dict[str, dict[str, int]]):
+    def _load(
+        self,
+        pid: str,
+        paths: Mapping[str, Any],
+        clock: StageClock,
+        skipped: dict[str, str],
+        nonfinite: dict[str, dict[str, int]],
+    ):
         with clock("load"):
             try:
                 hr = self.store.get(paths["HR"])
@@ -457,7 +527,10 @@ class Engine:
             if not np.allclose(e.meta.affine, hr.meta.affine, atol=AFFINE_ATOL):
                 log.warning(
                     "patient %s: affine of expert '%s' differs from HR '%s' by more than %g",
-                    pid, path, paths["HR"], AFFINE_ATOL,
+                    pid,
+                    path,
+                    paths["HR"],
+                    AFFINE_ATOL,
                 )
         counts = {str(v.source): int(v.nonfinite) for v in [hr, *experts] if v.nonfinite}
         if counts:
@@ -467,12 +540,18 @@ class Engine:
         return hr, experts
 
     # ---------------------------------------------------------------- fit
-    def _fit(self, task: Task, train: Mapping[str, Mapping[str, Any]], clock: StageClock,
-             skipped: dict[str, str], nonfinite: dict[str, dict[str, int]]):
+    def _fit(
+        self,
+        task: Task,
+        train: Mapping[str, Mapping[str, Any]],
+        clock: StageClock,
+        skipped: dict[str, str],
+        nonfinite: dict[str, dict[str, int]],
+    ):
         if not train:
             raise InputError(f"task {task}: the manifest has no training patients")
         pids = list(train)
-        shape = self._reference_shape(train)
+        shape = self._reference_shape(task, train, skipped, "training ")
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         plan = self._plan(len(pids), shape, "fit")
         log.info("fit %s: %s", task, _describe_plan(plan))
@@ -484,8 +563,12 @@ class Engine:
             t0 = time.perf_counter()
             with clock("statistics"):
                 st = patient_statistics(
-                    hr.data, [e.data for e in experts], grid, lambda_edge=p.lambda_edge,
-                    edge_power=p.edge_power, lambda_grad=p.lambda_grad,
+                    hr.data,
+                    [e.data for e in experts],
+                    grid,
+                    lambda_edge=p.lambda_edge,
+                    edge_power=p.edge_power,
+                    lambda_grad=p.lambda_grad,
                     grad_operator=p.grad_operator,
                 )
             if st.n_mask == 0:
@@ -493,13 +576,17 @@ class Engine:
                 log.warning("skipping patient %s: %s", pid, msg)
                 skipped[pid] = msg
                 raise _Skip(pid)
-            log.debug("patient=%s stage=fit secs=%.3f mask=%d", pid, time.perf_counter() - t0, st.n_mask)
+            log.debug(
+                "patient=%s stage=fit secs=%.3f mask=%d", pid, time.perf_counter() - t0, st.n_mask
+            )
             return st.Q, st.B, st.counts
 
         stats = self._map_patients(f"fit {task}", pids, fit_one, plan)
         used = [pid for pid in pids if pid in stats]  # manifest order: deterministic sums
         if not used:
-            raise InputError(f"task {task}: every training patient was skipped: {skipped}")
+            raise InputError(
+                f"task {task}: every training patient was skipped: " + _reasons(skipped)
+            )
         Q = np.zeros_like(stats[used[0]][0])
         B = np.zeros_like(stats[used[0]][1])
         n = np.zeros_like(stats[used[0]][2])
@@ -510,7 +597,12 @@ class Engine:
             n += c
         with clock("solve"):
             weights, learned = fit_weights(
-                Q, B, n, grid.counts, simplex=p.simplex, lambda_ridge=p.lambda_ridge,
+                Q,
+                B,
+                n,
+                grid.counts,
+                simplex=p.simplex,
+                lambda_ridge=p.lambda_ridge,
                 laplacian_tau=0.0,
             )
         if p.laplacian_tau > 0:
@@ -518,24 +610,59 @@ class Engine:
                 weights = laplacian_smooth(weights, learned, grid.counts, p.laplacian_tau)
         log.info(
             "fit %s: %d/%d tiles learned from %d patients (%d skipped)",
-            task, int(learned.sum()), grid.n_tiles, len(used), len(pids) - len(used),
+            task,
+            int(learned.sum()),
+            grid.n_tiles,
+            len(used),
+            len(pids) - len(used),
         )
         settings = {
             "pacs_sr": config_to_dict(self.config)["pacs_sr"],
-            "fold": task.fold, "spacing": task.spacing, "pulse": task.pulse,
-            "train_patients": used, "pacs_numba_version": __version__,
+            "fold": task.fold,
+            "spacing": task.spacing,
+            "pulse": task.pulse,
+            "train_patients": used,
+            "pacs_numba_version": __version__,
         }
         return StackingModel(weights, learned, grid, self.models, settings), plan
 
-    def _reference_shape(self, patients: Mapping[str, Mapping[str, Any]]) -> tuple[int, int, int]:
-        """Shape of the first readable HR: the grid every patient of the task must share."""
-        last: InputError | None = None
-        for paths in patients.values():
+    def _reusable_model(
+        self, record: RunRecord, source: dict[str, Any], mdir: Path
+    ) -> StackingModel | None:
+        """Return the previous model when resuming and its training inputs are unchanged."""
+        digest = record.reusable_model(source)
+        if digest is None or not (mdir / MODEL_FILE).exists():
+            return None
+        try:
+            model = load_model(mdir / MODEL_FILE)
+        except InputError as exc:
+            log.warning("resume: %s; fitting again", exc)
+            return None
+        if model_digest(model.weights, model.learned, model.grid.shape) != digest:
+            log.info("resume: '%s' is not the recorded model; fitting again", mdir / MODEL_FILE)
+            return None
+        log.info("resume: reusing the fitted model in '%s'", mdir / MODEL_FILE)
+        return model
+
+    def _reference_shape(
+        self, task: Task, patients: Mapping[str, Mapping[str, Any]], skipped: dict[str, str],
+        what: str = "",
+    ) -> tuple[int, int, int]:
+        """Shape of the first readable HR: the grid every patient of the task must share.
+
+        When no HR can be read at all, every patient is reported as skipped (a single bad HR
+        is reported later, by the patient's own load).
+        """
+        reasons: dict[str, str] = {}
+        for pid, paths in patients.items():
             try:
                 return tuple(self.store.get(paths["HR"]).data.shape)  # type: ignore[return-value]
             except InputError as exc:
-                last = exc
-        raise InputError(f"no readable HR volume among the task's patients: {last}")
+                reasons[pid] = str(exc)
+        for pid, why in reasons.items():
+            log.warning("skipping patient %s: %s", pid, why)
+        skipped.update(reasons)
+        raise InputError(f"task {task}: every {what}patient was skipped: " + _reasons(reasons))
 
     @staticmethod
     def _check_grid(pid: str, hr_path: str, shape: tuple[int, ...], grid: TileGrid) -> None:
@@ -546,11 +673,9 @@ class Engine:
             )
 
     def _load_weights(self, task: Task, path: Path, train: Mapping, test: Mapping) -> StackingModel:
-        shape = self._reference_shape({**test, **train})
+        shape = self._reference_shape(task, {**test, **train}, {})
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         if path.suffix == ".npz":
-            from .model import load_model
-
             model = load_model(path)
             if model.grid != grid or model.model_names != self.models:
                 raise InputError(
@@ -563,9 +688,17 @@ class Engine:
         return StackingModel(weights, learned, grid, self.models, {"weights_from": str(path)})
 
     # ---------------------------------------------------------------- evaluate
-    def _evaluate_split(self, task: Task, split: str, patients: Mapping[str, Mapping[str, Any]],
-                        model: StackingModel, clock: StageClock, skipped: dict[str, str],
-                        nonfinite: dict[str, dict[str, int]]):
+    def _evaluate_split(
+        self,
+        task: Task,
+        split: str,
+        patients: Mapping[str, Mapping[str, Any]],
+        model: StackingModel,
+        clock: StageClock,
+        skipped: dict[str, str],
+        nonfinite: dict[str, dict[str, int]],
+        record: RunRecord,
+    ):
         if not patients:
             return {}, None
         p = self.pacs
@@ -578,6 +711,12 @@ class Engine:
 
         def eval_one(pid: str):
             paths = patients[pid]
+            inputs = fingerprints([paths["HR"], *paths["experts"]])
+            kept = record.reusable_patient(split, pid, inputs)
+            if kept is not None:
+                log.info("patient=%s split=%s resumed (outputs complete)", pid, split)
+                return kept
+            outputs: list[Path] = []
             hr, experts = self._load(pid, paths, clock, skipped, nonfinite)
             self._check_grid(pid, paths["HR"], hr.data.shape, grid)
             t0 = time.perf_counter()
@@ -593,44 +732,75 @@ class Engine:
                 del mask
                 bmask = brain_mask(hr.data)
                 blend = blend_volume(
-                    exp, grid, model.weights, mus=mus, sds=sds, mu_hr=mu_hr, sd_hr=sd_hr,
-                    mask=bmask, window=p.mixing_window,
+                    exp,
+                    grid,
+                    model.weights,
+                    mus=mus,
+                    sds=sds,
+                    mu_hr=mu_hr,
+                    sd_hr=sd_hr,
+                    mask=bmask,
+                    window=p.mixing_window,
                 )
                 del bmask
             with clock("metrics"):
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
             with clock("writes"):
                 if p.save_blends:
-                    target = (vdir / f"{pid}-{task.pulse}.nii.gz" if split == "test"
-                              else mdir / f"{pid}_blend_train.nii.gz")
+                    target = (
+                        vdir / f"{pid}-{task.pulse}.nii.gz"
+                        if split == "test"
+                        else mdir / f"{pid}_blend_train.nii.gz"
+                    )
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
+                    outputs.append(target)
                 if shared.enabled:
-                    self._write_weight_npz(mdir, pid, task, shared, grid)
+                    outputs += self._write_weight_npz(mdir, pid, task, shared, grid)
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
-                pid, split, time.perf_counter() - t0, m["psnr"], m["ssim"], m["mse"], m["mae"],
+                pid,
+                split,
+                time.perf_counter() - t0,
+                m["psnr"],
+                m["ssim"],
+                m["mse"],
+                m["mae"],
             )
-            return {k: float(m[k]) for k in METRIC_KEYS}
+            result = {k: float(m[k]) for k in METRIC_KEYS}
+            record.add_patient(split, pid, inputs, outputs, result)
+            return result
 
         res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
+        if not res:
+            raise InputError(
+                f"task {task}: every {split} patient was skipped: "
+                + _reasons({pid: skipped.get(pid, "?") for pid in patients})
+            )
         return {pid: res[pid] for pid in patients if pid in res}, plan
 
-    def _write_weight_npz(self, mdir: Path, pid: str, task: Task, shared: _SharedMaps,
-                          grid: TileGrid) -> None:
+    def _write_weight_npz(
+        self, mdir: Path, pid: str, task: Task, shared: _SharedMaps, grid: TileGrid
+    ) -> list[Path]:
         maps, analysis = shared.get()
         names = np.asarray(self.models)
         atomic_savez(
             mdir / f"{pid}_weights_test.npz",
-            weight_maps=maps, model_names=names, patient_id=np.asarray(pid),
-            split=np.asarray("test"), spacing=np.asarray(task.spacing),
-            pulse=np.asarray(task.pulse), patch_size=np.int64(grid.patch_size),
-            stride=np.int64(grid.stride), shape=np.asarray(grid.shape, dtype=np.int64),
+            weight_maps=maps,
+            model_names=names,
+            patient_id=np.asarray(pid),
+            split=np.asarray("test"),
+            spacing=np.asarray(task.spacing),
+            pulse=np.asarray(task.pulse),
+            patch_size=np.int64(grid.patch_size),
+            stride=np.int64(grid.stride),
+            shape=np.asarray(grid.shape, dtype=np.int64),
             n_models=np.int64(len(self.models)),
         )
         atomic_savez(
             mdir / f"{pid}_weight_analysis_test.npz",
             **{**analysis, "patient_id": np.asarray(pid)},
         )
+        return [mdir / f"{pid}_weights_test.npz", mdir / f"{pid}_weight_analysis_test.npz"]
 
 
 _NOT_RUN = object()
@@ -651,6 +821,10 @@ class _SharedMaps:
                 maps = weight_maps(self.model.weights, self.model.grid)
                 self._value = (maps, weight_analysis(maps, list(self.model.model_names)))
             return self._value
+
+
+def _reasons(reasons: Mapping[str, str]) -> str:
+    return "; ".join(f"{pid}: {why}" for pid, why in reasons.items())
 
 
 def _describe_plan(plan: PoolPlan) -> str:

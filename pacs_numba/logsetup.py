@@ -9,8 +9,33 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"
 
-_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
-           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record.
+
+    ``main()`` may be called many times in one process (tests, notebooks) while ``sys.stderr``
+    is swapped underneath; a handler bound to the stream of the first call would write to a
+    closed file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
 
 
 def resolve_level(verbose: int = 0, quiet: int = 0, default: str = "INFO") -> int:
@@ -25,7 +50,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     for h in list(root.handlers):
         if getattr(h, "_pacs_numba", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
     handler._pacs_numba = True  # type: ignore[attr-defined]
     root.addHandler(handler)

@@ -62,13 +62,15 @@ class StackingModel:
 
 
 def weights_json_text(weights: NDArray[np.float32], learned: NDArray[np.bool_]) -> str:
-    """The published ``weights.json`` text for the learned tiles."""
+    """Return the published ``weights.json`` text for the learned tiles."""
     w32 = np.asarray(weights, dtype=np.float32)
     data = {str(int(t)): [float(x) for x in w32[t]] for t in np.flatnonzero(learned)}
     return json.dumps(data, indent=2)
 
 
-def write_weights_json(path: Path, weights: NDArray[np.float32], learned: NDArray[np.bool_]) -> None:
+def write_weights_json(
+    path: Path, weights: NDArray[np.float32], learned: NDArray[np.bool_]
+) -> None:
     """Write ``weights.json`` atomically (see :func:`weights_json_text`)."""
     atomic_write_text(path, weights_json_text(weights, learned))
 
@@ -150,7 +152,9 @@ def load_model(path: Path) -> StackingModel:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            grid = TileGrid(tuple(int(x) for x in z["shape"]), int(z["patch_size"]), int(z["stride"]))
+            grid = TileGrid(
+                tuple(int(x) for x in z["shape"]), int(z["patch_size"]), int(z["stride"])
+            )
             return StackingModel(
                 weights=z["weights"].astype(np.float32),
                 learned=z["learned"].astype(bool),

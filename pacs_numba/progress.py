@@ -57,7 +57,14 @@ class _LogProgress:
         eta = (self.total - self.n) / rate if rate > 0 else 0.0
         log.info(
             "%s: %d/%d %s (%.0f%%) %.2f %s/s eta %s",
-            self.desc, self.n, self.total, self.unit, pct, rate, self.unit, _fmt_eta(eta),
+            self.desc,
+            self.n,
+            self.total,
+            self.unit,
+            pct,
+            rate,
+            self.unit,
+            _fmt_eta(eta),
         )
 
     def close(self) -> None:

@@ -1,0 +1,202 @@
+"""The run record next to a task's outputs: what made them, so ``--resume`` can trust them.
+
+``model_data/fold_N/{pulse}/pacs_numba_run.json`` holds the settings that change the numbers,
+the fingerprints (path, size, mtime) of the training inputs and a digest of the model, and for
+each finished patient its input fingerprints, its output files and its metrics.  It is rewritten
+atomically after every patient, so a run killed part-way (SLURM's time limit) leaves a record of
+exactly the patients whose outputs are complete.  A resumed run reuses a patient only when its
+inputs, the settings and the model are unchanged and every output file it wrote still exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .io import atomic_write_json, file_fingerprint
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "pacs_numba_run.json"
+FORMAT_VERSION = 1
+
+#: pacs_sr keys that change what a task computes or writes (not how fast).
+RESULT_SETTINGS = (
+    "experiment_name",
+    "patch_size",
+    "stride",
+    "mixing_window",
+    "simplex",
+    "lambda_ridge",
+    "laplacian_tau",
+    "lambda_edge",
+    "edge_power",
+    "lambda_grad",
+    "grad_operator",
+    "normalize",
+    "use_registration",
+    "ssim_axis",
+    "evaluate_train",
+    "save_weight_volumes",
+    "save_blends",
+)
+
+
+def result_settings(pacs_sr: Mapping[str, Any], models: Sequence[str]) -> dict[str, Any]:
+    """Return the settings a task's numbers depend on, as a JSON-comparable dict."""
+    out = {k: pacs_sr[k] for k in RESULT_SETTINGS if k in pacs_sr}
+    out["models"] = list(models)
+    return json.loads(json.dumps(out, default=str))
+
+
+def fingerprints(paths: Iterable[str | Path]) -> list[dict[str, Any]] | None:
+    """Fingerprints of input files; None if one cannot be examined (then nothing is reused)."""
+    try:
+        return [file_fingerprint(p) for p in paths]
+    except InputError:
+        return None
+
+
+def model_digest(weights: np.ndarray, learned: np.ndarray, shape: Sequence[int]) -> str:
+    """Return a digest of a model's weights, learned mask and grid shape."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(learned, dtype=bool).tobytes())
+    h.update(repr(tuple(int(n) for n in shape)).encode())
+    return h.hexdigest()
+
+
+class RunRecord:
+    """Read the previous record (when resuming) and write the new one as work completes.
+
+    Parameters
+    ----------
+    path : Path
+        The record file.
+    settings : dict
+        :func:`result_settings` of this run.
+    resume : bool
+        Whether the previous record may be used.  Without it everything is recomputed.
+
+    Notes
+    -----
+    Thread-safe: patients finishing on several worker threads call :meth:`add_patient`.
+    """
+
+    def __init__(self, path: Path, settings: dict[str, Any], *, resume: bool) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self._lock = threading.Lock()
+        self.doc: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "settings": settings,
+            "model": None,
+            "patients": {},
+            "complete": False,
+        }
+        self.old: dict[str, Any] | None = None
+        if resume:
+            self.old = self._read_old()
+
+    def _read_old(self) -> dict[str, Any] | None:
+        try:
+            old = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("resume: ignoring unreadable run record '%s' (%s)", self.path, exc)
+            return None
+        if not isinstance(old, dict) or old.get("format") != FORMAT_VERSION:
+            log.warning("resume: run record '%s' has another format; recomputing", self.path)
+            return None
+        if old.get("settings") != self.settings:
+            changed = sorted(
+                k
+                for k in set(self.settings) | set(old.get("settings") or {})
+                if (old.get("settings") or {}).get(k) != self.settings.get(k)
+            )
+            log.info(
+                "resume: settings changed since '%s' (%s); recomputing",
+                self.path,
+                ", ".join(changed),
+            )
+            return None
+        return old
+
+    # ---------------------------------------------------------------- model
+    def reusable_model(self, source: Mapping[str, Any]) -> str | None:
+        """Return the previous model's digest if it was made from the same ``source``."""
+        if self.old is None or not self.old.get("model"):
+            return None
+        if self.old["model"].get("source") != json.loads(json.dumps(source, default=str)):
+            log.info("resume: the model's inputs changed; fitting again")
+            return None
+        return self.old["model"].get("digest")
+
+    def set_model(
+        self, digest: str, source: Mapping[str, Any], skipped: Mapping[str, str] | None = None
+    ) -> None:
+        """Record the model in use; previous patients count only if they used the same one.
+
+        ``skipped`` are the training patients the fit left out (restored when it is reused).
+        """
+        with self._lock:
+            self.doc["model"] = {
+                "digest": digest,
+                "source": json.loads(json.dumps(source, default=str)),
+                "skipped": dict(skipped or {}),
+            }
+            if self.old is not None and (self.old.get("model") or {}).get("digest") != digest:
+                self.old = {**self.old, "patients": {}}
+            self._save()
+
+    # ---------------------------------------------------------------- patients
+    def reusable_patient(
+        self, split: str, pid: str, inputs: list[dict[str, Any]] | None
+    ) -> dict[str, float] | None:
+        """Metrics of a patient whose complete outputs may be kept, else None."""
+        if self.old is None or inputs is None:
+            return None
+        rec = self.old.get("patients", {}).get(f"{split}/{pid}")
+        if not rec or rec.get("inputs") != inputs:
+            return None
+        if not all(Path(p).exists() for p in rec.get("outputs", [])):
+            return None
+        with self._lock:
+            self.doc["patients"][f"{split}/{pid}"] = rec
+            self._save()
+        return dict(rec["metrics"])
+
+    def add_patient(
+        self,
+        split: str,
+        pid: str,
+        inputs: list[dict[str, Any]] | None,
+        outputs: list[Path],
+        metrics: Mapping[str, float],
+    ) -> None:
+        """Record a finished patient (after its outputs were written)."""
+        with self._lock:
+            self.doc["patients"][f"{split}/{pid}"] = {
+                "inputs": inputs,
+                "outputs": [str(p) for p in outputs],
+                "metrics": dict(metrics),
+            }
+            self._save()
+
+    def mark_complete(self) -> None:
+        """Every output of the task is written."""
+        with self._lock:
+            self.doc["complete"] = True
+            self._save()
+
+    def _save(self) -> None:
+        atomic_write_json(self.path, self.doc, indent=1)
