@@ -1,0 +1,402 @@
+"""Check a node: can a run start here, and how wide will it be (``python -m pacs_numba.diagnose``).
+
+Each check returns ``(level, name, message)`` with level ``ok``, ``warn`` or ``fail``
+(nibabel's battery-runner style).  Exit status 0 when nothing failed, 1 otherwise.
+
+Run it inside the SLURM allocation you will use (``srun python -m pacs_numba.diagnose
+--config C --warmup``): it reports the limits the job really has (cgroup, SLURM), the pool
+width and Numba threads a run would use, and with ``--warmup`` compiles every kernel into
+the on-disk cache so array tasks start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Check = tuple[str, str, str]
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+def check_versions() -> list[Check]:
+    """Python and library versions."""
+    import nibabel
+    import numba
+    import numpy
+    import scipy
+
+    from . import __version__
+
+    try:
+        import isal
+
+        isal_v = isal.__version__
+    except ImportError:  # pragma: no cover - a dependency
+        isal_v = "missing (gzip falls back to zlib)"
+    return [
+        (
+            OK,
+            "versions",
+            f"pacs_numba {__version__}, python {platform.python_version()}, numpy "
+            f"{numpy.__version__}, numba {numba.__version__}, scipy {scipy.__version__}, "
+            f"nibabel {nibabel.__version__}, isal {isal_v}",
+        )
+    ]
+
+
+def check_threading() -> list[Check]:
+    """Report the Numba threading layer and its thread count."""
+    import numba
+
+    from .engine import ensure_threading_layer
+
+    layer = ensure_threading_layer()
+    msg = f"layer {layer}, {numba.config.NUMBA_NUM_THREADS} threads available"
+    if layer in {"omp", "tbb"}:
+        return [(OK, "threading", msg + " (safe to launch kernels from several threads)")]
+    return [
+        (
+            WARN,
+            "threading",
+            msg + ": not thread-safe, patients will run one at a time; "
+            "install a numba wheel with OpenMP or `pip install tbb`",
+        )
+    ]
+
+
+def check_limits() -> list[Check]:
+    """Memory and CPU limits with their sources, SLURM variables and overrides."""
+    from .memory import detect_limits
+
+    limits = detect_limits()
+    out: list[Check] = [(OK, "limits", limits.describe())]
+    for key, fig in sorted(limits.details.items()):
+        out.append((OK, f"limit:{key}", f"{fig.value} ({fig.source})"))
+    slurm = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
+    keys = (
+        "SLURM_JOB_ID",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_CPUS_PER_TASK",
+        "SLURM_MEM_PER_NODE",
+        "SLURM_MEM_PER_CPU",
+        "SLURM_JOB_CPUS_PER_NODE",
+        "SLURMD_NODENAME",
+    )
+    shown = ", ".join(f"{k}={slurm[k]}" for k in keys if k in slurm)
+    out.append((OK, "slurm", shown or "not inside a SLURM job"))
+    over = {
+        k: os.environ[k]
+        for k in ("PACS_NUMBA_MAX_WORKERS", "PACS_SR_MAX_WORKERS")
+        if k in os.environ
+    }
+    out.append((OK, "overrides", ", ".join(f"{k}={v}" for k, v in over.items()) or "none"))
+    return out
+
+
+def _writable(directory: Path) -> str | None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".pacs-probe-"):
+            pass
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def check_caches(cache_dir: Path | None) -> list[Check]:
+    """Whether the volume cache and Numba's compile cache can be written."""
+    import numba
+
+    from .io import VolumeStore
+
+    out: list[Check] = []
+    try:
+        store = VolumeStore(cache_dir)
+        info = store.info()
+        err = _writable(Path(store.directory))
+        if err:
+            out.append(
+                (
+                    FAIL,
+                    "volume cache",
+                    f"{store.directory} is not writable: {err}; "
+                    "use --cache-dir or PACS_NUMBA_CACHE_DIR",
+                )
+            )
+        else:
+            out.append((OK, "volume cache", ", ".join(f"{k}={v}" for k, v in info.items())))
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        out.append((FAIL, "volume cache", str(exc)))
+    numba_dir = numba.config.CACHE_DIR or ""
+    target = Path(numba_dir) if numba_dir else Path(__file__).parent / "kernels" / "__pycache__"
+    err = _writable(target)
+    where = (
+        f"NUMBA_CACHE_DIR={numba_dir}"
+        if numba_dir
+        else f"{target} (set NUMBA_CACHE_DIR to move it)"
+    )
+    if err:
+        out.append(
+            (
+                WARN,
+                "compile cache",
+                f"{where} is not writable ({err}): every process "
+                "will compile the kernels again (12-27 s); set NUMBA_CACHE_DIR to a "
+                "writable per-user folder",
+            )
+        )
+    else:
+        out.append((OK, "compile cache", where))
+    return out
+
+
+def check_config(config_path: Path, workers: int | None = None) -> list[Check]:
+    """Load the config, size one patient of it and plan the pool."""
+    from .config import load_config
+    from .errors import BudgetError, PacsError
+    from .io import read_shape
+    from .manifest import load_manifest
+    from .memory import baseline_bytes, detect_limits, per_patient_bytes, plan_pool
+    from .tiling import TileGrid
+
+    out: list[Check] = []
+    try:
+        cfg = load_config(config_path)
+    except PacsError as exc:
+        return [(FAIL, "config", str(exc))]
+    p = cfg.pacs_sr
+    out.append(
+        (
+            OK,
+            "config",
+            f"{config_path}: experiment {p.experiment_name}, "
+            f"{len(cfg.data.models)} experts {list(cfg.data.models)}, patch {p.patch_size}, "
+            f"stride {p.stride}",
+        )
+    )
+    shape = None
+    try:
+        manifest = load_manifest(cfg.data.out)
+        fold0 = manifest["folds"][0]
+        pid, entry = next(iter({**fold0["train"], **fold0["test"]}.items()))
+        hr_path = entry["HR"][cfg.data.spacings[0]][cfg.data.pulses[0]]
+        shape = tuple(read_shape(hr_path)[:3])
+        n_patients = len(fold0["train"])
+        out.append(
+            (
+                OK,
+                "manifest",
+                f"{cfg.data.out}: {len(manifest['folds'])} folds, "
+                f"{n_patients} train patients in fold 1; volume shape {shape} from {hr_path}",
+            )
+        )
+    except (PacsError, KeyError, StopIteration, IndexError) as exc:
+        out.append(
+            (
+                WARN,
+                "manifest",
+                f"cannot size a patient from the manifest "
+                f"'{cfg.data.out}' ({exc}); run `pacs-numba build-manifest` first",
+            )
+        )
+        return out
+    grid = TileGrid(shape, p.patch_size, p.stride)
+    limits = detect_limits()
+    for stage in ("fit", "evaluate"):
+        per = per_patient_bytes(
+            shape,
+            len(cfg.data.models),
+            lambda_grad=p.lambda_grad,
+            lambda_edge=p.lambda_edge,
+            n_tiles=grid.n_tiles,
+            stage=stage,
+            save_weight_volumes=p.save_weight_volumes,
+        )
+        try:
+            plan = plan_pool(
+                limits,
+                per_patient_bytes=per,
+                baseline_bytes=baseline_bytes(),
+                n_patients=n_patients,
+                num_workers=p.num_workers,
+                workers_override=workers,
+            )
+        except BudgetError as exc:
+            out.append((FAIL, f"plan:{stage}", str(exc)))
+            continue
+        out.append(
+            (
+                OK,
+                f"plan:{stage}",
+                f"{per / 2**30:.2f} GiB per patient; {plan.width} worker(s) x "
+                f"{plan.threads} numba thread(s) ({plan.reason})",
+            )
+        )
+    return out
+
+
+def _warm_kernels() -> dict[str, float]:
+    """Compile (or load from cache) every kernel on a tiny input; seconds per kernel."""
+    import numpy as np
+
+    from .blending import blend_volume, brain_mask, weight_analysis, weight_maps
+    from .engine import ensure_threading_layer
+    from .metrics import volume_metrics
+    from .solve import fit_weights, laplacian_smooth
+    from .statistics import normalisation, patient_statistics, valid_mask
+    from .tiling import TileGrid
+
+    ensure_threading_layer()
+    rng = np.random.default_rng(0)
+    shape = (12, 11, 10)
+    hr = (rng.random(shape, dtype=np.float32) + 0.1).astype(np.float32)
+    experts = [hr + rng.normal(0, 0.05, shape).astype(np.float32) for _ in range(2)]
+    grid = TileGrid(shape, 4, 2)
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        res = fn()
+        times[name] = time.perf_counter() - t0
+        return res
+
+    st = timed(
+        "statistics",
+        lambda: patient_statistics(
+            hr,
+            experts,
+            grid,
+            lambda_edge=0.25,
+            edge_power=2.0,
+            lambda_grad=0.2,
+            grad_operator="sobel",
+        ),
+    )
+    w, learned = timed(
+        "solve",
+        lambda: fit_weights(
+            st.Q, st.B, st.counts, grid.counts, simplex=True, lambda_ridge=1e-4, laplacian_tau=0.0
+        ),
+    )
+    timed(
+        "solve_unconstrained",
+        lambda: fit_weights(
+            st.Q, st.B, st.counts, grid.counts, simplex=False, lambda_ridge=1e-4, laplacian_tau=0.0
+        ),
+    )
+    timed("smoothing", lambda: laplacian_smooth(w, learned, grid.counts, 0.05))
+    mask, _ = valid_mask(hr, experts)
+    mu, sd, mus, sds = normalisation(hr, experts, mask)
+    bm = timed("brain_mask", lambda: brain_mask(hr))
+    pred = timed(
+        "blend",
+        lambda: blend_volume(
+            experts, grid, w, mus=mus, sds=sds, mu_hr=mu, sd_hr=sd, mask=bm, window="hann"
+        ),
+    )
+    maps = timed("weight_maps", lambda: weight_maps(w, grid))
+    timed("weight_analysis", lambda: weight_analysis(maps, ["a", "b"]))
+    timed("metrics", lambda: volume_metrics(hr, pred, ssim_axis="axial"))
+    return times
+
+
+def check_warmup() -> list[Check]:
+    """Compile every kernel, then check that a new process loads them from the cache."""
+    t0 = time.perf_counter()
+    try:
+        times = _warm_kernels()
+    except Exception as exc:  # noqa: BLE001 - a failed compile is a failed check
+        return [(FAIL, "warmup", f"kernel compilation failed: {exc!r}")]
+    total = time.perf_counter() - t0
+    detail = ", ".join(f"{k} {v:.2f}s" for k, v in times.items())
+    out: list[Check] = [(OK, "warmup", f"all kernels ready in {total:.1f}s ({detail})")]
+    code = (
+        "import time; t=time.perf_counter(); from pacs_numba.diagnose import _warm_kernels; "
+        "_warm_kernels(); print(time.perf_counter()-t)"
+    )
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True
+        )
+        again = float(res.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return out + [(WARN, "compile cache", f"could not time a cached start: {exc}")]
+    level = OK if again < max(5.0, 0.5 * total) else WARN
+    hint = "" if level == OK else " (the cache is not being used: check NUMBA_CACHE_DIR)"
+    out.append((level, "compile cache", f"a new process loads every kernel in {again:.1f}s{hint}"))
+    return out
+
+
+def run_checks(
+    config: Path | None = None,
+    *,
+    warmup: bool = False,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+) -> list[Check]:
+    """Every check, in order."""
+    checks: list[Check] = []
+    checks += check_versions()
+    checks += check_threading()
+    checks += check_limits()
+    checks += check_caches(cache_dir)
+    if config is not None:
+        checks += check_config(config, workers)
+    if warmup:
+        checks += check_warmup()
+    return checks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the checks and print them; 0 when a run can start, 1 otherwise."""
+    from .logsetup import resolve_level, setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pacs_numba.diagnose",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=None, help="size a patient of this config")
+    parser.add_argument("--warmup", action="store_true", help="compile every kernel into the cache")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="volume cache directory")
+    parser.add_argument("--workers", type=int, default=None, help="as pacs-numba train --workers")
+    args = parser.parse_args(argv)
+    setup_logging(resolve_level(default="WARNING"))
+    checks = run_checks(
+        args.config, warmup=args.warmup, cache_dir=args.cache_dir, workers=args.workers
+    )
+    failed = any(level == FAIL for level, _, _ in checks)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": not failed,
+                    "checks": [
+                        {"level": lv, "check": name, "message": msg} for lv, name, msg in checks
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for level, name, msg in checks:
+            print(f"[{level.upper():4}] {name}: {msg}")
+        print("a run can start" if not failed else "a run cannot start: see [FAIL] lines")
+    logging.shutdown()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
