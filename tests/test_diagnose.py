@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pacs_numba import diagnose, memory
+# Imported before any test patches memory.detect_limits: modules that bind the name at
+# import time must keep the real function.
+from pacs_numba import diagnose, engine, memory  # noqa: F401
 from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
 from pacs_numba.manifest import build_manifest, write_manifest
