@@ -690,10 +690,146 @@ def detect_limits(env: Mapping[str, str] | None = None,
 # ---------------------------------------------------------------------------
 
 
+#: What numpy's ``savez`` holds per array while writing it to a zip member:
+#: ``numpy.lib.format.write_array`` walks the array with ``nditer(buffersize=16 MiB)``
+#: and writes ``chunk.tobytes()``, one 16 MiB ``bytes`` at a time.
+_SAVEZ_CHUNK_BYTES = 16 * _MIB
+
+#: Memory that loading every kernel from a warm Numba cache adds (LLVM code
+#: objects, NRT, type caches): measured 22-30 MiB for all kernels between the
+#: Engine's start and the end of a run, whatever the volume shape.
+WARM_JIT_BYTES = 32 * _MIB
+#: Memory that compiling every kernel adds when the cache is cold or off (LLVM
+#: keeps the compiled modules): measured ~300 MiB retained (numba 0.60-0.61, 4
+#: experts), almost all of it still resident at the end of the run.
+COLD_JIT_BYTES = 320 * _MIB
+
+_STAGES = ("fit", "evaluate", "predict")
+
+
+def _volume_terms(shape: Sequence[int], n_experts: int) -> tuple[int, int]:
+    if len(shape) != 3 or min(int(s) for s in shape) < 1:
+        raise ValueError(f"shape must be three positive lengths, got {tuple(shape)}")
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+    return math.prod(int(s) for s in shape), int(n_experts)
+
+
 def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: float,
                       lambda_edge: float, n_tiles: int, stage: str,
                       save_weight_volumes: bool = True, n_threads: int = 1) -> int:
-    """Predicted memory of one patient in flight (FIRST CUT, to be calibrated).
+    """Peak memory of one patient in flight in a stage (calibrated, see Notes).
+
+    Parameters
+    ----------
+    shape : sequence of 3 int
+        Volume shape ``(N0, N1, N2)``; ``N`` = number of voxels.
+    n_experts : int
+        ``M``, the number of experts.
+    lambda_grad, lambda_edge : float
+        Options of SPEC A3-A4 (they only change the fit's per-line scratch).
+    n_tiles : int
+        ``T``, the number of tiles (the fit's Q/B/count outputs).
+    stage : {"fit", "evaluate", "predict"}
+        The pass the patient is in.
+    save_weight_volumes : bool, optional
+        Whether evaluate writes the weight npz files (A8): each patient then
+        holds a ``numpy.savez`` write buffer.  The weight maps themselves are
+        made once per task: see `per_task_bytes`.
+    n_threads : int, optional
+        Numba threads per patient (``PoolPlan.threads``): each has its own
+        per-line scratch.
+
+    Returns
+    -------
+    int
+        Bytes.  The memory of ``w`` patients in flight is ``w`` times this;
+        add `baseline_bytes` and `per_task_bytes` for the process.
+
+    Raises
+    ------
+    ValueError
+        On a bad shape, expert count or stage.
+
+    Notes
+    -----
+    Terms in bytes, with ``N`` voxels, ``M`` experts, ``T`` tiles, ``t`` Numba
+    threads.  "Mapped pages" are the ``VolumeStore`` ``.npy`` pages the kernels
+    touch: every page of every input, resident (and charged to the cgroup) while
+    the patient holds its memmaps, released when it drops them.
+
+    fit (``engine.Engine._fit`` -> ``statistics.patient_statistics``)
+        mapped pages of HR + M experts ``4N(M + 1)``; the uint8 valid mask ``N``
+        (``kernels.stats._valid_mask``, alive for the whole call); the returned
+        Q, B, counts ``8T(M*M + M + 1)``; per-thread line scratch of
+        ``_tile_statistics`` / ``_sobel_magnitude_max``
+        ``t * N2 * 8 * ((M + 1)(1 + 3g) + 3e + M + M(M + 1)/2 + 3) + 12t(N2 + 2)``
+        (``g = lambda_grad > 0``, ``e = lambda_edge > 0``).  Neither option
+        allocates a volume: gradients and the edge map are computed per line.
+    evaluate (``engine.Engine._evaluate_split.eval_one``)
+        the same mapped pages, plus the largest of what is alive at once in
+        each step:
+
+        - ``blending.brain_mask``: its uint8 mask ``N`` + union-find labels
+          ``4N`` (int32; ``8N`` from 2**31 voxels);
+        - ``blending.blend_volume``: brain mask ``N`` + float32 blend ``4N``
+          (+ per-row scratch ``4t * N2 * 4 (M + 3)``);
+        - ``metrics.volume_metrics``: blend ``4N`` + the ``hr > 0`` mask ``N`` +
+          SSIM slice scratch ``28t`` x the largest slice;
+        - writes: blend ``4N`` + one ``N0 * N1`` float32 slice (nibabel writes
+          the F-ordered volume slice by slice; python-isal keeps only a small
+          window), and with weight volumes the ``numpy.savez`` chunk
+          ``min(16 MiB, 4NM)`` (the blend is still alive then).
+
+        The valid mask (``N``) is deleted before the brain mask is built.
+    predict
+        as evaluate without the HR's mapped pages (``4N`` less).
+
+    Calibrated against the sampled RSS of ``pacs-numba train`` runs
+    (tests/test_memory_calibration.py): with 4 experts the evaluate stage
+    dominates, and the growth of the peak per extra worker matched this within
+    ~15% at 96x112x96, 128x144x128 and 160x192x160.
+
+    Examples
+    --------
+    >>> per_patient_bytes((160, 192, 160), 4, lambda_grad=0.2, lambda_edge=0.25,
+    ...                   n_tiles=1200, stage="evaluate") // 2**20
+    128
+    >>> per_patient_bytes((160, 192, 160), 4, lambda_grad=0.2, lambda_edge=0.25,
+    ...                   n_tiles=1200, stage="fit") // 2**20
+    98
+    """
+    n, m = _volume_terms(shape, n_experts)
+    n0, n1, n2 = (int(s) for s in shape)
+    t = max(1, int(n_threads))
+    if stage == "fit":
+        g = 1 if lambda_grad > 0 else 0
+        e = 1 if lambda_edge > 0 else 0
+        total = 4 * n * (m + 1)                                # mapped HR + expert pages
+        total += n                                             # uint8 valid mask
+        total += 8 * max(0, int(n_tiles)) * (m * m + m + 1)    # Q, B, counts
+        n_terms = m + m * (m + 1) // 2
+        total += t * n2 * 8 * ((m + 1) * (1 + 3 * g) + 3 * e + n_terms + 3)
+        total += t * 12 * (n2 + 2)                             # float32 stencil rows
+        return int(total)
+    if stage not in _STAGES:
+        raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
+    total = 4 * n * (m + 1 if stage == "evaluate" else m)      # mapped input pages
+    label_bytes = 4 if n < 2**31 - 1 else 8
+    largest_slice = n // min(n0, n1, n2)
+    brain = n + label_bytes * n
+    blend = n + 4 * n + 4 * t * n2 * 4 * (m + 3)
+    metrics = 4 * n + n + 28 * t * largest_slice
+    writes = 4 * n + 4 * n0 * n1
+    if save_weight_volumes:
+        writes += min(_SAVEZ_CHUNK_BYTES, 4 * n * m)
+    total += max(brain, blend, metrics, writes)
+    return int(total)
+
+
+def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage: str,
+                   save_weight_volumes: bool = True, n_patients: int = 1) -> int:
+    """Memory a stage holds once per task, whatever the pool width.
 
     Parameters
     ----------
@@ -701,17 +837,15 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
         Volume shape; ``N`` = number of voxels.
     n_experts : int
         ``M``, the number of experts.
-    lambda_grad, lambda_edge : float
-        Options of SPEC A3-A4; see Notes for what they cost.
     n_tiles : int
-        Number of tiles (for the fit accumulators).
+        ``T``, the number of tiles.
     stage : {"fit", "evaluate", "predict"}
-        The pass the patient is in.
+        The pass.
     save_weight_volumes : bool, optional
-        Whether evaluate writes the weight / entropy / dominant maps (A8).
-    n_threads : int, optional
-        Number of per-thread accumulator copies the fit kernel keeps (1 if it
-        reduces into one shared set).
+        Whether the weight maps of A8 are made (evaluate / predict).
+    n_patients : int, optional
+        Patients of the stage (the fit keeps every patient's Q, B and counts
+        until it sums them in manifest order).
 
     Returns
     -------
@@ -725,60 +859,126 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
 
     Notes
     -----
-    The terms, with ``N`` voxels and ``M`` experts (bytes):
-
     fit
-        uint8 HR mask ``N``; Q/B/count accumulators
-        ``n_threads * n_tiles * (M*M + M + 1) * 8``; touched memory-mapped pages
-        of HR + M experts ``(M + 1) * N * 4`` (they count in RSS and in the
-        cgroup while mapped); if ``lambda_edge > 0`` one float32 |sobel| volume
-        ``4N`` for ``max(g)`` (drop it if the kernel recomputes g in a second
-        pass).  ``lambda_grad`` costs nothing extra: gradients are computed on
-        the fly from the mapped pages.
-    evaluate
-        the same input pages; float32 blend ``4N``; brain mask ``N``, plus the
-        ``hr >= 0.1`` threshold ``N`` and the int32 connected-component labels
-        ``4N`` that building it takes; the label weight maps ``4NM`` and
-        entropy/dominant maps ``8N`` when weight volumes are saved; the float32
-        buffer of the gzip'ed NIfTI output ``~4N``; SSIM per-slice scratch
-        (~16 float64 planes of the largest slice).
-    predict
-        as evaluate without the HR pages (``M * N * 4``).
-
-    These are the arrays the kernels are designed to allocate, not measured
-    figures; the engine's RSS test is what calibrates them.
+        every patient's Q, B, counts ``8T(M*M + M + 1)`` kept for the ordered
+        sum, plus the sums, plus the solver's ``T x M`` float64 arrays
+        (``solve.fit_weights``, ``laplacian_smooth``; 4 of them).
+    evaluate, predict (with weight volumes)
+        ``engine._SharedMaps``: the per-voxel weight maps ``4NM``
+        (``blending.weight_maps``), the entropy (float32) and dominant (int32)
+        maps ``8N`` (``weight_analysis``), alive until the split ends; and while
+        ``weight_analysis`` takes its per-model statistics, one float32 copy of
+        a strided weight column ``4N`` (``np.median`` / ``np.percentile`` /
+        ``np.std`` each copy it, one after the other).  The train split of
+        evaluate makes no maps; the figure is for the test split.
 
     Examples
     --------
-    >>> per_patient_bytes((160, 192, 160), 4, lambda_grad=0, lambda_edge=0,
-    ...                   n_tiles=1000, stage="fit") // 2**20
-    98
+    >>> per_task_bytes((160, 192, 160), 4, n_tiles=1200, stage="evaluate") // 2**20
+    131
     """
-    if len(shape) != 3 or min(int(s) for s in shape) < 1:
-        raise ValueError(f"shape must be three positive lengths, got {tuple(shape)}")
-    if n_experts < 1:
-        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
-    n = math.prod(int(s) for s in shape)
-    m = int(n_experts)
-    if stage == "fit":
-        total = n                                              # uint8 HR mask
-        total += max(1, n_threads) * max(0, n_tiles) * (m * m + m + 1) * 8  # Q, B, count
-        total += (m + 1) * n * 4                               # mapped HR + expert pages
-        if lambda_edge > 0:
-            total += 4 * n                                     # |sobel(hr_n)| for max(g)
-        # lambda_grad > 0 adds nothing: fused gradients (see Notes).
-        return int(total)
-    if stage not in ("evaluate", "predict"):
+    n, m = _volume_terms(shape, n_experts)
+    if stage not in _STAGES:
         raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
-    total = (m + 1 if stage == "evaluate" else m) * n * 4      # mapped input pages
-    total += 4 * n                                             # float32 blend
-    total += n + n + 4 * n                                     # brain mask, threshold, CC labels
-    if save_weight_volumes:
-        total += 4 * n * m + 8 * n                             # weight maps, entropy + dominant
-    total += 4 * n                                             # gzip'ed output buffer
-    largest_slice = n // min(int(s) for s in shape)
-    total += 16 * largest_slice * 8                            # SSIM per-slice scratch
-    return int(total)
+    t = max(0, int(n_tiles))
+    if stage == "fit":
+        return int(8 * t * (m * m + m + 1) * (max(0, int(n_patients)) + 1) + 4 * 8 * t * m)
+    if not save_weight_volumes:
+        return 0
+    return int(4 * n * m + 8 * n + 4 * n)
+
+
+@dataclass(frozen=True)
+class PeakPrediction:
+    """The predicted peak RSS of a task, term by term (see `predict_peak_bytes`).
+
+    Parameters
+    ----------
+    baseline_bytes : int
+        Process before any patient (`baseline_bytes`).
+    per_patient : dict of str to int
+        `per_patient_bytes` of each stage.
+    per_task : dict of str to int
+        `per_task_bytes` of each stage.
+    widths : dict of str to int
+        Patients in flight in each stage.
+    stage : str
+        The stage that sets the peak.
+    peak_bytes : int
+        ``baseline + per_task[stage] + widths[stage] * per_patient[stage]``.
+    """
+
+    baseline_bytes: int
+    per_patient: dict[str, int]
+    per_task: dict[str, int]
+    widths: dict[str, int]
+    stage: str
+    peak_bytes: int
+
+    def describe(self) -> str:
+        """One line with every term in MiB.
+
+        Returns
+        -------
+        str
+        """
+        s = self.stage
+        return (f"peak {self.peak_bytes / _MIB:.0f} MiB in {s} = baseline "
+                f"{self.baseline_bytes / _MIB:.0f} + once per task {self.per_task[s] / _MIB:.0f} "
+                f"+ {self.widths[s]} x {self.per_patient[s] / _MIB:.0f} per patient")
+
+
+def predict_peak_bytes(shape: Sequence[int], n_experts: int, *, width: int,
+                       lambda_grad: float, lambda_edge: float, n_tiles: int,
+                       save_weight_volumes: bool = True, baseline: int | None = None,
+                       n_train: int | None = None, n_test: int | None = None,
+                       n_threads: int | None = None,
+                       stages: Sequence[str] = ("fit", "evaluate")) -> PeakPrediction:
+    """Predict the peak RSS of a ``train`` task run on ``width`` workers.
+
+    Parameters
+    ----------
+    shape, n_experts, lambda_grad, lambda_edge, n_tiles, save_weight_volumes
+        As for `per_patient_bytes`.
+    width : int
+        Pool width (``--workers``); a stage never has more patients in flight
+        than it has patients.
+    baseline : int, optional
+        `baseline_bytes` as the engine sees it; measured in this process when None.
+    n_train, n_test : int, optional
+        Patients of the fit and of the evaluate stage (None: no cap on the width).
+    n_threads : int, optional
+        Numba threads per worker (default: ``max(1, CPUs // width)`` as `plan_pool`).
+    stages : sequence of str, optional
+        Stages the run goes through.
+
+    Returns
+    -------
+    PeakPrediction
+        ``baseline + max over stages of (per_task + width * per_patient)``.
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    base = baseline_bytes() if baseline is None else int(baseline)
+    if n_threads is None:
+        n_threads = max(1, int(_affinity_cpus().value) // width)
+    caps = {"fit": n_train, "evaluate": n_test, "predict": n_test}
+    per: dict[str, int] = {}
+    task: dict[str, int] = {}
+    widths: dict[str, int] = {}
+    for stage in stages:
+        per[stage] = per_patient_bytes(shape, n_experts, lambda_grad=lambda_grad,
+                                       lambda_edge=lambda_edge, n_tiles=n_tiles, stage=stage,
+                                       save_weight_volumes=save_weight_volumes,
+                                       n_threads=n_threads)
+        task[stage] = per_task_bytes(shape, n_experts, n_tiles=n_tiles, stage=stage,
+                                     save_weight_volumes=save_weight_volumes,
+                                     n_patients=caps[stage] or 1)
+        cap = caps[stage]
+        widths[stage] = max(1, min(width, cap)) if cap is not None else width
+    stage = max(stages, key=lambda s: task[s] + widths[s] * per[s])
+    return PeakPrediction(base, per, task, widths, stage,
+                          base + task[stage] + widths[stage] * per[stage])
 
 
 def current_rss_bytes() -> int:
@@ -804,15 +1004,56 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * _KIB)
 
 
-def baseline_bytes(*, compile_allowance_bytes: int = 256 * _MIB,
+_KERNEL_MODULES = ("blend", "metrics", "probe", "qp", "stats")
+
+
+def kernel_cache_state() -> tuple[int, int]:
+    """Count the package's kernels and those the Numba cache can serve.
+
+    Returns
+    -------
+    (n_kernels, n_cached) : tuple of int
+        Every ``@njit`` dispatcher defined in ``pacs_numba.kernels``, and those
+        whose on-disk cache index exists and matches the current source (what
+        Numba's own loader checks before it loads instead of compiling).  With
+        the cache off (``PACS_NUMBA_CACHE=0``) ``n_cached`` is 0.  ``(0, 0)``
+        if the kernels cannot be inspected.
+    """
+    import importlib
+
+    total = cached = 0
+    for name in _KERNEL_MODULES:
+        try:
+            mod = importlib.import_module(f"pacs_numba.kernels.{name}")
+        except Exception as exc:  # noqa: BLE001 - an estimate; never fail the run for it
+            log.debug("cannot inspect kernels of %s: %s", name, exc)
+            return 0, 0
+        for obj in vars(mod).values():
+            py_func = getattr(obj, "py_func", None)
+            if py_func is None or getattr(py_func, "__module__", None) != mod.__name__:
+                continue
+            total += 1
+            cache = getattr(obj, "_cache", None)
+            try:
+                if cache is not None and cache._cache_file._load_index():
+                    cached += 1
+            except Exception:  # noqa: BLE001 - numba internals: unreadable = not cached
+                pass
+    return total, cached
+
+
+def baseline_bytes(*, compile_allowance_bytes: int | None = None,
                    fallback_rss_bytes: int = 400 * _MIB) -> int:
-    """Memory the process needs before any patient (FIRST CUT, to be calibrated).
+    """Memory the process needs before any patient: RSS now + a JIT allowance.
 
     Parameters
     ----------
     compile_allowance_bytes : int, optional
-        Headroom for LLVM while Numba compiles the kernels on first use (or
-        loads them from the cache), which happens after this is measured.
+        Memory the kernels will add when they are first used, after this is
+        measured.  None (default): from the Numba cache (`kernel_cache_state`):
+        ``WARM_JIT_BYTES`` (32 MiB) if every kernel loads from the cache, else
+        ``WARM_JIT_BYTES`` plus ``COLD_JIT_BYTES`` (320 MiB) times the fraction
+        of kernels that must be compiled.
     fallback_rss_bytes : int, optional
         Used when psutil cannot read the RSS: roughly the interpreter plus
         numpy, scipy, numba and nibabel imported.
@@ -820,8 +1061,23 @@ def baseline_bytes(*, compile_allowance_bytes: int = 256 * _MIB,
     Returns
     -------
     int
-        Current RSS (call this after the imports) + the compile allowance.
+        Current RSS (call this after the imports, as the engine does when it
+        plans a pool) + the allowance.
+
+    Notes
+    -----
+    Measured on ``pacs-numba train`` (4 experts): RSS after the imports and the
+    Engine's start 160-165 MiB (about 70 MiB anonymous + 93 MiB of mapped
+    shared libraries), 185-195 MiB once every kernel is loaded from a warm
+    cache; compiling them all instead left ~300 MiB more resident.  Both are
+    independent of the volume shape.  Calling it again once the kernels are
+    loaded counts them twice (RSS and allowance): at most 32 MiB too much with
+    a warm cache.
     """
+    if compile_allowance_bytes is None:
+        total, cached = kernel_cache_state()
+        cold_fraction = (total - cached) / total if total else 1.0
+        compile_allowance_bytes = int(WARM_JIT_BYTES + COLD_JIT_BYTES * cold_fraction)
     try:
         rss = current_rss_bytes()
     except Exception:  # noqa: BLE001 - any psutil failure: fall back to the estimate
@@ -855,6 +1111,8 @@ class PoolPlan:
     overrides : dict of str to int
         Every worker override seen (``--workers``, ``PACS_NUMBA_MAX_WORKERS``,
         ``PACS_SR_MAX_WORKERS``), whether it applied or not (see ``reason``).
+    per_task_bytes : int
+        Memory the stage holds once whatever the width (`per_task_bytes`).
     """
 
     width: int
@@ -866,6 +1124,7 @@ class PoolPlan:
     cpus: Figure
     reason: str
     overrides: dict[str, int] = field(default_factory=dict)
+    per_task_bytes: int = 0
 
     def describe(self) -> str:
         """One log line: ``"pool 4 workers x 2 numba threads (memory: ...)"``.
@@ -874,9 +1133,11 @@ class PoolPlan:
         -------
         str
         """
+        once = f", once per task {_gib(self.per_task_bytes, 2)}" if self.per_task_bytes else ""
         return (f"pool {self.width} workers x {self.threads} numba threads "
                 f"(bound: {self.reason}; {_gib(self.per_patient_bytes, 2)}/patient, "
-                f"baseline {_gib(self.baseline_bytes, 2)}, margin {_gib(self.margin_bytes, 2)})")
+                f"baseline {_gib(self.baseline_bytes, 2)}{once}, "
+                f"margin {_gib(self.margin_bytes, 2)})")
 
 
 _OVERRIDE_ENV = ("PACS_NUMBA_MAX_WORKERS", "PACS_SR_MAX_WORKERS")
@@ -898,7 +1159,7 @@ def plan_pool(limits: Limits, *, per_patient_bytes: int, baseline_bytes: int, n_
               num_workers: int | None = None, workers_override: int | None = None,
               env: Mapping[str, str] | None = None, margin_fraction: float = 0.10,
               min_margin_bytes: int = 256 * _MIB,
-              mem_budget_bytes: int | None = None) -> PoolPlan:
+              mem_budget_bytes: int | None = None, per_task_bytes: int = 0) -> PoolPlan:
     """Choose the pool width and Numba threads per worker (SPEC B4, B5).
 
     Parameters
@@ -926,12 +1187,15 @@ def plan_pool(limits: Limits, *, per_patient_bytes: int, baseline_bytes: int, n_
         Smallest safety margin (default 256 MiB).
     mem_budget_bytes : int, optional
         ``--mem-budget``; used instead of the detected limit when smaller.
+    per_task_bytes : int, optional
+        Memory the stage holds once, whatever the width (`per_task_bytes`:
+        the evaluate stage's weight maps), >= 0; default 0.
 
     Returns
     -------
     PoolPlan
         ``width = min(requested workers, CPUs, n_patients,
-        floor((limit - baseline - margin) / per_patient))`` with
+        floor((limit - baseline - per_task - margin) / per_patient))`` with
         ``margin = max(min_margin_bytes, margin_fraction * limit)``, and
         ``threads = max(1, CPUs // width)``.  No override can go above what
         memory or the CPUs allow; ``reason`` says when one was capped.
@@ -959,6 +1223,8 @@ def plan_pool(limits: Limits, *, per_patient_bytes: int, baseline_bytes: int, n_
         raise ValueError(f"per_patient_bytes must be > 0, got {per_patient_bytes}")
     if baseline_bytes < 0:
         raise ValueError(f"baseline_bytes must be >= 0, got {baseline_bytes}")
+    if per_task_bytes < 0:
+        raise ValueError(f"per_task_bytes must be >= 0, got {per_task_bytes}")
     if n_patients < 0:
         raise ValueError(f"n_patients must be >= 0, got {n_patients}")
     if not 0 <= margin_fraction < 1:
@@ -1005,14 +1271,15 @@ def plan_pool(limits: Limits, *, per_patient_bytes: int, baseline_bytes: int, n_
     bounds.append((cpus, f"CPUs: {cpus} ({limits.cpus.source})"))
 
     margin = int(max(min_margin_bytes, margin_fraction * limit.value))
-    free = int(limit.value) - baseline_bytes - margin
+    free = int(limit.value) - baseline_bytes - per_task_bytes - margin
     fit = free // per_patient_bytes if free > 0 else 0
     if fit < 1:
         raise BudgetError(_budget_message(limit, per_patient_bytes, baseline_bytes,
-                                          margin_fraction, min_margin_bytes))
+                                          margin_fraction, min_margin_bytes, per_task_bytes))
+    once = f" - {_gib(per_task_bytes)} once per task" if per_task_bytes else ""
     bounds.append((fit, f"memory: {fit} x {_gib(per_patient_bytes)} fits in "
-                        f"{_gib(limit.value)} ({limit.source}) - {_gib(baseline_bytes)} baseline "
-                        f"- {_gib(margin)} margin"))
+                        f"{_gib(limit.value)} ({limit.source}) - {_gib(baseline_bytes)} baseline"
+                        f"{once} - {_gib(margin)} margin"))
 
     width = min(v for v, _ in bounds)
     binding = [words for v, words in bounds if v == width]
@@ -1026,25 +1293,28 @@ def plan_pool(limits: Limits, *, per_patient_bytes: int, baseline_bytes: int, n_
     threads = max(1, cpus // width)
     plan = PoolPlan(width=width, threads=threads, per_patient_bytes=int(per_patient_bytes),
                     baseline_bytes=int(baseline_bytes), margin_bytes=margin, limit=limit,
-                    cpus=limits.cpus, reason=reason, overrides=overrides)
+                    cpus=limits.cpus, reason=reason, overrides=overrides,
+                    per_task_bytes=int(per_task_bytes))
     log.debug("%s", plan.describe())
     return plan
 
 
 def _budget_message(limit: Figure, per_patient: int, baseline: int,
-                    margin_fraction: float, min_margin_bytes: int) -> str:
+                    margin_fraction: float, min_margin_bytes: int, per_task: int = 0) -> str:
     # The margin grows with the limit, so the memory to ask for solves
-    # L - baseline - max(min_margin, f * L) >= per_patient.
-    need = max(math.ceil((per_patient + baseline) / (1 - margin_fraction)),
-               per_patient + baseline + min_margin_bytes)
-    margin_at_need = need - per_patient - baseline
+    # L - baseline - per_task - max(min_margin, f * L) >= per_patient.
+    fixed = baseline + per_task
+    need = max(math.ceil((per_patient + fixed) / (1 - margin_fraction)),
+               per_patient + fixed + min_margin_bytes)
+    margin_at_need = need - per_patient - fixed
+    once = f"{_gib(per_task, 2)} once per task + " if per_task else ""
     ask_gib = math.ceil(need / _GIB)
     fix = (f"Request at least {ask_gib}G (sbatch --mem={ask_gib}G, or --mem-per-cpu so that "
            f"it times the CPUs reaches {ask_gib}G)")
     if limit.source.startswith("--mem-budget"):
         fix = f"Raise --mem-budget to at least {ask_gib}G if the job has it, or {fix}"
     return (f"not even one patient fits in memory: one patient needs {_gib(need, 2)} "
-            f"({_gib(per_patient, 2)} per patient + {_gib(baseline, 2)} baseline + "
+            f"({_gib(per_patient, 2)} per patient + {_gib(baseline, 2)} baseline + {once}"
             f"{_gib(margin_at_need, 2)} safety margin) but the job has {_gib(limit.value, 2)} "
             f"({limit.source}). {fix}, or process smaller volumes or fewer experts "
             "(when evaluating, save_weight_volumes: false also helps).")
