@@ -1,0 +1,467 @@
+#!/usr/bin/env bash
+# pacs-numba on a SLURM array: one array task = one (fold, spacing, pulse) of a PaCS-SR config.
+#
+#   bash scripts/slurm_array.sh --list config.yaml             # the task table and the --array to use
+#   sbatch --array=0-N scripts/slurm_array.sh config.yaml      # run every task
+#   sbatch --array=0-N scripts/slurm_array.sh config.yaml -- --workers 4   # extra train flags
+#   sbatch -o diagnose-%j.out scripts/slurm_array.sh --diagnose config.yaml   # see --help
+#   bash scripts/slurm_array.sh --task 3 config.yaml           # one task by hand, no SLURM needed
+#
+# Task ids count from 0 in fold-major order: fold = id / (spacings x pulses) + 1, then spacing,
+# then pulse, as `pacs-numba train` without filters runs them.  Each task trains with --resume,
+# so a resubmitted task keeps the outputs that are already complete.
+#
+# The config comes from the first argument or $PACS_CONFIG.  sbatch passes your environment
+# on: activate the environment where pacs_numba is installed before sbatch, or set
+# PACS_VENV=/path/to/venv.  Other knobs (all optional):
+#   PACS_NUMBA_CACHE_DIR   volume cache (default: node-local scratch, see below)
+#   NUMBA_CACHE_DIR        compiled kernels (default: ~/.cache/pacs_numba/numba; set but empty:
+#                          Numba's own default next to the sources)
+#   PACS_NUMBA_DIAGNOSE=1  run `python -m pacs_numba.diagnose` before training (=warmup: also
+#                          compile every kernel)
+#   PACS_NUMBA_MAX_WORKERS cap on the patients run at once (the memory plan still applies)
+#   PACS_PYTHON            the Python that has pacs_numba (default: python on PATH)
+#
+# Resources.  A task holds one patient per worker in memory, nothing per CPU: the width of the
+# patient pool comes from the job's real memory limit (cgroup, SLURM) and the volume shape, so
+# --mem is not multiplied by --cpus-per-task.  `--diagnose` prints the per-patient figure and
+# the pool a task will run with these settings.
+#SBATCH --job-name=pacs-numba
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=16G
+#SBATCH --time=04:00:00
+# SIGTERM 120 s before the time limit: in-flight patients finish, the task exits 143 and the
+# log says how far it got; resubmit the same array id to finish it (--resume).
+#SBATCH --signal=TERM@120
+# stdout and stderr in one file per task (the folder must exist, so none is used here).
+#SBATCH --output=%x-%A_%a.out
+
+set -euo pipefail
+
+T0=$SECONDS
+PROG=slurm_array
+
+log() {  # log LEVEL MESSAGE...: one line on stderr, in the format pacs-numba logs in
+    printf '%s %s %s: %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$1" "$PROG" "${*:2}" >&2
+}
+die() {  # die CODE MESSAGE...
+    local code=$1
+    shift
+    log ERROR "$*"
+    exit "$code"
+}
+usage() {
+    cat <<EOF
+usage: $0 [--list | --dry-run | --diagnose] [--task ID] [CONFIG] [-- TRAIN_ARGS...]
+
+Runs one (fold, spacing, pulse) of CONFIG (default \$PACS_CONFIG) with pacs-numba train.
+The task is --task ID or \$SLURM_ARRAY_TASK_ID, counted from 0.
+
+  --list      print the task table and the sbatch --array range, then exit
+  --dry-run   print the task, the environment and the command, run nothing
+  --diagnose  build the manifest if needed, then run python -m pacs_numba.diagnose
+              --config CONFIG --warmup (checks the node, compiles the kernels); no training
+  --task ID   the task to run (overrides \$SLURM_ARRAY_TASK_ID)
+  -- ARGS     passed on to pacs-numba train (e.g. -- --workers 4 --mem-budget 12G)
+EOF
+}
+
+# ------------------------------------------------------------------ arguments
+MODE=run
+TASK_ID=${SLURM_ARRAY_TASK_ID:-}
+TASK_SOURCE=SLURM_ARRAY_TASK_ID
+CONFIG=${PACS_CONFIG:-}
+EXTRA=()
+while (($#)); do
+    case $1 in
+        --list) MODE=list ;;
+        --dry-run) MODE=dry-run ;;
+        --diagnose) MODE=diagnose ;;
+        --task)
+            (($# >= 2)) || die 2 "--task needs a task id"
+            TASK_ID=$2 TASK_SOURCE=--task
+            shift
+            ;;
+        --task=*) TASK_ID=${1#--task=} TASK_SOURCE=--task ;;
+        -h | --help) usage; exit 0 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -*) usage >&2; die 2 "unknown option $1 (train flags go after --)" ;;
+        *) CONFIG=$1 ;;
+    esac
+    shift
+done
+[[ -n $CONFIG ]] || { usage >&2; die 2 "no config: pass CONFIG or set PACS_CONFIG"; }
+[[ -f $CONFIG ]] || die 2 "config '$CONFIG' does not exist (working directory $PWD)"
+CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
+
+# ------------------------------------------------------------------ Python and pacs-numba
+if [[ -n ${PACS_VENV:-} ]]; then
+    [[ -f $PACS_VENV/bin/activate ]] || die 2 "PACS_VENV=$PACS_VENV has no bin/activate"
+    set +u  # some activate scripts read unset variables
+    # shellcheck disable=SC1091
+    . "$PACS_VENV/bin/activate"
+    set -u
+fi
+PY=${PACS_PYTHON:-$(command -v python || command -v python3 || true)}
+[[ -n $PY ]] || die 2 "no python on PATH: activate the environment that has pacs_numba or set PACS_PYTHON"
+if [[ -z ${PACS_PYTHON:-} ]] && command -v pacs-numba >/dev/null 2>&1; then
+    PACS=(pacs-numba)
+else
+    PACS=("$PY" -m pacs_numba)
+fi
+
+# ------------------------------------------------------------------ the task table
+# Spacings, pulses and the fold count come from the config (and the manifest once it exists:
+# it is what train reads), through pacs_numba's own config loader.
+read_tasks() {
+    "$PY" - "$CONFIG" <<'PY'
+import os, shlex, sys, warnings
+
+warnings.simplefilter("ignore")  # unknown-key warnings: pacs-numba train prints them once
+try:
+    from pacs_numba.config import load_config
+    from pacs_numba.errors import PacsError
+    from pacs_numba.manifest import load_manifest
+except ImportError as exc:
+    sys.exit(f"cannot import pacs_numba with {sys.executable} ({exc}): activate the "
+             "environment where it is installed before sbatch, or set PACS_VENV or PACS_PYTHON")
+try:
+    cfg = load_config(sys.argv[1])
+    manifest = os.path.abspath(cfg.data.out)
+    if os.path.isfile(manifest):
+        n_folds, source = len(load_manifest(manifest)["folds"]), f"the manifest {manifest}"
+    else:
+        n_folds, source = cfg.data.kfolds, f"data.kfolds; the manifest {manifest} is not built yet"
+except PacsError as exc:
+    sys.exit(str(exc))
+q = shlex.quote
+print(f"NFOLDS={n_folds}")
+print(f"FOLDS_SOURCE={q(source)}")
+print(f"MANIFEST={q(manifest)}")
+print("SPACINGS=(" + " ".join(q(s) for s in cfg.data.spacings) + ")")
+print("PULSES=(" + " ".join(q(p) for p in cfg.data.pulses) + ")")
+PY
+}
+TABLE=$(read_tasks) || die 2 "cannot read the tasks of $CONFIG (see above)"
+NFOLDS=0
+FOLDS_SOURCE=''
+MANIFEST=''
+SPACINGS=()
+PULSES=()
+eval "$TABLE"
+NS=${#SPACINGS[@]}
+NP=${#PULSES[@]}
+NTASKS=$((NFOLDS * NS * NP))
+LAST=$((NTASKS - 1))
+SHAPE="$NFOLDS folds x $NS spacings (${SPACINGS[*]}) x $NP pulses (${PULSES[*]}) = $NTASKS tasks"
+
+task_of() {  # task_of ID: sets FOLD SPACING PULSE (fold-major, like pacs-numba train)
+    local id=$1
+    FOLD=$((id / (NS * NP) + 1))
+    SPACING=${SPACINGS[$(((id / NP) % NS))]}
+    PULSE=${PULSES[$((id % NP))]}
+}
+
+if [[ $MODE == list ]]; then
+    echo "$CONFIG: $SHAPE (fold count from $FOLDS_SOURCE)"
+    printf '%6s %5s  %-10s %s\n' task fold spacing pulse
+    for ((i = 0; i < NTASKS; i++)); do
+        task_of "$i"
+        printf '%6d %5d  %-10s %s\n' "$i" "$FOLD" "$SPACING" "$PULSE"
+    done
+    echo "submit with: sbatch --array=0-$LAST $0 $CONFIG"
+    exit 0
+fi
+
+# ------------------------------------------------------------------ threads and caches
+# Numba runs the kernels on every CPU of the task; the engine splits them between the
+# patients it runs at once (numba threads per patient = CPUs / pool width).  BLAS stays
+# single-threaded so it never competes with Numba for the same cores.  OMP_NUM_THREADS follows
+# the CPUs too: a value of 1 left in the login shell by the published workflow must not leak in.
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+    CPUS=$SLURM_CPUS_PER_TASK CPUS_SOURCE=SLURM_CPUS_PER_TASK
+else  # nproc honours the affinity mask but also OMP_NUM_THREADS, hence the env -u
+    CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUS_SOURCE=nproc
+fi
+export NUMBA_NUM_THREADS=$CPUS OMP_NUM_THREADS=$CPUS
+export OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMEXPR_NUM_THREADS=1
+export PYTHONUNBUFFERED=1
+# Compiled kernels: a persistent per-user folder, so only the first task ever compiles.
+if [[ -z ${NUMBA_CACHE_DIR+set} ]]; then
+    export NUMBA_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/pacs_numba/numba
+fi
+
+# Volume cache: decompressed volumes, shared by every task of this user on the node (one
+# folder per user, not per job, so array tasks that land on the same node share it).
+USER_TAG=${USER:-$(id -un 2>/dev/null || id -u)}
+USER_TAG=${USER_TAG//[^A-Za-z0-9._-]/_}
+choose_cache_dir() {
+    if [[ -n ${PACS_NUMBA_CACHE_DIR:-} ]]; then
+        CACHE_SOURCE=PACS_NUMBA_CACHE_DIR
+        return
+    fi
+    local root dir
+    for root in "${SLURM_TMPDIR:-}" "${TMPDIR:-}" "/scratch/$USER_TAG" "/local/$USER_TAG"; do
+        [[ -n $root && -d $root && -w $root ]] || continue
+        dir=$root/pacs_numba-$USER_TAG/volumes
+        if (umask 077 && mkdir -p "$dir") 2>/dev/null && [[ -w $dir ]]; then
+            export PACS_NUMBA_CACHE_DIR=$dir
+            CACHE_SOURCE="node-local scratch $root"
+            return
+        fi
+    done
+    CACHE_SOURCE="pacs-numba's default (no writable scratch found)"
+}
+CACHE_SOURCE=''
+choose_cache_dir
+
+# ------------------------------------------------------------------ the command
+SRUN=()
+if [[ -n ${SLURM_JOB_ID:-} ]] && command -v srun >/dev/null 2>&1; then
+    SRUN=(srun --nodes=1 --ntasks=1)
+    # srun no longer inherits --cpus-per-task from sbatch (SLURM >= 22.05): pass it on.
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+        SRUN+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
+    fi
+fi
+
+# The run goes through a small Python parent that records pacs-numba's peak RSS
+# (getrusage of its child) and the SLURM step id for the summary.  It forwards SIGTERM and
+# leaves SIGINT to the process group, so pacs-numba stops the way it does when run directly.
+# (GNU time would die on SIGTERM and let the step end under a still-running pacs-numba.)
+MEASURE=$(cat <<'PY'
+import os, resource, signal, subprocess, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+child = None
+def forward(signum, frame):
+    if child is not None and child.poll() is None:
+        child.send_signal(signum)
+signal.signal(signal.SIGTERM, forward)
+try:
+    child = subprocess.Popen(cmd)
+except OSError as exc:
+    print(f"cannot run {cmd[0]}: {exc}", file=sys.stderr)
+    sys.exit(127)
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to the child as well
+rc = child.wait()
+with open(out, "w") as fh:
+    fh.write(f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} "
+             f"{os.environ.get('SLURM_STEP_ID', '')}\n")
+sys.exit(128 - rc if rc < 0 else rc)
+PY
+)
+describe_env() {
+    log INFO "threads: NUMBA_NUM_THREADS=$NUMBA_NUM_THREADS OMP_NUM_THREADS=$OMP_NUM_THREADS" \
+        "(from $CPUS_SOURCE), OPENBLAS/MKL/NUMEXPR 1"
+    log INFO "compiled kernels: NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-(numba default)}"
+    log INFO "volume cache: PACS_NUMBA_CACHE_DIR=${PACS_NUMBA_CACHE_DIR:-(default)} ($CACHE_SOURCE)"
+    local over='' name
+    for name in PACS_NUMBA_MAX_WORKERS PACS_SR_MAX_WORKERS; do
+        if [[ -n ${!name:-} ]]; then over+=" $name=${!name}"; fi
+    done
+    if [[ -n $over ]]; then log INFO "worker overrides:$over"; fi
+}
+
+# ------------------------------------------------------------------ manifest, once
+# The first task to get the lock builds it; the others wait, then find it built.  The write
+# is atomic and the build deterministic, so even without working locks (some network file
+# systems) concurrent builds would only write the same file twice.
+ensure_manifest() {
+    if [[ -f $MANIFEST ]]; then
+        log INFO "manifest $MANIFEST exists; using it"
+        return 0
+    fi
+    mkdir -p "$(dirname "$MANIFEST")"
+    local lock=$MANIFEST.lock lrc=0 brc=0
+    log INFO "manifest $MANIFEST not built yet; taking the lock $lock"
+    if command -v flock >/dev/null 2>&1 && { exec 9>>"$lock"; } 2>/dev/null; then
+        flock -E 75 -w "${PACS_NUMBA_LOCK_TIMEOUT:-1800}" 9 || lrc=$?
+        if ((lrc == 75)); then
+            die 1 "timed out after ${PACS_NUMBA_LOCK_TIMEOUT:-1800} s waiting for $lock:" \
+                "another task has held it that long (a stuck manifest build?)"
+        elif ((lrc > 128)); then
+            die "$lrc" "stopped by signal $((lrc - 128)) while waiting for the manifest lock"
+        elif ((lrc != 0)); then
+            log WARNING "cannot lock $lock (a file system without locks?); building without it"
+        fi
+    else
+        log WARNING "cannot lock $lock (no flock, or not writable); building without a lock"
+    fi
+    if [[ -f $MANIFEST ]]; then
+        log INFO "manifest $MANIFEST was built by another task while this one waited; using it"
+    else
+        log INFO "building manifest $MANIFEST"
+        "${PACS[@]}" build-manifest --config "$CONFIG" >&2 || brc=$?
+        ((brc == 0)) || die "$brc" "building the manifest failed (exit $brc)"
+        log INFO "manifest built"
+    fi
+    exec 9>&-  # releases the lock
+}
+
+if [[ $MODE == diagnose ]]; then  # the manifest too, so that diagnose can size a patient
+    describe_env
+    ensure_manifest
+    log INFO "running: ${SRUN[*]} $PY -m pacs_numba.diagnose --config $CONFIG --warmup"
+    rc=0
+    "${SRUN[@]}" "$PY" -m pacs_numba.diagnose --config "$CONFIG" --warmup || rc=$?
+    exit "$rc"
+fi
+
+# ------------------------------------------------------------------ which task
+[[ -n $TASK_ID ]] || die 2 "no task id: submit with sbatch --array=0-$LAST, or pass --task ID" \
+    "(--list shows the table)"
+[[ $TASK_ID =~ ^[0-9]+$ ]] || die 2 "$TASK_SOURCE=$TASK_ID is not a task id: $CONFIG has ids 0-$LAST" \
+    "(--array=0-$LAST)"
+TASK_ID=$((10#$TASK_ID))
+if ((TASK_ID > LAST)); then
+    die 2 "$TASK_SOURCE=$TASK_ID is out of range: $CONFIG has $SHAPE, ids 0-$LAST" \
+        "(they count from 0, not 1 as in the published array script); submit with --array=0-$LAST"
+fi
+task_of "$TASK_ID"
+CMD=("${PACS[@]}" train --config "$CONFIG" --fold "$FOLD" --spacing "$SPACING" --pulse "$PULSE"
+    --resume --no-progress "${EXTRA[@]}")
+
+log INFO "task $TASK_ID of 0-$LAST: fold=$FOLD spacing=$SPACING pulse=$PULSE" \
+    "($SHAPE, fold-major; job ${SLURM_JOB_ID:-none}, host ${HOSTNAME:-$(uname -n)})"
+describe_env
+if [[ $MODE == dry-run ]]; then
+    echo "task=$TASK_ID fold=$FOLD spacing=$SPACING pulse=$PULSE"
+    echo "NUMBA_NUM_THREADS=$NUMBA_NUM_THREADS OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    echo "NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-}"
+    echo "PACS_NUMBA_CACHE_DIR=${PACS_NUMBA_CACHE_DIR:-}"
+    echo "manifest: $MANIFEST"
+    echo "command: ${SRUN[*]}${SRUN[*]:+ }${CMD[*]}"
+    exit 0
+fi
+
+# ------------------------------------------------------------------ summary (always printed)
+RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pacs_numba_slurm.XXXXXX")
+MAXRSS_FILE=$RUN_DIR/maxrss
+RC=0 STAGE=start T_TRAIN=''
+SIGNALLED=''
+trap 'SIGNALLED=TERM' TERM  # keep the shell alive until pacs-numba has stopped, then summarise
+trap 'SIGNALLED=INT' INT
+
+explain_rc() {
+    case $1 in
+        0) echo "success" ;;
+        1) echo "unexpected error: a bug, the traceback is in the log" ;;
+        2) echo "usage, config or input error: see the ERROR line above" ;;
+        3) echo "memory budget: not even one patient fits, see the ERROR line (raise --mem)" ;;
+        130) echo "interrupted (SIGINT)" ;;
+        137) echo "killed by SIGKILL: out of memory (OOM killer), or still running past the" \
+            "time limit's grace period" ;;
+        143) echo "stopped by SIGTERM (time limit or scancel); resubmit this id to finish it" ;;
+        *) if (($1 > 128)); then echo "killed by signal $(($1 - 128))"; else echo "failed"; fi ;;
+    esac
+}
+
+gib() { awk -v b="$1" 'BEGIN { printf "%.2f GiB", b / 1073741824 }'; }
+
+# Largest MaxRSS, in bytes, of this job's steps in sacct (of step $1 when known).
+sacct_peak() {
+    local step=$1 out tries
+    for tries in 1 2 3; do
+        out=$(sacct -j "$SLURM_JOB_ID" --noheader --parsable2 --format=JobID,MaxRSS 2>/dev/null) ||
+            return 1
+        out=$(awk -F'|' -v want="${step:+$SLURM_JOB_ID.$step}" '
+            function bytes(v,   n, u) {
+                n = v + 0; u = toupper(substr(v, length(v)))
+                if (u == "K") n *= 1024; else if (u == "M") n *= 1048576
+                else if (u == "G") n *= 1073741824; else if (u == "T") n *= 1099511627776
+                return n
+            }
+            (want == "" || $1 == want) && $2 != "" { b = bytes($2); if (b > max) max = b }
+            END { if (max > 0) printf "%.0f\n", max }' <<<"$out")
+        if [[ -n $out ]]; then
+            echo "$out"
+            return 0
+        fi
+        if ((tries < 3)); then sleep 2; fi  # accounting can lag the end of a step a little
+    done
+    return 1
+}
+
+cgroup_peak() {  # peak memory of this shell's cgroup (the batch step's), bytes
+    "$PY" - <<'PY' 2>/dev/null
+from pacs_numba.memory import cgroup_memory_usage
+u = cgroup_memory_usage()
+if u is not None and u.peak_bytes:
+    print(u.peak_bytes, u.source)
+PY
+}
+
+summary() {
+    local rc=$RC wall=$((SECONDS - T0)) peak='' maxrss_kib='' step='' b cg
+    set +e  # a summary is always printed; the traps above keep a second SIGTERM from cutting it
+    if [[ -s $MAXRSS_FILE ]]; then
+        read -r maxrss_kib step <"$MAXRSS_FILE"
+    fi
+    if [[ -n ${SLURM_JOB_ID:-} ]] && command -v sacct >/dev/null 2>&1 && [[ $STAGE == train ]]; then
+        if b=$(sacct_peak "$step"); then
+            peak="$(gib "$b") (sacct MaxRSS, job ${SLURM_JOB_ID}${step:+ step $step})"
+            PEAK_B=$b PEAK_SRC=sacct
+        fi
+    fi
+    if [[ -n $maxrss_kib ]]; then
+        if [[ -n $peak ]]; then
+            peak+="; max RSS of pacs-numba $(gib $((maxrss_kib * 1024)))"
+        else
+            peak="$(gib $((maxrss_kib * 1024))) (max RSS of pacs-numba)"
+            PEAK_B=$((maxrss_kib * 1024)) PEAK_SRC=maxrss
+        fi
+    fi
+    # last resort, and only where pacs-numba ran in this shell's cgroup: the batch step
+    if [[ -z $peak && $STAGE == train && -n ${SLURM_JOB_ID:-} && ${#SRUN[@]} == 0 ]] &&
+        cg=$(cgroup_peak) && [[ -n $cg ]]; then
+        peak="$(gib "${cg%% *}") (${cg#* } peak)"
+        PEAK_B=${cg%% *} PEAK_SRC=cgroup
+    fi
+    echo "==== pacs-numba task summary ===="
+    echo "task:        $TASK_ID of 0-$LAST: fold $FOLD, spacing $SPACING, pulse $PULSE ($CONFIG)"
+    local during='' train=''
+    if [[ $STAGE != train ]]; then during=" (in the $STAGE stage, before training)"; fi
+    if [[ -n $T_TRAIN ]]; then train=", of which train ${T_TRAIN} s"; fi
+    echo "exit code:   $rc, $(explain_rc "$rc")$during${SIGNALLED:+; this script got SIG$SIGNALLED}"
+    echo "wall time:   ${wall} s ($(printf '%dh%02dm%02ds' $((wall / 3600)) $((wall % 3600 / 60)) \
+        $((wall % 60))))$train"
+    echo "peak memory: ${peak:-unknown (no sacct, no measurement, no cgroup figure)}"
+    echo "summary task=$TASK_ID fold=$FOLD spacing=$SPACING pulse=$PULSE exit=$rc wall_s=$wall" \
+        "train_s=${T_TRAIN:-NA} peak_mem_gib=$([[ -n ${PEAK_B:-} ]] &&
+            awk -v b="$PEAK_B" 'BEGIN { printf "%.3f", b / 1073741824 }' || echo NA)" \
+        "peak_source=${PEAK_SRC:-none} job=${SLURM_JOB_ID:-none} host=${HOSTNAME:-$(uname -n)}"
+    rm -rf "$RUN_DIR"
+}
+on_exit() {
+    local rc=$?
+    if [[ $RC == 0 ]]; then RC=$rc; fi
+    summary
+    exit "$RC"
+}
+trap on_exit EXIT
+
+STAGE=manifest
+ensure_manifest
+
+# ------------------------------------------------------------------ optional diagnose
+case ${PACS_NUMBA_DIAGNOSE:-0} in
+    0 | '') ;;
+    *)
+        STAGE=diagnose
+        DIAG=("$PY" -m pacs_numba.diagnose --config "$CONFIG")
+        if [[ $PACS_NUMBA_DIAGNOSE == warmup ]]; then DIAG+=(--warmup); fi
+        log INFO "running: ${DIAG[*]}"
+        # a failed check is reported, not fatal: train gives the authoritative error
+        "${DIAG[@]}" >&2 || log WARNING "diagnose reported a failed check (see above); training anyway"
+        ;;
+esac
+
+# ------------------------------------------------------------------ train
+STAGE=train
+log INFO "running: ${SRUN[*]}${SRUN[*]:+ }${CMD[*]} (under a peak-RSS recorder)"
+t=$SECONDS
+"${SRUN[@]}" "$PY" -c "$MEASURE" "$MAXRSS_FILE" "${CMD[@]}" || RC=$?
+T_TRAIN=$((SECONDS - t))
+exit "$RC"
