@@ -310,3 +310,41 @@ def test_demo_prints_the_table(tmp_path, capsys):
     row = next(line for line in text.splitlines() if line.strip().startswith("PaCS-SR "))
     psnr = float(row.split()[1])
     assert np.isfinite(psnr)
+
+
+def test_train_metrics_equal_an_independent_exact_implementation(tmp_path):
+    """Literal statistics + brute-force exact QP + literal smoothing, blending and metrics."""
+    from reference.qp import simplex_qp
+
+    cfg = _cohort(tmp_path)  # laplacian_tau 0.05 from make_cohort: smoothing is on
+    config = load_config(cfg)
+    p = config.pacs_sr
+    assert p.laplacian_tau > 0 and p.lambda_grad > 0 and p.lambda_edge > 0
+    assert _run("train", "--config", cfg, "--fold", 1, "--cache-dir", tmp_path / "cache",
+                "--no-progress") == 0
+    manifest = json.loads(Path(config.data.out).read_text())
+    train, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    Q, B, n = _baseline_stats(config, train)
+    grid = TileGrid(SHAPE, p.patch_size, p.stride)
+    weights = {int(t): simplex_qp(Q[t], B[t], p.lambda_ridge).astype(np.float32)
+               for t in np.flatnonzero(n > 0)}
+    weights = lb.laplacian_smooth(weights, grid.counts, p.laplacian_tau)
+    expect = {}
+    for split, patients in (("train", train), ("test", test)):
+        per = []
+        for paths in patients.values():
+            hr = nib.load(paths["HR"]).get_fdata(dtype=np.float32)
+            experts = [nib.load(e).get_fdata(dtype=np.float32) for e in paths["experts"]]
+            blend = lb.blend_patient(hr, experts, weights, p.patch_size, p.stride,
+                                     p.mixing_window)
+            per.append(lb.patient_metrics(hr, blend, p.ssim_axis))
+        expect[split] = {k: float(np.mean([m[k] for m in per])) for k in per[0]}
+    mdir = Path(p.out_root) / "PaCS_SR" / SPACING / "model_data" / "fold_1" / PULSE
+    ours = json.loads((mdir / "metrics.json").read_text())
+    for split in ("train", "test"):
+        assert ours[split]["psnr"] == pytest.approx(expect[split]["psnr"], abs=0.01)
+        assert ours[split]["ssim"] == pytest.approx(expect[split]["ssim"], abs=1e-4)
+    got = json.loads((mdir / "weights.json").read_text())
+    assert sorted(map(int, got)) == sorted(weights)
+    for t, w in weights.items():
+        np.testing.assert_allclose(got[str(t)], w, atol=1e-5)
