@@ -171,6 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=(96, 112, 96), metavar=("Z", "Y", "X"))
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser(
+        "predict",
+        parents=[plain_common],
+        help="blend a new patient's experts with a model",
+        description="Blend one patient's expert volumes with a trained model (pacs_model.npz), "
+        "without an HR: the z-score statistics and the brain mask come from the experts.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="pacs_model.npz written by train")
+    p.add_argument(
+        "--experts",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="the expert volumes, in the model's expert order",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output .nii.gz")
+    p.add_argument(
+        "--window",
+        choices=["hann", "flat"],
+        default="hann",
+        help="mixing window where tiles overlap (default hann)",
+    )
+
     p = sub.add_parser("cache", parents=[plain_common], help="inspect or empty the volume cache")
     p.add_argument("action", choices=["info", "clear"])
     return parser
@@ -364,6 +387,16 @@ def _make_cohort(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    out = predict_files(
+        args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir
+    )
+    print(f"prediction -> {out}")
+    return EXIT_OK
+
+
 def _cache(args: argparse.Namespace) -> int:
     from .io import VolumeStore
 
@@ -431,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "build-manifest": _build_manifest,
         "make-cohort": _make_cohort,
         "cache": _cache,
+        "predict": _predict,
         "demo": _demo,
     }
     try:

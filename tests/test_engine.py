@@ -348,3 +348,49 @@ def test_train_metrics_equal_an_independent_exact_implementation(tmp_path):
     assert sorted(map(int, got)) == sorted(weights)
     for t, w in weights.items():
         np.testing.assert_allclose(got[str(t)], w, atol=1e-5)
+
+
+def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
+    """SPEC B6: statistics and brain mask from the experts; compared with A7's HR-based blend."""
+    from pacs_numba.predict import predict_volume
+
+    _, config, mdir, cache = trained
+    manifest = json.loads(Path(config.data.out).read_text())
+    _, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    pid, paths = sorted(test.items())[0]
+    out = tmp_path / "pred.nii.gz"
+    assert _run("predict", "--model", mdir / "pacs_model.npz", "--experts", *paths["experts"],
+                "--out", out, "--cache-dir", cache) == 0
+    pred = nib.load(out)
+    hr_img = nib.load(paths["HR"])
+    assert pred.shape == SHAPE and pred.get_data_dtype() == np.float32
+    np.testing.assert_allclose(pred.affine, nib.load(paths["experts"][0]).affine)
+    hr = hr_img.get_fdata(dtype=np.float32)
+    p = pred.get_fdata(dtype=np.float32)
+    evaluated = nib.load(mdir.parents[2] / "output_volumes" / f"{pid}-{PULSE}.nii.gz").get_fdata(
+        dtype=np.float32)
+    m_pred = lb.patient_metrics(hr, p, "axial")
+    m_eval = lb.patient_metrics(hr, evaluated, "axial")
+    assert np.isfinite(p).all()
+    # the HR-free substitutions cost little: within 1.5 dB and 0.02 SSIM of the compat blend
+    assert m_pred["psnr"] > m_eval["psnr"] - 1.5
+    assert m_pred["ssim"] > m_eval["ssim"] - 0.02
+    # and the same function on in-memory arrays gives the same volume
+    from pacs_numba.model import load_model
+
+    experts = [nib.load(e).get_fdata(dtype=np.float32) for e in paths["experts"]]
+    np.testing.assert_allclose(
+        predict_volume(experts, load_model(mdir / "pacs_model.npz"), window="hann"), p,
+        rtol=1e-6, atol=1e-4)
+
+
+def test_predict_rejects_experts_that_do_not_fit_the_model(trained, tmp_path, capsys):
+    _, config, mdir, cache = trained
+    manifest = json.loads(Path(config.data.out).read_text())
+    _, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    paths = next(iter(test.values()))
+    rc = _run("predict", "--model", mdir / "pacs_model.npz", "--experts", *paths["experts"][:2],
+              "--out", tmp_path / "x.nii.gz", "--cache-dir", cache)
+    err = capsys.readouterr().err
+    assert rc == 2 and "4 experts" in err and "got 2" in err
+    assert not (tmp_path / "x.nii.gz").exists()

@@ -1,0 +1,113 @@
+"""Inference without HR (SPEC B6): blend a new patient's experts with a saved model.
+
+The compat evaluate path (SPEC A7) takes three things from the HR: the mask that the z-score
+statistics are taken over, the mean/std the blend is mapped back with, and the brain mask.
+A new patient has no HR, so ``predict`` takes them from the experts:
+
+* the statistics mask is ``mean(experts) > 0`` (finite voxels only), and each expert is
+  z-scored over it with its own mean and std, as in training;
+* the blend is mapped back with the mean of the experts' means and the mean of their
+  standard deviations — the experts are all estimates of the same scan, so these estimate
+  the HR's mean and std;
+* the brain mask is the largest 26-connected component of ``mean(experts) >= 0.1``.
+
+On a patient that does have an HR, the prediction differs from ``evaluate``'s blend only by
+these substitutions (the tests bound the difference).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .blending import blend_volume, brain_mask
+from .errors import InputError
+from .io import VolumeStore, write_nifti
+from .model import StackingModel, load_model
+from .statistics import normalisation
+
+log = logging.getLogger(__name__)
+
+
+def predict_volume(
+    experts: Sequence[NDArray[np.float32]], model: StackingModel, *, window: str = "hann"
+) -> NDArray[np.float32]:
+    """Blend one patient's expert volumes with a model, without an HR.
+
+    Parameters
+    ----------
+    experts : sequence of (N0, N1, N2) float32
+        The expert volumes, in the model's expert order.
+    model : StackingModel
+        Tile weights and grid (``pacs_model.npz`` from ``train``).
+    window : {"hann", "flat"}
+        Mixing window when tiles overlap (the config's ``mixing_window``).
+
+    Returns
+    -------
+    (N0, N1, N2) float32
+        The blend, brain-masked, in the experts' intensity units.
+
+    Raises
+    ------
+    InputError
+        If the number of experts or their shape does not fit the model.
+    """
+    if len(experts) != len(model.model_names):
+        raise InputError(
+            f"the model blends {len(model.model_names)} experts {list(model.model_names)}; "
+            f"got {len(experts)} volumes"
+        )
+    for name, vol in zip(model.model_names, experts, strict=True):
+        if tuple(vol.shape) != model.grid.shape:
+            raise InputError(
+                f"expert {name} has shape {tuple(vol.shape)}; the model was trained on "
+                f"{model.grid.shape}"
+            )
+    proxy = np.zeros(model.grid.shape, dtype=np.float32)
+    for vol in experts:
+        proxy += np.where(np.isfinite(vol), vol, np.float32(0))
+    proxy /= np.float32(len(experts))
+    valid = (proxy > 0) & np.all([np.isfinite(v) for v in experts], axis=0)
+    if not valid.any():
+        raise InputError("the experts have no voxel > 0: nothing to blend")
+    _, _, mus, sds = normalisation(proxy, experts, valid.astype(np.uint8))
+    del valid
+    bmask = brain_mask(proxy)
+    del proxy
+    return blend_volume(
+        experts,
+        model.grid,
+        model.weights,
+        mus=mus,
+        sds=sds,
+        mu_hr=float(np.mean(mus)),
+        sd_hr=float(np.mean(sds)),
+        mask=bmask,
+        window=window,
+    )
+
+
+def predict_files(
+    model_path: Path,
+    expert_paths: Sequence[Path],
+    out_path: Path,
+    *,
+    window: str = "hann",
+    cache_dir: Path | None = None,
+) -> Path:
+    """Read the experts, blend them with the model file and write the prediction.
+
+    The output keeps the first expert's affine and header, as float32.
+    """
+    model = load_model(model_path)
+    store = VolumeStore(cache_dir)
+    vols = [store.get(p) for p in expert_paths]
+    pred = predict_volume([v.data for v in vols], model, window=window)
+    write_nifti(out_path, pred, vols[0].meta.affine, vols[0].meta.header)
+    log.info("predicted %s from %d experts with %s", out_path, len(vols), model_path)
+    return Path(out_path)
