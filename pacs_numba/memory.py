@@ -782,13 +782,23 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
           ``min(16 MiB, 4NM)`` (the blend is still alive then).
 
         The valid mask (``N``) is deleted before the brain mask is built.
-    predict
-        as evaluate without the HR's mapped pages (``4N`` less).
+    predict (``predict.predict_volume``, one patient, no pool)
+        the experts' mapped pages ``4NM``, plus the largest of: the float32
+        HR proxy ``4N`` with, while it is summed, one ``np.where`` copy and an
+        ``isfinite`` mask ``5N``; the validity test ``4N + 2MN + 2N`` (``np.all``
+        over a list of M boolean ``isfinite`` volumes stacks them into a second
+        ``MN`` array) -- the peak for M >= 2; the brain mask with the proxy still
+        alive ``4N + N + 4N``; the blend ``5N``; the write ``4N``.  Measured
+        14.0 N above the mapped pages at M = 4 (160x192x160).  Building the
+        validity mask with ``statistics.valid_mask(proxy, experts)`` would cut
+        the ``2MN + 2N`` to ``N``.
 
     Calibrated against the sampled RSS of ``pacs-numba train`` runs
     (tests/test_memory_calibration.py): with 4 experts the evaluate stage
     dominates, and the growth of the peak per extra worker matched this within
-    ~15% at 96x112x96, 128x144x128 and 160x192x160.
+    ~15% at 96x112x96, 128x144x128 and 160x192x160 (M = 2, 4, 6).  Not counted:
+    freed blocks glibc keeps in its malloc arenas (up to ~40 MiB per process
+    measured; none once `pin_mmap_threshold` is called).
 
     Examples
     --------
@@ -814,8 +824,17 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
         return int(total)
     if stage not in _STAGES:
         raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
-    total = 4 * n * (m + 1 if stage == "evaluate" else m)      # mapped input pages
     label_bytes = 4 if n < 2**31 - 1 else 8
+    if stage == "predict":
+        total = 4 * n * m                                      # mapped expert pages
+        proxy = 4 * n
+        total += max(proxy + 5 * n,                            # sum of np.where copies
+                     proxy + 2 * m * n + 2 * n,                # np.all over isfinite list
+                     proxy + n + label_bytes * n,              # brain mask of the proxy
+                     5 * n + 4 * t * n2 * 4 * (m + 3),         # blend
+                     4 * n + 4 * n0 * n1)                      # write
+        return int(total)
+    total = 4 * n * (m + 1)                                    # mapped HR + expert pages
     largest_slice = n // min(n0, n1, n2)
     brain = n + label_bytes * n
     blend = n + 4 * n + 4 * t * n2 * 4 * (m + 3)
@@ -863,7 +882,7 @@ def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage:
         every patient's Q, B, counts ``8T(M*M + M + 1)`` kept for the ordered
         sum, plus the sums, plus the solver's ``T x M`` float64 arrays
         (``solve.fit_weights``, ``laplacian_smooth``; 4 of them).
-    evaluate, predict (with weight volumes)
+    evaluate (with weight volumes)
         ``engine._SharedMaps``: the per-voxel weight maps ``4NM``
         (``blending.weight_maps``), the entropy (float32) and dominant (int32)
         maps ``8N`` (``weight_analysis``), alive until the split ends; and while
@@ -871,6 +890,8 @@ def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage:
         a strided weight column ``4N`` (``np.median`` / ``np.percentile`` /
         ``np.std`` each copy it, one after the other).  The train split of
         evaluate makes no maps; the figure is for the test split.
+    predict
+        nothing (``predict`` makes no weight maps).
 
     Examples
     --------
@@ -883,7 +904,7 @@ def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage:
     t = max(0, int(n_tiles))
     if stage == "fit":
         return int(8 * t * (m * m + m + 1) * (max(0, int(n_patients)) + 1) + 4 * 8 * t * m)
-    if not save_weight_volumes:
+    if stage == "predict" or not save_weight_volumes:
         return 0
     return int(4 * n * m + 8 * n + 4 * n)
 
@@ -1002,6 +1023,55 @@ def peak_rss_bytes() -> int:
     """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * _KIB)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+def pin_mmap_threshold(threshold_bytes: int = _MIB,
+                       env: Mapping[str, str] | None = None) -> bool:
+    """Make glibc serve every allocation of ``threshold_bytes`` or more with its own mmap.
+
+    Parameters
+    ----------
+    threshold_bytes : int, optional
+        Allocations at least this large are mapped and unmapped on their own
+        (default 1 MiB: every volume-sized array; small scratch stays on the heap).
+    env : mapping, optional
+        Environment (default ``os.environ``); if it sets
+        ``MALLOC_MMAP_THRESHOLD_``, glibc already obeys that and nothing is done.
+
+    Returns
+    -------
+    bool
+        Whether the threshold was set (False off glibc, e.g. macOS or musl).
+
+    Notes
+    -----
+    glibc raises its mmap threshold to the size of every mapped block that is
+    freed (up to 32 MiB), so after the first volume is freed, later volumes of
+    up to 32 MiB (up to 8M float32 voxels, e.g. 160x192x160) come from the
+    per-thread malloc arenas, which keep freed blocks resident.  Measured on a
+    160x192x160 cohort: +20-40 MiB of RSS at one worker that no live array
+    accounts for.  Setting the threshold explicitly turns the dynamic
+    adjustment off, so RSS follows the live arrays (`per_patient_bytes`); no
+    run-time cost was measurable.  Call it once at start-up, before the pool.
+    """
+    env = os.environ if env is None else env
+    if env.get("MALLOC_MMAP_THRESHOLD_", "").strip():
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
 
 
 _KERNEL_MODULES = ("blend", "metrics", "probe", "qp", "stats")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -508,25 +511,162 @@ def test_empty_env_override_is_unset():
 # ---------------------------------------------------------------- cost model and RSS
 
 
-def test_per_patient_bytes_terms():
-    n, m, t = 10 * 12 * 14, 4, 30
-    fit = mem.per_patient_bytes((10, 12, 14), m, lambda_grad=0, lambda_edge=0, n_tiles=t,
-                                stage="fit")
-    assert fit == n + t * (m * m + m + 1) * 8 + (m + 1) * n * 4
-    edge = mem.per_patient_bytes((10, 12, 14), m, lambda_grad=1, lambda_edge=1, n_tiles=t,
-                                 stage="fit", n_threads=2)
-    assert edge == fit + 4 * n + t * (m * m + m + 1) * 8
-    ev = mem.per_patient_bytes((10, 12, 14), m, lambda_grad=0, lambda_edge=0, n_tiles=t,
-                               stage="evaluate")
-    ev_nosave = mem.per_patient_bytes((10, 12, 14), m, lambda_grad=0, lambda_edge=0, n_tiles=t,
-                                      stage="evaluate", save_weight_volumes=False)
-    pred = mem.per_patient_bytes((10, 12, 14), m, lambda_grad=0, lambda_edge=0, n_tiles=t,
-                                 stage="predict")
-    assert ev - ev_nosave == 4 * n * m + 8 * n
-    assert ev - pred == 4 * n
+def _pp(stage, shape=(10, 12, 14), m=4, t=30, **kw):
+    args = dict(lambda_grad=0, lambda_edge=0, n_tiles=t, n_threads=1)
+    args.update(kw)
+    return mem.per_patient_bytes(shape, m, stage=stage, **args)
+
+
+def test_per_patient_fit_terms():
+    n, m, t, n2 = 10 * 12 * 14, 4, 30, 14
+    n_terms = m + m * (m + 1) // 2
+    scratch = n2 * 8 * ((m + 1) + n_terms + 3) + 12 * (n2 + 2)
+    fit = _pp("fit")
+    # mapped HR + experts, uint8 mask, Q/B/counts, one thread's line scratch
+    assert fit == 4 * n * (m + 1) + n + 8 * t * (m * m + m + 1) + scratch
+    # the options add per-line scratch only, never a volume
+    opts = _pp("fit", lambda_grad=1, lambda_edge=1)
+    assert opts - fit == n2 * 8 * (3 * (m + 1) + 3)
+    big = dict(shape=(160, 192, 160), t=1200)
+    assert _pp("fit", **big, lambda_grad=1, lambda_edge=1) - _pp("fit", **big) < 64 * 1024
+    # each Numba thread has its own scratch
+    assert _pp("fit", n_threads=3) - fit == 2 * scratch
+
+
+def test_per_patient_evaluate_terms():
+    shape, m = (40, 48, 40), 4
+    n = 40 * 48 * 40
+    ev = _pp("evaluate", shape, m)
+    ev_nosave = _pp("evaluate", shape, m, save_weight_volumes=False)
+    pred = _pp("predict", shape, m)
+    # mapped inputs + blend + the npz write chunk (the whole 4NM array when < 16 MiB)
+    assert ev == 4 * n * (m + 1) + 4 * n + 4 * 40 * 48 + 4 * n * m
+    # without it: the largest of brain mask + labels, mask + blend (+ row scratch),
+    # blend + hr>0 mask (+ SSIM scratch of the largest slice)
+    assert ev_nosave == 4 * n * (m + 1) + 5 * n + 28 * 48 * 40
+    # predict (no HR, one patient): the experts' pages + the proxy and np.all's stacked copy
+    assert pred == 4 * n * m + 4 * n + 2 * m * n + 2 * n
+    # the savez chunk is capped at 16 MiB; the weight maps are per task, not per patient
+    big = (160, 192, 160)
+    nb = 160 * 192 * 160
+    assert _pp("evaluate", big, m) == 4 * nb * (m + 1) + 4 * nb + 4 * 160 * 192 + 16 * MiB
+    assert _pp("evaluate", big, 8) - _pp("evaluate", big, 4) == 4 * 4 * nb
     with pytest.raises(ValueError, match="stage"):
-        mem.per_patient_bytes((10, 12, 14), m, lambda_grad=0, lambda_edge=0, n_tiles=t,
-                              stage="train")
+        _pp("train")
+    with pytest.raises(ValueError, match="shape"):
+        _pp("fit", (10, 0, 3))
+    with pytest.raises(ValueError, match="n_experts"):
+        _pp("fit", m=0)
+
+
+def test_per_patient_evaluate_scales_with_voxels():
+    # everything volume-sized is linear in N: doubling one axis nearly doubles the cost
+    a = _pp("evaluate", (128, 144, 128), 4, save_weight_volumes=False)
+    b = _pp("evaluate", (256, 144, 128), 4, save_weight_volumes=False)
+    assert 1.95 < b / a < 2.01
+
+
+def test_per_task_bytes():
+    n, m, t = 10 * 12 * 14, 4, 30
+    ev = mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="evaluate")
+    assert ev == 4 * n * m + 8 * n + 4 * n  # weight maps, entropy + dominant, a column copy
+    assert mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="predict") == 0
+    assert mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="evaluate",
+                              save_weight_volumes=False) == 0
+    fit = mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="fit", n_patients=5)
+    assert fit == 8 * t * (m * m + m + 1) * 6 + 32 * t * m
+    with pytest.raises(ValueError, match="stage"):
+        mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="solve")
+
+
+def test_predict_peak_bytes_picks_heaviest_stage():
+    shape, m, t = (160, 192, 160), 4, 1200
+    kw = dict(lambda_grad=0.2, lambda_edge=0.25, n_tiles=t, baseline=200 * MiB, n_threads=1)
+    p1 = mem.predict_peak_bytes(shape, m, width=1, **kw)
+    p2 = mem.predict_peak_bytes(shape, m, width=2, **kw)
+    assert p1.stage == p2.stage == "evaluate"
+    assert p2.peak_bytes - p1.peak_bytes == p1.per_patient["evaluate"]
+    assert p1.peak_bytes == 200 * MiB + p1.per_task["evaluate"] + p1.per_patient["evaluate"]
+    # a stage is never wider than its patients
+    p4 = mem.predict_peak_bytes(shape, m, width=4, n_train=4, n_test=2, **kw)
+    assert p4.widths == {"fit": 4, "evaluate": 2}
+    # without weight volumes and with many train patients the fit can dominate
+    pf = mem.predict_peak_bytes(shape, m, width=8, n_train=8, n_test=1,
+                                save_weight_volumes=False, **kw)
+    assert pf.stage == "fit"
+    line = p2.describe()
+    assert line.startswith("peak ") and "2 x " in line and "baseline 200" in line
+    with pytest.raises(ValueError, match="width"):
+        mem.predict_peak_bytes(shape, m, width=0, **kw)
+
+
+def test_plan_counts_per_task_bytes():
+    # 16 GiB - 0.4 baseline - 1.6 margin = 14 GiB: 5 x 2.5; with 2 GiB once per task, 4.
+    p = _plan(_limits(16, 32), per_patient_bytes=int(2.5 * GiB), per_task_bytes=2 * GiB)
+    assert p.width == 4 and p.per_task_bytes == 2 * GiB
+    assert "- 2.0 GiB once per task - 1.6 GiB margin" in p.reason
+    assert "once per task 2.00 GiB" in p.describe()
+    assert "once per task" not in _plan().describe()
+    with pytest.raises(ValueError, match="per_task_bytes"):
+        _plan(per_task_bytes=-1)
+
+
+def test_budget_error_counts_per_task_bytes():
+    with pytest.raises(BudgetError) as ei:
+        _plan(_limits(2, 8), per_patient_bytes=GiB, baseline_bytes=GiB // 2,
+              per_task_bytes=GiB)
+    # (1 + 0.5 + 1) / 0.9 = 2.78 GiB
+    assert ("one patient needs 2.78 GiB (1.00 GiB per patient + 0.50 GiB baseline + "
+            "1.00 GiB once per task + 0.28 GiB safety margin)") in str(ei.value)
+    assert "--mem=3G" in str(ei.value)
+
+
+def test_baseline_allowance_follows_kernel_cache(monkeypatch):
+    monkeypatch.setattr(mem, "current_rss_bytes", lambda: 100 * MiB)
+    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (40, 40))
+    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES
+    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (40, 0))
+    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES + mem.COLD_JIT_BYTES
+    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (40, 30))
+    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES + mem.COLD_JIT_BYTES // 4
+    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (0, 0))  # cannot tell: cold
+    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES + mem.COLD_JIT_BYTES
+    assert mem.baseline_bytes(compile_allowance_bytes=0) == 100 * MiB
+
+
+def test_kernel_cache_state_counts_the_kernels():
+    total, cached = mem.kernel_cache_state()
+    assert total >= 20 and 0 <= cached <= total
+
+
+def test_pin_mmap_threshold_respects_env():
+    assert mem.pin_mmap_threshold(env={"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_pin_mmap_threshold_returns_freed_volumes():
+    # In a fresh process: a freed 20 MiB array stays resident (glibc's dynamic threshold)
+    # unless the threshold is pinned.
+    code = (
+        "import sys, numpy as np, psutil\n"
+        "from pacs_numba.memory import pin_mmap_threshold\n"
+        "ok = pin_mmap_threshold(env={}) if sys.argv[1] == 'pin' else None\n"
+        "p = psutil.Process()\n"
+        "a = np.ones(20 << 17); del a\n"
+        "r0 = p.memory_info().rss\n"
+        "a = np.ones(20 << 17); del a\n"
+        "print(ok, (p.memory_info().rss - r0) >> 20)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = {}
+    for mode in ("pin", "default"):
+        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True,
+                             text=True, check=True, env=env)
+        ok, kept = res.stdout.split()
+        out[mode] = (ok, int(kept))
+    if out["default"][1] < 10:
+        pytest.skip(f"this malloc returns freed blocks by itself ({out})")
+    assert out["pin"] == ("True", 0) or out["pin"][1] < 2, out
 
 
 def test_rss_figures_positive():
