@@ -451,7 +451,11 @@ class _DemoStop:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from .logsetup import resolve_level, setup_logging
+    from .memory import pin_mmap_threshold
 
+    # Volume-sized temporaries get their own mmap and go back to the OS when freed, instead
+    # of staying resident in glibc's per-thread arenas (measured: 20-40 MiB per worker).
+    pin_mmap_threshold()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

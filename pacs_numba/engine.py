@@ -32,7 +32,15 @@ from .config import FullConfig, config_to_dict
 from .errors import ConfigError, InputError, Interrupted
 from .io import VolumeStore, atomic_savez, atomic_write_json, file_fingerprint, write_nifti
 from .manifest import load_manifest, select_task
-from .memory import Limits, PoolPlan, detect_limits, per_patient_bytes, plan_pool
+from .memory import (
+    Limits,
+    PoolPlan,
+    baseline_bytes,
+    detect_limits,
+    per_patient_bytes,
+    per_task_bytes,
+    plan_pool,
+)
 from .metrics import aggregate, volume_metrics
 from .model import (
     MODEL_FILE,
@@ -408,11 +416,14 @@ class Engine:
             stage=stage,
             save_weight_volumes=self.pacs.save_weight_volumes,
         )
-        from .memory import baseline_bytes
-
+        once = per_task_bytes(
+            shape, len(self.models), n_tiles=grid.n_tiles, stage=stage,
+            save_weight_volumes=self.pacs.save_weight_volumes, n_patients=n_patients,
+        )
         plan = plan_pool(
             self.limits,
             per_patient_bytes=per,
+            per_task_bytes=once,
             baseline_bytes=baseline_bytes(),
             n_patients=max(1, n_patients),
             num_workers=self.pacs.num_workers,
@@ -708,6 +719,11 @@ class Engine:
         mdir = self.model_dir(task)
         vdir = self.volumes_dir(task)
         shared = _SharedMaps(model, p.save_weight_volumes and split == "test")
+        if shared.enabled:
+            # Made before the pool starts, so every patient in flight coexists with them:
+            # the peak is baseline + maps + width x patient, whatever the timing.
+            with clock("writes"):
+                shared.get()
 
         def eval_one(pid: str):
             paths = patients[pid]
@@ -754,6 +770,9 @@ class Engine:
                     )
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
+                # The npz writes below are the slowest step: release this patient's blend
+                # and mapped volumes first so they do not count against other patients.
+                del blend, exp, experts, hr
                 if shared.enabled:
                     outputs += self._write_weight_npz(mdir, pid, task, shared, grid)
             log.info(

@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import weakref
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -976,9 +977,9 @@ def atomic_savez(
     Parameters
     ----------
     path : str or path-like
-        Destination.  numpy is given an open file, so it does not append ``.npz``.
+        Destination, used as given (no ``.npz`` is appended).
     compressed : bool
-        ``np.savez_compressed`` (default) or ``np.savez``.
+        Deflate each member (default) or store it.
     **arrays
         Arrays by name; object arrays are pickled as ``np.savez`` does.
 
@@ -986,10 +987,22 @@ def atomic_savez(
     ------
     OutputError
         If the file cannot be written.
+
+    Notes
+    -----
+    The file is what ``np.savez_compressed`` writes (a zip of ``.npy`` members, read by
+    ``np.load``), but deflated at level 1 (:data:`GZIP_LEVEL`) instead of zlib's default 6:
+    a 200x230x190x4 weight-map volume takes ~0.2 s instead of ~0.6 s for a file ~1.4x the
+    size, and these files are written once per test patient.
     """
-    save = np.savez_compressed if compressed else np.savez
-    with _atomic_file(path) as f:
-        save(f, **arrays)
+    mode = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with _atomic_file(path) as f, zipfile.ZipFile(
+        f, "w", compression=mode, compresslevel=GZIP_LEVEL if compressed else None,
+        allowZip64=True,
+    ) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=True)
 
 
 def _nifti1_header(header: object) -> nib.Nifti1Header | None:

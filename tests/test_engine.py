@@ -189,7 +189,7 @@ def test_train_weights_are_exact_minimisers_never_worse_than_any_expert(trained)
 def test_evaluate_published_weights_reproduces_published_metrics_and_blends(trained, tmp_path):
     cfg, config, _, cache = trained
     ref_root = tmp_path / "published"
-    ref = lb.run(cfg, 1, SPACING, PULSE, workers=2, out_root=ref_root)
+    lb.run(cfg, 1, SPACING, PULSE, workers=2, out_root=ref_root)
     ref_mdir = ref_root / "PaCS_SR" / SPACING / "model_data" / "fold_1" / PULSE
     ours_root = tmp_path / "ours"
     rc = _run("evaluate", "--config", cfg, "--fold", 1, "--spacing", SPACING, "--pulse", PULSE,
