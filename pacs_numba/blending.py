@@ -242,7 +242,56 @@ def weight_maps(weights: ArrayLike, grid: TileGrid) -> NDArray[np.float32]:
     return _weight_maps(w, n0, n1, n2, grid.stride)
 
 
-def weight_analysis(maps: ArrayLike, model_names: Sequence[str]) -> dict[str, np.ndarray]:
+def _label_voxel_counts(grid: TileGrid) -> NDArray[np.int64]:
+    """Voxels per label (the s^3 block of each tile, clipped at the volume's end)."""
+    per_axis = []
+    for n, k in zip(grid.shape, grid.counts, strict=True):
+        starts = np.arange(k, dtype=np.int64) * grid.stride
+        per_axis.append(np.minimum(starts + grid.stride, n) - starts)
+    c0, c1, c2 = per_axis
+    return (c0[:, None, None] * c1[None, :, None] * c2[None, None, :]).ravel()
+
+
+def _counted_statistics(values: NDArray[np.float32], counts: NDArray[np.int64]) -> dict:
+    """Statistics of the multiset where ``values[t]`` occurs ``counts[t]`` times.
+
+    Percentiles are NumPy's default (linear): the order statistics at ``q (n - 1)`` and the
+    next one, blended with NumPy's own interpolation formula on the float32 pair.
+    """
+    n = int(counts.sum())
+    order = np.argsort(values, kind="stable")
+    sorted_vals = values[order]
+    ends = np.cumsum(counts[order])  # the sorted multiset's element k is at searchsorted
+
+    def nth(k: int) -> np.float32:
+        return sorted_vals[int(np.searchsorted(ends, k, side="right"))]
+
+    def percentile(q: float) -> float:
+        pos = q / 100.0 * (n - 1)
+        lo = int(np.floor(pos))
+        pair = np.array([nth(lo), nth(min(lo + 1, n - 1))], dtype=np.float32)
+        return float(np.percentile(pair, 100.0 * (pos - lo)))
+
+    v64 = values.astype(np.float64)
+    mean = float(np.dot(counts, v64) / n)
+    var = float(np.dot(counts, (v64 - mean) ** 2) / n)
+    return {
+        "mean": mean,
+        "std": var**0.5,
+        "min": float(sorted_vals[0]),
+        "max": float(sorted_vals[-1]),
+        "median": percentile(50.0),
+        "q25": percentile(25.0),
+        "q75": percentile(75.0),
+    }
+
+
+def weight_analysis(
+    maps: ArrayLike,
+    model_names: Sequence[str],
+    *,
+    tiles: tuple[ArrayLike, TileGrid] | None = None,
+) -> dict[str, np.ndarray]:
     """Content of the ``{pid}_weight_analysis_{split}.npz`` file minus ``patient_id`` (SPEC A8).
 
     Parameters
@@ -251,6 +300,13 @@ def weight_analysis(maps: ArrayLike, model_names: Sequence[str]) -> dict[str, np
         Per-voxel weights from :func:`weight_maps` (cast to float32).
     model_names : sequence of str, length M
         Expert names in column order.
+    tiles : (weights, grid), optional
+        The tile weights ``(n_tiles, M)`` and grid ``maps`` were made from.  Every voxel of
+        a map holds its label's tile weight, so the statistics follow exactly from the tile
+        values and the voxel count of each label block, without sorting ``N`` voxels per
+        model (~0.8 s at 200x230x190x4).  Min, max, median and quartiles are the same order
+        statistics NumPy would pick; mean and std are computed in float64 (NumPy's float32
+        pairwise sums differ from them by ~1e-7 relative).
 
     Returns
     -------
@@ -289,17 +345,26 @@ def weight_analysis(maps: ArrayLike, model_names: Sequence[str]) -> dict[str, np
         )
     entropy, dominant = _weight_analysis(wm)
     stats: dict[str, dict[str, float]] = {}
-    for i, name in enumerate(names):
-        col = wm[..., i]
-        stats[name] = {
-            "mean": float(np.mean(col)),
-            "std": float(np.std(col)),
-            "min": float(np.min(col)),
-            "max": float(np.max(col)),
-            "median": float(np.median(col)),
-            "q25": float(np.percentile(col, 25)),
-            "q75": float(np.percentile(col, 75)),
-        }
+    if tiles is not None:
+        weights, grid = tiles
+        w32 = np.asarray(weights, dtype=np.float32)
+        if grid.shape != wm.shape[:3] or w32.shape != (grid.n_tiles, len(names)):
+            raise ValueError(f"tiles {w32.shape} on {grid} do not describe maps {wm.shape}")
+        counts = _label_voxel_counts(grid)
+        for i, name in enumerate(names):
+            stats[name] = _counted_statistics(w32[:, i], counts)
+    else:
+        for i, name in enumerate(names):
+            col = wm[..., i]
+            stats[name] = {
+                "mean": float(np.mean(col)),
+                "std": float(np.std(col)),
+                "min": float(np.min(col)),
+                "max": float(np.max(col)),
+                "median": float(np.median(col)),
+                "q25": float(np.percentile(col, 25)),
+                "q75": float(np.percentile(col, 75)),
+            }
     statistics = np.empty((), dtype=object)
     statistics[()] = stats
     return {

@@ -838,7 +838,10 @@ class _SharedMaps:
         with self._lock:
             if self._value is None:
                 maps = weight_maps(self.model.weights, self.model.grid)
-                self._value = (maps, weight_analysis(maps, list(self.model.model_names)))
+                analysis = weight_analysis(
+                    maps, list(self.model.model_names), tiles=(self.model.weights, self.model.grid)
+                )
+                self._value = (maps, analysis)
             return self._value
 
 

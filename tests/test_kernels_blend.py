@@ -429,3 +429,24 @@ def _twin_on_block(experts, grid, w, mus, sds, mu_hr, sd_hr, mask, lo, hi):
         den[in_blk] += win[in_win]
     blend = ((acc / (den + 1e-8)) * sd_hr + mu_hr).astype(np.float32)
     return blend * mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float32)
+
+
+@pytest.mark.parametrize("shape, patch, stride", [((13, 11, 9), 4, 2), ((29, 34, 27), 8, 4),
+                                                  ((10, 7, 16), 5, 5), ((1, 9, 3), 2, 1)])
+def test_weight_statistics_from_tiles_equal_numpy_over_the_voxels(shape, patch, stride):
+    """The tile-count shortcut picks NumPy's order statistics and agrees on mean/std."""
+    from pacs_numba.blending import weight_analysis, weight_maps
+    from pacs_numba.tiling import TileGrid
+
+    grid = TileGrid(shape, patch, stride)
+    rng = np.random.default_rng(sum(shape))
+    w = rng.dirichlet(np.ones(3), grid.n_tiles).astype(np.float32)
+    w[::3] = np.float32(1 / 3)  # ties between many tiles
+    maps = weight_maps(w, grid)
+    slow = weight_analysis(maps, ["a", "b", "c"])["statistics"].item()
+    fast = weight_analysis(maps, ["a", "b", "c"], tiles=(w, grid))["statistics"].item()
+    for m in slow:
+        for k in ("min", "max", "median", "q25", "q75"):
+            assert fast[m][k] == slow[m][k], (m, k)
+        for k in ("mean", "std"):
+            assert fast[m][k] == pytest.approx(slow[m][k], rel=1e-6, abs=1e-9), (m, k)
