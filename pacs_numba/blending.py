@@ -16,7 +16,9 @@ from numpy.typing import ArrayLike, NDArray
 
 from ._arrays import as_volume, as_volume_list
 from ._config import BRAIN_THRESHOLD, WINDOWS
+from .errors import InputError
 from .kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
+from .statistics import normalisation, valid_mask
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,53 @@ def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[
     n = vol.size
     parent = np.empty(n, dtype=np.int32 if n < 2**31 - 1 else np.int64)
     return _brain_mask(vol, float(threshold), parent, numba.get_num_threads())
+
+
+def blend_patient(
+    hr: ArrayLike,
+    experts: Sequence[ArrayLike],
+    grid: TileGrid,
+    weights: ArrayLike,
+    *,
+    window: str,
+) -> NDArray[np.float32]:
+    """Blend one patient the compat way (SPEC A7.1-A7.5): HR mask, HR statistics, brain mask.
+
+    The experts are z-scored with their own mean/std over the valid HR mask (``hr > 0``, every
+    volume finite), blended with ``weights`` over ``grid``, mapped back with the HR's mean/std
+    and multiplied by the largest 26-connected component of ``hr >= 0.1``.
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) array_like
+        The high-resolution reference volume.
+    experts : sequence of (N0, N1, N2) array_like
+        Expert volumes, in the order of the weight columns.
+    grid : TileGrid
+        The tile grid of ``weights``.
+    weights : (n_tiles, M) array_like
+        Tile weights (``1/M`` for tiles without a learned weight).
+    window : {"flat", "hann"}
+        Mixing window where tiles overlap.
+
+    Returns
+    -------
+    (N0, N1, N2) float32
+        The blend in the HR's intensity units.
+
+    Raises
+    ------
+    InputError
+        If the HR has no valid voxel > 0 (nothing to normalise over).
+    """
+    mask, _ = valid_mask(hr, experts)
+    if not mask.any():
+        raise InputError("the HR has no voxel > 0 (empty mask)")
+    mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask)
+    del mask
+    bmask = brain_mask(hr)
+    return blend_volume(experts, grid, weights, mus=mus, sds=sds, mu_hr=mu_hr, sd_hr=sd_hr,
+                        mask=bmask, window=window)
 
 
 def blend_volume(

@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from .blending import blend_volume, brain_mask
+from .blending import blend_patient
 from .cohort import make_cohort
 from .config import load_config
 from .engine import Engine, RunOptions, Task
 from .manifest import build_manifest, select_task, write_manifest
 from .metrics import aggregate, volume_metrics
-from .statistics import normalisation, valid_mask
+from .tiling import TileGrid
 
 
 def expert_alone_metrics(
@@ -34,26 +34,11 @@ def expert_alone_metrics(
     for paths in patients.values():
         hr = engine.store.get(paths["HR"]).data
         experts = [engine.store.get(p).data for p in paths["experts"]]
-        from .tiling import TileGrid
-
         grid = TileGrid(hr.shape, pacs.patch_size, pacs.stride)
-        mask, _ = valid_mask(hr, experts)
-        mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask)
-        bmask = brain_mask(hr)
         for m, name in enumerate(engine.models):
             w = np.zeros((grid.n_tiles, len(engine.models)), dtype=np.float32)
             w[:, m] = 1.0
-            pred = blend_volume(
-                experts,
-                grid,
-                w,
-                mus=mus,
-                sds=sds,
-                mu_hr=mu_hr,
-                sd_hr=sd_hr,
-                mask=bmask,
-                window=pacs.mixing_window,
-            )
+            pred = blend_patient(hr, experts, grid, w, window=pacs.mixing_window)
             per_model[name].append(volume_metrics(hr, pred, ssim_axis=pacs.ssim_axis))
     return {name: aggregate(v) for name, v in per_model.items() if v}
 

@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import __version__
-from .blending import blend_volume, brain_mask, weight_analysis, weight_maps
+from .blending import blend_patient, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
 from .errors import ConfigError, InputError, Interrupted
 from .io import VolumeStore, atomic_savez, atomic_write_json, file_fingerprint, write_nifti
@@ -53,7 +53,7 @@ from .model import (
 from .progress import progress
 from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
 from .solve import fit_weights, laplacian_smooth
-from .statistics import normalisation, patient_statistics, valid_mask
+from .statistics import patient_statistics
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -738,27 +738,13 @@ class Engine:
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
             with clock("blend"):
-                mask, _ = valid_mask(hr.data, exp)
-                if not mask.any():
-                    msg = f"HR '{paths['HR']}' has no voxel > 0 (empty mask)"
+                try:
+                    blend = blend_patient(hr.data, exp, grid, model.weights, window=p.mixing_window)
+                except InputError as exc:
+                    msg = f"HR '{paths['HR']}': {exc}"
                     log.warning("skipping patient %s: %s", pid, msg)
                     skipped[pid] = msg
-                    raise _Skip(pid)
-                mu_hr, sd_hr, mus, sds = normalisation(hr.data, exp, mask)
-                del mask
-                bmask = brain_mask(hr.data)
-                blend = blend_volume(
-                    exp,
-                    grid,
-                    model.weights,
-                    mus=mus,
-                    sds=sds,
-                    mu_hr=mu_hr,
-                    sd_hr=sd_hr,
-                    mask=bmask,
-                    window=p.mixing_window,
-                )
-                del bmask
+                    raise _Skip(pid) from exc
             with clock("metrics"):
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
             with clock("writes"):

@@ -28,7 +28,7 @@ from .blending import blend_volume, brain_mask
 from .errors import InputError
 from .io import VolumeStore, write_nifti
 from .model import StackingModel, load_model
-from .statistics import normalisation
+from .statistics import normalisation, valid_mask
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ def predict_volume(
     for vol in experts:
         proxy += np.where(np.isfinite(vol), vol, np.float32(0))
     proxy /= np.float32(len(experts))
-    valid = (proxy > 0) & np.all([np.isfinite(v) for v in experts], axis=0)
+    valid, _ = valid_mask(proxy, experts)  # proxy > 0 where every expert is finite
     if not valid.any():
         raise InputError("the experts have no voxel > 0: nothing to blend")
-    _, _, mus, sds = normalisation(proxy, experts, valid.astype(np.uint8))
+    _, _, mus, sds = normalisation(proxy, experts, valid)
     del valid
     bmask = brain_mask(proxy)
     del proxy
