@@ -24,13 +24,19 @@ from typing import Any
 
 import numba
 import numpy as np
-from numpy.typing import NDArray
 
 from . import __version__
 from .blending import blend_patient, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
-from .errors import ConfigError, InputError, Interrupted
-from .io import VolumeStore, atomic_savez, atomic_write_json, file_fingerprint, write_nifti
+from .errors import BudgetError, ConfigError, InputError, Interrupted
+from .io import (
+    VolumeStore,
+    atomic_savez_from,
+    atomic_write_json,
+    file_fingerprint,
+    npz_bytes,
+    write_nifti,
+)
 from .manifest import load_manifest, select_task
 from .memory import (
     Limits,
@@ -40,6 +46,7 @@ from .memory import (
     per_patient_bytes,
     per_task_bytes,
     plan_pool,
+    setup_bytes,
 )
 from .metrics import aggregate, volume_metrics
 from .model import (
@@ -430,6 +437,15 @@ class Engine:
             workers_override=self.options.workers,
             mem_budget_bytes=self.options.mem_budget_bytes,
         )
+        setup = setup_bytes(shape, len(self.models), stage=stage,
+                            save_weight_volumes=self.pacs.save_weight_volumes)
+        if plan.baseline_bytes + setup + plan.margin_bytes > plan.limit.value:
+            raise BudgetError(
+                f"the weight maps of one task need {setup / 2**30:.2f} GiB on top of "
+                f"{plan.baseline_bytes / 2**30:.2f} GiB baseline, but the job has "
+                f"{plan.limit.value / 2**30:.2f} GiB ({plan.limit.source}); request more memory "
+                "or set save_weight_volumes: false"
+            )
         if plan.width > 1 and not thread_safe_layer():
             log.warning(
                 "Numba threading layer is %s, which aborts when several threads launch "
@@ -718,12 +734,10 @@ class Engine:
         log.info("evaluate %s %s: %s", task, split, _describe_plan(plan))
         mdir = self.model_dir(task)
         vdir = self.volumes_dir(task)
-        shared = _SharedMaps(model, p.save_weight_volumes and split == "test")
-        if shared.enabled:
-            # Made before the pool starts, so every patient in flight coexists with them:
-            # the peak is baseline + maps + width x patient, whatever the timing.
-            with clock("writes"):
-                shared.get()
+        npz: _WeightNpz | None = None
+        if p.save_weight_volumes and split == "test":
+            with clock("writes"):  # before the pool: the maps never meet a patient in flight
+                npz = _WeightNpz(model, task)
 
         def eval_one(pid: str):
             paths = patients[pid]
@@ -759,8 +773,8 @@ class Engine:
                 # The npz writes below are the slowest step: release this patient's blend
                 # and mapped volumes first so they do not count against other patients.
                 del blend, exp, experts, hr
-                if shared.enabled:
-                    outputs += self._write_weight_npz(mdir, pid, task, shared, grid)
+                if npz is not None:
+                    outputs += npz.write(mdir, pid)
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -783,52 +797,37 @@ class Engine:
             )
         return {pid: res[pid] for pid in patients if pid in res}, plan
 
-    def _write_weight_npz(
-        self, mdir: Path, pid: str, task: Task, shared: _SharedMaps, grid: TileGrid
-    ) -> list[Path]:
-        maps, analysis = shared.get()
-        names = np.asarray(self.models)
-        atomic_savez(
-            mdir / f"{pid}_weights_test.npz",
-            weight_maps=maps,
-            model_names=names,
-            patient_id=np.asarray(pid),
-            split=np.asarray("test"),
-            spacing=np.asarray(task.spacing),
-            pulse=np.asarray(task.pulse),
-            patch_size=np.int64(grid.patch_size),
-            stride=np.int64(grid.stride),
-            shape=np.asarray(grid.shape, dtype=np.int64),
-            n_models=np.int64(len(self.models)),
-        )
-        atomic_savez(
-            mdir / f"{pid}_weight_analysis_test.npz",
-            **{**analysis, "patient_id": np.asarray(pid)},
-        )
-        return [mdir / f"{pid}_weights_test.npz", mdir / f"{pid}_weight_analysis_test.npz"]
-
-
 _NOT_RUN = object()
 
 
-class _SharedMaps:
-    """Per-voxel weight maps of a task: the same for every test patient, so made once."""
+class _WeightNpz:
+    """The two weight-map ``.npz`` files of a task's test patients (SPEC A8).
 
-    def __init__(self, model: StackingModel, enabled: bool) -> None:
-        self.model = model
-        self.enabled = enabled
-        self._lock = threading.Lock()
-        self._value: tuple[NDArray[np.float32], dict[str, Any]] | None = None
+    Their content is the same for every test patient but ``patient_id``, so both are
+    compressed once into template bytes (a few MB) before the pool starts; the per-voxel
+    maps (``4NM + 8N`` bytes) are freed at once, and each patient's files are the template
+    plus a ``patient_id`` member.
+    """
 
-    def get(self) -> tuple[NDArray[np.float32], dict[str, Any]]:
-        with self._lock:
-            if self._value is None:
-                maps = weight_maps(self.model.weights, self.model.grid)
-                analysis = weight_analysis(
-                    maps, list(self.model.model_names), tiles=(self.model.weights, self.model.grid)
-                )
-                self._value = (maps, analysis)
-            return self._value
+    def __init__(self, model: StackingModel, task: Task) -> None:
+        grid, names = model.grid, np.asarray(model.model_names)
+        maps = weight_maps(model.weights, grid)
+        analysis = weight_analysis(maps, list(model.model_names), tiles=(model.weights, grid))
+        self.weights = npz_bytes(
+            weight_maps=maps, model_names=names, split=np.asarray("test"),
+            spacing=np.asarray(task.spacing), pulse=np.asarray(task.pulse),
+            patch_size=np.int64(grid.patch_size), stride=np.int64(grid.stride),
+            shape=np.asarray(grid.shape, dtype=np.int64), n_models=np.int64(len(names)),
+        )
+        self.analysis = npz_bytes(**analysis)  # weight_maps, entropy, dominant, statistics
+        del maps, analysis
+
+    def write(self, mdir: Path, pid: str) -> list[Path]:
+        """Write ``{pid}_weights_test.npz`` and ``{pid}_weight_analysis_test.npz``."""
+        paths = [mdir / f"{pid}_weights_test.npz", mdir / f"{pid}_weight_analysis_test.npz"]
+        atomic_savez_from(paths[0], self.weights, patient_id=np.asarray(pid))
+        atomic_savez_from(paths[1], self.analysis, patient_id=np.asarray(pid))
+        return paths
 
 
 def _reasons(reasons: Mapping[str, str]) -> str:

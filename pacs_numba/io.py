@@ -969,6 +969,16 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, **json_kwargs: Any
     atomic_write_text(path, json.dumps(obj, **json_kwargs))
 
 
+def _write_npz_members(target: Any, mode: str, compressed: bool, arrays: dict[str, Any]) -> None:
+    compression = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with zipfile.ZipFile(target, mode, compression=compression,
+                         compresslevel=GZIP_LEVEL if compressed else None,
+                         allowZip64=True) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=True)
+
+
 def atomic_savez(
     path: str | os.PathLike[str], compressed: bool = True, **arrays: ArrayLike
 ) -> None:
@@ -993,16 +1003,39 @@ def atomic_savez(
     The file is what ``np.savez_compressed`` writes (a zip of ``.npy`` members, read by
     ``np.load``), but deflated at level 1 (:data:`GZIP_LEVEL`) instead of zlib's default 6:
     a 200x230x190x4 weight-map volume takes ~0.2 s instead of ~0.6 s for a file ~1.4x the
-    size, and these files are written once per test patient.
+    size.
     """
-    mode = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
-    with _atomic_file(path) as f, zipfile.ZipFile(
-        f, "w", compression=mode, compresslevel=GZIP_LEVEL if compressed else None,
-        allowZip64=True,
-    ) as zf:
-        for name, value in arrays.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=True)
+    with _atomic_file(path) as f:
+        _write_npz_members(f, "w", compressed, arrays)
+
+
+def npz_bytes(compressed: bool = True, **arrays: ArrayLike) -> bytes:
+    """Return the bytes of the ``.npz`` file :func:`atomic_savez` would write.
+
+    With :func:`atomic_savez_from`, files that share most of their members are compressed
+    once and written many times.
+    """
+    buf = io.BytesIO()
+    _write_npz_members(buf, "w", compressed, arrays)
+    return buf.getvalue()
+
+
+def atomic_savez_from(
+    path: str | os.PathLike[str], template: bytes, compressed: bool = True, **arrays: ArrayLike
+) -> None:
+    """Write the ``.npz`` ``template`` (from :func:`npz_bytes`) plus ``arrays``, atomically.
+
+    The template's members are copied as they are (not decompressed); ``arrays`` are
+    appended as further members.  ``np.load`` reads the result like any ``.npz``.
+
+    Raises
+    ------
+    OutputError
+        If the file cannot be written.
+    """
+    buf = io.BytesIO(template)
+    _write_npz_members(buf, "a", compressed, arrays)
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def _nifti1_header(header: object) -> nib.Nifti1Header | None:

@@ -883,20 +883,18 @@ def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage:
         sum, plus the sums, plus the solver's ``T x M`` float64 arrays
         (``solve.fit_weights``, ``laplacian_smooth``; 4 of them).
     evaluate (with weight volumes)
-        ``engine._SharedMaps``: the per-voxel weight maps ``4NM``
-        (``blending.weight_maps``), the entropy (float32) and dominant (int32)
-        maps ``8N`` (``weight_analysis``), alive until the split ends; and while
-        ``weight_analysis`` takes its per-model statistics, one float32 copy of
-        a strided weight column ``4N`` (``np.median`` / ``np.percentile`` /
-        ``np.std`` each copy it, one after the other).  The train split of
-        evaluate makes no maps; the figure is for the test split.
+        ``engine._WeightNpz``: the two weight-map ``.npz`` files compressed once
+        into template bytes, held while the test patients run.  The maps are
+        piecewise constant per tile and deflate to a few percent; 5% of the raw
+        ``4NM + 8N`` is a generous bound (measured 3% at 200x230x190x4).  The
+        maps themselves exist only before the pool starts: see `setup_bytes`.
     predict
         nothing (``predict`` makes no weight maps).
 
     Examples
     --------
     >>> per_task_bytes((160, 192, 160), 4, n_tiles=1200, stage="evaluate") // 2**20
-    131
+    5
     """
     n, m = _volume_terms(shape, n_experts)
     if stage not in _STAGES:
@@ -906,7 +904,42 @@ def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage:
         return int(8 * t * (m * m + m + 1) * (max(0, int(n_patients)) + 1) + 4 * 8 * t * m)
     if stage == "predict" or not save_weight_volumes:
         return 0
-    return int(4 * n * m + 8 * n + 4 * n)
+    return int(0.05 * (4 * n * m + 8 * n))
+
+
+def setup_bytes(shape: Sequence[int], n_experts: int, *, stage: str,
+                save_weight_volumes: bool = True) -> int:
+    """Memory a stage needs once before its pool starts (no patient in flight then).
+
+    Parameters
+    ----------
+    shape : sequence of 3 int
+        Volume shape; ``N`` = number of voxels.
+    n_experts : int
+        ``M``, the number of experts.
+    stage : {"fit", "evaluate", "predict"}
+        The pass.
+    save_weight_volumes : bool, optional
+        Whether the weight maps of A8 are made.
+
+    Returns
+    -------
+    int
+        Bytes: for evaluate with weight volumes, the per-voxel weight maps ``4NM``
+        (``blending.weight_maps``) plus the entropy (float32) and dominant (int32) maps
+        ``8N`` while ``engine._WeightNpz`` compresses them; 0 otherwise.
+
+    Examples
+    --------
+    >>> setup_bytes((160, 192, 160), 4, stage="evaluate") // 2**20
+    112
+    """
+    n, m = _volume_terms(shape, n_experts)
+    if stage not in _STAGES:
+        raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
+    if stage != "evaluate" or not save_weight_volumes:
+        return 0
+    return int(4 * n * m + 8 * n)
 
 
 @dataclass(frozen=True)
@@ -976,7 +1009,7 @@ def predict_peak_bytes(shape: Sequence[int], n_experts: int, *, width: int,
     Returns
     -------
     PeakPrediction
-        ``baseline + max over stages of (per_task + width * per_patient)``.
+        ``baseline + max over stages of max(setup, per_task + width * per_patient)``.
     """
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
@@ -997,9 +1030,12 @@ def predict_peak_bytes(shape: Sequence[int], n_experts: int, *, width: int,
                                      n_patients=caps[stage] or 1)
         cap = caps[stage]
         widths[stage] = max(1, min(width, cap)) if cap is not None else width
-    stage = max(stages, key=lambda s: task[s] + widths[s] * per[s])
-    return PeakPrediction(base, per, task, widths, stage,
-                          base + task[stage] + widths[stage] * per[stage])
+    def stage_peak(s: str) -> int:
+        setup = setup_bytes(shape, n_experts, stage=s, save_weight_volumes=save_weight_volumes)
+        return max(setup, task[s] + widths[s] * per[s])
+
+    stage = max(stages, key=stage_peak)
+    return PeakPrediction(base, per, task, widths, stage, base + stage_peak(stage))
 
 
 def current_rss_bytes() -> int:

@@ -516,3 +516,21 @@ def test_atomic_text_json_bytes(tmp_path):
     with pytest.raises(PacsError, match=r"cannot write '.*adir': Is a directory"):
         atomic_write_bytes(tmp_path / "adir", b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "j", "t.txt"]
+
+
+def test_savez_from_template_appends_members_and_loads_like_any_npz(tmp_path):
+    from pacs_numba.io import atomic_savez_from, npz_bytes
+
+    big = np.arange(4000, dtype=np.float32).reshape(10, 20, 20)
+    stats = np.empty((), dtype=object)
+    stats[()] = {"a": {"mean": 1.0}}
+    template = npz_bytes(weight_maps=big, statistics=stats, n=np.int64(3))
+    for pid in ("sub-1", "sub-2"):
+        atomic_savez_from(tmp_path / f"{pid}.npz", template, patient_id=np.asarray(pid))
+    for pid in ("sub-1", "sub-2"):
+        with np.load(tmp_path / f"{pid}.npz", allow_pickle=True) as z:
+            assert sorted(z.files) == ["n", "patient_id", "statistics", "weight_maps"]
+            assert str(z["patient_id"]) == pid
+            np.testing.assert_array_equal(z["weight_maps"], big)
+            assert z["statistics"].item() == {"a": {"mean": 1.0}} and int(z["n"]) == 3
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

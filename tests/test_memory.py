@@ -569,7 +569,11 @@ def test_per_patient_evaluate_scales_with_voxels():
 def test_per_task_bytes():
     n, m, t = 10 * 12 * 14, 4, 30
     ev = mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="evaluate")
-    assert ev == 4 * n * m + 8 * n + 4 * n  # weight maps, entropy + dominant, a column copy
+    assert ev == int(0.05 * (4 * n * m + 8 * n))  # the compressed npz templates
+    # the maps themselves exist only before the pool starts
+    assert mem.setup_bytes((10, 12, 14), m, stage="evaluate") == 4 * n * m + 8 * n
+    assert mem.setup_bytes((10, 12, 14), m, stage="fit") == 0
+    assert mem.setup_bytes((10, 12, 14), m, stage="evaluate", save_weight_volumes=False) == 0
     assert mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="predict") == 0
     assert mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="evaluate",
                               save_weight_volumes=False) == 0
