@@ -464,6 +464,25 @@ def _union_one(parent, a, b):
 
 
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _union_previous_plane_one(parent, v, i, j, k, n1, n2):
+    """Link foreground voxel ``v = (i, j, k)`` to its 9 foreground 26-neighbours in plane ``i-1``.
+
+    Used inside a slab and again where two slabs meet; writes only through ``_union_one``.
+    """
+    for dj in range(-1, 2):
+        jj = j + dj
+        if jj < 0 or jj >= n1:
+            continue
+        for dk in range(-1, 2):
+            kk = k + dk
+            if kk < 0 or kk >= n2:
+                continue
+            u = ((i - 1) * n1 + jj) * n2 + kk
+            if parent[u] >= 0:
+                _union_one(parent, v, u)
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _label_slab_one(hr, thr, parent, lo, hi):
     """Union-find over the foreground of axis-0 planes ``[lo, hi)``.
 
@@ -483,17 +502,7 @@ def _label_slab_one(hr, thr, parent, lo, hi):
                 parent[v] = v
                 # previous plane (9 neighbours), inside the slab only
                 if i > lo:
-                    for dj in range(-1, 2):
-                        jj = j + dj
-                        if jj < 0 or jj >= n1:
-                            continue
-                        for dk in range(-1, 2):
-                            kk = k + dk
-                            if kk < 0 or kk >= n2:
-                                continue
-                            u = ((i - 1) * n1 + jj) * n2 + kk
-                            if parent[u] >= 0:
-                                _union_one(parent, v, u)
+                    _union_previous_plane_one(parent, v, i, j, k, n1, n2)
                 # previous row (3 neighbours)
                 if j > 0:
                     for dk in range(-1, 2):
@@ -559,19 +568,8 @@ def _brain_mask(hr, threshold, parent, n_slabs):
         for j in range(n1):
             for k in range(n2):
                 v = (i * n1 + j) * n2 + k
-                if parent[v] < 0:
-                    continue
-                for dj in range(-1, 2):
-                    jj = j + dj
-                    if jj < 0 or jj >= n1:
-                        continue
-                    for dk in range(-1, 2):
-                        kk = k + dk
-                        if kk < 0 or kk >= n2:
-                            continue
-                        u = ((i - 1) * n1 + jj) * n2 + kk
-                        if parent[u] >= 0:
-                            _union_one(parent, v, u)
+                if parent[v] >= 0:
+                    _union_previous_plane_one(parent, v, i, j, k, n1, n2)
     n_roots = 0
     for v in prange(n):
         if parent[v] == v:
