@@ -35,6 +35,7 @@ from .io import (
     atomic_write_json,
     file_fingerprint,
     npz_bytes,
+    read_shape,
     write_nifti,
 )
 from .manifest import load_manifest, select_task
@@ -682,10 +683,17 @@ class Engine:
         """
         reasons: dict[str, str] = {}
         for pid, paths in patients.items():
-            try:
-                return tuple(self.store.get(paths["HR"]).data.shape)  # type: ignore[return-value]
-            except InputError as exc:
-                reasons[pid] = str(exc)
+            try:  # the header only: the memory plan comes before any volume is read
+                shape = read_shape(paths["HR"])
+            except InputError:
+                try:  # a broken file: the volume reader says precisely what is wrong
+                    shape = self.store.get(paths["HR"]).data.shape
+                except InputError as exc:
+                    reasons[pid] = str(exc)
+                    continue
+            if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+                return tuple(int(n) for n in shape[:3])  # type: ignore[return-value]
+            reasons[pid] = f"input '{paths['HR']}' has shape {shape}; expected a 3-D volume"
         for pid, why in reasons.items():
             log.warning("skipping patient %s: %s", pid, why)
         skipped.update(reasons)

@@ -394,3 +394,64 @@ def test_predict_rejects_experts_that_do_not_fit_the_model(trained, tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and "4 experts" in err and "got 2" in err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_a_job_too_small_for_one_patient_exits_3_before_reading_any_volume(trained, tmp_path,
+                                                                            capsys):
+    cfg, _, _, _ = trained
+    cache = tmp_path / "empty-cache"
+    rc = _run("train", "--config", cfg, "--fold", 1, "--out-root", tmp_path / "o",
+              "--cache-dir", cache, "--mem-budget", "64M", "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "GiB" in err and "--mem-budget" in err and "Traceback" not in err
+    assert not list(cache.glob("*.npy"))  # nothing was decompressed
+
+
+CONCURRENT = r"""
+import sys, threading
+import numpy as np
+from pacs_numba.engine import ensure_threading_layer
+from pacs_numba.statistics import patient_statistics
+from pacs_numba.blending import blend_patient
+from pacs_numba.tiling import TileGrid
+
+layer = ensure_threading_layer()
+rng = np.random.default_rng(0)
+shape = (40, 36, 30)
+grid = TileGrid(shape, 8, 4)
+hr = (rng.random(shape, dtype=np.float32) + 0.05)
+experts = [hr + rng.normal(0, 0.1, shape).astype(np.float32) for _ in range(3)]
+w = np.full((grid.n_tiles, 3), 1 / 3, dtype=np.float32)
+serial = patient_statistics(hr, experts, grid, lambda_edge=0.25, edge_power=2.0,
+                            lambda_grad=0.2)
+ref_blend = blend_patient(hr, experts, grid, w, window="hann")
+errors = []
+
+def work():
+    try:
+        for _ in range(5):
+            st = patient_statistics(hr, experts, grid, lambda_edge=0.25, edge_power=2.0,
+                                    lambda_grad=0.2)
+            assert np.array_equal(st.Q, serial.Q) and np.array_equal(st.B, serial.B)
+            assert np.array_equal(blend_patient(hr, experts, grid, w, window="hann"), ref_blend)
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(layer, "errors:", errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_four_threads_launching_parallel_kernels_at_once():
+    """The workqueue layer would abort the process here; the engine selects a safe layer."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", CONCURRENT], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    layer = res.stdout.split()[0]
+    assert layer in {"omp", "tbb"}, res.stdout
