@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from .io import (
     VolumeStore,
     atomic_savez_from,
     atomic_write_json,
-    file_fingerprint,
     npz_bytes,
     read_shape,
     write_nifti,
@@ -844,8 +842,3 @@ def _reasons(reasons: Mapping[str, str]) -> str:
 
 def _describe_plan(plan: PoolPlan) -> str:
     return f"{plan.width} worker(s) x {plan.threads} numba thread(s) ({plan.reason})"
-
-
-def input_fingerprints(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-    """Fingerprints (path, size, mtime) of input files, for resume records."""
-    return [file_fingerprint(p) for p in paths]
