@@ -126,7 +126,6 @@ class TaskResult:
     model_dir: Path
     timings: dict[str, float]
     pool: PoolPlan | None = None
-    resumed: bool = False
 
 
 @dataclass
@@ -350,19 +349,15 @@ class Engine:
                 task, "train", train, model, clock, skipped, nonfinite, record
             )
             plan = plan or plan_e
-            if per_patient["train"]:
-                results["train"] = aggregate(list(per_patient["train"].values()))
-            else:
-                log.warning("task %s: no train metrics to aggregate", task)
+            # a non-empty split either yields metrics or _evaluate_split raises
+            results["train"] = aggregate(list(per_patient["train"].values()))
         per_patient["test"], plan_t = self._evaluate_split(
             task, "test", test, model, clock, skipped, nonfinite, record
         )
         plan = plan or plan_t
-        results["test"] = (
-            aggregate(list(per_patient["test"].values())) if per_patient["test"] else {}
-        )
-        if not per_patient["test"]:
-            log.warning("task %s: no test metrics to aggregate", task)
+        results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
+        if not test:
+            log.warning("task %s: the manifest has no test patients", task)
 
         metrics_doc: dict[str, Any] = dict(results)
         if skipped:
