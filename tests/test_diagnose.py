@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_tree as _tree
 
 # Imported before any test patches memory.detect_limits: modules that bind the name at
 # import time must keep the real function.
@@ -18,14 +19,6 @@ from pacs_numba.manifest import build_manifest, write_manifest
 
 GiB = 1 << 30
 TASK = "/slurm/uid_1/job_7/step_0/task_0"
-
-
-def _tree(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text + "\n")
-    return root
 
 
 def _fake_node(monkeypatch, tmp_path: Path, *, version: int, job_limit: int, env: dict) -> None:

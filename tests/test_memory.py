@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tree as _tree
 
 from pacs_numba import memory as mem
 from pacs_numba.errors import BudgetError, ConfigError
@@ -33,14 +34,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 V1_UNLIMITED = "9223372036854771712"  # LONG_MAX rounded down to 4 KiB pages
 TASK = "/slurm/uid_1/job_7/step_0/task_0"
-
-
-def _tree(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text + "\n")
-    return root
 
 
 def _proc(tmp_path: Path, text: str) -> Path:
