@@ -29,7 +29,7 @@ CACHE: bool = _env_flag("PACS_NUMBA_CACHE", True)
 #: Volume dtype everywhere outside the accumulators.
 DTYPE = np.float32
 
-#: Floors and epsilons of the reference algorithm (SPEC section A).
+#: Floors and epsilons of the reference algorithm (docs/algorithm.md part A).
 SD_FLOOR = 1e-8          # A3.2 std floor
 EDGE_EPS = 1e-6          # A3.4 max(g) + eps
 BLEND_EPS = 1e-8         # A7.4 acc / (den + eps)

@@ -1,6 +1,6 @@
 """Blend the experts with the tile weights, build the weight maps and the brain mask.
 
-Public wrappers of :mod:`pacs_numba.kernels.blend` (SPEC A7.2-A7.5, A8): they
+Public wrappers of :mod:`pacs_numba.kernels.blend` (algorithm A7.2-A7.5, A8): they
 check shapes and dtypes, bring arrays into the kernels' layout and pick the
 window; the kernels do the work in one pass over the volumes.
 """
@@ -47,7 +47,7 @@ def _as_weights(weights: ArrayLike, grid: TileGrid, n_experts: int | None = None
 
 
 def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[np.uint8]:
-    """Largest 26-connected component of ``hr >= threshold`` (SPEC A7.5, no registration).
+    """Largest 26-connected component of ``hr >= threshold`` (algorithm A7.5, no registration).
 
     Parameters
     ----------
@@ -98,7 +98,7 @@ def blend_patient(
     *,
     window: str,
 ) -> NDArray[np.float32]:
-    """Blend one patient the compat way (SPEC A7.1-A7.5): HR mask, HR statistics, brain mask.
+    """Blend one patient the compat way (algorithm A7.1-A7.5): HR mask, HR statistics, brain mask.
 
     The experts are z-scored with their own mean/std over the valid HR mask (``hr > 0``, every
     volume finite), blended with ``weights`` over ``grid``, mapped back with the HR's mean/std
@@ -149,7 +149,7 @@ def blend_volume(
     mask: ArrayLike | None,
     window: str,
 ) -> NDArray[np.float32]:
-    """Blend the experts with one weight vector per tile (SPEC A7.2-A7.5).
+    """Blend the experts with one weight vector per tile (algorithm A7.2-A7.5).
 
     Parameters
     ----------
@@ -162,11 +162,11 @@ def blend_volume(
         Tile weights (cast to float32); rows of tiles without a learned weight
         must already hold ``1/M``.
     mus, sds : array_like, (M,)
-        Each expert's z-score mean and std over the HR mask (SPEC A3.3).
+        Each expert's z-score mean and std over the HR mask (algorithm A3.3).
     mu_hr, sd_hr : float
         HR mean and std that turn the blend back into HR intensities.
     mask : array_like of bool or uint8, (N0, N1, N2), or None
-        Brain mask multiplied into the blend (SPEC A7.5), nonzero = inside;
+        Brain mask multiplied into the blend (algorithm A7.5), nonzero = inside;
         None = no masking.
     window : {"flat", "hann"}
         ``mixing_window``.  Flat is used whenever ``grid.stride >= grid.patch_size``
@@ -270,7 +270,7 @@ def weight_maps(weights: ArrayLike, grid: TileGrid) -> NDArray[np.float32]:
     Returns
     -------
     ndarray of float32, (N0, N1, N2, M)
-        ``weights[r(v)]`` for every voxel, ``r(v)`` the voxel label of SPEC A2
+        ``weights[r(v)]`` for every voxel, ``r(v)`` the voxel label of algorithm A2
         (the largest id among the tiles covering ``v``).
 
     Raises
@@ -341,7 +341,7 @@ def weight_analysis(
     *,
     tiles: tuple[ArrayLike, TileGrid] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Content of the ``{pid}_weight_analysis_{split}.npz`` file minus ``patient_id`` (SPEC A8).
+    """Content of the ``{pid}_weight_analysis_{split}.npz`` file minus ``patient_id`` (algorithm A8).
 
     Parameters
     ----------

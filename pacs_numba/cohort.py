@@ -3,7 +3,7 @@
 :func:`make_cohort` writes, for every patient, a procedural 3-D head phantom at
 1 mm (the HR volume), its thick-slice low-resolution version (LR) and several
 "expert" up-samplings of the LR back onto the HR grid, in exactly the folders
-the manifest builder scans (SPEC A1), plus a ``config.yaml`` that runs on them.
+the manifest builder scans (algorithm A1), plus a ``config.yaml`` that runs on them.
 
 The phantom is built from implicit surfaces (nested ellipsoids with folded
 grey/white boundaries) under a smooth random deformation, so no volume is ever

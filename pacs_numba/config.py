@@ -1,4 +1,4 @@
-"""The YAML experiment config of PaCS-SR (SPEC A1), loaded into frozen dataclasses.
+"""The YAML experiment config of PaCS-SR (algorithm A1), loaded into frozen dataclasses.
 
 A config written for the published tool loads unchanged: sections ``data``,
 ``registration``, ``pacs_sr`` and the optional ``predict``, with the same keys

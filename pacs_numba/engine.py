@@ -1,4 +1,4 @@
-"""The run: tasks of (fold, spacing, pulse), patients in a thread pool, outputs of SPEC A8.
+"""The run: tasks of (fold, spacing, pulse), patients in a thread pool, outputs of algorithm A8.
 
 One process, one volume cache.  Each patient's HR and expert volumes are memory-mapped
 from the shared cache (``io.VolumeStore``); the fused kernels read them in place, so a
@@ -210,7 +210,7 @@ class Engine:
         if self.pacs.use_registration:
             raise ConfigError(
                 f"{config.path}: pacs_sr.use_registration: true is not supported by pacs_numba "
-                "yet; set it to false (the brain mask then comes from the HR, SPEC A7.5)"
+                "yet; set it to false (the brain mask then comes from the HR, algorithm A7.5)"
             )
         self.models = tuple(config.data.models)
         self.store = VolumeStore(self.options.cache_dir)
@@ -802,7 +802,7 @@ _NOT_RUN = object()
 
 
 class _WeightNpz:
-    """The two weight-map ``.npz`` files of a task's test patients (SPEC A8).
+    """The two weight-map ``.npz`` files of a task's test patients (algorithm A8).
 
     Their content is the same for every test patient but ``patient_id``, so both are
     compressed once into template bytes (a few MB) before the pool starts; the per-voxel

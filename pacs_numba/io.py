@@ -2,21 +2,21 @@
 
 This is the only module that imports nibabel (STYLE.md §1).
 
-Reading (SPEC B1)
+Reading (algorithm B1)
     :func:`read_nifti` returns a volume exactly as
     ``nibabel.load(p).get_fdata(dtype=np.float32)`` would (scaling applied the
     nibabel way, a trailing singleton 4th axis squeezed), but C-ordered.
     ``.nii.gz`` files are decompressed with python-isal, about twice as fast as
     nibabel's reader, and nibabel then parses the in-memory bytes.
 
-Caching (SPEC B1)
+Caching (algorithm B1)
     A ``.nii.gz`` cannot be memory-mapped and nibabel hands data back in Fortran
     order, so :class:`VolumeStore` decompresses, scales and reorders each input
     once into a float32 C-order ``.npy`` file and afterwards opens it with
     ``np.load(mmap_mode="r")``.  Every thread and every process on the node that
     points at the same directory then shares one copy in the page cache.
 
-Writing (SPEC A8, STYLE.md §9)
+Writing (algorithm A8, STYLE.md §9)
     Every writer writes a temporary file in the destination folder and moves it
     into place with :func:`os.replace`, so a reader never sees a partial file
     under the final name, and the temporary file is removed on failure.
@@ -1071,7 +1071,7 @@ def write_nifti(
     affine : (4, 4) array_like
         Voxel-to-world affine.
     header : nibabel header or NiftiMeta, optional
-        Template header, typically the HR volume's (SPEC A8).  Its fields are kept (qform and
+        Template header, typically the HR volume's (algorithm A8).  Its fields are kept (qform and
         sform with their codes, units, descrip, extensions...), except what describes the data:
         shape, datatype float32, and ``scl_slope``/``scl_inter`` reset to "no scaling".  As in
         nibabel, if ``affine`` differs from the header's own affine, sform and qform are set

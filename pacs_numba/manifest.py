@@ -1,4 +1,4 @@
-"""The K-fold manifest of PaCS-SR (SPEC A1): which patient is in which fold, and its files.
+"""The K-fold manifest of PaCS-SR (algorithm A1): which patient is in which fold, and its files.
 
 On-disk layout of the published tool::
 

@@ -1,4 +1,4 @@
-"""Memory and CPU limits of the job, and the width of the patient pool (SPEC B4, B5).
+"""Memory and CPU limits of the job, and the width of the patient pool (algorithm B4, B5).
 
 Everything here is a pure function of its inputs: the functions that read the
 operating system take the cgroup mount, the ``/proc/self/cgroup`` file and the
@@ -727,7 +727,7 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
     n_experts : int
         ``M``, the number of experts.
     lambda_grad, lambda_edge : float
-        Options of SPEC A3-A4 (they only change the fit's per-line scratch).
+        Options of algorithm A3-A4 (they only change the fit's per-line scratch).
     n_tiles : int
         ``T``, the number of tiles (the fit's Q/B/count outputs).
     stage : {"fit", "evaluate", "predict"}
@@ -1266,7 +1266,7 @@ def plan_pool(limits: Limits, *, per_patient_bytes: int, baseline_bytes: int, n_
               env: Mapping[str, str] | None = None, margin_fraction: float = 0.10,
               min_margin_bytes: int = 256 * _MIB,
               mem_budget_bytes: int | None = None, per_task_bytes: int = 0) -> PoolPlan:
-    """Choose the pool width and Numba threads per worker (SPEC B4, B5).
+    """Choose the pool width and Numba threads per worker (algorithm B4, B5).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Evaluation metrics: masked mse, mae, psnr and slice-wise SSIM (SPEC A7.6).
+"""Evaluation metrics: masked mse, mae, psnr and slice-wise SSIM (algorithm A7.6).
 
 Public wrappers of :mod:`pacs_numba.kernels.metrics`.  The kernels return sums
 and per-slice SSIM values; the scalar formulas are finished here with NumPy
@@ -54,7 +54,7 @@ def _pair(hr: ArrayLike, pred: ArrayLike) -> tuple[NDArray[np.float32], NDArray[
 def ssim_slices(
     hr: ArrayLike, pred: ArrayLike, mask: ArrayLike, axis: str | int
 ) -> NDArray[np.float64]:
-    """SSIM of every slice along ``axis``, as the reference averages them (SPEC A7.6).
+    """SSIM of every slice along ``axis``, as the reference averages them (algorithm A7.6).
 
     Parameters
     ----------
@@ -106,7 +106,7 @@ def ssim_slices(
 
 
 def volume_metrics(hr: ArrayLike, pred: ArrayLike, *, ssim_axis: str = "axial") -> dict[str, float]:
-    """mse, mae, psnr and ssim of a prediction over the HR foreground (SPEC A7.6).
+    """mse, mae, psnr and ssim of a prediction over the HR foreground (algorithm A7.6).
 
     Parameters
     ----------
@@ -182,7 +182,7 @@ def volume_metrics(hr: ArrayLike, pred: ArrayLike, *, ssim_axis: str = "axial") 
 
 
 def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Plain mean of each metric over patients (SPEC A7.6).
+    """Plain mean of each metric over patients (algorithm A7.6).
 
     Parameters
     ----------

@@ -2,7 +2,7 @@
 
 Two on-disk forms:
 
-* ``weights.json`` — the published tool's format (SPEC A8): ``{"<tile id>": [w_1..w_M]}``
+* ``weights.json`` — the published tool's format (algorithm A8): ``{"<tile id>": [w_1..w_M]}``
   for the tiles with a learned weight, ids ascending, indent 2, values ``float(float32)``.
   It is written for compatibility and can be read back (``evaluate --weights``).
 * ``pacs_model.npz`` — our compact model file: every tile's weights (1/M where none was

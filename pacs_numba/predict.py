@@ -1,6 +1,6 @@
-"""Inference without HR (SPEC B6): blend a new patient's experts with a saved model.
+"""Inference without HR (algorithm B6): blend a new patient's experts with a saved model.
 
-The compat evaluate path (SPEC A7) takes three things from the HR: the mask that the z-score
+The compat evaluate path (algorithm A7) takes three things from the HR: the mask that the z-score
 statistics are taken over, the mean/std the blend is mapped back with, and the brain mask.
 A new patient has no HR, so ``predict`` takes them from the experts:
 

@@ -1,4 +1,4 @@
-"""Tile weights from the accumulated statistics: solve, smooth, fill (SPEC A5, A6, B3).
+"""Tile weights from the accumulated statistics: solve, smooth, fill (algorithm A5, A6, B3).
 
 Public wrappers around :mod:`pacs_numba.kernels.qp`.  They check shapes and values,
 bring the arrays into the layout the kernels are compiled for (C-contiguous float64
@@ -110,7 +110,7 @@ def solve_simplex_qp(
     lambda_ridge: float,
     active: ArrayLike | None = None,
 ) -> NDArray[np.float64]:
-    """Exact simplex-constrained weights of every tile (SPEC A5, B3).
+    """Exact simplex-constrained weights of every tile (algorithm A5, B3).
 
     For each active tile ``t`` return the minimiser of
     ``f(w) = w^T (Q_t + lambda_ridge I) w - 2 B_t^T w`` subject to ``w >= 0`` and
@@ -174,7 +174,7 @@ def solve_unconstrained(
     lambda_ridge: float,
     active: ArrayLike | None = None,
 ) -> NDArray[np.float64]:
-    """Unconstrained weights ``(Q_t + lambda_ridge I)^+ B_t`` of every tile (SPEC A5).
+    """Unconstrained weights ``(Q_t + lambda_ridge I)^+ B_t`` of every tile (algorithm A5).
 
     Parameters
     ----------
@@ -244,7 +244,7 @@ def laplacian_smooth(
     counts: tuple[int, int, int],
     tau: float,
 ) -> NDArray[np.float32]:
-    """One Jacobi step of Laplacian smoothing of tile weights on the tile grid (SPEC A6).
+    """One Jacobi step of Laplacian smoothing of tile weights on the tile grid (algorithm A6).
 
     Parameters
     ----------
@@ -300,7 +300,7 @@ def laplacian_smooth(
 def objective(
     Q: ArrayLike, B: ArrayLike, lambda_ridge: float, W: ArrayLike
 ) -> NDArray[np.float64]:
-    """Per-tile objective ``f(w) = w^T (Q + lambda_ridge I) w - 2 B^T w`` (SPEC A5).
+    """Per-tile objective ``f(w) = w^T (Q + lambda_ridge I) w - 2 B^T w`` (algorithm A5).
 
     Parameters
     ----------
@@ -380,7 +380,7 @@ def slsqp_reference_weights(
     Jacobian), the inequality constraint ``w >= 0`` (no Jacobian, no bounds) and
     ``options={"maxiter": 200, "ftol": 1e-12}``; then negatives are set to 0 and
     the vector is divided by its sum (``1/M`` if the sum is not positive).  At the
-    scale of real statistics this often stops at or near ``w0`` (SPEC A5).
+    scale of real statistics this often stops at or near ``w0`` (algorithm A5).
     Slow: a Python-level optimisation per tile.
     """
     from scipy.optimize import minimize
@@ -429,9 +429,9 @@ def fit_weights(
     Parameters
     ----------
     Q : (n_tiles, n_experts, n_experts) array_like, float64
-        Per-tile statistics summed over the training patients (SPEC A4).
+        Per-tile statistics summed over the training patients (algorithm A4).
     B : (n_tiles, n_experts) array_like, float64
-        Per-tile cross terms (SPEC A4).
+        Per-tile cross terms (algorithm A4).
     counts_n : (n_tiles,) array_like of int
         Masked voxel count ``n_r`` of each tile; tiles with ``n_r > 0`` are learned.
     grid_counts : tuple of 3 int
@@ -446,7 +446,7 @@ def fit_weights(
     Returns
     -------
     weights : (n_tiles, n_experts) ndarray of float32
-        Learned weights (SPEC A5, smoothed per A6 if ``laplacian_tau > 0``);
+        Learned weights (algorithm A5, smoothed per A6 if ``laplacian_tau > 0``);
         ``float32(1) / n_experts`` on tiles without a learned weight.
     learned : (n_tiles,) ndarray of bool
         ``counts_n > 0``.
@@ -487,7 +487,7 @@ def fit_weights(
         w64 = solve_simplex_qp(q, b, lam, active=learned)
     else:
         w64 = solve_unconstrained(q, b, lam, active=learned)
-    weights = w64.astype(np.float32)  # SPEC A5: weights are stored as float32
+    weights = w64.astype(np.float32)  # algorithm A5: weights are stored as float32
     if tau > 0.0:
         weights = laplacian_smooth(weights, learned, grid, tau)
     weights[~learned] = np.float32(1.0) / np.float32(m)

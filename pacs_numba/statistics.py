@@ -1,4 +1,4 @@
-"""Per-patient statistics (SPEC A3-A4): valid mask, z-score moments and tile normal equations.
+"""Per-patient statistics (algorithm A3-A4): valid mask, z-score moments and tile normal equations.
 
 Public wrappers around :mod:`pacs_numba.kernels.stats`.  They check shapes and
 options, bring the volumes into the one layout the kernels are compiled for
@@ -43,7 +43,7 @@ __all__ = [
 
 @dataclass(frozen=True, eq=False)
 class PatientStats:
-    """Everything the fit needs from one patient (SPEC A3-A4).
+    """Everything the fit needs from one patient (algorithm A3-A4).
 
     ``eq=False``: the fields are arrays, for which ``==`` is elementwise.
 
@@ -55,7 +55,7 @@ class PatientStats:
     B : (T, M) float64
         Per-tile ``sum omega x y + lambda_grad sum_d sum omega G_d H_d``.
     counts : (T,) int64
-        Mask voxels per tile (label partition of SPEC A2).
+        Mask voxels per tile (label partition of algorithm A2).
     mu_hr, sd_hr : float
         HR mean and floored population std over the mask.
     mus, sds : (M,) float64
@@ -123,7 +123,7 @@ def valid_mask(
     Returns
     -------
     mask : (N0, N1, N2) uint8
-        1 where ``hr`` is finite and ``> 0`` and every expert is finite (SPEC A3.1,
+        1 where ``hr`` is finite and ``> 0`` and every expert is finite (algorithm A3.1,
         plus finiteness).
     nonfinite : (M + 1,) int64
         NaN/Inf voxel count of the HR (index 0) and of each expert.
@@ -159,7 +159,7 @@ def volume_moments(
     Returns
     -------
     (K, 2) float64
-        ``[mean, max(std, 1e-8)]`` per volume (SPEC A3.2, ``ddof=0``), accumulated in
+        ``[mean, max(std, 1e-8)]`` per volume (algorithm A3.2, ``ddof=0``), accumulated in
         float64.  An empty mask gives ``[0.0, 1.0]`` (identity z-score) instead of
         NaN.  A non-finite value under the mask is read as 0.
 
@@ -195,7 +195,7 @@ def volume_moments(
 def normalisation(
     hr: ArrayLike, experts: Sequence[ArrayLike], mask: ArrayLike
 ) -> tuple[float, float, NDArray[np.float64], NDArray[np.float64]]:
-    """z-score statistics of the HR and of every expert over the HR mask (SPEC A3.2-3).
+    """z-score statistics of the HR and of every expert over the HR mask (algorithm A3.2-3).
 
     Parameters
     ----------
@@ -248,7 +248,7 @@ def patient_statistics(
     lambda_grad: float,
     grad_operator: str = "sobel",
 ) -> PatientStats:
-    """One patient's per-tile normal equations, the whole pipeline (SPEC A3-A4).
+    """One patient's per-tile normal equations, the whole pipeline (algorithm A3-A4).
 
     Valid mask, z-score moments, the global edge maximum (if ``lambda_edge > 0``)
     and one fused pass that accumulates Q, B and counts per tile, computing
@@ -262,7 +262,7 @@ def patient_statistics(
         Expert volumes, in model order.
     grid : TileGrid
         Tile grid of the volume shape.  Only ``grid.stride`` enters the fit (voxel
-        labels, SPEC A2); ``patch_size`` does not.
+        labels, algorithm A2); ``patch_size`` does not.
     lambda_edge : float
         Edge weight strength; 0 turns edge weighting off.
     edge_power : float

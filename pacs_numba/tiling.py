@@ -1,4 +1,4 @@
-"""Tile grid geometry (SPEC A2): anchors, counts, boxes and ids.  Pure functions."""
+"""Tile grid geometry (algorithm A2): anchors, counts, boxes and ids.  Pure functions."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class TileGrid:
         return tuple(out)  # type: ignore[return-value]
 
     def labels(self) -> NDArray[np.int64]:
-        """Label volume (SPEC A2), ``int64`` of ``shape``.  For tests and small volumes."""
+        """Label volume (algorithm A2), ``int64`` of ``shape``.  For tests and small volumes."""
         n0, n1, n2 = self.counts
         s = self.stride
         i0, i1, i2 = (np.arange(n) // s for n in self.shape)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Literal NumPy/SciPy re-implementation of the published PaCS-SR algorithm (SPEC section A).
+"""Literal NumPy/SciPy re-implementation of the published PaCS-SR algorithm (docs/algorithm.md part A).
 
 This script is deliberately *not* clever.  It does what the published tool does, the way the
 published tool does it, so that it can serve as
 
 1. the side-by-side baseline that the benchmark measures pacs_numba's speed-ups and memory
    ratios against, and
-2. an independent stand-in for the published tool in end-to-end tests: it writes the SPEC A8
+2. an independent stand-in for the published tool in end-to-end tests: it writes the algorithm A8
    output tree (weights.json, metrics.json, blends, weight-map npz files), so that
    ``pacs-numba evaluate --weights`` can be checked against it.
 
@@ -60,7 +60,7 @@ from scipy.optimize import minimize
 
 log = logging.getLogger("literal_baseline")
 
-# Epsilons of SPEC section A (kept local: this script must not import pacs_numba).
+# Epsilons of docs/algorithm.md part A (kept local: this script must not import pacs_numba).
 SD_FLOOR = 1e-8
 EDGE_EPS = 1e-6
 BLEND_EPS = 1e-8
@@ -113,7 +113,7 @@ _REQUIRED = (
 
 
 def load_params(config_path: str | Path) -> Params:
-    """Read the reference-format YAML config (SPEC A1) into :class:`Params`."""
+    """Read the reference-format YAML config (algorithm A1) into :class:`Params`."""
     config_path = Path(config_path)
     with open(config_path) as fh:
         cfg = yaml.safe_load(fh)
@@ -170,7 +170,7 @@ def load_params(config_path: str | Path) -> Params:
 
 
 # --------------------------------------------------------------------------------------------
-# Volumes, tiles, preprocessing (SPEC A2, A3)
+# Volumes, tiles, preprocessing (algorithm A2, A3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -186,7 +186,7 @@ def read_volume(path: str | Path) -> tuple[NDArray[np.float32], Any]:
 
 
 def tile_counts(shape: tuple[int, ...], stride: int) -> tuple[int, int, int]:
-    """Anchors per axis, ``ceil(N_d / stride)`` (SPEC A2)."""
+    """Anchors per axis, ``ceil(N_d / stride)`` (algorithm A2)."""
     return tuple(math.ceil(n / stride) for n in shape[:3])  # type: ignore[return-value]
 
 
@@ -203,7 +203,7 @@ def tile_boxes(shape: tuple[int, ...], patch_size: int, stride: int):
 
 
 def tile_labels(shape: tuple[int, ...], stride: int) -> NDArray[np.int32]:
-    """Label volume: the largest id among the tiles covering each voxel (SPEC A2)."""
+    """Label volume: the largest id among the tiles covering each voxel (algorithm A2)."""
     n0, n1, n2 = tile_counts(shape, stride)
     i0 = (np.arange(shape[0]) // stride).astype(np.int32)
     i1 = (np.arange(shape[1]) // stride).astype(np.int32)
@@ -214,7 +214,7 @@ def tile_labels(shape: tuple[int, ...], stride: int) -> NDArray[np.int32]:
 
 def zscore(vol: NDArray[np.float32], mask: NDArray[np.bool_],
            normalize: str = "zscore") -> tuple[NDArray[np.float32], float, float]:
-    """Materialised float32 z-scored copy with mean/std over ``mask`` (SPEC A3.2-3).
+    """Materialised float32 z-scored copy with mean/std over ``mask`` (algorithm A3.2-3).
 
     Mean and population std are NumPy's float32 reductions of ``vol[mask]``, as the
     reference computes them.
@@ -230,7 +230,7 @@ def zscore(vol: NDArray[np.float32], mask: NDArray[np.bool_],
 
 def edge_weight(hr_n: NDArray[np.float32], lambda_edge: float,
                 edge_power: float) -> NDArray[np.float32]:
-    """``1 + lambda_edge * (|sobel(hr_n)| / (max + 1e-6)) ** edge_power`` (SPEC A3.4)."""
+    """``1 + lambda_edge * (|sobel(hr_n)| / (max + 1e-6)) ** edge_power`` (algorithm A3.4)."""
     if lambda_edge <= 0:
         return np.ones_like(hr_n, dtype=np.float32)
     s0 = ndi.sobel(hr_n, axis=0, mode="nearest")
@@ -243,7 +243,7 @@ def edge_weight(hr_n: NDArray[np.float32], lambda_edge: float,
 
 
 def gradients(vol: NDArray[np.float32], op: str) -> list[NDArray[np.float32]]:
-    """Materialised gradient volumes along axes 0, 1, 2 (SPEC A3.5), mode "nearest"."""
+    """Materialised gradient volumes along axes 0, 1, 2 (algorithm A3.5), mode "nearest"."""
     v = vol.astype(np.float32, copy=False)
     if op == "sobel":
         return [ndi.sobel(v, axis=d, mode="nearest") for d in range(3)]
@@ -264,7 +264,7 @@ def gradients(vol: NDArray[np.float32], op: str) -> list[NDArray[np.float32]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Statistics (SPEC A4)
+# Statistics (algorithm A4)
 # --------------------------------------------------------------------------------------------
 
 TileStats = dict[int, tuple[NDArray[np.float64], NDArray[np.float64], int]]
@@ -286,7 +286,7 @@ def patient_statistics(
     Literal reference design: z-scored copies, an edge-weight volume, gradient volumes for HR
     and every expert, the label volume, and one whole-volume boolean mask per tile.  Tiles
     without HR-mask voxels are absent from the dict.  ``patch_size`` does not enter: labels
-    depend on the stride only (SPEC A2), it is accepted for a uniform signature.
+    depend on the stride only (algorithm A2), it is accepted for a uniform signature.
     """
     del patch_size  # labels use the stride only
     mask = hr > 0
@@ -337,7 +337,7 @@ def patient_statistics(
 
 
 # --------------------------------------------------------------------------------------------
-# Solve and smoothing (SPEC A5, A6)
+# Solve and smoothing (algorithm A5, A6)
 # --------------------------------------------------------------------------------------------
 
 
@@ -421,12 +421,12 @@ def laplacian_smooth(weights: dict[int, NDArray[np.float32]], counts: tuple[int,
 
 
 # --------------------------------------------------------------------------------------------
-# Blend, brain mask, metrics (SPEC A7)
+# Blend, brain mask, metrics (algorithm A7)
 # --------------------------------------------------------------------------------------------
 
 
 def hann_periodic(length: int) -> NDArray[np.float32]:
-    """Periodic Hann ``0.5 - 0.5 cos(2 pi k / L)``, ``k = 0..L-1`` (SPEC A7.2), float32.
+    """Periodic Hann ``0.5 - 0.5 cos(2 pi k / L)``, ``k = 0..L-1`` (algorithm A7.2), float32.
 
     For ``L = 1`` the formula gives 0, but ``scipy.signal.windows.hann(1, sym=False)``, which
     the published tool calls, returns 1: a one-voxel clipped box (N mod stride == 1) keeps its
@@ -447,7 +447,7 @@ def tile_window(size: tuple[int, int, int], kind: str) -> NDArray[np.float32]:
 
 
 def brain_mask(hr: NDArray[np.float32]) -> NDArray[np.bool_]:
-    """Largest 26-connected component of ``hr >= 0.1`` on the raw HR (SPEC A7.5)."""
+    """Largest 26-connected component of ``hr >= 0.1`` on the raw HR (algorithm A7.5)."""
     fg = hr >= BRAIN_THRESHOLD
     if not np.any(fg):
         return fg
@@ -468,7 +468,7 @@ def blend_patient(
     mixing_window: str = "flat",
     normalize: str = "zscore",
 ) -> NDArray[np.float32]:
-    """Overlap-add blend of one patient in native HR units, brain-masked (SPEC A7.1-5).
+    """Overlap-add blend of one patient in native HR units, brain-masked (algorithm A7.1-5).
 
     ``weights`` maps tile id -> (M,) weights; tiles not in it use ``1/M``.
     """
@@ -495,7 +495,7 @@ def blend_patient(
 
 def ssim_slicewise(pred: NDArray[np.float32], target: NDArray[np.float32],
                    mask: NDArray[np.bool_], axis: int) -> float:
-    """Mean 2-D SSIM over the slices along ``axis`` that contain mask voxels (SPEC A7.6)."""
+    """Mean 2-D SSIM over the slices along ``axis`` that contain mask voxels (algorithm A7.6)."""
     from skimage.metrics import structural_similarity
 
     p = pred.astype(np.float32)
@@ -520,7 +520,7 @@ def ssim_slicewise(pred: NDArray[np.float32], target: NDArray[np.float32],
 
 def patient_metrics(hr: NDArray[np.float32], blend: NDArray[np.float32],
                     ssim_axis: str = "axial") -> dict[str, float]:
-    """mse, mae, psnr, ssim over ``hr > 0`` exactly as SPEC A7.6."""
+    """mse, mae, psnr, ssim over ``hr > 0`` exactly as algorithm A7.6."""
     mask = hr > 0
     d = hr[mask].astype(np.float32) - blend[mask].astype(np.float32)
     mse = float(np.mean(d * d, dtype=np.float64))
@@ -533,7 +533,7 @@ def patient_metrics(hr: NDArray[np.float32], blend: NDArray[np.float32],
 
 
 # --------------------------------------------------------------------------------------------
-# Weight maps (SPEC A8)
+# Weight maps (algorithm A8)
 # --------------------------------------------------------------------------------------------
 
 
@@ -879,7 +879,7 @@ def evaluate(manifest_fold: dict, spacing: str, pulse: str, p: Params, workers: 
 def run(config_path: str | Path, fold: int, spacing: str, pulse: str, workers: int | None = None,
         weights_path: str | Path | None = None, out_root: str | Path | None = None,
         manifest_path: str | Path | None = None) -> dict:
-    """Fit (unless ``weights_path``) and evaluate one (fold, spacing, pulse); write SPEC A8.
+    """Fit (unless ``weights_path``) and evaluate one (fold, spacing, pulse); write algorithm A8.
 
     Parameters
     ----------

@@ -136,7 +136,7 @@ def _child_engine(spec: dict, t_start: float) -> dict:
     width, threads = int(spec["width"]), int(spec["threads"])
     cfg = load_config(spec["config"])
     limits = detect_limits()
-    # The pool gets width x threads CPUs: threads = CPUs // width (SPEC B4).
+    # The pool gets width x threads CPUs: threads = CPUs // width (algorithm B4).
     limits = dataclasses.replace(
         limits, cpus=Figure(width * threads, f"profile.py --_child {width}x{threads}"))
     numba.set_num_threads(width * threads)  # the main thread's kernels (solve, smoothing)

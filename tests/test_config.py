@@ -1,4 +1,4 @@
-"""The YAML config (SPEC A1): published-style files load; every rule has a message test."""
+"""The YAML config (algorithm A1): published-style files load; every rule has a message test."""
 
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def test_train_weights_are_exact_minimisers_never_worse_than_any_expert(trained)
         e = np.zeros_like(W)
         e[:, m] = 1
         assert np.all(f <= objective(Q[learned], B[learned], lam, e) + 1e-6 * scale)
-    # and never worse than the published SLSQP weights, tile by tile (SPEC A5)
+    # and never worse than the published SLSQP weights, tile by tile (algorithm A5)
     for i, t in enumerate(learned):
         w_ref = lb.solve_tile(Q[t], B[t], lam, True)
         f_ref = lb.objective(w_ref, Q[t], B[t], lam)
@@ -351,7 +351,7 @@ def test_train_metrics_equal_an_independent_exact_implementation(tmp_path):
 
 
 def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
-    """SPEC B6: statistics and brain mask from the experts; compared with A7's HR-based blend."""
+    """algorithm B6: statistics and brain mask from the experts; compared with A7's HR-based blend."""
     from pacs_numba.predict import predict_volume
 
     _, config, mdir, cache = trained

@@ -1,4 +1,4 @@
-"""NIfTI reading and writing, the volume cache, and the atomic writers (SPEC B1, A8)."""
+"""NIfTI reading and writing, the volume cache, and the atomic writers (algorithm B1, A8)."""
 
 from __future__ import annotations
 

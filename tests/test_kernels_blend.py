@@ -1,4 +1,4 @@
-"""Blend, weight-map and brain-mask kernels against their slow twins (SPEC A7.2-A7.5, A8)."""
+"""Blend, weight-map and brain-mask kernels against their slow twins (algorithm A7.2-A7.5, A8)."""
 
 from __future__ import annotations
 

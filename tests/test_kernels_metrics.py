@@ -1,4 +1,4 @@
-"""Metric kernels against the NumPy twin and skimage's SSIM (the oracle), SPEC A7.6."""
+"""Metric kernels against the NumPy twin and skimage's SSIM (the oracle), algorithm A7.6."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pacs_numba._config import SSIM_MIN_RANGE
 from pacs_numba.kernels.metrics import _ssim_slices
 from pacs_numba.metrics import aggregate, ssim_slices, volume_metrics
 
-# SPEC asks for 1e-4 per slice mean.  The kernel evaluates skimage's float32 formula
+# The algorithm asks for 1e-4 per slice mean.  The kernel evaluates skimage's float32 formula
 # in the same order, so the only differences are fused multiply-adds under FASTMATH
 # (observed <= 3e-7 over 2142 slices at intensity scales 1 to 1e5; bit-identical with
 # PACS_FASTMATH=0).

@@ -1,4 +1,4 @@
-"""Tile-weight solvers and Laplacian smoothing (SPEC A5, A6, B3) against their slow twins."""
+"""Tile-weight solvers and Laplacian smoothing (algorithm A5, A6, B3) against their slow twins."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pacs_numba.solve import (
 # Exact solver vs brute-force twin: both are exact, so only rounding separates them.
 W_ATOL = 1e-7
 F_RTOL = 1e-10
-# SPEC A5 compat rule against the published SLSQP solver.
+# algorithm A5 compat rule against the published SLSQP solver.
 SLSQP_RTOL = 1e-9
 
 
@@ -39,7 +39,7 @@ def gram_stats(rng, n_tiles, m, n_rows=None, scale=1.0):
 
 
 def realistic_stats(rng, n_tiles, m, n_vox=4096):
-    """Statistics shaped like SPEC A4 sums over z-scored volumes (|Q| ~ 1e4..1e7).
+    """Statistics shaped like algorithm A4 sums over z-scored volumes (|Q| ~ 1e4..1e7).
 
     Each tile has a true signal y and experts x_m = a_m y + c_m + noise, where the noise
     of different experts is correlated; edge weights in [1, 1.25]; the patient count
@@ -186,7 +186,7 @@ def test_simplex_inactive_tiles_get_uniform_weights(rng):
 
 
 def test_simplex_never_worse_than_published_slsqp():
-    # SPEC A5 compat: f(ours) <= f(SLSQP) + 1e-9 |f(SLSQP)| on every tile.
+    # algorithm A5 compat: f(ours) <= f(SLSQP) + 1e-9 |f(SLSQP)| on every tile.
     rng = np.random.default_rng(2024)
     Q, B = realistic_stats(rng, 2000, 4)
     lam = 1e-4

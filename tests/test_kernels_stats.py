@@ -1,4 +1,4 @@
-"""Statistics kernels (SPEC A3-A4) against the slow twins in ``tests/reference/stats.py``.
+"""Statistics kernels (algorithm A3-A4) against the slow twins in ``tests/reference/stats.py``.
 
 All calls go through ``pacs_numba.statistics`` with the same dtypes and layouts,
 so every kernel compiles once for the whole file.

@@ -1,6 +1,6 @@
 """End-to-end checks of scripts/literal_baseline.py, the literal stand-in for the published tool.
 
-The script must stay independent of pacs_numba; these tests check its SPEC A8 outputs and
+The script must stay independent of pacs_numba; these tests check its algorithm A8 outputs and
 recompute its metrics from the files it wrote with formulas written out here.
 """
 
@@ -54,7 +54,7 @@ def _save(path: Path, vol: np.ndarray, affine: np.ndarray) -> None:
 
 def _make_cohort(root: Path, *, patch_size: int, stride: int, mixing_window: str,
                  lambda_edge: float, lambda_grad: float, laplacian_tau: float) -> Path:
-    """Write a SPEC A1 layout, a config.yaml and a 2-fold manifest.json under ``root``."""
+    """Write a algorithm A1 layout, a config.yaml and a 2-fold manifest.json under ``root``."""
     rng = np.random.default_rng(1234)
     affine = np.diag([1.0, 1.0, 1.2, 1.0])
     hr_root, lr_root, models_root = root / "hr", root / "lr", root / "models"
@@ -365,7 +365,7 @@ def test_solve_and_smoothing_stay_on_simplex():
 
 def test_unreadable_train_patient_is_skipped(cohort: Path, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture):
-    """SPEC A4: an unreadable patient is skipped with a warning naming the file; the fit goes on.
+    """algorithm A4: an unreadable patient is skipped with a warning naming the file; the fit goes on.
 
     The fit must then equal a fit on the manifest without that patient.
     """

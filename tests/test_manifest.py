@@ -1,4 +1,4 @@
-"""The K-fold manifest (SPEC A1) against a hand-built expectation on a fake layout."""
+"""The K-fold manifest (algorithm A1) against a hand-built expectation on a fake layout."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Blend kernels: overlap-add of the weighted experts, weight maps, brain mask.
 
-SPEC A7.2-A7.5 (blend, window, brain mask) and A8 (weight, entropy and
+algorithm A7.2-A7.5 (blend, window, brain mask) and A8 (weight, entropy and
 dominant-model maps).  Every function here is ``@njit``; the wrappers that check
 inputs live in :mod:`pacs_numba.blending`.
 
@@ -22,13 +22,13 @@ from numba import njit, prange
 from .._config import CACHE, FASTMATH
 
 # --------------------------------------------------------------------------------------
-# Blend (SPEC A7.2-A7.5)
+# Blend (algorithm A7.2-A7.5)
 # --------------------------------------------------------------------------------------
 
 
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _window_table(n_anchors, length, patch_size, stride, window):
-    """1-D window of every tile along one axis (SPEC A7.2).
+    """1-D window of every tile along one axis (algorithm A7.2).
 
     Parameters
     ----------
@@ -195,7 +195,7 @@ def _blend_row_one(
 def _blend_volume(
     experts, weights, mus, sds, mu_hr, sd_hr, mask, use_mask, patch_size, stride, window, n_chunks
 ):
-    """Overlap-add blend of z-scored experts with per-tile weights (SPEC A7.2-A7.5).
+    """Overlap-add blend of z-scored experts with per-tile weights (algorithm A7.2-A7.5).
 
     Parameters
     ----------
@@ -215,7 +215,7 @@ def _blend_volume(
     use_mask : bool
         Whether to apply ``mask``.
     patch_size, stride : int
-        Tile edge ``p`` and anchor spacing ``s`` (SPEC A2).
+        Tile edge ``p`` and anchor spacing ``s`` (algorithm A2).
     window : int
         ``_config.WINDOWS`` code (0 flat, 1 hann).  The caller has already
         forced flat when ``stride >= patch_size``.
@@ -260,7 +260,7 @@ def _blend_volume(
         sd32[m] = np.float32(sds[m])
     mu_hr32 = np.float32(mu_hr)
     sd_hr32 = np.float32(sd_hr)
-    eps32 = np.float32(1e-8)  # SPEC A7.4 (BLEND_EPS), added in float32 like the reference
+    eps32 = np.float32(1e-8)  # algorithm A7.4 (BLEND_EPS), added in float32 like the reference
 
     out = np.empty((n0, n1, n2), np.float32)
     n_rows = n0 * n1
@@ -308,13 +308,13 @@ def _blend_volume(
 
 
 # --------------------------------------------------------------------------------------
-# Weight maps (SPEC A8)
+# Weight maps (algorithm A8)
 # --------------------------------------------------------------------------------------
 
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _weight_maps(weights, n0, n1, n2, stride):
-    """Per-voxel tile weights (SPEC A8 ``weight_maps``).
+    """Per-voxel tile weights (algorithm A8 ``weight_maps``).
 
     Parameters
     ----------
@@ -329,7 +329,7 @@ def _weight_maps(weights, n0, n1, n2, stride):
     -------
     maps : (N0, N1, N2, M) float32
         ``maps[v] = weights[r(v)]`` with the voxel label
-        ``r(v) = (floor(v0/s)*c1 + floor(v1/s))*c2 + floor(v2/s)`` (SPEC A2).
+        ``r(v) = (floor(v0/s)*c1 + floor(v1/s))*c2 + floor(v2/s)`` (algorithm A2).
 
     Notes
     -----
@@ -380,7 +380,7 @@ def _entropy_dominant_one(w, eps):
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _weight_analysis(maps):
-    """Entropy and dominant-expert maps of a weight map (SPEC A8 analysis npz).
+    """Entropy and dominant-expert maps of a weight map (algorithm A8 analysis npz).
 
     Parameters
     ----------
@@ -433,7 +433,7 @@ def _weight_analysis(maps):
 
 
 # --------------------------------------------------------------------------------------
-# Brain mask: largest 26-connected component (SPEC A7.5)
+# Brain mask: largest 26-connected component (algorithm A7.5)
 # --------------------------------------------------------------------------------------
 
 
@@ -519,7 +519,7 @@ def _label_slab_one(hr, thr, parent, lo, hi):
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _brain_mask(hr, threshold, parent, n_slabs):
-    """Largest 26-connected component of ``hr >= threshold`` (SPEC A7.5).
+    """Largest 26-connected component of ``hr >= threshold`` (algorithm A7.5).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Metric kernels: masked error sums and slice-wise SSIM (SPEC A7.6).
+"""Metric kernels: masked error sums and slice-wise SSIM (algorithm A7.6).
 
 The wrappers in :mod:`pacs_numba.metrics` turn these sums into mse, mae, psnr and
 ssim.  SSIM reproduces ``skimage.metrics.structural_similarity`` with its
@@ -61,7 +61,7 @@ def _metrics_plane_one(hr, pred, i0, count, sum_sq, sum_abs, hr_min, hr_max):
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _volume_metrics(hr, pred):
-    """Compute the masked sums behind mse, mae and psnr (SPEC A7.6).
+    """Compute the masked sums behind mse, mae and psnr (algorithm A7.6).
 
     Parameters
     ----------
@@ -252,7 +252,7 @@ def _ssim_slice_one(t, p, data_range, vert, col, run):
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _ssim_slices(hr, pred, mask, axis, min_range, n_chunks):
-    """Slice-wise SSIM of ``hr*m`` vs ``pred*m`` along ``axis`` (SPEC A7.6).
+    """Slice-wise SSIM of ``hr*m`` vs ``pred*m`` along ``axis`` (algorithm A7.6).
 
     Parameters
     ----------

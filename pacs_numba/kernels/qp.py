@@ -1,4 +1,4 @@
-"""Per-tile weight solvers and Laplacian smoothing on the tile grid (SPEC A5, A6, B3).
+"""Per-tile weight solvers and Laplacian smoothing on the tile grid (algorithm A5, A6, B3).
 
 Three parallel drivers, one tile per ``prange`` work item:
 
@@ -261,7 +261,7 @@ def _simplex_qp_one(q, bvec, lam, out, a, b, aug, sol, idx, best_w):
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _solve_simplex_qp(q_all, b_all, lam, active, n_chunks):
-    """Exact simplex-constrained QP for every tile (SPEC A5, B3).
+    """Exact simplex-constrained QP for every tile (algorithm A5, B3).
 
     Parameters
     ----------
@@ -437,7 +437,7 @@ def _unconstrained_one(q, bvec, lam, out, a, b, v):
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _solve_unconstrained(q_all, b_all, lam, active, n_chunks):
-    """Least-norm solution of ``(Q_t + lam I) w = B_t`` for every tile (SPEC A5).
+    """Least-norm solution of ``(Q_t + lam I) w = B_t`` for every tile (algorithm A5).
 
     Parameters
     ----------
@@ -489,7 +489,7 @@ def _solve_unconstrained(q_all, b_all, lam, active, n_chunks):
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _laplacian_smooth(weights, learned, n0, n1, n2, tau):
-    """One Jacobi step of Laplacian smoothing on the tile grid (SPEC A6).
+    """One Jacobi step of Laplacian smoothing on the tile grid (algorithm A6).
 
     Parameters
     ----------

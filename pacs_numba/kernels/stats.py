@@ -1,9 +1,9 @@
-"""Per-patient statistics kernels (SPEC A3, A4): valid mask, masked moments, edge maximum, tiles.
+"""Per-patient statistics kernels (algorithm A3, A4): valid mask, masked moments, edge maximum, tiles.
 
 Every kernel reads the raw float32 volumes (read-only, C-contiguous, possibly
 memory-mapped) and derives z-scored values, gradients and edge weights on the
 fly, one line ``vol[v0, v1, :]`` at a time, so no normalised or gradient volume
-is ever materialised (SPEC B2).  All helpers live in this module on purpose:
+is ever materialised (algorithm B2).  All helpers live in this module on purpose:
 Numba's on-disk cache of a kernel is not invalidated when a helper imported from
 another module changes.
 
@@ -227,7 +227,7 @@ def _line_gradients_one(vol, v0, v1, mu, inv_sd, w_side, w_mid, val, grad, row, 
 
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _line_weights_one(mask, v0, v1, grad, lambda_edge, edge_power, inv_edge, wt):
-    """Write the voxel weights ``omega = e * mask`` of one line (SPEC A3.4).
+    """Write the voxel weights ``omega = e * mask`` of one line (algorithm A3.4).
 
     Parameters
     ----------
@@ -270,7 +270,7 @@ def _line_weights_one(mask, v0, v1, grad, lambda_edge, edge_power, inv_edge, wt)
 
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _accumulate_line_one(val, grad, wt, lambda_grad, use_grad, acc):
-    """Add one line's per-voxel products to the per-position accumulators (SPEC A4).
+    """Add one line's per-voxel products to the per-position accumulators (algorithm A4).
 
     Parameters
     ----------
@@ -397,7 +397,7 @@ def _valid_mask(hr, experts):
     -------
     mask : (N0, N1, N2) uint8
         1 where ``hr`` is finite and ``> 0`` and every expert is finite, else 0
-        (SPEC A3.1 plus finiteness).
+        (algorithm A3.1 plus finiteness).
     nonfinite : (M + 1,) int64
         Number of NaN/Inf voxels in the HR (index 0) and in each expert.
 
@@ -452,7 +452,7 @@ def _volume_moments(vols, mask):
     Returns
     -------
     (K, 2) float64
-        Row ``e``: ``[mean, max(std, SD_FLOOR)]`` of ``vols[e][mask]`` (SPEC A3.2,
+        Row ``e``: ``[mean, max(std, SD_FLOOR)]`` of ``vols[e][mask]`` (algorithm A3.2,
         ``ddof=0``).  An empty mask gives ``[0.0, 1.0]``, the identity z-score, so
         that callers stay finite (the reference would produce NaN).
 
@@ -536,7 +536,7 @@ def _sobel_magnitude_max(hr, mu, sd, n_chunks):
     -------
     float64
         ``max(sqrt(S0^2 + S1^2 + S2^2))`` with ``S_d = sobel((hr - mu) / sd, axis=d,
-        mode="nearest")`` (SPEC A3.4), over every voxel, masked or not.
+        mode="nearest")`` (algorithm A3.4), over every voxel, masked or not.
 
     Notes
     -----
@@ -577,7 +577,7 @@ def _tile_statistics(
     hr, experts, mask, stride, mus, sds, lambda_edge, edge_power, gmax, lambda_grad, grad_op,
     n_chunks,
 ):
-    """Per-tile normal equations of one patient in one fused pass (SPEC A3-A4).
+    """Per-tile normal equations of one patient in one fused pass (algorithm A3-A4).
 
     Parameters
     ----------
@@ -589,7 +589,7 @@ def _tile_statistics(
         Valid mask (see :func:`_valid_mask`).
     stride : int
         Tile stride ``s``; voxel ``v`` belongs to tile
-        ``(floor(v0/s) * n1 + floor(v1/s)) * n2 + floor(v2/s)`` (SPEC A2 labels).
+        ``(floor(v0/s) * n1 + floor(v1/s)) * n2 + floor(v2/s)`` (algorithm A2 labels).
     mus, sds : (M + 1,) float64
         Mean and floored std of the HR (index 0) and each expert over the mask.
     lambda_edge, edge_power : float64

@@ -1,4 +1,4 @@
-"""Slow twins of the blend, weight-map and brain-mask kernels, written from SPEC A7 and A8.
+"""Slow twins of the blend, weight-map and brain-mask kernels, written from algorithm A7 and A8.
 
 Plain NumPy/SciPy in the reference's float32 arrays, tile by tile.  Never
 imports numba or pacs_numba.kernels.
@@ -12,7 +12,7 @@ from scipy.signal import windows
 
 
 def anchors(n: int, stride: int) -> list[int]:
-    """SPEC A2: 0, s, 2s, ... < n."""
+    """algorithm A2: 0, s, 2s, ... < n."""
     return list(range(0, n, stride))
 
 
@@ -49,7 +49,7 @@ def zscore_expert(x, mu: float, sd: float) -> np.ndarray:
 
 
 def blend_volume(experts, shape, patch_size, stride, weights, mus, sds, mu_hr, sd_hr, mask, window):
-    """SPEC A7.2-A7.5, literally: overlap-add every tile box in float32 arrays."""
+    """algorithm A7.2-A7.5, literally: overlap-add every tile box in float32 arrays."""
     kind = "flat" if stride >= patch_size else window
     x = np.stack(
         [zscore_expert(e, float(m), float(s)) for e, m, s in zip(experts, mus, sds, strict=True)]
@@ -118,7 +118,7 @@ def weight_statistics(maps, model_names) -> dict:
 
 
 def brain_mask(hr, threshold: float = 0.1) -> np.ndarray:
-    """SPEC A7.5 with scipy: largest 26-connected component; empty -> zeros."""
+    """algorithm A7.5 with scipy: largest 26-connected component; empty -> zeros."""
     b = np.asarray(hr, dtype=np.float32) >= threshold
     lab, n = ndimage.label(b, structure=np.ones((3, 3, 3)))
     if n == 0:

@@ -1,4 +1,4 @@
-"""Slow twins of the metric kernels, written from SPEC A7.6 (the reference's expressions).
+"""Slow twins of the metric kernels, written from algorithm A7.6 (the reference's expressions).
 
 SSIM calls ``skimage.metrics.structural_similarity`` itself: it is the oracle.
 Never imports numba or pacs_numba.kernels.
@@ -13,7 +13,7 @@ AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
 def foreground(hr) -> np.ndarray:
-    """SPEC A7.6 mask: hr > 0 over finite voxels."""
+    """algorithm A7.6 mask: hr > 0 over finite voxels."""
     hr = np.asarray(hr, dtype=np.float32)
     return (hr > 0) & np.isfinite(hr)
 

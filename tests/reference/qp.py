@@ -1,4 +1,4 @@
-"""Slow twins of ``pacs_numba.kernels.qp`` (SPEC A5, A6), written from SPEC.md.
+"""Slow twins of ``pacs_numba.kernels.qp`` (algorithm A5, A6), written from docs/algorithm.md.
 
 Brute force and plain loops; nothing here imports numba or pacs_numba.
 """
@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-SMOOTH_EPS = 1e-8  # SPEC A6
+SMOOTH_EPS = 1e-8  # algorithm A6
 
 
 def objective(Q, B, lam, w):
@@ -123,7 +123,7 @@ def unconstrained(Q, B, lam, rcond=1e-12):
 
 
 def laplacian_smooth(W, learned, counts, tau):
-    """One Jacobi step of SPEC A6 with plain loops over the grid, in float64.
+    """One Jacobi step of algorithm A6 with plain loops over the grid, in float64.
 
     ``tau <= 0`` returns the weights unchanged, as the reference's
     ``laplacian_smooth_weights`` does.

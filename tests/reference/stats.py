@@ -1,9 +1,9 @@
-"""Slow twins of ``pacs_numba.kernels.stats``, written literally from SPEC.md A2-A4.
+"""Slow twins of ``pacs_numba.kernels.stats``, written literally from docs/algorithm.md A2-A4.
 
 Everything is materialised the way the published reference does it: float32
 z-scored volumes, ``scipy.ndimage`` gradient volumes (mode "nearest"), one
 boolean mask ``labels == r`` per tile, and Q/B summed in float64 with einsum.
-Two agreed additions to SPEC A3.1 are mirrored here: voxels where the HR or any
+Two agreed additions to algorithm A3.1 are mirrored here: voxels where the HR or any
 expert is non-finite are left out of the mask (and counted), and a non-finite
 value is read as 0.0 wherever a value is still needed; an empty mask has the
 identity z-score (mean 0, std 1).  Never imports numba or pacs_numba.
@@ -86,7 +86,7 @@ def patient_statistics(
 ) -> dict[str, np.ndarray | float]:
     """Per-tile Q, B, counts of one patient (A3-A4), the slow obvious way.
 
-    ``labels`` is the SPEC A2 label volume.  ``tiles`` restricts Q/B/counts to a
+    ``labels`` is the algorithm A2 label volume.  ``tiles`` restricts Q/B/counts to a
     subset (other rows stay 0).  Also returns ``yy`` per tile,
     ``sum omega y^2 + lambda_grad sum_d sum omega H_d^2``, which bounds ``|B|`` by
     Cauchy-Schwarz (the tests scale tolerances with it).
