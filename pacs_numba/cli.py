@@ -261,15 +261,13 @@ def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
 def _file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
     if not config.pacs_sr.log_to_file:
         return
+    from .layout import ExperimentLayout
     from .logsetup import add_file_log
 
     root = Path(getattr(args, "out_root", None) or config.pacs_sr.out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = (
-        root
-        / config.pacs_sr.experiment_name
-        / "logs"
-        / (f"pacs_numba-{args.command}-{stamp}-{platform.node()}-{os.getpid()}.log")
+    path = ExperimentLayout(root, config.pacs_sr.experiment_name).log_file(
+        args.command, stamp, platform.node(), os.getpid()
     )
     add_file_log(path, logging.getLogger().level)
     log.info("logging to %s", path)

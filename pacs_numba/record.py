@@ -22,10 +22,10 @@ import numpy as np
 
 from .errors import InputError
 from .io import atomic_write_json, file_fingerprint
+from .layout import RECORD_FILE  # noqa: F401 - re-exported: the record's file name
 
 log = logging.getLogger(__name__)
 
-RECORD_FILE = "pacs_numba_run.json"
 FORMAT_VERSION = 1
 
 #: pacs_sr keys that change what a task computes or writes (not how fast).

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "pacs_numba"
 
 # Lower number = lower layer.  A module may import only from its own or lower layers.
 LAYERS = {
-    "_config": 0, "errors": 0,
+    "_config": 0, "errors": 0, "layout": 0,
     "kernels": 1,
     "tiling": 2, "memory": 2, "io": 2, "_arrays": 2, "config": 2, "manifest": 2,
     "statistics": 2, "solve": 2, "blending": 2, "metrics": 2, "cohort": 2,
