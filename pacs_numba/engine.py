@@ -48,7 +48,7 @@ from .memory import (
     plan_pool,
     setup_bytes,
 )
-from .metrics import aggregate, volume_metrics
+from .metrics import METRIC_KEYS, aggregate, volume_metrics  # noqa: F401 - METRIC_KEYS re-exported
 from .model import (
     StackingModel,
     load_model,
@@ -65,7 +65,6 @@ from .tiling import TileGrid
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "statistics", "solve", "smoothing", "blend", "metrics", "writes")
-METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 AFFINE_ATOL = 1e-3
 
 
@@ -780,7 +779,7 @@ class Engine:
                 m["mse"],
                 m["mae"],
             )
-            result = {k: float(m[k]) for k in METRIC_KEYS}
+            result = {k: float(v) for k, v in m.items()}  # every metric volume_metrics made
             record.add_patient(split, pid, inputs, outputs, result)
             return result
 

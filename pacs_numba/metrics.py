@@ -23,7 +23,12 @@ from .kernels.metrics import _ssim_slices, _volume_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["aggregate", "ssim_slices", "volume_metrics"]
+__all__ = ["METRIC_KEYS", "aggregate", "ssim_slices", "volume_metrics"]
+
+#: The metrics of one volume, in the order ``metrics.json`` lists them (algorithm A7.6).
+#: :func:`volume_metrics` returns exactly these keys (a value without a key is an error,
+#: never dropped), and the engine and :func:`aggregate` take the keys from its result.
+METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 
 
 def _readonly(arr: NDArray) -> NDArray:
@@ -178,7 +183,7 @@ def volume_metrics(hr: ArrayLike, pred: ArrayLike, *, ssim_axis: str = "axial") 
     )
     kept = per_slice[~np.isnan(per_slice)]
     ssim = float(np.mean(kept)) if kept.size else 0.0
-    return {"mse": mse, "mae": mae, "psnr": psnr, "ssim": ssim}
+    return dict(zip(METRIC_KEYS, (mse, mae, psnr, ssim), strict=True))
 
 
 def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -187,13 +192,21 @@ def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
     Parameters
     ----------
     metrics : sequence of mapping
-        One ``{name: value}`` per patient, all with the keys of the first.
+        One ``{name: value}`` per patient (normally :func:`volume_metrics`), all with
+        the same keys.
 
     Returns
     -------
     dict of str to float
         ``{name: float(np.mean([m[name] for m in metrics]))}``; empty if
-        ``metrics`` is empty (the reference writes ``{}`` then).
+        ``metrics`` is empty (the reference writes ``{}`` then).  Keys keep the
+        first patient's order.
+
+    Raises
+    ------
+    ValueError
+        If the patients do not all have the same metric names (a metric computed for
+        some patients only would otherwise be averaged over a subset or dropped).
 
     Examples
     --------
@@ -203,4 +216,9 @@ def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
     if len(metrics) == 0:
         return {}
     keys = list(metrics[0].keys())
+    for i, m in enumerate(metrics):
+        if set(m) != set(keys):
+            raise ValueError(
+                f"patient {i} has metrics {sorted(m)}; expected {sorted(keys)} like patient 0"
+            )
     return {k: float(np.mean([float(m[k]) for m in metrics])) for k in keys}
