@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     import numba
 
+    from . import _config
+
     env = os.environ
     slurm = (
         " ".join(
@@ -222,7 +224,7 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     )
     log.info(
         "pacs-numba %s on %s (%s); %s; numba %s, threading layer %s, %d numba threads; "
-        "volume cache %s",
+        "volume cache %s; compile cache %s",
         __version__,
         platform.node(),
         slurm,
@@ -231,6 +233,7 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
         engine.layer,
         numba.config.NUMBA_NUM_THREADS,
         engine.store.directory,
+        _config.KERNEL_CACHE_DIR or "off",
     )
 
 
