@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from . import __version__
-from .blending import blend_patient, weight_analysis, weight_maps
+from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
 from .errors import BudgetError, ConfigError, InputError, Interrupted
 from .io import (
@@ -750,8 +750,12 @@ class Engine:
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
             with clock("blend"):
-                try:
-                    blend = blend_patient(hr.data, exp, grid, model.weights, window=p.mixing_window)
+                try:  # algorithm A7: statistics and brain mask from the HR
+                    norm = Normalisation.from_hr(hr.data, exp)
+                    blend = blend_patient(
+                        exp, grid, model.weights, window=p.mixing_window, norm=norm,
+                        brain_mask=brain_mask(hr.data),
+                    )
                 except InputError as exc:
                     msg = f"HR '{paths['HR']}': {exc}"
                     log.warning("skipping patient %s: %s", pid, msg)
