@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._arrays import as_volume, as_volume_list
+from ._checks import as_mask_u8, as_tile_weights, check_shape, readonly
 from ._config import BRAIN_THRESHOLD, WINDOWS
 from .errors import InputError
 from .kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
@@ -33,26 +34,6 @@ __all__ = [
     "weight_analysis",
     "weight_maps",
 ]
-
-
-def _readonly(arr: NDArray) -> NDArray:
-    """Read-only view, so each kernel compiles once (Numba types readonly arrays apart)."""
-    view = arr.view()
-    view.flags.writeable = False
-    return view
-
-
-def _as_weights(weights: ArrayLike, grid: TileGrid, n_experts: int | None = None) -> NDArray:
-    w = _readonly(np.ascontiguousarray(weights, dtype=np.float32))
-    if w.ndim != 2 or w.shape[0] != grid.n_tiles or w.shape[1] < 1:
-        raise ValueError(
-            f"weights have shape {w.shape}; expected ({grid.n_tiles}, n_experts) for the "
-            f"{grid.counts} tile grid of a {grid.shape} volume "
-            f"(patch_size={grid.patch_size}, stride={grid.stride})"
-        )
-    if n_experts is not None and w.shape[1] != n_experts:
-        raise ValueError(f"weights have {w.shape[1]} columns but {n_experts} experts were given")
-    return w
 
 
 def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[np.uint8]:
@@ -76,7 +57,7 @@ def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[
 
     Raises
     ------
-    ValueError
+    InputError
         If ``hr`` is not 3-D.
 
     Notes
@@ -132,8 +113,7 @@ def expert_mean(experts: Sequence[ArrayLike]) -> NDArray[np.float32]:
     proxy = np.zeros(shape, dtype=np.float32)
     for e, vol in enumerate(experts):  # one expert at a time: no list of converted copies
         vol = np.asarray(vol)
-        if vol.shape != shape:
-            raise InputError(f"expert {e} has shape {vol.shape}; expected {shape} like expert 0")
+        check_shape(vol.shape, shape, what=f"expert {e}", like="expert 0")
         proxy += np.where(np.isfinite(vol), vol, np.float32(0))
     proxy /= np.float32(len(experts))
     return proxy
@@ -310,10 +290,11 @@ def blend_volume(
 
     Raises
     ------
+    InputError
+        On an empty expert list, mismatched shapes, or a weights array that does
+        not match the grid and the experts.
     ValueError
-        On an unknown window, an empty expert list, mismatched shapes, a
-        weights array that does not match the grid and the experts, or a
-        non-positive / non-finite ``sds`` or ``sd_hr``.
+        On an unknown window, or a non-positive / non-finite ``sds`` or ``sd_hr``.
 
     Notes
     -----
@@ -341,11 +322,11 @@ def blend_volume(
         raise ValueError(f"window must be one of {sorted(WINDOWS)}, got {window!r}")
     vols = as_volume_list(experts, grid.shape)
     n_exp = len(vols)
-    w = _as_weights(weights, grid, n_exp)
-    mus64 = _readonly(np.ascontiguousarray(mus, dtype=np.float64).reshape(-1))
-    sds64 = _readonly(np.ascontiguousarray(sds, dtype=np.float64).reshape(-1))
+    w = as_tile_weights(weights, grid, n_exp)
+    mus64 = readonly(np.ascontiguousarray(mus, dtype=np.float64).reshape(-1))
+    sds64 = readonly(np.ascontiguousarray(sds, dtype=np.float64).reshape(-1))
     if mus64.shape != (n_exp,) or sds64.shape != (n_exp,):
-        raise ValueError(
+        raise InputError(
             f"mus and sds need one value per expert ({n_exp}); got {mus64.size} and {sds64.size}"
         )
     if not (np.all(np.isfinite(sds64)) and np.all(sds64 > 0) and np.all(np.isfinite(mus64))):
@@ -357,17 +338,10 @@ def blend_volume(
             f"HR statistics must be finite with sd_hr > 0; got mu_hr={mu_hr}, sd_hr={sd_hr}"
         )
     if mask is None:
-        mask_u8 = _readonly(np.zeros((1, 1, 1), np.uint8))
+        mask_u8 = readonly(np.zeros((1, 1, 1), np.uint8))
         use_mask = False
     else:
-        mask_u8 = np.asarray(mask)
-        # bool -> uint8 is a view (no copy); any other dtype: nonzero = inside.
-        mask_u8 = (
-            mask_u8.view(np.uint8) if mask_u8.dtype == np.bool_ else (mask_u8 != 0).view(np.uint8)
-        )
-        mask_u8 = _readonly(np.ascontiguousarray(mask_u8))
-        if mask_u8.shape != grid.shape:
-            raise ValueError(f"mask has shape {mask_u8.shape}; expected {grid.shape}")
+        mask_u8 = as_mask_u8(mask, grid.shape, like="the tile grid")
         use_mask = True
     kind = "flat" if grid.stride >= grid.patch_size else window
     return _blend_volume(
@@ -404,7 +378,7 @@ def weight_maps(weights: ArrayLike, grid: TileGrid) -> NDArray[np.float32]:
 
     Raises
     ------
-    ValueError
+    InputError
         If ``weights`` does not have one row per tile.
 
     Examples
@@ -415,7 +389,7 @@ def weight_maps(weights: ArrayLike, grid: TileGrid) -> NDArray[np.float32]:
     >>> weight_maps(w, g)[:, 0, 0, 1].tolist()
     [0.0, 0.0, 0.75]
     """
-    w = _as_weights(weights, grid)
+    w = as_tile_weights(weights, grid)
     n0, n1, n2 = grid.shape
     return _weight_maps(w, n0, n1, n2, grid.stride)
 
@@ -511,13 +485,13 @@ def weight_analysis(
 
     Raises
     ------
-    ValueError
+    InputError
         If ``maps`` is not 4-D or ``model_names`` does not name its last axis.
     """
-    wm = _readonly(np.ascontiguousarray(maps, dtype=np.float32))
+    wm = readonly(np.ascontiguousarray(maps, dtype=np.float32))
     names = [str(n) for n in model_names]
     if wm.ndim != 4 or wm.shape[3] != len(names) or len(names) == 0:
-        raise ValueError(
+        raise InputError(
             f"weight maps have shape {wm.shape}; expected (N0, N1, N2, {len(names)}) "
             f"for models {names}"
         )
@@ -527,7 +501,7 @@ def weight_analysis(
         weights, grid = tiles
         w32 = np.asarray(weights, dtype=np.float32)
         if grid.shape != wm.shape[:3] or w32.shape != (grid.n_tiles, len(names)):
-            raise ValueError(f"tiles {w32.shape} on {grid} do not describe maps {wm.shape}")
+            raise InputError(f"tiles {w32.shape} on {grid} do not describe maps {wm.shape}")
         counts = _label_voxel_counts(grid)
         for i, name in enumerate(names):
             stats[name] = _counted_statistics(w32[:, i], counts)
