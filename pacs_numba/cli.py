@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     import numba
 
+    from . import _config
+
     env = os.environ
     slurm = (
         " ".join(
@@ -222,7 +224,7 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     )
     log.info(
         "pacs-numba %s on %s (%s); %s; numba %s, threading layer %s, %d numba threads; "
-        "volume cache %s",
+        "volume cache %s; compile cache %s",
         __version__,
         platform.node(),
         slurm,
@@ -231,6 +233,7 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
         engine.layer,
         numba.config.NUMBA_NUM_THREADS,
         engine.store.directory,
+        _config.KERNEL_CACHE_DIR or "off",
     )
 
 
@@ -261,15 +264,13 @@ def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
 def _file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
     if not config.pacs_sr.log_to_file:
         return
+    from .layout import ExperimentLayout
     from .logsetup import add_file_log
 
     root = Path(getattr(args, "out_root", None) or config.pacs_sr.out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = (
-        root
-        / config.pacs_sr.experiment_name
-        / "logs"
-        / (f"pacs_numba-{args.command}-{stamp}-{platform.node()}-{os.getpid()}.log")
+    path = ExperimentLayout(root, config.pacs_sr.experiment_name).log_file(
+        args.command, stamp, platform.node(), os.getpid()
     )
     add_file_log(path, logging.getLogger().level)
     log.info("logging to %s", path)

@@ -116,8 +116,6 @@ def _writable(directory: Path) -> str | None:
 
 def check_caches(cache_dir: Path | None) -> list[Check]:
     """Whether the volume cache and Numba's compile cache can be written."""
-    import numba
-
     from .io import VolumeStore
 
     out: list[Check] = []
@@ -138,14 +136,20 @@ def check_caches(cache_dir: Path | None) -> list[Check]:
             out.append((OK, "volume cache", ", ".join(f"{k}={v}" for k, v in info.items())))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         out.append((FAIL, "volume cache", str(exc)))
-    numba_dir = numba.config.CACHE_DIR or ""
-    target = Path(numba_dir) if numba_dir else Path(__file__).parent / "kernels" / "__pycache__"
-    err = _writable(target)
+    from ._config import KERNEL_CACHE_DIR
+
+    if KERNEL_CACHE_DIR is None:
+        out.append((WARN, "compile cache", "off (PACS_NUMBA_CACHE=0): every process compiles"))
+        return out
+    # One folder per build of the kernels (fast-math flags, constants, versions).
+    target = KERNEL_CACHE_DIR
+    user_dir = os.environ.get("NUMBA_CACHE_DIR", "")
     where = (
-        f"NUMBA_CACHE_DIR={numba_dir}"
-        if numba_dir
+        f"{target} (NUMBA_CACHE_DIR={user_dir})"
+        if user_dir
         else f"{target} (set NUMBA_CACHE_DIR to move it)"
     )
+    err = _writable(target)
     if err:
         out.append(
             (

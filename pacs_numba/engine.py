@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from . import __version__
-from .blending import blend_patient, weight_analysis, weight_maps
+from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
 from .errors import BudgetError, ConfigError, InputError, Interrupted
 from .io import (
@@ -36,6 +36,7 @@ from .io import (
     read_shape,
     write_nifti,
 )
+from .layout import TaskLayout
 from .manifest import load_manifest, select_task
 from .memory import (
     Limits,
@@ -47,9 +48,8 @@ from .memory import (
     plan_pool,
     setup_bytes,
 )
-from .metrics import aggregate, volume_metrics
+from .metrics import METRIC_KEYS, aggregate, volume_metrics  # noqa: F401 - METRIC_KEYS re-exported
 from .model import (
-    MODEL_FILE,
     StackingModel,
     load_model,
     read_weights_json,
@@ -57,7 +57,7 @@ from .model import (
     write_weights_json,
 )
 from .progress import progress
-from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
+from .record import RunRecord, fingerprints, model_digest, result_settings
 from .solve import fit_weights, laplacian_smooth
 from .statistics import patient_statistics
 from .tiling import TileGrid
@@ -65,7 +65,6 @@ from .tiling import TileGrid
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "statistics", "solve", "smoothing", "blend", "metrics", "writes")
-METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 AFFINE_ATOL = 1e-3
 
 
@@ -257,20 +256,19 @@ class Engine:
         self.stop_signal = signum
         self.stop_event.set()
 
+    def layout(self, task: Task) -> TaskLayout:
+        """Every output path of ``task`` (:class:`pacs_numba.layout.TaskLayout`)."""
+        return TaskLayout(
+            self.out_root, self.pacs.experiment_name, task.fold, task.spacing, task.pulse
+        )
+
     def model_dir(self, task: Task) -> Path:
         """``{out_root}/{experiment}/{spacing}/model_data/fold_{N}/{pulse}``."""
-        return (
-            self.out_root
-            / self.pacs.experiment_name
-            / task.spacing
-            / "model_data"
-            / f"fold_{task.fold}"
-            / task.pulse
-        )
+        return self.layout(task).model_dir
 
     def volumes_dir(self, task: Task) -> Path:
         """``{out_root}/{experiment}/{spacing}/output_volumes``."""
-        return self.out_root / self.pacs.experiment_name / task.spacing / "output_volumes"
+        return self.layout(task).volumes_dir
 
     def train(self, task: Task) -> TaskResult:
         """Fit the tile weights of ``task`` on its training patients, then evaluate."""
@@ -282,13 +280,11 @@ class Engine:
         Without ``weights_path`` the task's own model file (or weights.json) is used.
         """
         if weights_path is None:
-            mdir = self.model_dir(task)
-            weights_path = mdir / MODEL_FILE
-            if not weights_path.exists():
-                weights_path = mdir / "weights.json"
-            if not weights_path.exists():
+            lay = self.layout(task)
+            weights_path = lay.existing_weights()
+            if weights_path is None:
                 raise InputError(
-                    f"no model for {task} in '{mdir}': run `pacs-numba train` first "
+                    f"no model for {task} in '{lay.model_dir}': run `pacs-numba train` first "
                     "or pass --weights"
                 )
         return self._run(task, weights_path=Path(weights_path))
@@ -299,8 +295,9 @@ class Engine:
         clock = StageClock()
         train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
         self._check_files_exist(task, {**train, **test})
-        mdir = self.model_dir(task)
-        self._check_existing_outputs(task, mdir)
+        lay = self.layout(task)
+        mdir = lay.model_dir
+        self._check_existing_outputs(task, lay)
         log.info(
             "task %s: %d train, %d test patients, %d experts %s -> %s",
             task,
@@ -313,7 +310,7 @@ class Engine:
         skipped: dict[str, str] = {}
         nonfinite: dict[str, dict[str, int]] = {}
         record = RunRecord(
-            mdir / RECORD_FILE,
+            lay.record_file,
             result_settings(config_to_dict(self.config)["pacs_sr"], self.models),
             resume=self.options.resume,
         )
@@ -325,19 +322,19 @@ class Engine:
                     for pid, paths in train.items()
                 }
             }
-            model = self._reusable_model(record, source, mdir)
+            model = self._reusable_model(record, source, lay)
             if model is None:
                 model, plan = self._fit(task, train, clock, skipped, nonfinite)
                 with clock("writes"):
-                    save_model(mdir / MODEL_FILE, model)
-                    write_weights_json(mdir / "weights.json", model.weights, model.learned)
+                    save_model(lay.model_file, model)
+                    write_weights_json(lay.weights_json, model.weights, model.learned)
             else:
                 skipped.update((record.old or {}).get("model", {}).get("skipped", {}))
         else:
             model = self._load_weights(task, weights_path, train, test)
             source = {"weights": fingerprints([weights_path])}
             with clock("writes"):
-                write_weights_json(mdir / "weights.json", model.weights, model.learned)
+                write_weights_json(lay.weights_json, model.weights, model.learned)
         record.set_model(
             model_digest(model.weights, model.learned, model.grid.shape), source, dict(skipped)
         )
@@ -365,9 +362,9 @@ class Engine:
         if nonfinite:
             metrics_doc["nonfinite_voxels"] = dict(sorted(nonfinite.items()))
         with clock("writes"):
-            atomic_write_json(mdir / "metrics.json", metrics_doc, indent=2)
+            atomic_write_json(lay.metrics_json, metrics_doc, indent=2)
             atomic_write_json(
-                mdir / "patients.json",
+                lay.patients_json,
                 {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds},
                 indent=2,
             )
@@ -396,12 +393,13 @@ class Engine:
                 f"'{self.config.data.out}' do not exist:\n  {listing}"
             )
 
-    def _check_existing_outputs(self, task: Task, mdir: Path) -> None:
+    def _check_existing_outputs(self, task: Task, lay: TaskLayout) -> None:
         if self.options.force or self.options.resume:
             return
-        if (mdir / "metrics.json").exists():
+        if lay.metrics_json.exists():
             raise ConfigError(
-                f"outputs of {task} already exist in '{mdir}'; pass --force to overwrite them "
+                f"outputs of {task} already exist in '{lay.model_dir}'; pass --force to "
+                "overwrite them "
                 "or --resume to keep complete ones"
             )
 
@@ -648,21 +646,21 @@ class Engine:
         return StackingModel(weights, learned, grid, self.models, settings), plan
 
     def _reusable_model(
-        self, record: RunRecord, source: dict[str, Any], mdir: Path
+        self, record: RunRecord, source: dict[str, Any], lay: TaskLayout
     ) -> StackingModel | None:
         """Return the previous model when resuming and its training inputs are unchanged."""
         digest = record.reusable_model(source)
-        if digest is None or not (mdir / MODEL_FILE).exists():
+        if digest is None or not lay.model_file.exists():
             return None
         try:
-            model = load_model(mdir / MODEL_FILE)
+            model = load_model(lay.model_file)
         except InputError as exc:
             log.warning("resume: %s; fitting again", exc)
             return None
         if model_digest(model.weights, model.learned, model.grid.shape) != digest:
-            log.info("resume: '%s' is not the recorded model; fitting again", mdir / MODEL_FILE)
+            log.info("resume: '%s' is not the recorded model; fitting again", lay.model_file)
             return None
-        log.info("resume: reusing the fitted model in '%s'", mdir / MODEL_FILE)
+        log.info("resume: reusing the fitted model in '%s'", lay.model_file)
         return model
 
     def _reference_shape(
@@ -733,8 +731,7 @@ class Engine:
         grid = model.grid
         plan = self._plan(len(patients), grid.shape, "evaluate")
         log.info("evaluate %s %s: %s", task, split, _describe_plan(plan))
-        mdir = self.model_dir(task)
-        vdir = self.volumes_dir(task)
+        lay = self.layout(task)
         npz: _WeightNpz | None = None
         if p.save_weight_volumes and split == "test":
             with clock("writes"):  # before the pool: the maps never meet a patient in flight
@@ -753,8 +750,12 @@ class Engine:
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
             with clock("blend"):
-                try:
-                    blend = blend_patient(hr.data, exp, grid, model.weights, window=p.mixing_window)
+                try:  # algorithm A7: statistics and brain mask from the HR
+                    norm = Normalisation.from_hr(hr.data, exp)
+                    blend = blend_patient(
+                        exp, grid, model.weights, window=p.mixing_window, norm=norm,
+                        brain_mask=brain_mask(hr.data),
+                    )
                 except InputError as exc:
                     msg = f"HR '{paths['HR']}': {exc}"
                     log.warning("skipping patient %s: %s", pid, msg)
@@ -764,18 +765,14 @@ class Engine:
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
             with clock("writes"):
                 if p.save_blends:
-                    target = (
-                        vdir / f"{pid}-{task.pulse}.nii.gz"
-                        if split == "test"
-                        else mdir / f"{pid}_blend_train.nii.gz"
-                    )
+                    target = lay.blend(split, pid)
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
                 # The npz writes below are the slowest step: release this patient's blend
                 # and mapped volumes first so they do not count against other patients.
                 del blend, exp, experts, hr
                 if npz is not None:
-                    outputs += npz.write(mdir, pid)
+                    outputs += npz.write(lay, pid)
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -786,7 +783,7 @@ class Engine:
                 m["mse"],
                 m["mae"],
             )
-            result = {k: float(m[k]) for k in METRIC_KEYS}
+            result = {k: float(v) for k, v in m.items()}  # every metric volume_metrics made
             record.add_patient(split, pid, inputs, outputs, result)
             return result
 
@@ -823,9 +820,9 @@ class _WeightNpz:
         self.analysis = npz_bytes(**analysis)  # weight_maps, entropy, dominant, statistics
         del maps, analysis
 
-    def write(self, mdir: Path, pid: str) -> list[Path]:
+    def write(self, lay: TaskLayout, pid: str) -> list[Path]:
         """Write ``{pid}_weights_test.npz`` and ``{pid}_weight_analysis_test.npz``."""
-        paths = [mdir / f"{pid}_weights_test.npz", mdir / f"{pid}_weight_analysis_test.npz"]
+        paths = [lay.weight_npz(pid), lay.weight_analysis_npz(pid)]
         atomic_savez_from(paths[0], self.weights, patient_id=np.asarray(pid))
         atomic_savez_from(paths[1], self.analysis, patient_id=np.asarray(pid))
         return paths

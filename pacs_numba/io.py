@@ -56,6 +56,7 @@ try:
 except ImportError:  # not POSIX: no inter-process lock, atomic renames still keep entries whole
     fcntl = None  # type: ignore[assignment]
 
+from ._checks import readonly
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class NiftiMeta:
             raise ValueError("bad shape, affine or zooms")
         if version not in (1, 2):
             raise ValueError(f"bad nifti_version {version}")
-        meta = cls(_shape3(shape), _readonly(affine), _zooms3(zooms),
+        meta = cls(_shape3(shape), readonly(affine), _zooms3(zooms),
                    base64.b64decode(d["header_b64"], validate=True), version)
         meta.header  # noqa: B018  -- parse once so a damaged header is caught here
         return meta
@@ -373,7 +374,7 @@ def _load(p: Path) -> tuple[NDArray[np.float32], NiftiMeta, os.stat_result]:
     hdr.write_to(hbio)
     meta = NiftiMeta(
         shape=_shape3(shape),
-        affine=_readonly(np.array(hdr.get_best_affine(), dtype=np.float64)),
+        affine=readonly(np.array(hdr.get_best_affine(), dtype=np.float64)),
         zooms=_zooms3(hdr.get_zooms()[:3]),
         header_bytes=hbio.getvalue(),
         nifti_version=version,
@@ -389,11 +390,6 @@ def _shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
 def _zooms3(zooms: Any) -> tuple[float, float, float]:
     a, b, c = (float(z) for z in zooms)
     return (a, b, c)
-
-
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    arr.flags.writeable = False
-    return arr
 
 
 def read_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
