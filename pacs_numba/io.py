@@ -835,10 +835,17 @@ def _count_nonfinite(vol: np.ndarray) -> int:
     return n
 
 
+# numpy parses .npy headers with ``ast.literal_eval``.  On CPython 3.11.7 two threads in the
+# AST constructor at once can raise "SystemError: AST constructor recursion depth mismatch"
+# (CPython gh-106905, fixed in later releases); the engine's threads map volumes concurrently,
+# so header parsing is serialised.  It costs microseconds per volume.
+_HEADER_LOCK = threading.Lock()
+
+
 def _map_npy(npy: Path, shape: tuple[int, int, int]) -> NDArray[np.float32]:
     """Memory-map a cache ``.npy`` after checking its header and size; ``_BadEntry`` if wrong."""
     try:
-        with open(npy, "rb") as f:
+        with open(npy, "rb") as f, _HEADER_LOCK:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 hshape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -862,7 +869,8 @@ def _map_npy(npy: Path, shape: tuple[int, int, int]) -> NDArray[np.float32]:
     if size != want:
         raise _BadEntry(f".npy is {size} bytes, expected {want} for shape {shape}")
     try:
-        mm = np.load(npy, mmap_mode="r")
+        # The header was parsed above; map with it rather than letting np.load parse it again.
+        mm = np.memmap(npy, dtype="<f4", mode="r", offset=offset, shape=shape, order="C")
     except (OSError, ValueError) as exc:
         raise _BadEntry(f".npy cannot be mapped: {exc}") from exc
     vol = mm.view(np.ndarray)  # as _arrays.as_volume does: a plain ndarray over the same map
