@@ -191,8 +191,8 @@ def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None
 
 # ---------------------------------------------------------------- one patient of each stage
 
-STAGE_CASES = [((112, 128, 112), 2), ((112, 128, 112), 5), ((144, 160, 128), 2),
-               ((144, 160, 128), 5)]
+STAGE_CASES = [((96, 112, 96), 2), ((96, 112, 96), 5), ((128, 144, 112), 2),
+               ((128, 144, 112), 5)]
 STAGE_PATCH, STAGE_STRIDE = 16, 8
 FIT_OPTIONS = dict(lambda_grad=0.2, lambda_edge=0.25, grad_operator="sobel")
 
