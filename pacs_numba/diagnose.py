@@ -231,16 +231,19 @@ def check_config(
             + f"; volume shape {first.shape}",
         )
     )
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
     for name, sp in plans.items():
         pool = sp.pool
         out.append(
             (
                 OK,
                 f"plan:{name}",
-                f"{sp.cost.per_patient_bytes / 2**30:.2f} GiB per patient; {pool.width} "
-                f"worker(s) x {pool.threads} numba thread(s) ({pool.reason}); needs "
-                f"{sp.needed_bytes / 2**30:.2f} GiB at this width, "
-                f"{sp.needed_bytes_one / 2**30:.2f} GiB for one worker",
+                f"{size(sp.cost.per_patient_bytes)} per patient; {pool.width} worker(s) x "
+                f"{pool.threads} numba thread(s) ({pool.reason}); needs "
+                f"{size(sp.needed_bytes)} at this width, {size(sp.needed_bytes_one)} for one "
+                "worker",
             )
         )
     if plan_out is not None:
