@@ -239,7 +239,7 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
 
 def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
     from .engine import Engine, RunOptions
-    from .memory import parse_size
+    from .limits import parse_size
 
     budget = None
     if getattr(args, "mem_budget", None):
@@ -452,7 +452,7 @@ class _DemoStop:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from .logsetup import resolve_level, setup_logging
-    from .memory import pin_mmap_threshold
+    from .process import pin_mmap_threshold
 
     # Volume-sized temporaries get their own mmap and go back to the OS when freed, instead
     # of staying resident in glibc's per-thread arenas (measured: 20-40 MiB per worker).

@@ -10,7 +10,6 @@ which thread finished first.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from . import __version__
 from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
-from .errors import BudgetError, ConfigError, InputError, Interrupted
+from .errors import ConfigError, InputError, Interrupted
 from .io import (
     VolumeStore,
     atomic_savez_from,
@@ -37,17 +36,8 @@ from .io import (
     write_nifti,
 )
 from .layout import TaskLayout
+from .limits import Limits, detect_limits
 from .manifest import load_manifest, select_task
-from .memory import (
-    Limits,
-    PoolPlan,
-    baseline_bytes,
-    detect_limits,
-    per_patient_bytes,
-    per_task_bytes,
-    plan_pool,
-    setup_bytes,
-)
 from .metrics import METRIC_KEYS, aggregate, volume_metrics  # noqa: F401 - METRIC_KEYS re-exported
 from .model import (
     StackingModel,
@@ -56,6 +46,8 @@ from .model import (
     save_model,
     write_weights_json,
 )
+from .planning import PoolPlan, StagePlan, check_tile_settings, plan_task_stages
+from .process import baseline_bytes
 from .progress import progress
 from .record import RunRecord, fingerprints, model_digest, result_settings
 from .solve import fit_weights, laplacian_smooth
@@ -125,6 +117,7 @@ class TaskResult:
     model_dir: Path
     timings: dict[str, float]
     pool: PoolPlan | None = None
+    plans: dict[str, StagePlan] = field(default_factory=dict)
 
 
 @dataclass
@@ -314,8 +307,15 @@ class Engine:
             result_settings(config_to_dict(self.config)["pacs_sr"], self.models),
             resume=self.options.resume,
         )
-        plan: PoolPlan | None = None
+        # Every stage is planned before any volume is read (headers only), so a task that
+        # cannot run stops here with nothing written, not after its fit.
+        fitting = False
         if weights_path is None:
+            if not train:
+                raise InputError(f"task {task}: the manifest has no training patients")
+            shape = self._reference_shape(task, train, skipped, "training ")
+            check_tile_settings(self.pacs.patch_size, self.pacs.stride, shape,
+                                str(self.config.path))
             source: dict[str, Any] = {
                 "train": {
                     pid: fingerprints([paths["HR"], *paths["experts"]])
@@ -323,18 +323,25 @@ class Engine:
                 }
             }
             model = self._reusable_model(record, source, lay)
-            if model is None:
-                model, plan = self._fit(task, train, clock, skipped, nonfinite)
-                with clock("writes"):
-                    save_model(lay.model_file, model)
-                    write_weights_json(lay.weights_json, model.weights, model.learned)
-            else:
+            fitting = model is None
+            if model is not None:
                 skipped.update((record.old or {}).get("model", {}).get("skipped", {}))
         else:
             model = self._load_weights(task, weights_path, train, test)
             source = {"weights": fingerprints([weights_path])}
+            shape = model.grid.shape
+        plans = self._plan_stages(task, shape, len(train), len(test), fit=fitting)
+        plan: PoolPlan | None = None
+        if fitting:
+            model = self._fit(task, train, clock, skipped, nonfinite, plans["fit"])
+            plan = plans["fit"].pool
+            with clock("writes"):
+                save_model(lay.model_file, model)
+                write_weights_json(lay.weights_json, model.weights, model.learned)
+        elif weights_path is not None:
             with clock("writes"):
                 write_weights_json(lay.weights_json, model.weights, model.learned)
+        assert model is not None
         record.set_model(
             model_digest(model.weights, model.learned, model.grid.shape), source, dict(skipped)
         )
@@ -343,13 +350,13 @@ class Engine:
         results: dict[str, dict[str, float]] = {}
         if self.pacs.evaluate_train and train:
             per_patient["train"], plan_e = self._evaluate_split(
-                task, "train", train, model, clock, skipped, nonfinite, record
+                task, "train", train, model, clock, skipped, nonfinite, record, plans["evaluate"]
             )
             plan = plan or plan_e
             # a non-empty split either yields metrics or _evaluate_split raises
             results["train"] = aggregate(list(per_patient["train"].values()))
         per_patient["test"], plan_t = self._evaluate_split(
-            task, "test", test, model, clock, skipped, nonfinite, record
+            task, "test", test, model, clock, skipped, nonfinite, record, plans.get("evaluate")
         )
         plan = plan or plan_t
         results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
@@ -377,7 +384,9 @@ class Engine:
             for k in ("psnr", "ssim")
         )
         log.info("task=%s secs=%.1f skipped=%d %s", task, secs, len(skipped), summary)
-        return TaskResult(task, results, per_patient, skipped, mdir, dict(clock.seconds), plan)
+        return TaskResult(
+            task, results, per_patient, skipped, mdir, dict(clock.seconds), plan, plans
+        )
 
     # ---------------------------------------------------------------- checks
     def _check_files_exist(self, task: Task, patients: Mapping[str, Mapping[str, Any]]) -> None:
@@ -404,53 +413,44 @@ class Engine:
             )
 
     # ---------------------------------------------------------------- pool
-    def _plan(self, n_patients: int, shape: tuple[int, int, int], stage: str) -> PoolPlan:
-        grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
-        per = per_patient_bytes(
-            shape,
+    def plan(self, task: Task, *, fit: bool = True) -> dict[str, StagePlan]:
+        """Plan every stage of ``task`` as a run of it would (``diagnose --config`` shows this).
+
+        Reads volume headers only.  ``fit=False`` plans an ``evaluate`` of given weights.
+        """
+        train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
+        if fit and not train:
+            raise InputError(f"task {task}: the manifest has no training patients")
+        patients = train if fit else {**test, **train}
+        shape = self._reference_shape(task, patients, {}, "training " if fit else "")
+        return self._plan_stages(task, shape, len(train), len(test), fit=fit)
+
+    def _plan_stages(
+        self, task: Task, shape: tuple[int, int, int], n_train: int, n_test: int, *, fit: bool
+    ) -> dict[str, StagePlan]:
+        plans = plan_task_stages(
+            self.pacs,
             len(self.models),
-            lambda_grad=self.pacs.lambda_grad,
-            lambda_edge=self.pacs.lambda_edge,
-            n_tiles=grid.n_tiles,
-            stage=stage,
-            save_weight_volumes=self.pacs.save_weight_volumes,
-        )
-        once = per_task_bytes(
-            shape, len(self.models), n_tiles=grid.n_tiles, stage=stage,
-            save_weight_volumes=self.pacs.save_weight_volumes, n_patients=n_patients,
-        )
-        plan = plan_pool(
+            shape,
+            n_train,
+            n_test,
             self.limits,
-            per_patient_bytes=per,
-            per_task_bytes=once,
             baseline_bytes=baseline_bytes(),
-            n_patients=max(1, n_patients),
-            num_workers=self.pacs.num_workers,
-            workers_override=self.options.workers,
+            fit=fit,
+            workers=self.options.workers,
             mem_budget_bytes=self.options.mem_budget_bytes,
+            thread_safe=thread_safe_layer(),
+            where=str(self.config.path),
         )
-        setup = setup_bytes(shape, len(self.models), stage=stage,
-                            save_weight_volumes=self.pacs.save_weight_volumes)
-        if plan.baseline_bytes + setup + plan.margin_bytes > plan.limit.value:
-            raise BudgetError(
-                f"the weight maps of one task need {setup / 2**30:.2f} GiB on top of "
-                f"{plan.baseline_bytes / 2**30:.2f} GiB baseline, but the job has "
-                f"{plan.limit.value / 2**30:.2f} GiB ({plan.limit.source}); request more memory "
-                "or set save_weight_volumes: false"
-            )
-        if plan.width > 1 and not thread_safe_layer():
+        if any("workqueue" in p.pool.reason for p in plans.values()):
             log.warning(
                 "Numba threading layer is %s, which aborts when several threads launch "
                 "kernels; running patients one at a time",
                 self.layer,
             )
-            plan = dataclasses.replace(
-                plan,
-                width=1,
-                threads=plan.threads * plan.width,
-                reason=plan.reason + "; 1 worker: workqueue layer",
-            )
-        return plan
+        for stage, p in plans.items():
+            log.debug("plan %s %s: %s", stage, task, p.pool.describe())
+        return plans
 
     def _map_patients(
         self,
@@ -566,13 +566,11 @@ class Engine:
         clock: StageClock,
         skipped: dict[str, str],
         nonfinite: dict[str, dict[str, int]],
-    ):
-        if not train:
-            raise InputError(f"task {task}: the manifest has no training patients")
+        stage_plan: StagePlan,
+    ) -> StackingModel:
         pids = list(train)
-        shape = self._reference_shape(task, train, skipped, "training ")
-        grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
-        plan = self._plan(len(pids), shape, "fit")
+        grid = TileGrid(stage_plan.shape, self.pacs.patch_size, self.pacs.stride)
+        plan = stage_plan.pool
         log.info("fit %s: %s", task, _describe_plan(plan))
         p = self.pacs
 
@@ -643,7 +641,7 @@ class Engine:
             "train_patients": used,
             "pacs_numba_version": __version__,
         }
-        return StackingModel(weights, learned, grid, self.models, settings), plan
+        return StackingModel(weights, learned, grid, self.models, settings)
 
     def _reusable_model(
         self, record: RunRecord, source: dict[str, Any], lay: TaskLayout
@@ -700,6 +698,7 @@ class Engine:
 
     def _load_weights(self, task: Task, path: Path, train: Mapping, test: Mapping) -> StackingModel:
         shape = self._reference_shape(task, {**test, **train}, {})
+        check_tile_settings(self.pacs.patch_size, self.pacs.stride, shape, str(self.config.path))
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         if path.suffix == ".npz":
             model = load_model(path)
@@ -724,12 +723,13 @@ class Engine:
         skipped: dict[str, str],
         nonfinite: dict[str, dict[str, int]],
         record: RunRecord,
+        stage_plan: StagePlan | None,
     ):
-        if not patients:
+        if not patients or stage_plan is None:
             return {}, None
         p = self.pacs
         grid = model.grid
-        plan = self._plan(len(patients), grid.shape, "evaluate")
+        plan = stage_plan.pool.for_patients(len(patients))
         log.info("evaluate %s %s: %s", task, split, _describe_plan(plan))
         lay = self.layout(task)
         npz: _WeightNpz | None = None
