@@ -18,7 +18,7 @@ from ._arrays import as_volume, as_volume_list
 from ._config import BRAIN_THRESHOLD, WINDOWS
 from .errors import InputError
 from .kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
-from .statistics import normalisation, valid_mask
+from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,16 @@ def blend_patient(
     Raises
     ------
     InputError
-        If the HR has no valid voxel > 0 (nothing to normalise over).
+        If the HR has no valid voxel > 0 (nothing to normalise over), or no variance
+        inside that mask.
     """
     mask, _ = valid_mask(hr, experts)
     if not mask.any():
         raise InputError("the HR has no voxel > 0 (empty mask)")
     mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask)
     del mask
+    if hr_is_flat(mu_hr, sd_hr):
+        raise InputError(f"the HR has no variance inside its mask (constant {mu_hr:.6g})")
     bmask = brain_mask(hr)
     return blend_volume(experts, grid, weights, mus=mus, sds=sds, mu_hr=mu_hr, sd_hr=sd_hr,
                         mask=bmask, window=window)
