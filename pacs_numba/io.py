@@ -772,7 +772,13 @@ class VolumeStore:
                 raise _BadEntry(f"format {rec.get('format')!r}, expected {CACHE_FORMAT}")
             seen = {k: rec.get(k) for k in ident}
             if seen != ident:
-                raise _BadEntry(f"sidecar describes {seen}, not the source {ident}")
+                diff = [k for k in ident if seen[k] != ident[k]]
+                raise _BadEntry(
+                    f"sidecar describes {rec.get('source')} "
+                    + " ".join(f"{k}={seen[k]}" for k in diff)
+                    + ", not the source "
+                    + " ".join(f"{k}={ident[k]}" for k in diff)
+                )
             if rec["dtype"] != "<f4":
                 raise _BadEntry(f"dtype {rec['dtype']!r}, expected '<f4'")
             meta = NiftiMeta._from_json(rec)

@@ -154,7 +154,8 @@ def load_model(path: Path) -> StackingModel:
     path = Path(path)
     require_regular_file(path, "model file")  # np.load would block on a FIFO
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own file object: np.load leaks the one it opens when the zip is damaged
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             grid = TileGrid(
                 tuple(int(x) for x in z["shape"]), int(z["patch_size"]), int(z["stride"])
             )
