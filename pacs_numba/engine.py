@@ -40,7 +40,7 @@ from .io import (
     read_shape,
     write_nifti,
 )
-from .locking import TaskLock
+from .locking import TaskBusy, TaskLock
 from .manifest import load_manifest, select_task
 from .memory import (
     Limits,
@@ -310,10 +310,19 @@ class Engine:
         if weights_path is not None:
             require_regular_file(weights_path, "weights file")
         mdir = self.model_dir(task)
-        with TaskLock(mdir, f"task {task}", wait=self.options.wait,
-                      should_stop=self.stop_event.is_set) as lock:
+        lock = TaskLock(mdir, f"task {task}", wait=self.options.wait,
+                        should_stop=self.stop_event.is_set)
+        try:
+            lock.acquire()
+        except TaskBusy as exc:
+            if self.stop_event.is_set():  # SIGTERM/Ctrl-C during --wait
+                raise Interrupted(self.stop_signal or 15, str(exc)) from None
+            raise
+        try:
             self._sweep_temps(task, test, lock.start_ns)
             return self._run_locked(task, weights_path, train, test)
+        finally:
+            lock.release()
 
     def _run_locked(
         self, task: Task, weights_path: Path | None, train: dict, test: dict

@@ -2,7 +2,7 @@
 
 * :func:`require_regular_file` refuses FIFOs, devices and directories before anything opens
   them (opening a FIFO for reading blocks until a writer appears: a run would hang).
-* :func:`file_digest` / :func:`verify_file` give an output's size and BLAKE2b checksum, so a
+* :func:`file_digest` / :func:`verify_file` give an output's size and SHA-256 checksum, so a
   resumed run can tell a complete output from a truncated or replaced one.
 * :func:`content_sample` is the cheap content check of the volume cache key: a hash of the
   first and last blocks of a file and a few blocks in between.
@@ -125,20 +125,23 @@ def content_sample(fd: int, size: int) -> str:
 # Outputs
 # --------------------------------------------------------------------------------------
 def file_digest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return ``{"size": bytes, "blake2b": hex}`` of a file (BLAKE2b-256, ~1 GB/s).
+    """Return ``{"size": bytes, "sha256": hex}`` of a file.
+
+    SHA-256 rather than BLAKE2b: x86-64 CPUs with the SHA extensions hash it about twice as
+    fast (measured on the 2-core build machine, loaded: 204 vs 94 MB/s, same run).
 
     Raises
     ------
     OSError
         If the file cannot be read.
     """
-    h = hashlib.blake2b(digest_size=32)
+    h = hashlib.sha256()
     n = 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             n += len(chunk)
-    return {"size": n, "blake2b": h.hexdigest()}
+    return {"size": n, "sha256": h.hexdigest()}
 
 
 def verify_file(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> str | None:
@@ -158,7 +161,7 @@ def verify_file(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> st
         got = file_digest(p)
     except OSError as exc:
         return f"'{p}' cannot be read ({exc.strerror or exc})"
-    if got["blake2b"] != expected.get("blake2b"):
+    if got["sha256"] != expected.get("sha256"):
         return f"'{p}' does not have the checksum it was written with"
     return None
 

@@ -3,7 +3,7 @@
 ``model_data/fold_N/{pulse}/pacs_numba_run.json`` holds the settings that change the numbers,
 the fingerprints (path, size, mtime, ctime, content sample) of the training inputs and a digest
 of the model, and for each finished patient its input fingerprints, its output files (path
-relative to the record's folder, size and BLAKE2b checksum) and its metrics.  It is rewritten
+relative to the record's folder, size and SHA-256 checksum) and its metrics.  It is rewritten
 atomically after every patient, so a run killed part-way (SLURM's time limit) leaves a record of
 exactly the patients whose outputs are complete.  A resumed run reuses a patient only when its
 inputs, the settings and the model are unchanged and every output file it wrote still has the

@@ -376,7 +376,7 @@ def test_resume_from_another_working_directory(trained, tmp_path, monkeypatch, c
     record = json.loads((_task_dir(tmp_path / "a" / "out") / "pacs_numba_run.json").read_text())
     for rec in record["patients"].values():
         for o in rec["outputs"]:
-            assert not os.path.isabs(o["path"]) and set(o) == {"path", "size", "blake2b"}
+            assert not os.path.isabs(o["path"]) and set(o) == {"path", "size", "sha256"}
 
 
 def test_verify_file_reports_missing_truncated_and_changed(tmp_path):
