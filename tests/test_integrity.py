@@ -203,7 +203,22 @@ def _bounded(fn, timeout_s: float = 20.0):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(timeout_s)
-    return t.is_alive(), box
+    return t, box
+
+
+def _unblock(fifo: Path, t: threading.Thread) -> bool:
+    """Whether ``t`` was hung; if so, feed EOF to every reader that opens ``fifo`` until it ends,
+    so a failing test does not leave a thread blocked for ever."""
+    hung = t.is_alive()
+    for _ in range(600):
+        if not t.is_alive():
+            break
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while nobody reads
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return hung
 
 
 def test_a_fifo_is_refused_not_waited_on(tmp_path):
@@ -211,11 +226,8 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     store = VolumeStore(tmp_path / "cache")
     for fn in (lambda: store.get(fifo), lambda: read_nifti(fifo)):
-        hung, box = _bounded(fn)
-        if hung:  # unblock the reader before failing
-            with open(fifo, "wb"):
-                pass
-        assert not hung, "reading a FIFO blocked"
+        t, box = _bounded(fn)
+        assert not _unblock(fifo, t), "reading a FIFO blocked"
         assert isinstance(box.get("error"), InputError)
         assert "FIFO" in str(box["error"]) and str(fifo) in str(box["error"])
     with pytest.raises(InputError, match="is a directory"):
@@ -229,13 +241,10 @@ def test_a_fifo_in_the_manifest_stops_the_task_before_any_work(tmp_path, capsys)
     victim.unlink()
     os.mkfifo(victim)
     out = tmp_path / "out"
-    hung, box = _bounded(lambda: cli.main(
+    t, box = _bounded(lambda: cli.main(
         ["train", "--config", str(cfg), "--fold", "1", "--out-root", str(out),
          "--cache-dir", str(tmp_path / "cache"), "--no-progress"]), 120)
-    if hung:
-        with open(victim, "wb"):
-            pass
-    assert not hung
+    assert not _unblock(victim, t), "the run blocked on a FIFO"
     err = capsys.readouterr().err
     assert box["value"] == 2 and "FIFO" in err and str(victim) in err
     assert not (_task_dir(out) / "metrics.json").exists()
