@@ -276,6 +276,9 @@ def test_cache_temp_files_of_dead_writers_are_reported_and_swept(tmp_path, capsy
     assert "stale_temp_files: 1" in capsys.readouterr().out
     assert store.sweep_temps() == [dead]
     assert live.exists() and other_host.exists() and not dead.exists()
+    dead.write_bytes(b"again")
+    assert cli.main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert live.exists() and not dead.exists()
 
 
 def test_temp_writer_parses_both_name_forms():
