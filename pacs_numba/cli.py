@@ -271,8 +271,8 @@ def _file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
         / "logs"
         / (f"pacs_numba-{args.command}-{stamp}-{platform.node()}-{os.getpid()}.log")
     )
-    add_file_log(path, logging.getLogger().level)
-    log.info("logging to %s", path)
+    if add_file_log(path, logging.getLogger().level) is not None:
+        log.info("logging to %s", path)
 
 
 def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:

@@ -60,10 +60,51 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("numba").setLevel(max(level, logging.INFO))
 
 
-def add_file_log(path: Path, level: int = logging.INFO) -> logging.Handler:
-    """Also write the log to ``path`` (the config's ``log_to_file``); returns the handler."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+class _FileHandler(logging.FileHandler):
+    """A log file that, when a write fails (full disk, quota, lost mount), says so once.
+
+    logging's default reaction to a failing handler is a ``--- Logging error ---``
+    traceback on stderr for every record.  This handler instead detaches itself at the
+    first failure and logs one ERROR line saying where the log goes from then on
+    (stderr, which the other handler still writes); the run goes on.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        root = logging.getLogger()
+        if self not in root.handlers:
+            return
+        root.removeHandler(self)
+        try:
+            self.close()
+        except OSError:
+            pass  # closing flushes, which fails again on a full disk
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        logging.getLogger("pacs_numba.logsetup").error(
+            "cannot write the log file %s (%s); logging continues on stderr only",
+            self.baseFilename,
+            reason,
+        )
+
+
+def add_file_log(path: Path, level: int = logging.INFO) -> logging.Handler | None:
+    """Also write the log to ``path`` (the config's ``log_to_file``); returns the handler.
+
+    If the file cannot be created, logs one WARNING and returns None: a log file is a
+    convenience, and the records still reach stderr.  If a later write fails, the handler
+    detaches itself with one ERROR line (see :class:`_FileHandler`).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        logging.getLogger("pacs_numba.logsetup").warning(
+            "cannot create the log file %s (%s: %s); logging to stderr only",
+            path,
+            type(exc).__name__,
+            exc,
+        )
+        return None
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(level)
     handler._pacs_numba = True  # type: ignore[attr-defined]
