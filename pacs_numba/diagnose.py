@@ -1,12 +1,15 @@
-"""Check a node: can a run start here, and how wide will it be (``python -m pacs_numba.diagnose``).
+"""Check a node: can a run start here, and how wide will it be (``pacs-numba diagnose``).
 
 Each check returns ``(level, name, message)`` with level ``ok``, ``warn`` or ``fail``
 (nibabel's battery-runner style).  Exit status 0 when nothing failed, 1 otherwise.
 
-Run it inside the SLURM allocation you will use (``srun python -m pacs_numba.diagnose
---config C --warmup``): it reports the limits the job really has (cgroup, SLURM), the pool
-width and Numba threads a run would use, and with ``--warmup`` compiles every kernel into
-the on-disk cache so array tasks start in a fraction of a second.
+Run it inside the SLURM allocation you will use (``srun pacs-numba diagnose --config C
+--warmup``; ``python -m pacs_numba.diagnose`` takes the same options): it reports the
+limits the job really has (cgroup, SLURM), the pool width and Numba threads a run would
+use, and with ``--warmup`` compiles every kernel into the on-disk cache so array tasks
+start in a fraction of a second.  Numba keys that cache by the source path of each
+kernel, so it only helps a ``pacs-numba`` that imports the same copy of the package:
+:func:`check_package` compares the two.
 """
 
 from __future__ import annotations
@@ -361,6 +364,62 @@ def check_warmup() -> list[Check]:
     return out
 
 
+_WHERE_CODE = (
+    "import os, pacs_numba; print(os.path.dirname(os.path.realpath(pacs_numba.__file__)))"
+)
+
+
+def entry_point_package(env: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """The pacs_numba folder that the ``pacs-numba`` command imports, and the command.
+
+    Runs the command's interpreter (from its ``#!`` line) in an empty folder, where
+    nothing can shadow the installed package: a console script puts its own ``bin``
+    folder first on ``sys.path``, not the current folder.  ``PYTHONPATH`` applies as it
+    would to the command.  Returns ``(None, reason)`` when there is no such command or
+    it cannot be run.
+    """
+    import shutil
+
+    env = dict(os.environ if env is None else env)
+    script = shutil.which("pacs-numba", path=env.get("PATH"))
+    if script is None:
+        return None, "no pacs-numba command on PATH"
+    interp = sys.executable
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode("utf-8", "replace").strip()
+        if first.startswith("#!") and "python" in first:
+            interp = first[2:].split()[0]
+    except OSError:
+        pass
+    with tempfile.TemporaryDirectory() as cwd:
+        try:
+            res = subprocess.run(
+                [interp, "-c", _WHERE_CODE], cwd=cwd, env=env, capture_output=True,
+                text=True, timeout=300, check=True,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"{script} could not be run: {exc}"
+    return res.stdout.strip().splitlines()[-1], script
+
+
+def check_package(env: dict[str, str] | None = None) -> list[Check]:
+    """Which pacs_numba was checked, and whether ``pacs-numba`` imports that same copy."""
+    from . import __file__ as init_file
+
+    here = os.path.dirname(os.path.realpath(init_file))
+    other, script = entry_point_package(env)
+    if other is None:
+        return [(WARN, "package", f"checked the kernels of {here}; {script}, so the copy "
+                 "that train will import is unknown")]
+    if os.path.realpath(other) == here:
+        return [(OK, "package", f"checked the kernels of {here}, the copy that {script} "
+                 "imports")]
+    return [(WARN, "package", f"checked the kernels of {here}, but {script} imports {other}: "
+             "Numba keys its compile cache by source path, so its tasks compile the kernels "
+             "again; run `pacs-numba diagnose` from a folder without a pacs_numba/ in it")]
+
+
 def run_checks(
     config: Path | None = None,
     *,
@@ -371,6 +430,7 @@ def run_checks(
     """Every check, in order."""
     checks: list[Check] = []
     checks += check_versions()
+    checks += check_package()
     checks += check_threading()
     checks += check_limits()
     checks += check_caches(cache_dir)
@@ -381,22 +441,45 @@ def run_checks(
     return checks
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the checks and print them; 0 when a run can start, 1 otherwise."""
-    from .logsetup import resolve_level, setup_logging
+DESCRIPTION = """\
+Check a node: can a run start here, and how wide will it be.
 
-    parser = argparse.ArgumentParser(
-        prog="python -m pacs_numba.diagnose",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+Run it inside the SLURM allocation you will use (srun pacs-numba diagnose --config C
+--warmup).  It reports the limits the job really has (cgroup, SLURM), the pool width
+and Numba threads a run would use, and with --warmup it compiles every kernel into the
+on-disk cache, so that array tasks start without compiling.  It also says which
+pacs_numba it checked, and warns when the pacs-numba command imports another copy
+(whose kernels it did not warm).  Exit status 0 when nothing failed, 1 otherwise.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, cache_dir: bool = False) -> None:
+    """Add diagnose's options to ``parser`` (``pacs-numba diagnose`` and ``-m`` share them)."""
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="also load this config, size one patient of it and plan each stage's pool "
+        "(default: no config checks)",
     )
-    parser.add_argument("--config", type=Path, default=None, help="size a patient of this config")
-    parser.add_argument("--warmup", action="store_true", help="compile every kernel into the cache")
+    parser.add_argument(
+        "--warmup", action="store_true",
+        help="compile every kernel into the compile cache and check that a new process "
+        "loads them from it",
+    )
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="volume cache directory")
-    parser.add_argument("--workers", type=int, default=None, help="as pacs-numba train --workers")
-    args = parser.parse_args(argv)
-    setup_logging(resolve_level(default="WARNING"))
+    if cache_dir:
+        parser.add_argument(
+            "--cache-dir", type=Path, default=None,
+            help="volume cache directory (default: $PACS_NUMBA_CACHE_DIR, else a per-user "
+            "folder under the system temp dir)",
+        )
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="as pacs-numba train --workers (default: from memory and CPUs)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the checks of parsed ``args`` and print them; 0 when a run can start, else 1."""
     checks = run_checks(
         args.config, warmup=args.warmup, cache_dir=args.cache_dir, workers=args.workers
     )
@@ -417,8 +500,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for level, name, msg in checks:
             print(f"[{level.upper():4}] {name}: {msg}")
         print("a run can start" if not failed else "a run cannot start: see [FAIL] lines")
-    logging.shutdown()
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pacs_numba.diagnose``: the same as ``pacs-numba diagnose``."""
+    from .logsetup import resolve_level, setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pacs_numba.diagnose",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser, cache_dir=True)
+    args = parser.parse_args(argv)
+    setup_logging(resolve_level(default="WARNING"))
+    rc = run(args)
+    logging.shutdown()
+    return rc
 
 
 if __name__ == "__main__":

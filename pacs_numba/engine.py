@@ -300,7 +300,7 @@ class Engine:
         train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
         self._check_files_exist(task, {**train, **test})
         mdir = self.model_dir(task)
-        self._check_existing_outputs(task, mdir)
+        self._check_existing_outputs(task, mdir, weights_path)
         log.info(
             "task %s: %d train, %d test patients, %d experts %s -> %s",
             task,
@@ -396,14 +396,23 @@ class Engine:
                 f"'{self.config.data.out}' do not exist:\n  {listing}"
             )
 
-    def _check_existing_outputs(self, task: Task, mdir: Path) -> None:
+    def _check_existing_outputs(
+        self, task: Task, mdir: Path, weights_path: Path | None = None
+    ) -> None:
         if self.options.force or self.options.resume:
             return
         if (mdir / "metrics.json").exists():
-            raise ConfigError(
-                f"outputs of {task} already exist in '{mdir}'; pass --force to overwrite them "
-                "or --resume to keep complete ones"
-            )
+            if weights_path is None:
+                fix = "pass --force to overwrite them or --resume to keep complete ones"
+            elif weights_path.resolve().is_relative_to(mdir.resolve()):
+                # evaluate has no --resume; its own model only exists under this out_root
+                fix = "pass --force to overwrite them with this evaluation"
+            else:
+                fix = (
+                    "pass --force to overwrite them, or --out-root DIR to write this "
+                    "evaluation elsewhere"
+                )
+            raise ConfigError(f"outputs of {task} already exist in '{mdir}'; {fix}")
 
     # ---------------------------------------------------------------- pool
     def _plan(self, n_patients: int, shape: tuple[int, int, int], stage: str) -> PoolPlan:
