@@ -433,6 +433,7 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
     engine = _engine(args, config)
     _startup_log(engine)
     tasks = engine.tasks(args.fold, args.spacing, args.pulse)
+    compiled_before = _load_kernels()
     verb = "evaluate" if evaluate else "train"
     single = len(tasks) == 1
     states: list[tuple[object, str, str]] = []
@@ -472,6 +473,7 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
                 table = _expert_table(engine, task, res)
                 if table:
                     tables.append(table)
+    _check_no_compile(compiled_before)
     for table in tables:
         print(table, flush=True)
     if not single:
@@ -482,6 +484,73 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
                   "; ".join(f"{t} {st}" for t, st, _ in failed))
         return EXIT_BUG if bug else EXIT_USAGE
     return EXIT_OK
+
+
+def _kernel_index_files() -> tuple[int, int]:
+    """(kernels with a compile-cache index file, kernels) over the package's dispatchers."""
+    from .diagnose import _dispatchers
+
+    have = total = 0
+    for disp in _dispatchers():
+        total += 1
+        cache = getattr(disp, "_cache", None)
+        index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+        have += bool(index and os.path.exists(index))
+    return have, total
+
+
+def _load_kernels() -> int:
+    """Compile the kernels, or load them from Numba's cache, before the first patient.
+
+    On a first run this takes 20-60 s, and a person watching a terminal should know why
+    nothing moves: an INFO line announces it when the compile cache lacks kernels, and one
+    gives the time it took.  Returns the number of kernels compiled so far (cache misses),
+    for :func:`_check_no_compile`.
+    """
+    import numba
+
+    from ._config import CACHE
+    from .diagnose import _cache_counts, _warm_kernels
+
+    have, _ = _kernel_index_files()
+    where = numba.config.CACHE_DIR or "the kernels' __pycache__ (set NUMBA_CACHE_DIR to move it)"
+    # Some kernels (e.g. predict's) may never have been compiled, so "no index file at all"
+    # is the sign of a first run; a partial cache only gets the line with the time below.
+    announce = not CACHE or have == 0
+    if announce:
+        why = "the compile cache is off (PACS_NUMBA_CACHE=0)" if not CACHE else "first run only"
+        log.info("compiling kernels (%s) ...", why)
+    _, misses0 = _cache_counts()
+    t0 = time.perf_counter()
+    _warm_kernels()
+    secs = time.perf_counter() - t0
+    _, total_misses = _cache_counts()
+    misses = total_misses - misses0
+    if misses or not CACHE:
+        log.info(
+            "compiling kernels (first run only) took %.1f s: %d compiled%s",
+            secs,
+            misses,
+            f", cached in {where}" if CACHE else "",
+        )
+    else:
+        log.debug("kernels loaded from the compile cache in %.2f s (%s)", secs, where)
+    return total_misses
+
+
+def _check_no_compile(misses_before: int) -> None:
+    """Say so if a task compiled a kernel that the start-up load did not cover."""
+    from .diagnose import _cache_counts
+
+    _, misses = _cache_counts()
+    if misses > misses_before:
+        log.info(
+            "%d more kernel signature(s) compiled during the run (not covered by the start-up "
+            "load; they are cached now)",
+            misses - misses_before,
+        )
+    else:
+        log.debug("no kernel compiled during the run")
 
 
 def _result_note(res) -> str:  # noqa: ANN001
@@ -626,9 +695,14 @@ def _cache(args: argparse.Namespace) -> int:
         n = store.clear()
         print(f"removed {n} cache entries from {store.directory}")
     else:
+        from .logsetup import human_size
+
         info = store.info()
         for k, v in info.items():
-            print(f"{k}: {v}")
+            if k == "total_bytes":
+                print(f"size: {human_size(v)} ({v} bytes)")
+            else:
+                print(f"{k}: {v}")
     return EXIT_OK
 
 
@@ -641,6 +715,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _load_kernels()
     with _DemoStop() as stop:
         text = run_demo(
             args.out,

@@ -138,7 +138,12 @@ def check_caches(cache_dir: Path | None) -> list[Check]:
                 )
             )
         else:
-            out.append((OK, "volume cache", ", ".join(f"{k}={v}" for k, v in info.items())))
+            from .logsetup import human_size
+
+            # no space in the value, so the line stays key=value greppable
+            shown = {**info, "total_bytes": human_size(info["total_bytes"]).replace(" ", "")}
+            shown["size"] = shown.pop("total_bytes")
+            out.append((OK, "volume cache", ", ".join(f"{k}={v}" for k, v in shown.items())))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         out.append((FAIL, "volume cache", str(exc)))
     numba_dir = numba.config.CACHE_DIR or ""
@@ -314,8 +319,8 @@ def _warm_kernels() -> dict[str, float]:
     return times
 
 
-def _cache_counts() -> tuple[int, int]:
-    """Numba compile-cache hits and misses over every kernel dispatcher of the package."""
+def _dispatchers() -> list[Any]:
+    """Every Numba dispatcher (kernel) of ``pacs_numba.kernels``."""
     import importlib
     import pkgutil
 
@@ -323,13 +328,19 @@ def _cache_counts() -> tuple[int, int]:
 
     from . import kernels
 
-    hits = misses = 0
+    out = []
     for info in pkgutil.iter_modules(kernels.__path__):
         mod = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        for obj in vars(mod).values():
-            if isinstance(obj, Dispatcher):
-                hits += sum(obj.stats.cache_hits.values())
-                misses += sum(obj.stats.cache_misses.values())
+        out += [obj for obj in vars(mod).values() if isinstance(obj, Dispatcher)]
+    return out
+
+
+def _cache_counts() -> tuple[int, int]:
+    """Numba compile-cache hits and misses over every kernel dispatcher of the package."""
+    hits = misses = 0
+    for obj in _dispatchers():
+        hits += sum(obj.stats.cache_hits.values())
+        misses += sum(obj.stats.cache_misses.values())
     return hits, misses
 
 

@@ -18,6 +18,30 @@ _LEVELS = {
 }
 
 
+def human_size(n_bytes: float) -> str:
+    """A byte count as a person reads it: ``"3.4 GiB"``, ``"512 KiB"``, ``"17 B"``.
+
+    Examples
+    --------
+    >>> human_size(3632128033), human_size(1536), human_size(17)
+    ('3.4 GiB', '1.5 KiB', '17 B')
+    """
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _bars_on_screen() -> bool:
+    """Whether a tqdm bar is open (only then must log lines go through ``tqdm.write``)."""
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return False
+    return bool(getattr(tqdm_mod.tqdm, "_instances", None))
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record.
 
@@ -36,6 +60,23 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record; while a tqdm bar is drawn, above it through ``tqdm.write``.
+
+        A plain write would land after the bar's text on the same line and leave a
+        stale copy of the bar behind; ``tqdm.write`` clears the bars, prints the
+        line and redraws them.
+        """
+        if not _bars_on_screen():
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's contract: never raise from emit
+            self.handleError(record)
 
 
 def resolve_level(verbose: int = 0, quiet: int = 0, default: str = "INFO") -> int:
