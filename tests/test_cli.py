@@ -6,14 +6,58 @@ CLI tests call ``cli.main([...])`` and check the exit code and stderr (STYLE.md 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pacs_numba import cli
+import pacs_numba
+from pacs_numba import cli, diagnose
+from pacs_numba.cohort import make_cohort
 from pacs_numba.errors import InputError
 from pacs_numba.model import read_weights_json
+
+SHAPE = (20, 22, 18)
+
+
+@pytest.fixture(autouse=True)
+def _info_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PACS_LOG_LEVEL", "INFO")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-patient, 3-fold cohort (3 tasks); cases copy it."""
+    root = tmp_path_factory.mktemp("pristine")
+    cfg = make_cohort(root, patients=6, shape=SHAPE, spacings=("3mm",), pulses=("t1c",),
+                      seed=3, kfolds=3, patch_size=8, stride=4)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["pacs_sr"].update(num_workers=2, log_to_file=False)
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return root
+
+
+@pytest.fixture
+def cohort(pristine: Path, tmp_path: Path) -> Path:
+    """A private copy of the cohort with its paths rewritten; returns its config."""
+    dest = tmp_path / "cohort"
+    shutil.copytree(pristine, dest)
+    cfg = dest / "config.yaml"
+    text = cfg.read_text().replace(str(pristine), str(dest))
+    cfg.write_text(text)
+    assert cli.main(["build-manifest", "--config", str(cfg)]) == 0
+    return cfg
+
+
+def _run(cfg: Path, *args: str) -> int:
+    cache = cfg.parent / "cache"
+    return cli.main([args[0], "--config", str(cfg), "--cache-dir", str(cache), "--no-progress",
+                     *args[1:]])
 
 
 # --------------------------------------------------------------------------------------
@@ -140,3 +184,197 @@ def test_log_file_that_cannot_be_created_is_one_warning(
     assert add_file_log(tmp_path / "file" / "logs" / "run.log") is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and " WARNING " in err and "cannot create the log file" in err
+
+
+# --------------------------------------------------------------------------------------
+# Multi-task runs
+# --------------------------------------------------------------------------------------
+def test_existing_task_does_not_stop_the_others(cohort: Path, capsys) -> None:
+    # issue 11.4: after a --fold 1 run, a run of every task refused fold 1 and stopped
+    assert _run(cohort, "train", "--fold", "1", "--no-expert-table") == 0
+    capsys.readouterr()
+    assert _run(cohort, "train", "--no-expert-table") == 2
+    out, err = capsys.readouterr()
+    table = out[out.index("tasks: 2 of 3 done"):].splitlines()
+    assert re.match(r"\s+task\s+state\s+detail", table[1])
+    assert re.match(r"\s+fold 1 3mm t1c\s+failed\s+outputs of fold 1 3mm t1c already exist", table[2])
+    assert re.match(r"\s+fold 2 3mm t1c\s+done\s+test PSNR", table[3])
+    assert re.match(r"\s+fold 3 3mm t1c\s+done\s+test PSNR", table[4])
+    assert "1 of 3 tasks did not finish: fold 1 3mm t1c failed" in err
+    assert "Traceback" not in err
+    results = cohort.parent / "results" / "PaCS_SR" / "3mm" / "model_data"
+    assert all((results / f"fold_{k}" / "t1c" / "metrics.json").exists() for k in (1, 2, 3))
+
+
+def test_single_task_keeps_its_exit_code_and_prints_the_expert_table(cohort: Path, capsys) -> None:
+    assert _run(cohort, "train", "--fold", "2") == 0
+    out = capsys.readouterr().out
+    assert "fold 2 3mm t1c:\ntest metrics, mean over 2 patients:" in out
+    for name in ("BSPLINE", "LINEAR", "NEAREST", "SHARPEN", "PaCS-SR"):
+        assert re.search(rf"^  {name}\s+\d+\.\d{{3}}\s+0\.\d{{4}}$", out, re.M), name
+    assert "gain over the best single expert" in out
+    assert "tasks:" not in out  # no state table for one task
+    assert _run(cohort, "train", "--fold", "2") == 2  # outputs exist
+    err = capsys.readouterr().err
+    assert "--force" in err and "--resume" in err
+
+
+def test_evaluate_on_existing_outputs_suggests_what_evaluate_accepts(cohort: Path, capsys) -> None:
+    assert _run(cohort, "train", "--fold", "1", "--no-expert-table") == 0
+    capsys.readouterr()
+    args = ("--fold", "1", "--spacing", "3mm", "--pulse", "t1c")
+    assert _run(cohort, "evaluate", *args) == 2
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--force" in err and "--resume" not in err
+    other = cohort.parent / "weights.json"
+    shutil.copy(cohort.parent / "results/PaCS_SR/3mm/model_data/fold_1/t1c/weights.json", other)
+    assert _run(cohort, "evaluate", *args, "--weights", str(other)) == 2
+    err = capsys.readouterr().err
+    assert "--out-root" in err and "--resume" not in err
+    assert _run(cohort, "evaluate", *args, "--force") == 0
+
+
+# --------------------------------------------------------------------------------------
+# Help and usage
+# --------------------------------------------------------------------------------------
+SUBCOMMANDS = ["train", "evaluate", "build-manifest", "make-cohort", "demo", "predict", "cache",
+               "diagnose"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_a_description_and_every_option_help(command: str) -> None:
+    parser = cli.build_parser()
+    sub = parser.subparsers[command]
+    assert sub.description and "``" not in sub.description
+    text = sub.format_help()
+    assert "``" not in text
+    for action in sub._actions:
+        assert action.help, (command, action.option_strings)
+        needs_default = (action.option_strings and action.nargs != 0 and not action.required
+                         and action.default is not None)
+        if needs_default:
+            assert "default" in sub._get_formatter()._get_help_string(action), action.dest
+    # --cache-dir is not a logging option
+    groups = {a.dest: g.title for g in sub._action_groups for a in g._group_actions}
+    assert groups["cache_dir"] == "caches"
+
+
+def test_evaluate_help_says_spacing_and_pulse_are_required(capsys) -> None:
+    assert cli.main(["evaluate", "--help"]) == 0
+    out = capsys.readouterr().out
+    spacing = out[out.index("  --spacing"):out.index("  --pulse")]
+    assert "default" not in spacing and "required" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["train", "--config", "c.yaml", "--fodl", "1"], "did you mean --fold?"),
+        (["evaluate", "--config", "c", "--fold", "1", "--spacing", "3mm", "--pulse", "t1c",
+          "--weigths", "w.json"], "did you mean --weights?"),
+        (["make-cohort", "--out", "x", "--patiens", "3"], "did you mean --patients?"),
+        (["diagnose", "--warm-up"], "did you mean --warmup?"),
+    ],
+)
+def test_mistyped_option_shows_the_subcommand_usage_and_a_suggestion(argv, hint, capsys) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: pacs-numba {argv[0]} ")
+    assert "unrecognized arguments" in err and hint in err
+
+
+# --------------------------------------------------------------------------------------
+# make-cohort and demo
+# --------------------------------------------------------------------------------------
+def test_make_cohort_refuses_a_non_empty_folder_without_force(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c"
+    argv = ["make-cohort", "--out", str(out), "--patients", "3", "--shape", "12", "12", "12",
+            "--kfolds", "2"]
+    assert cli.main(argv) == 0
+    cfg = out / "config.yaml"
+    cfg.write_text(cfg.read_text() + "# my edit\n")
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is not empty" in err and "--force" in err
+    assert cfg.read_text().endswith("# my edit\n")  # untouched
+    assert cli.main([*argv, "--force"]) == 0
+    assert not cfg.read_text().endswith("# my edit\n")
+
+
+def test_demo_reuses_its_cohort_and_keeps_its_cache_inside(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--patients", "4", "--shape", "20", "22", "18",
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr()
+    assert "reusing the cohort" not in first.err
+    hr = sorted((out / "cohort" / "hr").rglob("*.nii.gz"))
+    mtimes = [p.stat().st_mtime_ns for p in hr]
+    assert (out / "cache").is_dir() and any((out / "cache").iterdir())
+    assert cli.main(argv) == 0
+    second = capsys.readouterr()
+    assert "reusing the cohort" in second.err
+    assert [p.stat().st_mtime_ns for p in hr] == mtimes  # not regenerated
+    # same table (the timing line aside)
+    strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("took ")]  # noqa: E731
+    assert strip(second.out) == strip(first.out)
+    # other settings: a new cohort, with no patient of the old one left over
+    assert cli.main([*argv[:3], "--patients", "5", *argv[5:]]) == 0
+    assert "reusing the cohort" not in capsys.readouterr().err
+    assert len(list((out / "cohort" / "hr").iterdir())) == 5
+
+
+# --------------------------------------------------------------------------------------
+# diagnose and the compile cache
+# --------------------------------------------------------------------------------------
+PKG_PARENT = str(Path(pacs_numba.__file__).resolve().parents[1])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def _console_script() -> str:
+    script = shutil.which("pacs-numba")
+    if script is None:
+        pytest.skip("no pacs-numba command on PATH (install the package)")
+    return script
+
+
+def test_diagnose_warns_when_the_command_imports_another_copy(tmp_path: Path) -> None:
+    _console_script()
+    fake = tmp_path / "shadow" / "pacs_numba"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    env = _env(PYTHONPATH=str(fake.parent))
+    [(level, name, msg)] = diagnose.check_package(env)
+    assert (level, name) == ("warn", "package")
+    assert str(fake) in msg and "compile the kernels again" in msg
+    [(level, _, msg)] = diagnose.check_package(_env())
+    assert level == "ok" and str(Path(pacs_numba.__file__).parent.resolve()) in msg
+
+
+def test_warmup_then_a_task_from_the_repository_root_compiles_nothing(cohort: Path) -> None:
+    # issue 11.1: the warm-up and the task must load the same package, so that the
+    # task finds every kernel in the compile cache.  Both run as the installed command,
+    # from the repository root (where ./pacs_numba could shadow it).
+    script = _console_script()
+    env = _env()
+    diag = subprocess.run([script, "diagnose", "--warmup", "--json"], cwd=PKG_PARENT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    checks = {c["check"]: c for c in json.loads(diag.stdout)["checks"]}
+    assert checks["package"]["level"] == "ok", checks["package"]
+    assert checks["warmup"]["level"] == "ok", checks["warmup"]
+    train = subprocess.run(
+        [script, "train", "--config", str(cohort), "--fold", "1", "--no-progress",
+         "--no-expert-table", "--cache-dir", str(cohort.parent / "cache"), "-v"],
+        cwd=PKG_PARENT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "kernels loaded from the compile cache" in train.stderr
+    assert "compiling kernels" not in train.stderr
+    assert "no kernel compiled during the run" in train.stderr
