@@ -575,7 +575,7 @@ def _log_task_table(states: list[tuple[object, str, str]]) -> None:
 
 
 def _expert_table(engine, task, res) -> str | None:  # noqa: ANN001
-    """The demo's per-expert vs PaCS-SR table of one trained task, or None."""
+    """Return the demo's per-expert vs PaCS-SR table of one trained task, or None."""
     from .demo import expert_alone_metrics, metrics_table
 
     stacked = res.metrics.get("test")

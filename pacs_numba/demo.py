@@ -72,7 +72,10 @@ _COHORT_STAMP = "demo_cohort.json"
 
 
 def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], seed: int) -> Path:
-    """The demo's cohort in ``folder``: reused when complete and made with these settings."""
+    """Return the config of the demo's cohort in ``folder``, generating it if needed.
+
+    A cohort is reused when it is complete and was made with these settings.
+    """
     settings = {"patients": patients, "shape": list(shape), "seed": seed, "version": 1}
     stamp = folder / _COHORT_STAMP
     config_path = folder / "config.yaml"

@@ -381,7 +381,7 @@ _WHERE_CODE = (
 
 
 def entry_point_package(env: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """The pacs_numba folder that the ``pacs-numba`` command imports, and the command.
+    """Return the pacs_numba folder that the ``pacs-numba`` command imports, and the command.
 
     Runs the command's interpreter (from its ``#!`` line) in an empty folder, where
     nothing can shadow the installed package: a console script puts its own ``bin``

@@ -19,7 +19,7 @@ _LEVELS = {
 
 
 def human_size(n_bytes: float) -> str:
-    """A byte count as a person reads it: ``"3.4 GiB"``, ``"512 KiB"``, ``"17 B"``.
+    """Format a byte count as a person reads it: ``"3.4 GiB"``, ``"512 KiB"``, ``"17 B"``.
 
     Examples
     --------

@@ -171,9 +171,8 @@ def solve_simplex_qp(
     q, b = _check_stats(Q, B)
     act = _check_active(active, q.shape[0])
     _check_finite(q, b, act)
-    kernel = (
-        _solve_simplex_qp if q.shape[1] <= _ENUMERATION_MAX_EXPERTS else _solve_simplex_qp_active_set
-    )
+    enumerate_supports = q.shape[1] <= _ENUMERATION_MAX_EXPERTS
+    kernel = _solve_simplex_qp if enumerate_supports else _solve_simplex_qp_active_set
     return kernel(q, b, lam, act, numba.get_num_threads())
 
 

@@ -1,4 +1,4 @@
-"""The command line a person expects: one ERROR line per mistake, help that helps, and runs that go on.
+"""The command line a person expects: one ERROR line per mistake, help that helps, runs go on.
 
 CLI tests call ``cli.main([...])`` and check the exit code and stderr (STYLE.md §5).
 """
@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -197,7 +196,8 @@ def test_existing_task_does_not_stop_the_others(cohort: Path, capsys) -> None:
     out, err = capsys.readouterr()
     table = out[out.index("tasks: 2 of 3 done"):].splitlines()
     assert re.match(r"\s+task\s+state\s+detail", table[1])
-    assert re.match(r"\s+fold 1 3mm t1c\s+failed\s+outputs of fold 1 3mm t1c already exist", table[2])
+    assert re.match(r"\s+fold 1 3mm t1c\s+failed\s+outputs of fold 1 3mm t1c already exist",
+                    table[2])
     assert re.match(r"\s+fold 2 3mm t1c\s+done\s+test PSNR", table[3])
     assert re.match(r"\s+fold 3 3mm t1c\s+done\s+test PSNR", table[4])
     assert "1 of 3 tasks did not finish: fold 1 3mm t1c failed" in err
