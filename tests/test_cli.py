@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,43 @@ def test_warmup_then_a_task_from_the_repository_root_compiles_nothing(cohort: Pa
     assert "kernels loaded from the compile cache" in train.stderr
     assert "compiling kernels" not in train.stderr
     assert "no kernel compiled during the run" in train.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Progress bars, log lines and sizes
+# --------------------------------------------------------------------------------------
+def test_log_lines_are_written_above_an_open_bar(_root_logging: None, capsys) -> None:
+    import logging
+
+    from tqdm import tqdm
+
+    from pacs_numba.logsetup import setup_logging
+
+    setup_logging(logging.INFO)
+    bar = tqdm(total=4, desc="fit", unit="patients", file=sys.stderr, leave=False)
+    bar.update(1)
+    bar.refresh()
+    logging.getLogger("pacs_numba.test").info("patient=sub-001 secs=1.0")
+    bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    pieces = re.split(r"[\r\n]", err)
+    # the record is a piece of its own: not glued to the bar's text on the same line
+    assert any(re.fullmatch(r"\d{4}-\d\d-\d\d [\d:,]+ INFO \S+ pacs_numba\.test: "
+                            r"patient=sub-001 secs=1\.0", p) for p in pieces), repr(err)
+    assert not any("patients/s]" in p and "INFO" in p for p in pieces), repr(err)
+    # the closed bar (leave=False) is wiped: the output ends without a bar's text
+    assert "1/4" not in pieces[-1] and "2/4" not in pieces[-1]
+
+
+def test_sizes_are_human_readable(tmp_path: Path, capsys) -> None:
+    from pacs_numba.logsetup import human_size
+
+    assert human_size(3632128033) == "3.4 GiB"
+    assert human_size(0) == "0 B" and human_size(1023) == "1023 B"
+    assert human_size(5 * 2**20) == "5.0 MiB"
+    cache = tmp_path / "cache"
+    assert cli.main(["cache", "info", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^size: \d+(\.\d)? (B|KiB|MiB|GiB) \(\d+ bytes\)$", out, re.M), out
+    assert "total_bytes" not in out
