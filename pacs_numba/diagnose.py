@@ -261,7 +261,7 @@ def _warm_kernels() -> dict[str, float]:
     from .blending import blend_volume, brain_mask, weight_analysis, weight_maps
     from .engine import ensure_threading_layer
     from .metrics import volume_metrics
-    from .solve import fit_weights, laplacian_smooth
+    from .solve import fit_weights, laplacian_smooth, solve_simplex_qp
     from .statistics import normalisation, patient_statistics, valid_mask
     from .tiling import TileGrid
 
@@ -302,6 +302,13 @@ def _warm_kernels() -> dict[str, float]:
         lambda: fit_weights(
             st.Q, st.B, st.counts, grid.counts, simplex=False, lambda_ridge=1e-4, laplacian_tau=0.0
         ),
+    )
+    # more experts than the support enumeration takes: the active-set solver
+    many = 8
+    q_many = np.tile(np.eye(many) + 0.5, (3, 1, 1))
+    timed(
+        "solve_many_experts",
+        lambda: solve_simplex_qp(q_many, np.ones((3, many)), 1e-4),
     )
     timed("smoothing", lambda: laplacian_smooth(w, learned, grid.counts, 0.05))
     mask, _ = valid_mask(hr, experts)
