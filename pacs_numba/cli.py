@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import BudgetError, ConfigError, Interrupted, PacsError
@@ -73,6 +74,20 @@ class _Parser(argparse.ArgumentParser):
             target = getattr(self, "subparsers", {}).get(getattr(ns, "command", None), self)
             target.error(_unknown_message(target, extras))
         return ns
+
+
+    def error(self, message: str) -> NoReturn:
+        """Report a usage error; a mistyped subcommand also gets the closest one."""
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]}?"
+        super().error(message)
 
 
 def _unknown_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:

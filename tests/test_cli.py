@@ -275,13 +275,16 @@ def test_evaluate_help_says_spacing_and_pulse_are_required(capsys) -> None:
           "--weigths", "w.json"], "did you mean --weights?"),
         (["make-cohort", "--out", "x", "--patiens", "3"], "did you mean --patients?"),
         (["diagnose", "--warm-up"], "did you mean --warmup?"),
+        (["trian", "--config", "c.yaml"], "did you mean train?"),
     ],
 )
 def test_mistyped_option_shows_the_subcommand_usage_and_a_suggestion(argv, hint, capsys) -> None:
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"usage: pacs-numba {argv[0]} ")
-    assert "unrecognized arguments" in err and hint in err
+    if argv[0] in SUBCOMMANDS:
+        assert err.startswith(f"usage: pacs-numba {argv[0]} ")
+        assert "unrecognized arguments" in err
+    assert hint in err
 
 
 # --------------------------------------------------------------------------------------
