@@ -422,3 +422,23 @@ def test_sizes_are_human_readable(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert re.search(r"^size: \d+(\.\d)? (B|KiB|MiB|GiB) \(\d+ bytes\)$", out, re.M), out
     assert "total_bytes" not in out
+
+
+# --------------------------------------------------------------------------------------
+# Many experts
+# --------------------------------------------------------------------------------------
+def test_fifteen_experts_train_end_to_end(tmp_path: Path, capsys) -> None:
+    # issue 11.2: 15 experts used to fail with a ValueError after the statistics stage
+    models = tuple(f"E{i:02d}" for i in range(1, 16))
+    cfg = make_cohort(tmp_path / "c", patients=4, shape=(16, 16, 12), spacings=("3mm",),
+                      pulses=("t1c",), models=models, seed=1, kfolds=2, patch_size=8, stride=4)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["pacs_sr"].update(log_to_file=False, save_weight_volumes=False)
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert cli.main(["build-manifest", "--config", str(cfg)]) == 0
+    assert _run(cfg, "train", "--fold", "1", "--no-expert-table") == 0, capsys.readouterr().err
+    mdir = tmp_path / "c" / "results" / "PaCS_SR" / "3mm" / "model_data" / "fold_1" / "t1c"
+    weights = json.loads((mdir / "weights.json").read_text())
+    assert weights
+    for vec in weights.values():
+        assert len(vec) == 15 and min(vec) >= 0 and abs(sum(vec) - 1) < 1e-5
