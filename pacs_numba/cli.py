@@ -105,7 +105,13 @@ def _unknown_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     return msg + ("; " + " ".join(hints) if hints else "")
 
 
-def _common(*, run: bool) -> argparse.ArgumentParser:
+_CACHE_HELP = (
+    "volume cache directory (default: $PACS_NUMBA_CACHE_DIR, else a per-user folder under the "
+    "system temp dir)"
+)
+
+
+def _common(*, run: bool, cache_help: str = _CACHE_HELP) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("logging")
     g.add_argument(
@@ -118,8 +124,7 @@ def _common(*, run: bool) -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         default=None,
-        help="volume cache directory (default: $PACS_NUMBA_CACHE_DIR, else a per-user "
-        "folder under the system temp dir)",
+        help=cache_help,
     )
     if run:
         r = p.add_argument_group("resources")
@@ -260,10 +265,12 @@ def _add_make_cohort(sub, plain_common: argparse.ArgumentParser) -> None:  # noq
     )
 
 
-def _add_demo(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def _add_demo(sub) -> None:  # noqa: ANN001
+    # its own copy of the common options: the demo keeps its cache in its own folder
+    common = _common(run=True, cache_help="volume cache directory (default: OUT/cache)")
     p = sub.add_parser(
         "demo",
-        parents=[run_common],
+        parents=[common],
         help="generate a small cohort, train fold 1 and print a table",
         description="Train fold 1 of a generated 4-expert cohort and print each expert's test "
         "PSNR/SSIM next to the PaCS-SR blend's.  The cohort and the volume cache are kept "
@@ -350,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub, run_common)
     _add_build_manifest(sub, plain_common)
     _add_make_cohort(sub, plain_common)
-    _add_demo(sub, run_common)
+    _add_demo(sub)
     _add_predict(sub, plain_common)
     _add_cache(sub, plain_common)
     _add_diagnose(sub, plain_common)
