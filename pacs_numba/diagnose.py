@@ -366,12 +366,21 @@ def check_warmup() -> list[Check]:
         "from pacs_numba.diagnose import _warm_kernels, _cache_counts; _warm_kernels(); "
         "print(json.dumps([time.perf_counter()-t, *_cache_counts()]))"
     )
+    # The new process must import this very package (the cache is keyed by source path):
+    # run it from an empty folder, with this package's parent first on PYTHONPATH.
+    from . import __file__ as init_file
+
+    parent = os.path.dirname(os.path.dirname(os.path.realpath(init_file)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, env.get("PYTHONPATH", "")) if p)
     try:
-        res = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True
-        )
+        with tempfile.TemporaryDirectory() as cwd:
+            res = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                check=True, cwd=cwd, env=env,
+            )
         again, hits, misses = json.loads(res.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
         return out + [(WARN, "compile cache", f"could not test a cached start: {exc}")]
     if misses == 0 and hits > 0:
         out.append((OK, "compile cache", f"a new process loads every kernel from the cache "

@@ -332,7 +332,8 @@ def test_demo_reuses_its_cohort_and_keeps_its_cache_inside(tmp_path: Path, capsy
 # --------------------------------------------------------------------------------------
 # diagnose and the compile cache
 # --------------------------------------------------------------------------------------
-PKG_PARENT = str(Path(pacs_numba.__file__).resolve().parents[1])
+PKG_PARENT = str(Path(pacs_numba.__file__).resolve().parents[1])  # the package under test
+REPO_ROOT = str(Path(__file__).resolve().parents[1])  # has a ./pacs_numba that could shadow
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -368,7 +369,7 @@ def test_warmup_then_a_task_from_the_repository_root_compiles_nothing(cohort: Pa
     # from the repository root (where ./pacs_numba could shadow it).
     script = _console_script()
     env = _env()
-    diag = subprocess.run([script, "diagnose", "--warmup", "--json"], cwd=PKG_PARENT, env=env,
+    diag = subprocess.run([script, "diagnose", "--warmup", "--json"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     checks = {c["check"]: c for c in json.loads(diag.stdout)["checks"]}
     assert checks["package"]["level"] == "ok", checks["package"]
@@ -376,7 +377,7 @@ def test_warmup_then_a_task_from_the_repository_root_compiles_nothing(cohort: Pa
     train = subprocess.run(
         [script, "train", "--config", str(cohort), "--fold", "1", "--no-progress",
          "--no-expert-table", "--cache-dir", str(cohort.parent / "cache"), "-v"],
-        cwd=PKG_PARENT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert "kernels loaded from the compile cache" in train.stderr
