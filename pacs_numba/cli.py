@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixing window where tiles overlap (default hann)",
     )
 
+    p = sub.add_parser(
+        "inspect",
+        parents=[plain_common],
+        help="describe a model file (experts, grid, window, training patients, checksum)",
+        description="Print what a pacs_model.npz holds and check its checksum.",
+    )
+    p.add_argument("model", type=Path, help="pacs_model.npz written by train")
+
     p = sub.add_parser("cache", parents=[plain_common], help="inspect or empty the volume cache")
     p.add_argument("action", choices=["info", "clear"])
     return parser
@@ -397,6 +405,13 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .model import describe_model, load_model
+
+    print(describe_model(load_model(args.model), args.model))
+    return EXIT_OK
+
+
 def _cache(args: argparse.Namespace) -> int:
     from .io import VolumeStore
 
@@ -469,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "make-cohort": _make_cohort,
         "cache": _cache,
         "predict": _predict,
+        "inspect": _inspect,
         "demo": _demo,
     }
     try:

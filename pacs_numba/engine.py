@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from . import __version__
-from .blending import blend_patient, weight_analysis, weight_maps
+from .blending import blend_patient, brain_mask, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
 from .errors import BudgetError, ConfigError, InputError, Interrupted
 from .io import (
@@ -58,9 +58,11 @@ from .model import (
 )
 from .progress import progress
 from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
+from .scoring import extras_summary, split_extras, test_extras
 from .solve import fit_weights, laplacian_smooth
 from .statistics import patient_statistics
 from .tiling import TileGrid
+from .weightmaps import blend_weight_maps, write_weight_niftis
 
 log = logging.getLogger(__name__)
 
@@ -355,11 +357,14 @@ class Engine:
             task, "test", test, model, clock, skipped, nonfinite, record
         )
         plan = plan or plan_t
+        # each expert alone and the HR-free protocol, beside (never inside) the published keys
+        per_patient["test"], test_experts, test_hr_free = split_extras(per_patient["test"])
         results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
         if not test:
             log.warning("task %s: the manifest has no test patients", task)
 
         metrics_doc: dict[str, Any] = dict(results)
+        metrics_doc.update(extras_summary(test_experts, test_hr_free, self.models))
         if skipped:
             metrics_doc["skipped"] = dict(sorted(skipped.items()))
         if nonfinite:
@@ -368,7 +373,8 @@ class Engine:
             atomic_write_json(mdir / "metrics.json", metrics_doc, indent=2)
             atomic_write_json(
                 mdir / "patients.json",
-                {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds},
+                {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds,
+                 "test_experts": test_experts, "test_hr_free": test_hr_free},
                 indent=2,
             )
         record.mark_complete()
@@ -645,7 +651,14 @@ class Engine:
             "train_patients": used,
             "pacs_numba_version": __version__,
         }
-        return StackingModel(weights, learned, grid, self.models, settings), plan
+        # the grid's affine (first used training HR): weight maps of the model alone carry it
+        affine = self.store.get(train[used[0]]["HR"]).meta.affine
+        model = StackingModel(
+            weights, learned, grid, self.models, settings,
+            window=p.mixing_window, affine=np.asarray(affine, np.float64),
+            normalisation=p.normalize, train_patients=tuple(used),
+        )
+        return model, plan
 
     def _reusable_model(
         self, record: RunRecord, source: dict[str, Any], mdir: Path
@@ -736,9 +749,12 @@ class Engine:
         mdir = self.model_dir(task)
         vdir = self.volumes_dir(task)
         npz: _WeightNpz | None = None
+        nifti_maps: _WeightNifti | None = None
         if p.save_weight_volumes and split == "test":
             with clock("writes"):  # before the pool: the maps never meet a patient in flight
                 npz = _WeightNpz(model, task)
+                nifti_maps = _WeightNifti(model, p.mixing_window)
+                nifti_maps.write_model(mdir)
 
         def eval_one(pid: str):
             paths = patients[pid]
@@ -762,6 +778,13 @@ class Engine:
                     raise _Skip(pid) from exc
             with clock("metrics"):
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
+                extra = (
+                    test_extras(hr.data, exp, model, window=p.mixing_window,
+                                ssim_axis=p.ssim_axis)
+                    if split == "test" else {}
+                )
+            bmask = brain_mask(hr.data) if nifti_maps is not None else None
+            affine = hr.meta.affine
             with clock("writes"):
                 if p.save_blends:
                     target = (
@@ -776,6 +799,9 @@ class Engine:
                 del blend, exp, experts, hr
                 if npz is not None:
                     outputs += npz.write(mdir, pid)
+                if nifti_maps is not None:
+                    outputs += nifti_maps.write_patient(mdir, pid, affine, bmask)
+                    del bmask
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -786,7 +812,8 @@ class Engine:
                 m["mse"],
                 m["mae"],
             )
-            result = {k: float(m[k]) for k in METRIC_KEYS}
+            result: dict[str, Any] = {k: float(m[k]) for k in METRIC_KEYS}
+            result.update(extra)
             record.add_patient(split, pid, inputs, outputs, result)
             return result
 
@@ -829,6 +856,29 @@ class _WeightNpz:
         atomic_savez_from(paths[0], self.weights, patient_id=np.asarray(pid))
         atomic_savez_from(paths[1], self.analysis, patient_id=np.asarray(pid))
         return paths
+
+
+class _WeightNifti:
+    """The NIfTI weight maps of a task (see :mod:`pacs_numba.weightmaps`).
+
+    The maps the blend applies do not depend on the patient, so they are computed once; each
+    test patient's copy is masked with that patient's brain mask and carries its HR's affine.
+    The model's own copy (``weight_maps_model_*``) is unmasked, on the model's affine.
+    """
+
+    def __init__(self, model: StackingModel, window: str) -> None:
+        self.model = model
+        self.maps = blend_weight_maps(model.weights, model.grid, window)
+
+    def write_model(self, mdir: Path) -> list[Path]:
+        """Write ``weight_maps_model_{weights,entropy,dominant}`` for the model itself."""
+        return write_weight_niftis(mdir, "weight_maps_model", self.maps,
+                                   self.model.model_names, self.model.affine)
+
+    def write_patient(self, mdir: Path, pid: str, affine: Any, mask: Any) -> list[Path]:
+        """Write ``{pid}_weight_maps_test_*`` masked like the patient's blend."""
+        return write_weight_niftis(mdir, f"{pid}_weight_maps_test", self.maps,
+                                   self.model.model_names, affine, mask=mask)
 
 
 def _reasons(reasons: Mapping[str, str]) -> str:

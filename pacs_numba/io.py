@@ -1057,9 +1057,10 @@ def _nifti1_header(header: object) -> nib.Nifti1Header | None:
 
 
 def write_nifti(
-    path: str | os.PathLike[str], data: ArrayLike, affine: ArrayLike, header: object = None
+    path: str | os.PathLike[str], data: ArrayLike, affine: ArrayLike, header: object = None,
+    *, dtype: type = np.float32,
 ) -> None:
-    """Write ``data`` as a float32 NIfTI-1 file, atomically.
+    """Write ``data`` as a float32 NIfTI-1 file (or ``dtype``, e.g. uint8 labels), atomically.
 
     Parameters
     ----------
@@ -1092,14 +1093,14 @@ def write_nifti(
     >>> write_nifti("blend.nii.gz", vol, meta.affine, meta.header)  # doctest: +SKIP
     """
     arr = np.asarray(data)
-    if arr.dtype != np.float32:
-        arr = arr.astype(np.float32)
+    if arr.dtype != dtype:
+        arr = arr.astype(dtype)
     arr = arr.view(np.ndarray)  # a memmap subclass would confuse nibabel's slicing of dataobj
     aff = np.array(affine, dtype=np.float64)
     if aff.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {aff.shape}")
     img = nib.Nifti1Image(arr, aff, _nifti1_header(header))
-    img.set_data_dtype(np.float32)
+    img.set_data_dtype(dtype)
     # (NaN, NaN) tells nibabel to choose the scaling itself: none for float32 -> float32
     img.header.set_slope_inter(np.nan, np.nan)
     gz = os.fspath(path).lower().endswith(".gz")
