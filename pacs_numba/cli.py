@@ -173,26 +173,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict",
-        parents=[plain_common],
-        help="blend a new patient's experts with a model",
-        description="Blend one patient's expert volumes with a trained model (pacs_model.npz), "
-        "without an HR: the z-score statistics and the brain mask come from the experts.",
+        parents=[run_common],
+        help="blend new patients' experts with a model (no HR needed)",
+        description="Blend expert volumes with a trained model, without an HR: the z-score "
+        "statistics and the brain mask come from the experts. One patient (--expert ... "
+        "--out), or many (--manifest, --models-root or --csv with --out-dir), or the "
+        "published config's predict section (--config).",
     )
-    p.add_argument("--model", type=Path, required=True, help="pacs_model.npz written by train")
-    p.add_argument(
-        "--experts",
-        type=Path,
-        nargs="+",
-        required=True,
-        help="the expert volumes, in the model's expert order",
-    )
-    p.add_argument("--out", type=Path, required=True, help="output .nii.gz")
-    p.add_argument(
-        "--window",
-        choices=["hann", "flat"],
-        default="hann",
-        help="mixing window where tiles overlap (default hann)",
-    )
+    src = p.add_argument_group("model")
+    src.add_argument("--model", type=Path, default=None,
+                     help="pacs_model.npz written by train, or a weights.json")
+    src.add_argument("--weights", type=Path, default=None,
+                     help="a published weights.json (needs --patch-size and --stride)")
+    src.add_argument("--patch-size", type=int, default=None,
+                     help="patch size a weights.json was trained with")
+    src.add_argument("--stride", type=int, default=None,
+                     help="stride a weights.json was trained with")
+    src.add_argument("--window", choices=["hann", "flat"], default=None,
+                     help="mixing window (default: the model's)")
+    one = p.add_argument_group("one patient")
+    one.add_argument("--expert", action="append", default=[], metavar="NAME=PATH",
+                     help="one expert volume by model name; repeat for every expert")
+    one.add_argument("--experts", type=Path, nargs="+", default=None, metavar="PATH",
+                     help="bare expert paths in the model's order (the order is logged; "
+                     "prefer --expert)")
+    one.add_argument("--out", type=Path, default=None, help="output .nii.gz")
+    many = p.add_argument_group("many patients")
+    many.add_argument("--manifest", type=Path, default=None,
+                      help="a K-fold manifest; with --fold, --spacing, --pulse, --split")
+    many.add_argument("--fold", type=int, default=None)
+    many.add_argument("--spacing", default=None)
+    many.add_argument("--pulse", default=None)
+    many.add_argument("--split", choices=["train", "test"], default="test")
+    many.add_argument("--models-root", type=Path, default=None,
+                      help="folder in the published layout {root}/{MODEL}/{spacing}/"
+                      "output_volumes/{pid}-{pulse}.nii.gz; with --spacing, --pulse")
+    many.add_argument("--csv", type=Path, default=None,
+                      help="CSV with a pid column and one column per expert name")
+    many.add_argument("--out-dir", type=Path, default=None, help="folder for the predictions")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a config with the published 'predict' section")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
     p = sub.add_parser(
         "inspect",
@@ -396,13 +417,9 @@ def _make_cohort(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
+    from .predict_cli import run_predict
 
-    out = predict_files(
-        args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir
-    )
-    print(f"prediction -> {out}")
-    return EXIT_OK
+    return run_predict(args)
 
 
 def _inspect(args: argparse.Namespace) -> int:
