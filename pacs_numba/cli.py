@@ -223,6 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=Path, help="pacs_model.npz written by train")
 
+    p = sub.add_parser(
+        "summarize",
+        parents=[plain_common],
+        help="one table (CSV and markdown) of every trained task under an out_root",
+        description="Per spacing and pulse: each expert and PaCS-SR over folds and patients, "
+        "the gain over the best expert with a Wilcoxon signed-rank test, dominance shares.",
+    )
+    p.add_argument("out_root", type=Path, help="the run's out_root (pacs_sr.out_root)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for summary.csv and summary.md (default: OUT_ROOT)")
+
+    p = sub.add_parser(
+        "report",
+        parents=[plain_common],
+        help="PNG figures and a one-page HTML summary of one trained task",
+        description="Figures of one trained (fold, spacing, pulse): mid slices of HR, experts, "
+        "blend and error; dominant-expert and entropy maps; weights by region; metrics. "
+        "Needs matplotlib (pip install 'pacs-numba[report]').",
+    )
+    p.add_argument("run_dir", type=Path,
+                   help="the task's model_data/fold_N/{pulse} folder")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the run's config (default: found from the folder, else needed to "
+                   "locate the test volumes)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the report (default: RUN_DIR/report)")
+    p.add_argument("--patients", nargs="+", default=None,
+                   help="test patients to show (default: all)")
+
     p = sub.add_parser("cache", parents=[plain_common], help="inspect or empty the volume cache")
     p.add_argument("action", choices=["info", "clear"])
     return parser
@@ -429,6 +458,24 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _summarize(args: argparse.Namespace) -> int:
+    from .summarize import summarize
+
+    _, md, paths = summarize(args.out_root, args.out)
+    print(md)
+    print(f"summary -> {paths[0]}, {paths[1]}")
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    html = make_report(args.run_dir, config_path=args.config, out_dir=args.out,
+                       patients=args.patients, cache_dir=args.cache_dir)
+    print(f"report -> {html}")
+    return EXIT_OK
+
+
 def _cache(args: argparse.Namespace) -> int:
     from .io import VolumeStore
 
@@ -502,6 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": _cache,
         "predict": _predict,
         "inspect": _inspect,
+        "summarize": _summarize,
+        "report": _report,
         "demo": _demo,
     }
     try:
