@@ -211,7 +211,8 @@ def load_model(path: Path) -> StackingModel:
     if not path.exists():
         raise InputError(f"model file '{path}' does not exist")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own file object: np.load leaks its handle when the zip directory is broken
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
             members = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise InputError(
