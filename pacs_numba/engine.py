@@ -11,6 +11,7 @@ which thread finished first.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -62,7 +63,7 @@ from .scoring import extras_summary, split_extras, test_extras
 from .solve import fit_weights, laplacian_smooth
 from .statistics import patient_statistics
 from .tiling import TileGrid
-from .weightmaps import blend_weight_maps, write_weight_niftis
+from .weightmaps import blend_weight_maps, map_paths, write_weight_niftis
 
 log = logging.getLogger(__name__)
 
@@ -871,9 +872,22 @@ class _WeightNifti:
         self.maps = blend_weight_maps(model.weights, model.grid, window)
 
     def write_model(self, mdir: Path) -> list[Path]:
-        """Write ``weight_maps_model_{weights,entropy,dominant}`` for the model itself."""
-        return write_weight_niftis(mdir, "weight_maps_model", self.maps,
-                                   self.model.model_names, self.model.affine)
+        """Write ``weight_maps_model_{weights,entropy,dominant}`` for the model itself.
+
+        The legend records the model's digest; files of the same model are kept as they are
+        (a resumed run leaves its complete outputs untouched).
+        """
+        m = self.model
+        digest = model_digest(m.weights, m.learned, m.grid.shape)
+        paths = map_paths(mdir, "weight_maps_model")
+        try:
+            same = json.loads(paths["legend"].read_text()).get("model_digest") == digest
+        except (OSError, ValueError):
+            same = False
+        if same and all(p.exists() for p in paths.values()):
+            return list(paths.values())
+        return write_weight_niftis(mdir, "weight_maps_model", self.maps, m.model_names,
+                                   m.affine, legend_extra={"model_digest": digest})
 
     def write_patient(self, mdir: Path, pid: str, affine: Any, mask: Any) -> list[Path]:
         """Write ``{pid}_weight_maps_test_*`` masked like the patient's blend."""

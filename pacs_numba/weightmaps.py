@@ -224,6 +224,7 @@ def write_weight_niftis(
     affine: ArrayLike | None,
     *,
     mask: ArrayLike | None = None,
+    legend_extra: dict | None = None,
 ) -> list[Path]:
     """Write the 4-D weight map, entropy map, dominant-expert map and legends.
 
@@ -241,6 +242,8 @@ def write_weight_niftis(
         The HR's affine (identity when None).
     mask : (N0, N1, N2) array_like or None
         Brain mask: weights, entropy and labels are 0 outside it (as the blend is).
+    legend_extra : dict, optional
+        More entries for the JSON legend (e.g. the model's digest).
 
     Returns
     -------
@@ -257,6 +260,8 @@ def write_weight_niftis(
     write_nifti(paths["entropy"], ent, aff, None)
     del ent
     write_nifti(paths["dominant"], dominant_labels(maps, mask), aff, None, dtype=np.uint8)
-    atomic_write_text(paths["legend"], json.dumps(legend(model_names), indent=2))
     atomic_write_text(paths["itksnap"], _itksnap_labels(model_names))
+    # the legend last: its presence means the maps before it are complete
+    atomic_write_text(paths["legend"],
+                      json.dumps({**legend(model_names), **(legend_extra or {})}, indent=2))
     return list(paths.values())
