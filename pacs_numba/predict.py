@@ -383,7 +383,8 @@ def jobs_from_csv(csv_path: Path, model_names: Sequence[str], out_dir: Path) -> 
             raise InputError(f"CSV '{path}' line {line} ({pid}): no path for {blank}")
         experts = tuple(base / Path(row[n].strip()) for n in model_names)
         out = (row.get("out") or "").strip()
-        jobs.append(PredictJob(pid, experts, base / out if out else Path(out_dir) / f"{pid}.nii.gz"))
+        target = base / out if out else Path(out_dir) / f"{pid}.nii.gz"
+        jobs.append(PredictJob(pid, experts, target))
     return jobs
 
 
@@ -496,7 +497,10 @@ def predict_batch(
                                             "window": window}
                 atomic_write_json(record_path, doc, indent=1)
 
-    with ThreadPoolExecutor(width, thread_name_prefix="predict") as pool,             progress(len(todo), "predict", disabled=no_progress) as bar:
+    with (
+        ThreadPoolExecutor(width, thread_name_prefix="predict") as pool,
+        progress(len(todo), "predict", disabled=no_progress) as bar,
+    ):
         futures = {pool.submit(one, j, fp): j.pid for j, fp in todo}
         for fut in as_completed(futures):
             pid = futures[fut]
@@ -510,7 +514,9 @@ def predict_batch(
     return res
 
 
-def published_predict_section(section: Any, where: str) -> tuple[Path | None, dict[str, Path], Path | None]:
+def published_predict_section(
+    section: Any, where: str
+) -> tuple[Path | None, dict[str, Path], Path | None]:
     """Read the published config's ``predict`` section.
 
     Returns ``(pacs_sr_weights_path, {expert name: opinion_path}, out_root)``; the expert

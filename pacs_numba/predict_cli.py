@@ -155,7 +155,7 @@ def _run_batch(args: argparse.Namespace, model: StackingModel, jobs: list[Predic
 
 
 def _from_config(args: argparse.Namespace) -> int:
-    """The published ``pacs-sr-predict --config``: experts, weights and output from the config."""
+    """Run the published ``pacs-sr-predict --config``: experts, weights, output from the config."""
     from .config import load_config
 
     cfg = load_config(args.config)

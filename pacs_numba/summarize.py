@@ -233,7 +233,7 @@ def _csv_cell(v: Any) -> str:
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as CSV (full precision; empty cell = not available)."""
+    """Return the rows as CSV (full precision; empty cell = not available)."""
     lines = [",".join(COLUMNS)]
     lines += [",".join(_csv_cell(r[c]) for c in COLUMNS) for r in rows]
     return "\n".join(lines) + "\n"

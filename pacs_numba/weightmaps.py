@@ -205,7 +205,7 @@ def _itksnap_labels(model_names: Sequence[str]) -> str:
 
 
 def map_paths(directory: Path, stem: str) -> dict[str, Path]:
-    """Files of one set of maps: ``{stem}_weights.nii.gz``, ``_entropy``, ``_dominant`` (+ legends)."""
+    """Paths of one set of maps: ``{stem}_weights.nii.gz``, ``_entropy``, ``_dominant``, legends."""
     d = Path(directory)
     return {
         "weights": d / f"{stem}_weights.nii.gz",

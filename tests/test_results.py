@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import shutil
 import struct
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -338,7 +336,7 @@ def test_summarize_matches_the_per_task_metrics(run, tmp_path, capsys):
         vals = [v["psnr"] for v in pj["per_patient"]["test"].values()]
         assert np.mean(vals) == pytest.approx(mj["test"]["psnr"])  # summarize's input
         per.setdefault("PaCS-SR", []).extend(vals)
-        for pid, e in pj["test_experts"].items():
+        for e in pj["test_experts"].values():
             for name in MODELS:
                 per.setdefault(name, []).append(e[name]["psnr"])
         model = load_model(mdir / "pacs_model.npz")

@@ -54,7 +54,8 @@ def test_maps_reproduce_the_blend_of_the_zscored_experts(rng, shape, patch, stri
     blend = blend_volume(experts, grid, w, mus=mus, sds=sds, mu_hr=0.0, sd_hr=1.0, mask=None,
                          window="hann")
     maps = blend_weight_maps(w, grid, "hann").astype(np.float64)
-    z = np.stack([(e.astype(np.float64) - mu) / sd for e, mu, sd in zip(experts, mus, sds)], -1)
+    z = np.stack([(e.astype(np.float64) - mu) / sd
+                  for e, mu, sd in zip(experts, mus, sds, strict=True)], -1)
     np.testing.assert_allclose(blend, (maps * z).sum(-1), rtol=1e-4, atol=1e-4)
 
 
@@ -93,4 +94,5 @@ def test_written_niftis_carry_the_affine_mask_and_legend(rng, tmp_path):
     legend = json.loads((tmp_path / "x_dominant.json").read_text())
     assert [legend["labels"][k]["name"] for k in ("0", "1", "2")] == ["background", "A", "B"]
     ent = nib.load(tmp_path / "x_entropy.nii.gz").get_fdata()
-    assert ent.shape == grid.shape and (ent[mask] >= 0).all() and (ent[mask] <= np.log(2) + 1e-6).all()
+    assert ent.shape == grid.shape
+    assert (ent[mask] >= 0).all() and (ent[mask] <= np.log(2) + 1e-6).all()
