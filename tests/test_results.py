@@ -462,3 +462,35 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # the page drew images, not only text on white: many distinct dark pixels
     dark = (img[..., :3].mean(-1) < 0.2).mean()
     assert dark > 0.02
+
+
+def test_summarize_reads_published_outputs_as_fold_means(run, tmp_path):
+    """The published tool writes no patients.json or model file: one unit per fold."""
+    from pacs_numba.summarize import summarize
+
+    copy = tmp_path / "published"
+    shutil.copytree(run["base"] / "model_data", copy / "PaCS_SR" / SPACING / "model_data",
+                    ignore=shutil.ignore_patterns("*.nii.gz", "*.npz", "patients.json"))
+    means = []
+    for fold in (1, 2, 3):
+        mj = copy / "PaCS_SR" / SPACING / "model_data" / f"fold_{fold}" / PULSE / "metrics.json"
+        doc = json.loads(mj.read_text())
+        mj.write_text(json.dumps({"train": doc["train"], "test": doc["test"]}))
+        means.append(doc["test"]["psnr"])
+    rows, md, _ = summarize(copy)
+    assert [r["method"] for r in rows] == ["PaCS-SR"]
+    (row,) = rows
+    assert row["unit"] == "fold mean" and row["n"] == 3
+    assert row["psnr_mean"] == pytest.approx(np.mean(means))
+    assert "fold means" in md
+
+
+def test_report_from_the_config_for_chosen_patients(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    pid = next(iter(_test_patients(run)))
+    out = tmp_path / "rep"
+    assert _run("report", run["mdir"], "--config", run["cfg"], "--patients", pid, "--out", out,
+                "--cache-dir", run["cache"], "-q") == 0
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(
+        [f"{pid}_slices.png", f"{pid}_weights.png", "weights_by_region.png"])
+    assert _run("report", run["mdir"], "--patients", "nobody", "--out", out, "-q") == 2
