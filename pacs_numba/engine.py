@@ -779,13 +779,6 @@ class Engine:
                     raise _Skip(pid) from exc
             with clock("metrics"):
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
-                extra = (
-                    test_extras(hr.data, exp, model, window=p.mixing_window,
-                                ssim_axis=p.ssim_axis)
-                    if split == "test" else {}
-                )
-            bmask = brain_mask(hr.data) if nifti_maps is not None else None
-            affine = hr.meta.affine
             with clock("writes"):
                 if p.save_blends:
                     target = (
@@ -795,9 +788,18 @@ class Engine:
                     )
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
-                # The npz writes below are the slowest step: release this patient's blend
-                # and mapped volumes first so they do not count against other patients.
-                del blend, exp, experts, hr
+                del blend  # before the extras below: their blend then replaces it in memory
+            extra: dict[str, Any] = {}
+            if split == "test":
+                with clock("metrics"):  # each expert alone, and the HR-free protocol
+                    extra = test_extras(hr.data, exp, model, window=p.mixing_window,
+                                        ssim_axis=p.ssim_axis)
+            bmask = brain_mask(hr.data) if nifti_maps is not None else None
+            affine = hr.meta.affine
+            with clock("writes"):
+                # The npz writes below are the slowest step: release this patient's mapped
+                # volumes first so they do not count against other patients.
+                del exp, experts, hr
                 if npz is not None:
                     outputs += npz.write(mdir, pid)
                 if nifti_maps is not None:
