@@ -63,7 +63,7 @@ from .scoring import extras_summary, split_extras, test_extras
 from .solve import fit_weights, laplacian_smooth
 from .statistics import patient_statistics
 from .tiling import TileGrid
-from .weightmaps import blend_weight_maps, map_paths, write_weight_niftis
+from .weightmaps import BlendWeightMaps, map_paths
 
 log = logging.getLogger(__name__)
 
@@ -864,14 +864,15 @@ class _WeightNpz:
 class _WeightNifti:
     """The NIfTI weight maps of a task (see :mod:`pacs_numba.weightmaps`).
 
-    The maps the blend applies do not depend on the patient, so they are computed once; each
-    test patient's copy is masked with that patient's brain mask and carries its HR's affine.
-    The model's own copy (``weight_maps_model_*``) is unmasked, on the model's affine.
+    The maps the blend applies do not depend on the patient, so the entropy and label maps
+    are made once (``weightmaps.BlendWeightMaps``); each test patient's copy is masked with
+    that patient's brain mask and carries its HR's affine.  The model's own copy
+    (``weight_maps_model_*``) is unmasked, on the model's affine.
     """
 
     def __init__(self, model: StackingModel, window: str) -> None:
         self.model = model
-        self.maps = blend_weight_maps(model.weights, model.grid, window)
+        self.maps = BlendWeightMaps(model.weights, model.grid, window)
 
     def write_model(self, mdir: Path) -> list[Path]:
         """Write ``weight_maps_model_{weights,entropy,dominant}`` for the model itself.
@@ -888,13 +889,13 @@ class _WeightNifti:
             same = False
         if same and all(p.exists() for p in paths.values()):
             return list(paths.values())
-        return write_weight_niftis(mdir, "weight_maps_model", self.maps, m.model_names,
-                                   m.affine, legend_extra={"model_digest": digest})
+        return self.maps.write(mdir, "weight_maps_model", m.model_names, m.affine,
+                               legend_extra={"model_digest": digest})
 
     def write_patient(self, mdir: Path, pid: str, affine: Any, mask: Any) -> list[Path]:
         """Write ``{pid}_weight_maps_test_*`` masked like the patient's blend."""
-        return write_weight_niftis(mdir, f"{pid}_weight_maps_test", self.maps,
-                                   self.model.model_names, affine, mask=mask)
+        return self.maps.write(mdir, f"{pid}_weight_maps_test", self.model.model_names,
+                               affine, mask=mask)
 
 
 def _reasons(reasons: Mapping[str, str]) -> str:

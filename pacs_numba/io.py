@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -1115,3 +1115,67 @@ def write_nifti(
         else:
             img.to_file_map({"header": FileHolder(fileobj=f), "image": FileHolder(fileobj=f)})
 
+
+
+def write_nifti_volumes(
+    path: str | os.PathLike[str],
+    volumes: Iterable[ArrayLike],
+    shape: tuple[int, int, int, int],
+    affine: ArrayLike,
+    *,
+    dtype: type = np.float32,
+) -> None:
+    """Write a 4-D NIfTI-1 file one 3-D volume at a time, atomically.
+
+    A 4-D weight map of ``M`` experts would otherwise be held whole (``4 N M`` bytes) and
+    copied by nibabel on the way out; here only the volume being written is in memory.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination (gzip level 1 when it ends in ``.gz``).
+    volumes : iterable of (N0, N1, N2) array_like
+        ``shape[3]`` volumes, in order (generated lazily if wanted).
+    shape : (N0, N1, N2, M)
+        The 4-D shape.
+    affine : (4, 4) array_like
+        Voxel-to-world affine (sform and qform, as ``write_nifti`` sets them).
+    dtype : numpy dtype
+        On-disk data type.
+
+    Raises
+    ------
+    OutputError
+        If the file cannot be written.
+    ValueError
+        If a volume's shape or the number of volumes does not match ``shape``.
+    """
+    aff = np.array(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.zeros((1, 1, 1, 1), dtype=dtype), aff)
+    img.update_header()
+    hdr = img.header
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_slope_inter(np.nan, np.nan)
+    hdr.set_data_offset(352)
+    gz = os.fspath(path).lower().endswith(".gz")
+    out_dtype = np.dtype(dtype).newbyteorder(hdr.endianness)
+    with _atomic_file(path) as f:
+        zf = (igzip.IGzipFile(fileobj=f, mode="wb", compresslevel=GZIP_LEVEL, filename="",
+                              mtime=0) if gz else None)
+        sink = zf if zf is not None else f
+        try:
+            hdr.write_to(sink)
+            written = 0
+            for vol in volumes:
+                v = np.asarray(vol)
+                if v.shape != tuple(shape[:3]):
+                    raise ValueError(f"volume {written} has shape {v.shape}; expected {shape[:3]}")
+                # Fortran order: NIfTI's first axis varies fastest
+                sink.write(np.asarray(v, dtype=out_dtype).tobytes(order="F"))
+                written += 1
+            if written != shape[3]:
+                raise ValueError(f"got {written} volumes; the shape says {shape[3]}")
+        finally:
+            if zf is not None:
+                zf.close()

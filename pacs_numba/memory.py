@@ -782,6 +782,11 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
           ``min(16 MiB, 4NM)`` (the blend is still alive then).
 
         The valid mask (``N``) is deleted before the brain mask is built.
+        Then, once the blend is written and freed, the test split scores each expert
+        alone and the HR-free blend (``scoring.test_extras``): the largest of the predict
+        steps below (without the mapped pages, already counted).  With weight volumes,
+        the patient's NIfTI maps (``weightmaps.BlendWeightMaps.write``): its brain mask
+        ``N`` + one expert's float64 map and its float32 copy ``12N``.
     predict (``predict.predict_volume``, one patient, no pool)
         the experts' mapped pages ``4NM``, plus the largest of: the float32
         HR proxy ``4N`` with, while it is summed, one ``np.where`` copy and an
@@ -804,7 +809,7 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
     --------
     >>> per_patient_bytes((160, 192, 160), 4, lambda_grad=0.2, lambda_edge=0.25,
     ...                   n_tiles=1200, stage="evaluate") // 2**20
-    128
+    159
     >>> per_patient_bytes((160, 192, 160), 4, lambda_grad=0.2, lambda_edge=0.25,
     ...                   n_tiles=1200, stage="fit") // 2**20
     98
@@ -825,24 +830,25 @@ def per_patient_bytes(shape: Sequence[int], n_experts: int, *, lambda_grad: floa
     if stage not in _STAGES:
         raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
     label_bytes = 4 if n < 2**31 - 1 else 8
+    proxy = 4 * n
+    hr_free = max(proxy + 5 * n,                               # sum of np.where copies
+                  proxy + 2 * m * n + 2 * n,                   # np.all over isfinite list
+                  proxy + n + label_bytes * n,                 # brain mask of the proxy
+                  5 * n + 4 * t * n2 * 4 * (m + 3),            # blend
+                  4 * n + 4 * n0 * n1)                         # write
     if stage == "predict":
-        total = 4 * n * m                                      # mapped expert pages
-        proxy = 4 * n
-        total += max(proxy + 5 * n,                            # sum of np.where copies
-                     proxy + 2 * m * n + 2 * n,                # np.all over isfinite list
-                     proxy + n + label_bytes * n,              # brain mask of the proxy
-                     5 * n + 4 * t * n2 * 4 * (m + 3),         # blend
-                     4 * n + 4 * n0 * n1)                      # write
-        return int(total)
+        return int(4 * n * m + hr_free)                        # + mapped expert pages
     total = 4 * n * (m + 1)                                    # mapped HR + expert pages
     largest_slice = n // min(n0, n1, n2)
     brain = n + label_bytes * n
     blend = n + 4 * n + 4 * t * n2 * 4 * (m + 3)
     metrics = 4 * n + n + 28 * t * largest_slice
     writes = 4 * n + 4 * n0 * n1
+    extras = hr_free                                           # test split: scoring.test_extras
     if save_weight_volumes:
         writes += min(_SAVEZ_CHUNK_BYTES, 4 * n * m)
-    total += max(brain, blend, metrics, writes)
+        extras = max(extras, n + 12 * n)                       # brain mask + one expert's map
+    total += max(brain, blend, metrics, writes, extras)
     return int(total)
 
 
@@ -888,13 +894,15 @@ def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage:
         piecewise constant per tile and deflate to a few percent; 5% of the raw
         ``4NM + 8N`` is a generous bound (measured 3% at 200x230x190x4).  The
         maps themselves exist only before the pool starts: see `setup_bytes`.
+        Plus ``engine._WeightNifti``: the float32 ``1/den`` and entropy maps and the
+        uint8 label map of the NIfTI weight maps, ``9N``.
     predict
         nothing (``predict`` makes no weight maps).
 
     Examples
     --------
     >>> per_task_bytes((160, 192, 160), 4, n_tiles=1200, stage="evaluate") // 2**20
-    5
+    47
     """
     n, m = _volume_terms(shape, n_experts)
     if stage not in _STAGES:
@@ -904,7 +912,7 @@ def per_task_bytes(shape: Sequence[int], n_experts: int, *, n_tiles: int, stage:
         return int(8 * t * (m * m + m + 1) * (max(0, int(n_patients)) + 1) + 4 * 8 * t * m)
     if stage == "predict" or not save_weight_volumes:
         return 0
-    return int(0.05 * (4 * n * m + 8 * n))
+    return int(0.05 * (4 * n * m + 8 * n) + 9 * n)
 
 
 def setup_bytes(shape: Sequence[int], n_experts: int, *, stage: str,
@@ -927,19 +935,20 @@ def setup_bytes(shape: Sequence[int], n_experts: int, *, stage: str,
     int
         Bytes: for evaluate with weight volumes, the per-voxel weight maps ``4NM``
         (``blending.weight_maps``) plus the entropy (float32) and dominant (int32) maps
-        ``8N`` while ``engine._WeightNpz`` compresses them; 0 otherwise.
+        ``8N`` while ``engine._WeightNpz`` compresses them, or, if larger, the ``29N``
+        ``weightmaps.BlendWeightMaps`` peaks at while it is built; 0 otherwise.
 
     Examples
     --------
     >>> setup_bytes((160, 192, 160), 4, stage="evaluate") // 2**20
-    112
+    135
     """
     n, m = _volume_terms(shape, n_experts)
     if stage not in _STAGES:
         raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
     if stage != "evaluate" or not save_weight_volumes:
         return 0
-    return int(4 * n * m + 8 * n)
+    return int(max(4 * n * m + 8 * n, 29 * n))
 
 
 @dataclass(frozen=True)

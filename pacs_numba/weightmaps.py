@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .io import atomic_write_text, write_nifti
+from .io import atomic_write_text, write_nifti, write_nifti_volumes
 from .tiling import TileGrid
 
 __all__ = [
     "EXPERT_COLOURS",
+    "BlendWeightMaps",
     "blend_weight_maps",
     "dominant_labels",
     "entropy_map",
@@ -160,11 +161,19 @@ def entropy_map(maps: ArrayLike) -> NDArray[np.float32]:
     [0.6931, 0.0]
     """
     m = np.asarray(maps, dtype=np.float32)
-    total = m.sum(axis=-1, keepdims=True)
-    p = np.divide(m, total, out=np.zeros_like(m), where=total > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * np.log(p), np.float32(0))
-    return (-terms.sum(axis=-1)).astype(np.float32) + np.float32(0.0)
+    total = m.sum(axis=-1)
+    ent = np.zeros(m.shape[:-1], dtype=np.float32)
+    for e in range(m.shape[-1]):  # one expert at a time: N-sized temporaries only
+        _add_entropy_term(ent, m[..., e], total)
+    return ent
+
+
+def _add_entropy_term(ent: NDArray[np.float32], w: NDArray, total: NDArray) -> None:
+    """``ent -= p ln p`` with ``p = w / total`` where ``p > 0`` (in place)."""
+    p = np.divide(w, total, out=np.zeros(ent.shape, np.float32), where=total > 0)
+    pos = p > 0
+    p[pos] *= np.log(p[pos])
+    ent -= p
 
 
 def dominant_labels(maps: ArrayLike, mask: ArrayLike | None = None) -> NDArray[np.uint8]:
@@ -202,6 +211,103 @@ def _itksnap_labels(model_names: Sequence[str]) -> str:
         r, g, b = EXPERT_COLOURS[e % len(EXPERT_COLOURS)]
         lines.append(f'{e + 1:5d} {r:5d} {g:4d} {b:4d}        1  1  1    "{name}"')
     return "\n".join(lines) + "\n"
+
+
+class BlendWeightMaps:
+    """The blend's weight maps of one model, made one expert at a time (memory-lean).
+
+    Holds ``1 / (den + 1e-8)`` (float32), the entropy map (float32) and the dominant-expert
+    labels (uint8) of the whole grid: ``9N`` bytes.  Each expert's map is recomputed when
+    it is written (three small matrix products), so a 4-D map is never held whole; writing a
+    set peaks at about ``12N`` more (one float64 map and its float32 copy).  Building the
+    object peaks at about ``29N``.
+
+    Parameters
+    ----------
+    weights : (n_tiles, M) array_like
+        Tile weights.
+    grid : TileGrid
+        Their grid.
+    window : {"hann", "flat"}
+        The blend's mixing window.
+    """
+
+    def __init__(self, weights: ArrayLike, grid: TileGrid, window: str) -> None:
+        self.w = np.asarray(weights, dtype=np.float64)
+        if self.w.ndim != 2 or self.w.shape[0] != grid.n_tiles:
+            raise ValueError(
+                f"weights have shape {self.w.shape}; expected ({grid.n_tiles}, n_experts)"
+            )
+        self.grid = grid
+        self.n_experts = self.w.shape[1]
+        self.mats = [window_matrix(n, grid.patch_size, grid.stride, window) for n in grid.shape]
+        den = _overlap_add(np.ones(grid.counts), self.mats)
+        den += DEN_EPS
+        self.inv_den = (1.0 / den).astype(np.float32)
+        total = ((den - DEN_EPS) / den).astype(np.float32)  # = sum_e W_e
+        del den
+        self.entropy = np.zeros(grid.shape, dtype=np.float32)
+        best = np.zeros(grid.shape, dtype=np.float32)
+        self.labels = np.zeros(grid.shape, dtype=np.uint8)
+        for e in range(self.n_experts):
+            w_e = self.expert(e)
+            _add_entropy_term(self.entropy, w_e, total)
+            better = w_e > best  # strict: the first expert wins ties, as argmax
+            best[better] = w_e[better]
+            self.labels[better] = e + 1
+            del w_e, better
+        self.entropy += np.float32(0.0)  # -0.0 -> 0.0
+
+    def expert(self, e: int) -> NDArray[np.float32]:
+        """``W_e`` of expert ``e`` (0-based) as a float32 volume."""
+        acc = _overlap_add(self.w[:, e].reshape(self.grid.counts), self.mats)
+        acc *= self.inv_den
+        return acc.astype(np.float32)
+
+    def maps(self) -> NDArray[np.float32]:
+        """All experts' maps, (N0, N1, N2, M) float32 (for small volumes and tests)."""
+        return np.stack([self.expert(e) for e in range(self.n_experts)], axis=-1)
+
+    def write(
+        self,
+        directory: Path,
+        stem: str,
+        model_names: Sequence[str],
+        affine: ArrayLike | None,
+        *,
+        mask: ArrayLike | None = None,
+        legend_extra: dict | None = None,
+    ) -> list[Path]:
+        """Write the set of files (see :func:`write_weight_niftis`), one expert at a time."""
+        paths = map_paths(directory, stem)
+        aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        inside = None if mask is None else np.asarray(mask, dtype=bool)
+
+        def volumes():
+            for e in range(self.n_experts):
+                v = self.expert(e)
+                if inside is not None:
+                    v *= inside
+                yield v
+
+        write_nifti_volumes(paths["weights"], volumes(), (*self.grid.shape, self.n_experts),
+                            aff)
+        ent = self.entropy if inside is None else np.where(inside, self.entropy, np.float32(0))
+        write_nifti(paths["entropy"], ent, aff, None)
+        del ent
+        lab = self.labels if inside is None else np.where(inside, self.labels, np.uint8(0))
+        write_nifti(paths["dominant"], lab, aff, None, dtype=np.uint8)
+        del lab
+        _write_legends(paths, model_names, legend_extra)
+        return list(paths.values())
+
+
+def _write_legends(paths: dict[str, Path], model_names: Sequence[str],
+                   legend_extra: dict | None) -> None:
+    atomic_write_text(paths["itksnap"], _itksnap_labels(model_names))
+    # the legend last: its presence means the maps before it are complete
+    atomic_write_text(paths["legend"],
+                      json.dumps({**legend(model_names), **(legend_extra or {})}, indent=2))
 
 
 def map_paths(directory: Path, stem: str) -> dict[str, Path]:
@@ -252,16 +358,12 @@ def write_weight_niftis(
     """
     paths = map_paths(directory, stem)
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    if mask is not None:
-        inside = np.asarray(mask, dtype=bool)
+    inside = None if mask is None else np.asarray(mask, dtype=bool)
+    if inside is not None:
         maps = maps * inside[..., None].astype(np.float32)
-    write_nifti(paths["weights"], np.asarray(maps, np.float32), aff, None)
-    ent = entropy_map(maps)
-    write_nifti(paths["entropy"], ent, aff, None)
-    del ent
-    write_nifti(paths["dominant"], dominant_labels(maps, mask), aff, None, dtype=np.uint8)
-    atomic_write_text(paths["itksnap"], _itksnap_labels(model_names))
-    # the legend last: its presence means the maps before it are complete
-    atomic_write_text(paths["legend"],
-                      json.dumps({**legend(model_names), **(legend_extra or {})}, indent=2))
+    m = np.asarray(maps, np.float32)
+    write_nifti_volumes(paths["weights"], (m[..., e] for e in range(m.shape[-1])), m.shape, aff)
+    write_nifti(paths["entropy"], entropy_map(m), aff, None)
+    write_nifti(paths["dominant"], dominant_labels(m, inside), aff, None, dtype=np.uint8)
+    _write_legends(paths, model_names, legend_extra)
     return list(paths.values())

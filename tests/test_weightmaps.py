@@ -96,3 +96,23 @@ def test_written_niftis_carry_the_affine_mask_and_legend(rng, tmp_path):
     ent = nib.load(tmp_path / "x_entropy.nii.gz").get_fdata()
     assert ent.shape == grid.shape
     assert (ent[mask] >= 0).all() and (ent[mask] <= np.log(2) + 1e-6).all()
+
+
+@pytest.mark.parametrize(("shape", "patch", "stride"), CASES)
+def test_the_lean_maps_equal_the_whole_ones(rng, shape, patch, stride, tmp_path):
+    from pacs_numba.weightmaps import BlendWeightMaps
+
+    grid = TileGrid(shape, patch, stride)
+    w = _weights(rng, grid.n_tiles, 3)
+    whole = blend_weight_maps(w, grid, "hann")
+    lean = BlendWeightMaps(w, grid, "hann")
+    np.testing.assert_allclose(lean.maps(), whole, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(lean.entropy, entropy_map(whole), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(lean.labels, dominant_labels(whole))
+    mask = rng.random(shape) > 0.3
+    lean.write(tmp_path / "a", "x", ["A", "B", "C"], None, mask=mask)
+    write_weight_niftis(tmp_path / "b", "x", whole, ["A", "B", "C"], None, mask=mask)
+    for name in ("x_weights.nii.gz", "x_dominant.nii.gz", "x_entropy.nii.gz"):
+        a = nib.load(tmp_path / "a" / name).get_fdata()
+        b = nib.load(tmp_path / "b" / name).get_fdata()
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
