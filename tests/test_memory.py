@@ -535,15 +535,16 @@ def test_per_patient_evaluate_terms():
     # mapped inputs + blend + the npz write chunk (the whole 4NM array when < 16 MiB)
     assert ev == 4 * n * (m + 1) + 4 * n + 4 * 40 * 48 + 4 * n * m
     # without it: the largest of brain mask + labels, mask + blend (+ row scratch),
-    # blend + hr>0 mask (+ SSIM scratch of the largest slice)
-    assert ev_nosave == 4 * n * (m + 1) + 5 * n + 28 * 48 * 40
+    # blend + hr>0 mask (+ SSIM scratch), and the test split's HR-free blend, which is
+    # predict's peak: the proxy and np.all's stacked copy
+    assert ev_nosave == 4 * n * (m + 1) + 4 * n + 2 * m * n + 2 * n
     # predict (no HR, one patient): the experts' pages + the proxy and np.all's stacked copy
     assert pred == 4 * n * m + 4 * n + 2 * m * n + 2 * n
-    # the savez chunk is capped at 16 MiB; the weight maps are per task, not per patient
+    # the savez chunk is capped at 16 MiB, so at this size the HR-free scoring is the peak
     big = (160, 192, 160)
     nb = 160 * 192 * 160
-    assert _pp("evaluate", big, m) == 4 * nb * (m + 1) + 4 * nb + 4 * 160 * 192 + 16 * MiB
-    assert _pp("evaluate", big, 8) - _pp("evaluate", big, 4) == 4 * 4 * nb
+    assert _pp("evaluate", big, m) == 4 * nb * (m + 1) + 4 * nb + 2 * m * nb + 2 * nb
+    assert _pp("evaluate", big, 8) - _pp("evaluate", big, 4) == 4 * 4 * nb + 2 * 4 * nb
     with pytest.raises(ValueError, match="stage"):
         _pp("train")
     with pytest.raises(ValueError, match="shape"):
@@ -562,9 +563,12 @@ def test_per_patient_evaluate_scales_with_voxels():
 def test_per_task_bytes():
     n, m, t = 10 * 12 * 14, 4, 30
     ev = mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="evaluate")
-    assert ev == int(0.05 * (4 * n * m + 8 * n))  # the compressed npz templates
-    # the maps themselves exist only before the pool starts
-    assert mem.setup_bytes((10, 12, 14), m, stage="evaluate") == 4 * n * m + 8 * n
+    # the compressed npz templates + the NIfTI maps' 1/den, entropy and labels
+    assert ev == int(0.05 * (4 * n * m + 8 * n) + 9 * n)
+    # the maps themselves exist only before the pool starts (npz maps, or building the
+    # NIfTI ones, whichever is larger)
+    assert mem.setup_bytes((10, 12, 14), m, stage="evaluate") == max(4 * n * m + 8 * n, 29 * n)
+    assert mem.setup_bytes((10, 12, 14), 8, stage="evaluate") == 4 * n * 8 + 8 * n
     assert mem.setup_bytes((10, 12, 14), m, stage="fit") == 0
     assert mem.setup_bytes((10, 12, 14), m, stage="evaluate", save_weight_volumes=False) == 0
     assert mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="predict") == 0
