@@ -210,6 +210,11 @@ def load_model(path: Path) -> StackingModel:
     path = Path(path)
     if not path.exists():
         raise InputError(f"model file '{path}' does not exist")
+    if path.suffix.lower() == ".json":
+        raise InputError(
+            f"'{path}' is a weights.json, not a model file: it holds only tile weights "
+            "(give the pacs_model.npz next to it, or patch size, stride and expert names)"
+        )
     try:
         # our own file object: np.load leaks its handle when the zip directory is broken
         with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
