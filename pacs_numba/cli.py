@@ -201,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     many = p.add_argument_group("many patients")
     many.add_argument("--manifest", type=Path, default=None,
                       help="a K-fold manifest; with --fold, --spacing, --pulse, --split")
-    many.add_argument("--fold", type=int, default=None)
-    many.add_argument("--spacing", default=None)
-    many.add_argument("--pulse", default=None)
-    many.add_argument("--split", choices=["train", "test"], default="test")
+    many.add_argument("--fold", type=int, default=None, help="default: the model's fold")
+    many.add_argument("--spacing", default=None, help="default: the model's spacing")
+    many.add_argument("--pulse", default=None, help="default: the model's pulse")
+    many.add_argument("--split", choices=["train", "test"], default="test",
+                      help="manifest split to predict (default test)")
     many.add_argument("--models-root", type=Path, default=None,
                       help="folder in the published layout {root}/{MODEL}/{spacing}/"
                       "output_volumes/{pid}-{pulse}.nii.gz; with --spacing, --pulse")
