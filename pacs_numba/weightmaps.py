@@ -13,8 +13,9 @@ experts, ``blend_z(v) = sum_e W_e(v) z_e(v)`` exactly, and ``sum_e W_e(v) = 1`` 
 rounding) wherever some window is nonzero, in particular inside the brain.
 
 The window of a tile is a product of three 1-D windows and the tile weights sit on a regular
-3-D grid, so the overlap-add is three small matrix products per expert (one per axis)
-instead of a loop over tiles; it is exact in float64 and rounded to float32 once.
+3-D grid, so the overlap-add is three one-axis contractions per expert instead of a loop
+over 3-D tiles; it is computed in float64, in a fixed order (reruns give the same bits), and
+rounded to float32 once.
 
 Files (names from :func:`map_paths`): a 4-D float32 weight map (one volume per expert, in
 the model's order), a float32 entropy map ``-sum_e W_e ln W_e`` (0 = one expert decides,
@@ -97,11 +98,28 @@ def window_matrix(length: int, patch_size: int, stride: int, window: str) -> NDA
     return out
 
 
+def _contract_first(g: NDArray, mat: NDArray) -> NDArray:
+    """``out[..., x] = sum_a g[a, ...] mat[a, x]``: the first axis of ``g`` for a new last one.
+
+    Written as one multiply-add per tile row, in row order, instead of ``np.tensordot``:
+    BLAS may sum in an order that depends on threads and memory alignment, which would make
+    reruns (e.g. a resumed run) differ in the last bit; this does not.  Each row of ``mat``
+    is nonzero on at most ``patch_size`` entries, so the work is small.
+    """
+    out = np.zeros((*g.shape[1:], mat.shape[1]), dtype=np.float64)
+    for a in range(mat.shape[0]):
+        nz = np.flatnonzero(mat[a])
+        if nz.size:
+            lo, hi = int(nz[0]), int(nz[-1]) + 1
+            out[..., lo:hi] += g[a][..., None] * mat[a, lo:hi]
+    return out
+
+
 def _overlap_add(grid_values: NDArray[np.float64], mats: Sequence[NDArray]) -> NDArray:
     """``sum_{a,b,c} G[a,b,c] A0[a,x] A1[b,y] A2[c,z]`` as three contractions."""
-    out = np.tensordot(grid_values, mats[0], axes=(0, 0))  # (n1, n2, N0)
-    out = np.tensordot(out, mats[1], axes=(0, 0))  # (n2, N0, N1)
-    return np.tensordot(out, mats[2], axes=(0, 0))  # (N0, N1, N2)
+    out = _contract_first(grid_values, mats[0])  # (n1, n2, N0)
+    out = _contract_first(out, mats[1])  # (n2, N0, N1)
+    return _contract_first(out, mats[2])  # (N0, N1, N2)
 
 
 def blend_weight_maps(weights: ArrayLike, grid: TileGrid, window: str) -> NDArray[np.float32]:
