@@ -297,37 +297,101 @@ def _add_demo(sub) -> None:  # noqa: ANN001
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
 
 
-def _add_predict(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def _add_predict(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p = sub.add_parser(
         "predict",
-        parents=[plain_common],
-        help="blend a new patient's experts with a model",
-        description="Blend one patient's expert volumes with a trained model (pacs_model.npz), "
-        "without an HR: the z-score statistics and the brain mask come from the experts.",
+        parents=[run_common],
+        help="blend new patients' experts with a model (no HR needed)",
+        description="Blend expert volumes with a trained model, without an HR: the z-score "
+        "statistics and the brain mask come from the experts. One patient (--expert ... "
+        "--out), or many (--manifest, --models-root or --csv with --out-dir), or the "
+        "published config's predict section (--config).",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--model", type=Path, required=True, help="pacs_model.npz written by train")
-    p.add_argument(
-        "--experts",
-        type=Path,
-        nargs="+",
-        required=True,
-        help="the expert volumes, in the model's expert order",
+    src = p.add_argument_group("model")
+    src.add_argument("--model", type=Path, default=None,
+                     help="pacs_model.npz written by train, or a weights.json")
+    src.add_argument("--weights", type=Path, default=None,
+                     help="a published weights.json (needs --patch-size and --stride)")
+    src.add_argument("--patch-size", type=int, default=None,
+                     help="patch size a weights.json was trained with")
+    src.add_argument("--stride", type=int, default=None,
+                     help="stride a weights.json was trained with")
+    src.add_argument("--window", choices=["hann", "flat"], default=None,
+                     help="mixing window (default: the model's; a different value is an "
+                     "error)")
+    one = p.add_argument_group("one patient")
+    one.add_argument("--expert", action="append", default=[], metavar="NAME=PATH",
+                     help="one expert volume by model name; repeat for every expert")
+    one.add_argument("--experts", type=Path, nargs="+", default=None, metavar="PATH",
+                     help="bare expert paths in the model's order (the order is logged; "
+                     "prefer --expert)")
+    one.add_argument("--out", type=Path, default=None,
+                     help="output file ending in .nii or .nii.gz; never one of the inputs")
+    many = p.add_argument_group("many patients")
+    many.add_argument("--manifest", type=Path, default=None,
+                      help="a K-fold manifest; with --fold, --spacing, --pulse, --split")
+    many.add_argument("--fold", type=int, default=None, help="default: the model's fold")
+    many.add_argument("--spacing", default=None, help="default: the model's spacing")
+    many.add_argument("--pulse", default=None, help="default: the model's pulse")
+    many.add_argument("--split", choices=["train", "test"], default="test",
+                      help="manifest split to predict")
+    many.add_argument("--models-root", type=Path, default=None,
+                      help="folder in the published layout {root}/{MODEL}/{spacing}/"
+                      "output_volumes/{pid}-{pulse}.nii.gz; with --spacing, --pulse")
+    many.add_argument("--csv", type=Path, default=None,
+                      help="CSV with a pid column and one column per expert name")
+    many.add_argument("--out-dir", type=Path, default=None, help="folder for the predictions")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a config with the published 'predict' section")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (default: refuse)")
+
+
+def _add_inspect(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "inspect",
+        parents=[plain_common],
+        help="describe a model file (experts, grid, window, training patients, checksum)",
+        description="Print what a pacs_model.npz holds and check its checksum.",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="output file ending in .nii or .nii.gz; never one of the inputs",
+    p.add_argument("model", type=Path, help="pacs_model.npz written by train")
+
+
+def _add_summarize(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "summarize",
+        parents=[plain_common],
+        help="one table (CSV and markdown) of every trained task under an out_root",
+        description="Per spacing and pulse: each expert and PaCS-SR over folds and patients, "
+        "the gain over the best expert with a Wilcoxon signed-rank test, dominance shares.",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument(
-        "--window",
-        choices=["hann", "flat"],
-        default=None,
-        help="mixing window where tiles overlap (default: the model's mixing_window; "
-        "a different value is an error)",
+    p.add_argument("out_root", type=Path, help="the run's out_root (pacs_sr.out_root)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for summary.csv and summary.md (default: OUT_ROOT)")
+
+
+def _add_report(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "report",
+        parents=[plain_common],
+        help="PNG figures and a one-page HTML summary of one trained task",
+        description="Figures of one trained (fold, spacing, pulse): mid slices of HR, experts, "
+        "blend and error; dominant-expert and entropy maps; weights by region; metrics. "
+        "Needs matplotlib (pip install 'pacs-numba[report]').",
+        formatter_class=_HelpFormatter,
     )
+    p.add_argument("run_dir", type=Path,
+                   help="the task's model_data/fold_N/{pulse} folder")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the run's config (default: found from the folder, else needed to "
+                   "locate the test volumes)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the report (default: RUN_DIR/report)")
+    p.add_argument("--patients", nargs="+", default=None,
+                   help="test patients to show (default: all)")
 
 
 def _add_cache(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
@@ -371,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_manifest(sub, plain_common)
     _add_make_cohort(sub, plain_common)
     _add_demo(sub)
-    _add_predict(sub, plain_common)
+    _add_predict(sub, run_common)
+    _add_inspect(sub, plain_common)
+    _add_summarize(sub, plain_common)
+    _add_report(sub, plain_common)
     _add_cache(sub, plain_common)
     _add_diagnose(sub, plain_common)
     parser.subparsers = dict(sub.choices)
@@ -715,13 +782,33 @@ def _make_cohort(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
+    from .predict_cli import run_predict
 
-    out = predict_files(
-        args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir,
-        force=args.force,
-    )
-    print(f"prediction -> {out}")
+    return run_predict(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .model import describe_model, load_model
+
+    print(describe_model(load_model(args.model), args.model))
+    return EXIT_OK
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from .summarize import summarize
+
+    _, md, paths = summarize(args.out_root, args.out)
+    print(md)
+    print(f"summary -> {paths[0]}, {paths[1]}")
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    html = make_report(args.run_dir, config_path=args.config, out_dir=args.out,
+                       patients=args.patients, cache_dir=args.cache_dir)
+    print(f"report -> {html}")
     return EXIT_OK
 
 
@@ -811,6 +898,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "make-cohort": _make_cohort,
         "cache": _cache,
         "predict": _predict,
+        "inspect": _inspect,
+        "summarize": _summarize,
+        "report": _report,
         "demo": _demo,
         "diagnose": _diagnose,
     }

@@ -339,15 +339,9 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         return StageCost(stage, int(per), int(thread), int(task), 0, steps)
 
     blend = blend_bytes(n, shape, patch_size, stride)
+    hr_free = _hr_free_steps(n, n0, n1, m, blend)
     if stage == "predict":
-        proxy = 4 * n
-        steps = {
-            "proxy": proxy + 5 * n,
-            "valid mask": proxy + valid_mask_bytes(n, n0, m),
-            "brain mask": proxy + brain_mask_bytes(n),
-            "blend": blend,
-            "write": 4 * n + nifti_write_bytes(n0, n1),
-        }
+        steps = hr_free
         per = max(load, mapped_bytes(n, m) + max(steps.values()))
         thread = blend_thread_bytes(n2, m)
         return StageCost(stage, int(per), int(thread), 0, 0, steps)
@@ -359,10 +353,54 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         "blend": blend,
         "metrics": 4 * n + metrics_bytes(n),
         "writes": max(4 * n + nifti_write_bytes(n0, n1), template),
+        # test split, after the blend is freed: each expert alone and the HR-free blend
+        # (scoring.test_extras), the largest predict step without the mapped pages
+        "scores": max(hr_free.values()),
     }
-    per = max(load, mapped_bytes(n, m + 1) + max(steps.values()))
-    thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis))
+    task = template
     setup = 0
     if save_weight_volumes:
-        setup = weight_maps_bytes(n, m) + min(SAVEZ_CHUNK_BYTES, 4 * n * m)
-    return StageCost(stage, int(per), int(thread), int(template), int(setup), steps)
+        # the patient's NIfTI weight maps (weightmaps.BlendWeightMaps.write): its brain
+        # mask N + one expert's float64 map and its float32 copy 12N
+        steps["weight maps"] = nifti_weight_maps_bytes(n)
+        task += nifti_weight_maps_task_bytes(n)
+        setup = max(weight_maps_bytes(n, m) + min(SAVEZ_CHUNK_BYTES, 4 * n * m),
+                    nifti_weight_maps_setup_bytes(n))
+    per = max(load, mapped_bytes(n, m + 1) + max(steps.values()))
+    thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis))
+    return StageCost(stage, int(per), int(thread), int(task), int(setup), steps)
+
+
+def _hr_free_steps(n: int, n0: int, n1: int, m: int, blend: int) -> dict[str, int]:
+    """Steps of one HR-free blend (``predict.predict_volume``) beside its mapped experts.
+
+    The float32 HR proxy ``4N`` with one ``np.where`` copy and its ``isfinite`` mask
+    ``5N`` while it is summed; the proxy and the valid mask; the proxy and the brain mask;
+    the blend; the write.
+    """
+    proxy = 4 * n
+    return {
+        "proxy": proxy + 5 * n,
+        "valid mask": proxy + valid_mask_bytes(n, n0, m),
+        "brain mask": proxy + brain_mask_bytes(n),
+        "blend": blend,
+        "write": 4 * n + nifti_write_bytes(n0, n1),
+    }
+
+
+def nifti_weight_maps_bytes(n_voxels: int) -> int:
+    """One patient's NIfTI weight maps (``weightmaps.BlendWeightMaps.write``).
+
+    Its brain mask ``N`` and one expert's float64 map with its float32 copy ``12N``.
+    """
+    return 13 * n_voxels
+
+
+def nifti_weight_maps_task_bytes(n_voxels: int) -> int:
+    """What ``engine._WeightNifti`` keeps for a task: float32 ``1/den`` and entropy, uint8 labels."""
+    return 9 * n_voxels
+
+
+def nifti_weight_maps_setup_bytes(n_voxels: int) -> int:
+    """The peak of ``weightmaps.BlendWeightMaps`` while it is built (``29N``)."""
+    return 29 * n_voxels

@@ -10,6 +10,7 @@ which thread finished first.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -56,9 +57,11 @@ from .planning import PoolPlan, StagePlan, check_tile_settings, plan_task_stages
 from .process import baseline_bytes
 from .progress import progress
 from .record import RunRecord, fingerprints, model_digest, result_settings
+from .scoring import extras_summary, split_extras, test_extras
 from .solve import fit_weights, laplacian_smooth
 from .statistics import hr_is_flat, patient_statistics
 from .tiling import TileGrid
+from .weightmaps import BlendWeightMaps, map_paths
 
 log = logging.getLogger(__name__)
 
@@ -394,11 +397,14 @@ class Engine:
             task, "test", test, model, clock, skipped, nonfinite, record, plans.get("evaluate")
         )
         plan = plan or plan_t
+        # each expert alone and the HR-free protocol, beside (never inside) the published keys
+        per_patient["test"], test_experts, test_hr_free = split_extras(per_patient["test"])
         results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
         if not test:
             log.warning("task %s: the manifest has no test patients", task)
 
         metrics_doc: dict[str, Any] = dict(results)
+        metrics_doc.update(extras_summary(test_experts, test_hr_free, self.models))
         if skipped:
             metrics_doc["skipped"] = dict(sorted(skipped.items()))
         if nonfinite:
@@ -409,7 +415,8 @@ class Engine:
             atomic_write_json(
                 lay.patients_json,
                 strict_json(
-                    {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds}
+                    {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds,
+                     "test_experts": test_experts, "test_hr_free": test_hr_free}
                 ),
                 indent=2,
             )
@@ -715,7 +722,14 @@ class Engine:
             "train_patients": used,
             "pacs_numba_version": __version__,
         }
-        return StackingModel(weights, learned, grid, self.models, settings)
+        # the grid's affine (first used training HR): weight maps of the model alone carry it
+        affine = self.store.get(train[used[0]]["HR"]).meta.affine
+        model = StackingModel(
+            weights, learned, grid, self.models, settings,
+            window=p.mixing_window, affine=np.asarray(affine, np.float64),
+            normalisation=p.normalize, train_patients=tuple(used),
+        )
+        return model
 
     def _reusable_model(
         self, record: RunRecord, source: dict[str, Any], lay: TaskLayout
@@ -829,9 +843,12 @@ class Engine:
         log.info("evaluate %s %s: %s", task, split, _describe_plan(plan))
         lay = self.layout(task)
         npz: _WeightNpz | None = None
+        nifti_maps: _WeightNifti | None = None
         if p.save_weight_volumes and split == "test":
             with clock("writes"):  # before the pool: the maps never meet a patient in flight
                 npz = _WeightNpz(model, task)
+                nifti_maps = _WeightNifti(model, p.mixing_window)
+                nifti_maps.write_model(lay.model_dir)
 
         def eval_one(pid: str):
             paths = patients[pid]
@@ -864,11 +881,23 @@ class Engine:
                     target = lay.blend(split, pid)
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
-                # The npz writes below are the slowest step: release this patient's blend
-                # and mapped volumes first so they do not count against other patients.
-                del blend, exp, experts, hr
+                del blend  # before the extras below: their blend then replaces it in memory
+            extra: dict[str, Any] = {}
+            if split == "test":
+                with clock("metrics"):  # each expert alone, and the HR-free protocol
+                    extra = test_extras(hr.data, exp, model, window=p.mixing_window,
+                                        ssim_axis=p.ssim_axis)
+            bmask = brain_mask(hr.data) if nifti_maps is not None else None
+            affine = hr.meta.affine
+            with clock("writes"):
+                # The npz writes below are the slowest step: release this patient's mapped
+                # volumes first so they do not count against other patients.
+                del exp, experts, hr
                 if npz is not None:
                     outputs += npz.write(lay, pid)
+                if nifti_maps is not None:
+                    outputs += nifti_maps.write_patient(lay.model_dir, pid, affine, bmask)
+                    del bmask
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -879,7 +908,8 @@ class Engine:
                 m["mse"],
                 m["mae"],
             )
-            result = {k: float(v) for k, v in m.items()}  # every metric volume_metrics made
+            result: dict[str, Any] = {k: float(v) for k, v in m.items()}  # every metric made
+            result.update(extra)
             record.add_patient(split, pid, inputs, outputs, result)
             return result
 
@@ -948,6 +978,43 @@ def _listdir(folder: Path) -> list[Path]:
         return list(folder.iterdir())
     except OSError:
         return []
+
+
+class _WeightNifti:
+    """The NIfTI weight maps of a task (see :mod:`pacs_numba.weightmaps`).
+
+    The maps the blend applies do not depend on the patient, so the entropy and label maps
+    are made once (``weightmaps.BlendWeightMaps``); each test patient's copy is masked with
+    that patient's brain mask and carries its HR's affine.  The model's own copy
+    (``weight_maps_model_*``) is unmasked, on the model's affine.
+    """
+
+    def __init__(self, model: StackingModel, window: str) -> None:
+        self.model = model
+        self.maps = BlendWeightMaps(model.weights, model.grid, window)
+
+    def write_model(self, mdir: Path) -> list[Path]:
+        """Write ``weight_maps_model_{weights,entropy,dominant}`` for the model itself.
+
+        The legend records the model's digest; files of the same model are kept as they are
+        (a resumed run leaves its complete outputs untouched).
+        """
+        m = self.model
+        digest = model_digest(m.weights, m.learned, m.grid.shape)
+        paths = map_paths(mdir, "weight_maps_model")
+        try:
+            same = json.loads(paths["legend"].read_text()).get("model_digest") == digest
+        except (OSError, ValueError):
+            same = False
+        if same and all(p.exists() for p in paths.values()):
+            return list(paths.values())
+        return self.maps.write(mdir, "weight_maps_model", m.model_names, m.affine,
+                               legend_extra={"model_digest": digest})
+
+    def write_patient(self, mdir: Path, pid: str, affine: Any, mask: Any) -> list[Path]:
+        """Write ``{pid}_weight_maps_test_*`` masked like the patient's blend."""
+        return self.maps.write(mdir, f"{pid}_weight_maps_test", self.model.model_names,
+                               affine, mask=mask)
 
 
 def _reasons(reasons: Mapping[str, str]) -> str:

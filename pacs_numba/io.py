@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -1165,9 +1165,10 @@ def _nifti1_header(header: object) -> nib.Nifti1Header | None:
 
 
 def write_nifti(
-    path: str | os.PathLike[str], data: ArrayLike, affine: ArrayLike, header: object = None
+    path: str | os.PathLike[str], data: ArrayLike, affine: ArrayLike, header: object = None,
+    *, dtype: type = np.float32,
 ) -> None:
-    """Write ``data`` as a float32 NIfTI-1 file, atomically.
+    """Write ``data`` as a float32 NIfTI-1 file (or ``dtype``, e.g. uint8 labels), atomically.
 
     Parameters
     ----------
@@ -1200,14 +1201,14 @@ def write_nifti(
     >>> write_nifti("blend.nii.gz", vol, meta.affine, meta.header)  # doctest: +SKIP
     """
     arr = np.asarray(data)
-    if arr.dtype != np.float32:
-        arr = arr.astype(np.float32)
+    if arr.dtype != dtype:
+        arr = arr.astype(dtype)
     arr = arr.view(np.ndarray)  # a memmap subclass would confuse nibabel's slicing of dataobj
     aff = np.array(affine, dtype=np.float64)
     if aff.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {aff.shape}")
     img = nib.Nifti1Image(arr, aff, _nifti1_header(header))
-    img.set_data_dtype(np.float32)
+    img.set_data_dtype(dtype)
     # (NaN, NaN) tells nibabel to choose the scaling itself: none for float32 -> float32
     img.header.set_slope_inter(np.nan, np.nan)
     gz = os.fspath(path).lower().endswith(".gz")
@@ -1222,3 +1223,67 @@ def write_nifti(
         else:
             img.to_file_map({"header": FileHolder(fileobj=f), "image": FileHolder(fileobj=f)})
 
+
+
+def write_nifti_volumes(
+    path: str | os.PathLike[str],
+    volumes: Iterable[ArrayLike],
+    shape: tuple[int, int, int, int],
+    affine: ArrayLike,
+    *,
+    dtype: type = np.float32,
+) -> None:
+    """Write a 4-D NIfTI-1 file one 3-D volume at a time, atomically.
+
+    A 4-D weight map of ``M`` experts would otherwise be held whole (``4 N M`` bytes) and
+    copied by nibabel on the way out; here only the volume being written is in memory.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination (gzip level 1 when it ends in ``.gz``).
+    volumes : iterable of (N0, N1, N2) array_like
+        ``shape[3]`` volumes, in order (generated lazily if wanted).
+    shape : (N0, N1, N2, M)
+        The 4-D shape.
+    affine : (4, 4) array_like
+        Voxel-to-world affine (sform and qform, as ``write_nifti`` sets them).
+    dtype : numpy dtype
+        On-disk data type.
+
+    Raises
+    ------
+    OutputError
+        If the file cannot be written.
+    ValueError
+        If a volume's shape or the number of volumes does not match ``shape``.
+    """
+    aff = np.array(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.zeros((1, 1, 1, 1), dtype=dtype), aff)
+    img.update_header()
+    hdr = img.header
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_slope_inter(np.nan, np.nan)
+    hdr.set_data_offset(352)
+    gz = os.fspath(path).lower().endswith(".gz")
+    out_dtype = np.dtype(dtype).newbyteorder(hdr.endianness)
+    with _atomic_file(path) as f:
+        zf = (igzip.IGzipFile(fileobj=f, mode="wb", compresslevel=GZIP_LEVEL, filename="",
+                              mtime=0) if gz else None)
+        sink = zf if zf is not None else f
+        try:
+            hdr.write_to(sink)
+            written = 0
+            for vol in volumes:
+                v = np.asarray(vol)
+                if v.shape != tuple(shape[:3]):
+                    raise ValueError(f"volume {written} has shape {v.shape}; expected {shape[:3]}")
+                # Fortran order: NIfTI's first axis varies fastest
+                sink.write(np.asarray(v, dtype=out_dtype).tobytes(order="F"))
+                written += 1
+            if written != shape[3]:
+                raise ValueError(f"got {written} volumes; the shape says {shape[3]}")
+        finally:
+            if zf is not None:
+                zf.close()

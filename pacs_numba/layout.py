@@ -19,6 +19,7 @@ The tree under ``out_root`` (the published tool's layout, plus our own files)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "ExperimentLayout",
     "TaskLayout",
+    "find_task_dirs",
 ]
 
 #: The published tool's tile weights of a task (``{"<tile id>": [w_1..w_M]}``).
@@ -46,6 +48,9 @@ PATIENTS_FILE = "patients.json"
 RECORD_FILE = "pacs_numba_run.json"
 
 _MODEL_DATA = "model_data"
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
+#: How a task folder is spelled, for messages.
+TASK_DIR_PATTERN = "{experiment}/{spacing}/model_data/fold_{N}/{pulse}"
 _OUTPUT_VOLUMES = "output_volumes"
 _LOGS = "logs"
 _REPORT = "report"
@@ -199,3 +204,31 @@ class TaskLayout:
             if path.exists():
                 return path
         return None
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> TaskLayout:
+        """Return the layout whose :attr:`model_dir` is ``model_dir`` (the inverse).
+
+        Raises
+        ------
+        ValueError
+            If ``model_dir`` is not spelled ``.../{experiment}/{spacing}/model_data/fold_{N}/
+            {pulse}``.
+        """
+        d = Path(model_dir)
+        fold = _FOLD_DIR.match(d.parent.name)
+        if fold is None or len(d.parents) < 5 or d.parents[1].name != _MODEL_DATA:
+            raise ValueError(f"'{d}' is not a task folder ({TASK_DIR_PATTERN})")
+        return cls(d.parents[4], d.parents[3].name, int(fold.group(1)), d.parents[2].name,
+                   d.name)
+
+
+def find_task_dirs(out_root: str | Path) -> list[TaskLayout]:
+    """Every task under ``out_root`` that has a ``metrics.json``, sorted by folder."""
+    found = []
+    for metrics in sorted(Path(out_root).rglob(METRICS_FILE)):
+        try:
+            found.append(TaskLayout.from_model_dir(metrics.parent))
+        except ValueError:
+            continue
+    return found

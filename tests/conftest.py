@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,29 @@ RTOL64 = 1e-9
 
 # Keep Numba from writing its cache next to the installed sources in CI clones.
 os.environ.setdefault("PACS_LOG_LEVEL", "WARNING")
+
+
+_ROOT_LEVEL = logging.getLogger().level
+_NUMBA_LEVEL = logging.getLogger("numba").level
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo what a ``cli.main`` call did to the root logger (level, handlers).
+
+    The CLI configures logging for its process; in the test process that would leak into
+    later tests (a ``-q`` run leaves the root at ERROR and hides the warnings that they read
+    with ``caplog``).  Module-scoped fixtures call the CLI before this fixture starts, so
+    the state is restored to the one at import time, not to the one at set-up.
+    """
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if type(h).__module__.startswith("pacs_numba"):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(_ROOT_LEVEL)
+    logging.getLogger("numba").setLevel(_NUMBA_LEVEL)
 
 
 @pytest.fixture(params=[0, 1, 2])

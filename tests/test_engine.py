@@ -74,7 +74,8 @@ def test_train_writes_every_output_of_the_published_layout(trained):
     grid = TileGrid(SHAPE, 8, 4)
 
     metrics = json.loads((mdir / "metrics.json").read_text())
-    assert list(metrics) == ["train", "test"]
+    # the published keys first and unchanged; ours (each expert, HR-free protocol) after them
+    assert list(metrics) == ["train", "test", "test_hr_free", "test_experts"]
     for split in ("train", "test"):
         assert list(metrics[split]) == ["mse", "mae", "psnr", "ssim"]
 

@@ -541,20 +541,33 @@ def test_evaluate_cost_terms():
     tables = 4 * 8 * (10 + 12 + 10)
     # the blend step dominates: brain mask + its != 0 copy + float32 blend + window tables
     assert c.steps["blend"] == 6 * n + tables
-    assert c.per_patient_bytes == 4 * n * (m + 1) + 6 * n + tables
+    # the test split then scores each expert alone and the HR-free blend: its largest step
+    # is the HR proxy with the proxy's brain mask (4N + int32 labels, the mask and a copy)
+    assert c.steps["scores"] == 10 * n
+    # with weight volumes the patient's NIfTI maps are the peak: its brain mask and one
+    # expert's float64 map with its float32 copy
+    assert c.steps["weight maps"] == 13 * n
+    assert c.per_patient_bytes == 4 * n * (m + 1) + 13 * n
     # per thread: the larger of the blend's rows and the SSIM's axial slices
     assert c.per_thread_bytes == max(16 * n2 * (m + 3), 28 * n1 * n2 + 40 * n2 + 40)
     # the weight maps exist before the pool; their compressed templates during it
-    assert c.setup_bytes == 4 * n * m + 8 * n + 4 * n * m
-    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n))
+    # (or, if larger, the NIfTI maps' 29N while they are built)
+    assert c.setup_bytes == max(4 * n * m + 8 * n + 4 * n * m, 29 * n)
+    assert _cost("evaluate", shape, 1, patch=8, stride=4).setup_bytes == 29 * n
+    # the npz templates + the NIfTI maps' float32 1/den and entropy and uint8 labels
+    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n)) + 9 * n
     off = _cost("evaluate", shape, m, patch=8, stride=4, save_weight_volumes=False)
     assert off.setup_bytes == off.per_task_bytes == 0
+    assert off.per_patient_bytes == 4 * n * (m + 1) + 10 * n
     # the SSIM scratch follows the slice axis
     sag = _cost("evaluate", shape, m, patch=8, stride=4, ssim_axis="sagittal")
     assert sag.per_thread_bytes == 28 * n0 * n1 + 40 * n1 + 40
     big = (160, 192, 160)
     nb = 160 * 192 * 160
-    assert _cost("evaluate", big, 4, 32, 16).setup_bytes == 4 * nb * 4 + 8 * nb + 16 * MiB
+    # the savez chunk is capped at 16 MiB, so at this size building the NIfTI maps (29N)
+    # is the larger setup
+    assert _cost("evaluate", big, 4, 32, 16).setup_bytes == max(4 * nb * 4 + 8 * nb + 16 * MiB,
+                                                                29 * nb)
     with pytest.raises(ValueError, match="stage"):
         _cost("train")
     with pytest.raises(ValueError, match="shape"):

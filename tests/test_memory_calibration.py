@@ -205,12 +205,13 @@ from pathlib import Path
 import numpy as np, numba, psutil
 from pacs_numba.process import pin_mmap_threshold
 pin_mmap_threshold()
-from pacs_numba.blending import blend_patient
+from pacs_numba.blending import Normalisation, blend_patient, brain_mask
 from pacs_numba.diagnose import _warm_kernels
 from pacs_numba.io import write_nifti
 from pacs_numba.metrics import volume_metrics
 from pacs_numba.model import StackingModel
 from pacs_numba.predict import predict_volume
+from pacs_numba.scoring import test_extras
 from pacs_numba.statistics import patient_statistics
 from pacs_numba.tiling import TileGrid
 
@@ -273,10 +274,15 @@ for shape, m in cases:
     del st
     with Growth() as g:
         hr, *ex = mapped(paths)
-        blend = blend_patient(hr, ex, grid, w, window="hann")
+        # a test patient as engine.eval_one runs it (no weight volumes): the blend, its
+        # metrics and write, then each expert alone and the HR-free protocol
+        norm = Normalisation.from_hr(hr, ex)
+        blend = blend_patient(ex, grid, w, window="hann", norm=norm, brain_mask=brain_mask(hr))
         volume_metrics(hr, blend, ssim_axis="axial")
         write_nifti(work / "blend.nii.gz", blend, np.eye(4))
-        del blend, hr, ex
+        del blend
+        test_extras(hr, ex, model, window="hann", ssim_axis="axial")
+        del hr, ex
     out["evaluate"] = g.bytes
     with Growth() as g:
         ex = mapped(paths[1:])
@@ -306,7 +312,7 @@ def test_each_stage_at_two_shapes_and_two_expert_counts(tmp_path: Path) -> None:
         shape, m = tuple(case["shape"]), case["m"]
         for stage in ("fit", "evaluate", "predict"):
             c = costs.stage_cost(stage, shape, m, patch_size=STAGE_PATCH, stride=STAGE_STRIDE,
-                                 **FIT_OPTIONS)
+                                 save_weight_volumes=False, **FIT_OPTIONS)
             predicted = c.per_patient_bytes + threads * c.per_thread_bytes
             if stage == "fit":  # the patient's Q, B and counts, returned (a per-task term)
                 predicted += costs.statistics_bytes(
