@@ -205,8 +205,8 @@ def _add_train(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN00
     p.add_argument(
         "--no-expert-table",
         action="store_true",
-        help="skip the closing table of each expert alone vs PaCS-SR (it blends every test "
-        "patient once per expert; default: print it)",
+        help="do not print the closing table of each expert alone vs PaCS-SR (default: print "
+        "it; it reads metrics.json's test_experts, so it costs nothing)",
     )
 
 
@@ -680,18 +680,14 @@ def _log_task_table(states: list[tuple[object, str, str]]) -> None:
 
 def _expert_table(engine, task, res) -> str | None:  # noqa: ANN001
     """Return the demo's per-expert vs PaCS-SR table of one trained task, or None."""
-    from .demo import expert_alone_metrics, metrics_table
+    from .demo import metrics_table
 
     stacked = res.metrics.get("test")
     n_test = len(res.per_patient.get("test") or {})
-    if not stacked or not n_test:
+    if not stacked or not n_test or not res.extras.get("test_experts"):
         return None
-    try:
-        alone = expert_alone_metrics(engine, task)
-    except PacsError as exc:
-        log.warning("no per-expert table for %s: %s", task, exc)
-        return None
-    return "\n".join([f"{task}:", *metrics_table(alone, stacked, n_test)])
+    return "\n".join([f"{task}:", *metrics_table(res.extras["test_experts"], stacked, n_test,
+                                                   res.extras.get("test_hr_free"))])
 
 
 def _print_result(res) -> None:  # noqa: ANN001

@@ -10,59 +10,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .blending import Normalisation, blend_patient, brain_mask
 from .cohort import make_cohort
 from .config import load_config
 from .engine import Engine, RunOptions, Task
 from .io import atomic_write_text
-from .manifest import build_manifest, select_task, write_manifest
-from .metrics import aggregate, volume_metrics
-from .tiling import TileGrid
+from .manifest import build_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 
-def expert_alone_metrics(
-    engine: Engine, task: Task, split: str = "test"
-) -> dict[str, dict[str, float]]:
-    """Mean metrics of each expert used alone, scored exactly like the blend.
-
-    Each expert is put through the same path as the stacked prediction (z-scored over the
-    HR mask, mapped back with the HR's mean and std, brain-masked) with one-hot tile weights,
-    so the comparison with PaCS-SR is like for like.
-    """
-    train, test = select_task(engine.manifest(), task.fold, task.spacing, task.pulse, engine.models)
-    patients = test if split == "test" else train
-    per_model: dict[str, list[dict[str, float]]] = {m: [] for m in engine.models}
-    pacs = engine.pacs
-    for paths in patients.values():
-        hr = engine.store.get(paths["HR"]).data
-        experts = [engine.store.get(p).data for p in paths["experts"]]
-        grid = TileGrid(hr.shape, pacs.patch_size, pacs.stride)
-        norm, bmask = Normalisation.from_hr(hr, experts), brain_mask(hr)
-        for m, name in enumerate(engine.models):
-            w = np.zeros((grid.n_tiles, len(engine.models)), dtype=np.float32)
-            w[:, m] = 1.0
-            pred = blend_patient(
-                experts, grid, w, window=pacs.mixing_window, norm=norm, brain_mask=bmask
-            )
-            per_model[name].append(volume_metrics(hr, pred, ssim_axis=pacs.ssim_axis))
-    return {name: aggregate(v) for name, v in per_model.items() if v}
-
-
 def metrics_table(
-    alone: dict[str, dict[str, float]], stacked: dict[str, float], n_test: int
+    alone: dict[str, dict[str, float]], stacked: dict[str, float], n_test: int,
+    hr_free: dict[str, float] | None = None,
 ) -> list[str]:
-    """Lines of the per-expert vs PaCS-SR table (test PSNR/SSIM), as the demo prints it."""
+    """Lines of the per-expert vs PaCS-SR table (test PSNR/SSIM), as the demo prints it.
+
+    ``alone`` and ``hr_free`` are ``metrics.json``'s ``test_experts`` and ``test_hr_free``.
+    """
     lines = [
         f"test metrics, mean over {n_test} patients:",
-        f"  {'method':<10} {'PSNR (dB)':>10} {'SSIM':>8}",
+        f"  {'method':<18} {'PSNR (dB)':>10} {'SSIM':>8}",
     ]
     for name, m in alone.items():
-        lines.append(f"  {name:<10} {m['psnr']:>10.3f} {m['ssim']:>8.4f}")
-    lines.append(f"  {'PaCS-SR':<10} {stacked['psnr']:>10.3f} {stacked['ssim']:>8.4f}")
+        lines.append(f"  {name:<18} {m['psnr']:>10.3f} {m['ssim']:>8.4f}")
+    lines.append(f"  {'PaCS-SR':<18} {stacked['psnr']:>10.3f} {stacked['ssim']:>8.4f}")
+    if hr_free:
+        lines.append(
+            f"  {'PaCS-SR (HR-free)':<18} {hr_free['psnr']:>10.3f} {hr_free['ssim']:>8.4f}"
+        )
     if alone:
         best = max(alone.values(), key=lambda m: m["psnr"])
         lines.append(
@@ -145,7 +120,6 @@ def run_demo(
         on_engine(engine)
     task = Task(1, config.data.spacings[0], config.data.pulses[0])
     result = engine.train(task)
-    alone = expert_alone_metrics(engine, task)
     secs = time.perf_counter() - t0
 
     n_test = len(result.per_patient["test"])
@@ -156,7 +130,8 @@ def run_demo(
         f"{len(engine.models)} experts, {task} ({n_train} train / {n_test} test), "
         f"patch {p.patch_size}, stride {p.stride}",
     ]
-    lines += metrics_table(alone, result.metrics["test"], n_test)
+    lines += metrics_table(result.extras.get("test_experts", {}), result.metrics["test"], n_test,
+                           result.extras.get("test_hr_free"))
     lines.append(f"outputs: {result.model_dir}")
     lines.append(f"         {engine.volumes_dir(task)}")
     lines.append(f"took {secs:.1f} s")

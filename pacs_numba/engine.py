@@ -131,6 +131,8 @@ class TaskResult:
     timings: dict[str, float]
     pool: PoolPlan | None = None
     plans: dict[str, StagePlan] = field(default_factory=dict)
+    #: ``test_experts`` (each expert alone) and ``test_hr_free`` of ``metrics.json``
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -404,7 +406,8 @@ class Engine:
             log.warning("task %s: the manifest has no test patients", task)
 
         metrics_doc: dict[str, Any] = dict(results)
-        metrics_doc.update(extras_summary(test_experts, test_hr_free, self.models))
+        extras = extras_summary(test_experts, test_hr_free, self.models)
+        metrics_doc.update(extras)
         if skipped:
             metrics_doc["skipped"] = dict(sorted(skipped.items()))
         if nonfinite:
@@ -430,7 +433,7 @@ class Engine:
         )
         log.info("task=%s secs=%.1f skipped=%d %s", task, secs, len(skipped), summary)
         return TaskResult(
-            task, results, per_patient, skipped, mdir, dict(clock.seconds), plan, plans
+            task, results, per_patient, skipped, mdir, dict(clock.seconds), plan, plans, extras
         )
 
     # ---------------------------------------------------------------- checks

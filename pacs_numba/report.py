@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .blending import blend_patient, brain_mask
+from .blending import brain_mask
 from .errors import ConfigError, InputError
 from .io import VolumeStore, atomic_write_bytes, atomic_write_text
 from .layout import TASK_DIR_PATTERN
@@ -38,6 +38,7 @@ from .metrics import volume_metrics
 from .model import MODEL_FILE, StackingModel, describe_model, load_model
 from .predict import predict_volume
 from .record import RECORD_FILE
+from .scoring import expert_alone
 from .weightmaps import EXPERT_COLOURS, blend_weight_maps, dominant_labels, entropy_map
 
 log = logging.getLogger(__name__)
@@ -332,8 +333,8 @@ def make_report(
         blend = predict_volume(exp, model, window=window, norm_source=hr)  # evaluate's blend
         hr_free = predict_volume(exp, model, window=window)
         mask = brain_mask(hr).astype(bool)
-        rows = [(n, volume_metrics(hr, e, ssim_axis=ssim_axis))
-                for n, e in zip(model.model_names, exp, strict=True)]
+        # each expert alone is scored like the blend, as metrics.json's test_experts
+        rows = list(expert_alone(hr, exp, model, window=window, ssim_axis=ssim_axis).items())
         rows.append(("PaCS-SR", volume_metrics(hr, blend, ssim_axis=ssim_axis)))
         rows.append(("PaCS-SR (HR-free)", volume_metrics(hr, hr_free, ssim_axis=ssim_axis)))
         for n, m in rows:

@@ -4,7 +4,10 @@ The published evaluation (algorithm A7) normalises the blend with the test HR's 
 std and masks it with the HR's brain mask, information a new patient does not have.  So that
 a reader sees what the blend is worth in use, every test patient is also scored
 
-* per expert alone (the raw expert volume against the HR, the same metrics), and
+* per expert alone, scored like the blend: the expert put through the same path with
+  one-hot tile weights (z-scored over the HR mask, mapped back with the HR's mean and std,
+  brain-masked), so that "PaCS-SR against the best expert" compares the weighting and
+  nothing else, and
 * under the HR-free protocol: the blend ``predict`` makes (algorithm B6: normalisation
   statistics and brain mask taken from the experts), scored against the HR.
 
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .blending import Normalisation, blend_patient, brain_mask
 from .metrics import aggregate, volume_metrics
 from .model import StackingModel
 from .predict import predict_volume
@@ -60,13 +64,36 @@ def test_extras(
     dict
         ``{"experts": {name: {mse, mae, psnr, ssim}}, "hr_free": {mse, mae, psnr, ssim}}``.
     """
-    per_expert = {
-        name: _floats(volume_metrics(hr, vol, ssim_axis=ssim_axis))
-        for name, vol in zip(model.model_names, experts, strict=True)
-    }
+    per_expert = expert_alone(hr, experts, model, window=window, ssim_axis=ssim_axis)
     pred = predict_volume(experts, model, window=window)
     hr_free = _floats(volume_metrics(hr, pred, ssim_axis=ssim_axis))
     return {"experts": per_expert, "hr_free": hr_free}
+
+
+def expert_alone(
+    hr: NDArray[np.float32],
+    experts: Sequence[NDArray[np.float32]],
+    model: StackingModel,
+    *,
+    window: str,
+    ssim_axis: str,
+) -> dict[str, dict[str, float]]:
+    """Metrics of each expert used alone, through the blend's own path (one-hot weights).
+
+    Every expert is z-scored over the HR mask, mapped back with the HR's mean and std and
+    brain-masked exactly as the evaluate blend is, so its score differs from the blend's
+    only by the weights.
+    """
+    grid, names = model.grid, model.model_names
+    norm, bmask = Normalisation.from_hr(hr, experts), brain_mask(hr)
+    out = {}
+    for e, name in enumerate(names):
+        w = np.zeros((grid.n_tiles, len(names)), dtype=np.float32)
+        w[:, e] = 1.0
+        pred = blend_patient(experts, grid, w, window=window, norm=norm, brain_mask=bmask)
+        out[name] = _floats(volume_metrics(hr, pred, ssim_axis=ssim_axis))
+        del pred
+    return out
 
 
 def _floats(m: Mapping[str, float]) -> dict[str, float]:
