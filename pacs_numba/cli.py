@@ -188,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="output .nii.gz")
     p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="with pacs_sr.use_registration: true, register the experts to the atlas of its "
+        "registration section first (needs --pulse)",
+    )
+    p.add_argument("--pulse", default=None, help="pulse of the experts (selects the atlas)")
+    p.add_argument(
         "--window",
         choices=["hann", "flat"],
         default="hann",
@@ -388,10 +396,17 @@ def _make_cohort(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .predict import predict_files
 
+    registration = None
+    if args.config is not None:
+        config = load_config(args.config)
+        if config.pacs_sr.use_registration:
+            registration = config.registration
     out = predict_files(
-        args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir
+        args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir,
+        registration=registration, pulse=args.pulse,
     )
     print(f"prediction -> {out}")
     return EXIT_OK

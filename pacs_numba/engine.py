@@ -57,6 +57,7 @@ from .model import (
     write_weights_json,
 )
 from .progress import progress
+from .registration import Registrar, ants_import_bytes, blend_with_mask
 from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
 from .solve import fit_weights, laplacian_smooth
 from .statistics import patient_statistics
@@ -207,14 +208,15 @@ class Engine:
         self.config = config
         self.options = options or RunOptions()
         self.pacs = config.pacs_sr
-        if self.pacs.use_registration:
-            raise ConfigError(
-                f"{config.path}: pacs_sr.use_registration: true is not supported by pacs_numba "
-                "yet; set it to false (the brain mask then comes from the HR, algorithm A7.5)"
-            )
         self.models = tuple(config.data.models)
         self.store = VolumeStore(self.options.cache_dir)
         self.limits = limits if limits is not None else detect_limits()
+        # Registration hooks (algorithm A7.5 with registration): None when it is off.
+        self.registrar: Registrar | None = None
+        self._registered: dict[str, Any] = {}
+        if self.pacs.use_registration:
+            assert config.registration is not None  # load_config requires the section then
+            self.registrar = Registrar(config.registration, self.store, self.limits.cpus.value)
         self.stop_event = threading.Event()
         self.stop_signal: int | None = None
         self.layer = ensure_threading_layer()
@@ -312,11 +314,12 @@ class Engine:
         )
         skipped: dict[str, str] = {}
         nonfinite: dict[str, dict[str, int]] = {}
-        record = RunRecord(
-            mdir / RECORD_FILE,
-            result_settings(config_to_dict(self.config)["pacs_sr"], self.models),
-            resume=self.options.resume,
-        )
+        settings = result_settings(config_to_dict(self.config)["pacs_sr"], self.models)
+        if self.registrar is not None:
+            settings["registration"] = _registration_settings(self.config)
+            with clock("registration"):
+                self._registered = self._register_patients(task, {**train, **test})
+        record = RunRecord(mdir / RECORD_FILE, settings, resume=self.options.resume)
         plan: PoolPlan | None = None
         if weights_path is None:
             source: dict[str, Any] = {
@@ -425,7 +428,7 @@ class Engine:
             self.limits,
             per_patient_bytes=per,
             per_task_bytes=once,
-            baseline_bytes=baseline_bytes(),
+            baseline_bytes=baseline_bytes() + self._registration_baseline(),
             n_patients=max(1, n_patients),
             num_workers=self.pacs.num_workers,
             workers_override=self.options.workers,
@@ -533,8 +536,11 @@ class Engine:
     ):
         with clock("load"):
             try:
-                hr = self.store.get(paths["HR"])
-                experts = [self.store.get(p) for p in paths["experts"]]
+                if self.registrar is not None:
+                    hr, experts = self._registered_volumes(pid)
+                else:
+                    hr = self.store.get(paths["HR"])
+                    experts = [self.store.get(p) for p in paths["experts"]]
             except InputError as exc:
                 log.warning("skipping patient %s: %s", pid, exc)
                 skipped[pid] = str(exc)
@@ -559,6 +565,37 @@ class Engine:
             for f, n in counts.items():
                 log.warning("patient %s: %d NaN/Inf voxels in '%s' excluded", pid, n, f)
         return hr, experts
+
+    # ---------------------------------------------------------------- registration
+    def _registration_baseline(self) -> int:
+        """What ``import ants`` keeps resident once registration has run (0 when off)."""
+        return ants_import_bytes() if self.registrar is not None else 0
+
+    def _register_patients(
+        self, task: Task, patients: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Hook: every patient of ``task`` in atlas space, one registration at a time.
+
+        Runs before the pool: antspyx holds the GIL, so registrations in threads would only
+        queue; each one gets every CPU as ITK threads instead.  Cached entries cost nothing.
+        """
+        assert self.registrar is not None
+        limit = self.limits.memory.value
+        if self.options.mem_budget_bytes is not None:
+            limit = min(limit, self.options.mem_budget_bytes)
+        return self.registrar.prepare(
+            task.pulse, patients, limit_bytes=limit, baseline_bytes=baseline_bytes(),
+            stop=self.stop_event,
+        )
+
+    def _registered_volumes(self, pid: str):
+        """Hook: the registered (atlas-space) HR and experts of ``pid``."""
+        got = self._registered.get(pid)
+        if got is None:
+            raise InputError(f"patient {pid} was not registered (stopped before it)")
+        if isinstance(got, InputError):
+            raise got
+        return got
 
     # ---------------------------------------------------------------- fit
     def _fit(
@@ -639,6 +676,7 @@ class Engine:
         )
         settings = {
             "pacs_sr": config_to_dict(self.config)["pacs_sr"],
+            "registration": _registration_settings(self.config) if self.registrar else None,
             "fold": task.fold,
             "spacing": task.spacing,
             "pulse": task.pulse,
@@ -674,6 +712,8 @@ class Engine:
         When no HR can be read at all, every patient is reported as skipped (a single bad HR
         is reported later, by the patient's own load).
         """
+        if self.registrar is not None:  # every registered volume is on the atlas grid
+            return self.registrar.shape(task.pulse)
         reasons: dict[str, str] = {}
         for pid, paths in patients.items():
             try:  # the header only: the memory plan comes before any volume is read
@@ -754,7 +794,15 @@ class Engine:
             exp = [e.data for e in experts]
             with clock("blend"):
                 try:
-                    blend = blend_patient(hr.data, exp, grid, model.weights, window=p.mixing_window)
+                    if self.registrar is not None:
+                        blend = blend_with_mask(
+                            hr.data, exp, grid, model.weights, window=p.mixing_window,
+                            mask=self.registrar.brain_mask(task.pulse),
+                        )
+                    else:
+                        blend = blend_patient(
+                            hr.data, exp, grid, model.weights, window=p.mixing_window
+                        )
                 except InputError as exc:
                     msg = f"HR '{paths['HR']}': {exc}"
                     log.warning("skipping patient %s: %s", pid, msg)
@@ -829,6 +877,11 @@ class _WeightNpz:
         atomic_savez_from(paths[0], self.weights, patient_id=np.asarray(pid))
         atomic_savez_from(paths[1], self.analysis, patient_id=np.asarray(pid))
         return paths
+
+
+def _registration_settings(config: FullConfig) -> dict[str, Any]:
+    """The ``registration`` section as recorded with a task's results (paths as strings)."""
+    return config_to_dict(config).get("registration") or {}
 
 
 def _reasons(reasons: Mapping[str, str]) -> str:

@@ -11,6 +11,11 @@ A new patient has no HR, so ``predict`` takes them from the experts:
   the HR's mean and std;
 * the brain mask is the largest 26-connected component of ``mean(experts) >= 0.1``.
 
+With registration (``pacs_sr.use_registration: true``; ``predict --config C --pulse P``) the
+experts' mean stands for the missing HR: it is registered rigidly to the atlas template of the
+pulse, the same transform resamples every expert onto the atlas grid, the atlas brain mask
+replaces the connected-component mask, and the prediction is written with the atlas affine.
+
 On a patient that does have an HR, the prediction differs from ``evaluate``'s blend only by
 these substitutions (the tests bound the difference).
 """
@@ -25,7 +30,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .blending import blend_volume, brain_mask
-from .errors import InputError
+from .config import RegistrationConfig
+from .errors import ConfigError, InputError
 from .io import VolumeStore, write_nifti
 from .model import StackingModel, load_model
 from .statistics import normalisation, valid_mask
@@ -34,7 +40,11 @@ log = logging.getLogger(__name__)
 
 
 def predict_volume(
-    experts: Sequence[NDArray[np.float32]], model: StackingModel, *, window: str = "hann"
+    experts: Sequence[NDArray[np.float32]],
+    model: StackingModel,
+    *,
+    window: str = "hann",
+    mask: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.float32]:
     """Blend one patient's expert volumes with a model, without an HR.
 
@@ -46,6 +56,9 @@ def predict_volume(
         Tile weights and grid (``pacs_model.npz`` from ``train``).
     window : {"hann", "flat"}
         Mixing window when tiles overlap (the config's ``mixing_window``).
+    mask : (N0, N1, N2) uint8, optional
+        Brain mask to use (the atlas mask with registration); default: the largest
+        connected component of the experts' mean.
 
     Returns
     -------
@@ -77,7 +90,7 @@ def predict_volume(
         raise InputError("the experts have no voxel > 0: nothing to blend")
     _, _, mus, sds = normalisation(proxy, experts, valid)
     del valid
-    bmask = brain_mask(proxy)
+    bmask = brain_mask(proxy) if mask is None else mask
     del proxy
     return blend_volume(
         experts,
@@ -99,15 +112,30 @@ def predict_files(
     *,
     window: str = "hann",
     cache_dir: Path | None = None,
+    registration: RegistrationConfig | None = None,
+    pulse: str | None = None,
 ) -> Path:
     """Read the experts, blend them with the model file and write the prediction.
 
-    The output keeps the first expert's affine and header, as float32.
+    The output keeps the first expert's affine and header, as float32.  With ``registration``
+    (and ``pulse``), the experts are first brought to the atlas (see the module notes) and the
+    output has the atlas affine and the first expert's header.
     """
     model = load_model(model_path)
     store = VolumeStore(cache_dir)
-    vols = [store.get(p) for p in expert_paths]
-    pred = predict_volume([v.data for v in vols], model, window=window)
+    mask = None
+    if registration is not None:
+        if pulse is None:
+            raise ConfigError("predict with registration needs the pulse (--pulse)")
+        from .memory import detect_limits
+        from .registration import Registrar
+
+        registrar = Registrar(registration, store, detect_limits().cpus.value)
+        vols, _ = registrar.register_mean(pulse, list(expert_paths))
+        mask = registrar.brain_mask(pulse)
+    else:
+        vols = [store.get(p) for p in expert_paths]
+    pred = predict_volume([v.data for v in vols], model, window=window, mask=mask)
     write_nifti(out_path, pred, vols[0].meta.affine, vols[0].meta.header)
     log.info("predicted %s from %d experts with %s", out_path, len(vols), model_path)
     return Path(out_path)
