@@ -417,8 +417,12 @@ def _cache(args: argparse.Namespace) -> int:
 
     store = VolumeStore(args.cache_dir)
     if args.action == "clear":
+        from .registration import clear_registered
+
         n = store.clear()
-        print(f"removed {n} cache entries from {store.directory}")
+        n_reg = clear_registered(store)
+        print(f"removed {n} cache entries from {store.directory}"
+              + (f" and {n_reg} registration entries" if n_reg else ""))
     else:
         info = store.info()
         for k, v in info.items():

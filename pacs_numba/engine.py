@@ -57,8 +57,8 @@ from .model import (
     write_weights_json,
 )
 from .progress import progress
-from .registration import Registrar, ants_import_bytes, blend_with_mask
 from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
+from .registration import Registrar, ants_import_bytes, ants_imported, blend_with_mask
 from .solve import fit_weights, laplacian_smooth
 from .statistics import patient_statistics
 from .tiling import TileGrid
@@ -568,16 +568,17 @@ class Engine:
 
     # ---------------------------------------------------------------- registration
     def _registration_baseline(self) -> int:
-        """What ``import ants`` keeps resident once registration has run (0 when off)."""
-        return ants_import_bytes() if self.registrar is not None else 0
+        """Return what ``import ants`` keeps resident here (0 unless this process registered)."""
+        return ants_import_bytes() if self.registrar is not None and ants_imported() else 0
 
     def _register_patients(
         self, task: Task, patients: Mapping[str, Mapping[str, Any]]
     ) -> dict[str, Any]:
-        """Hook: every patient of ``task`` in atlas space, one registration at a time.
+        """Bring every patient of ``task`` into atlas space (hook; cached entries cost nothing).
 
-        Runs before the pool: antspyx holds the GIL, so registrations in threads would only
-        queue; each one gets every CPU as ITK threads instead.  Cached entries cost nothing.
+        Runs before the patient pool.  antspyx holds the GIL, so threads cannot overlap
+        registrations: the registrar runs them in spawned processes, one ITK thread each (the
+        only reproducible setting), as many at once as the CPUs and the memory limit allow.
         """
         assert self.registrar is not None
         limit = self.limits.memory.value
@@ -589,7 +590,7 @@ class Engine:
         )
 
     def _registered_volumes(self, pid: str):
-        """Hook: the registered (atlas-space) HR and experts of ``pid``."""
+        """Return the registered (atlas-space) HR and experts of ``pid`` (hook)."""
         got = self._registered.get(pid)
         if got is None:
             raise InputError(f"patient {pid} was not registered (stopped before it)")
@@ -880,7 +881,7 @@ class _WeightNpz:
 
 
 def _registration_settings(config: FullConfig) -> dict[str, Any]:
-    """The ``registration`` section as recorded with a task's results (paths as strings)."""
+    """Return the ``registration`` section as recorded with a task's results (paths as strings)."""
     return config_to_dict(config).get("registration") or {}
 
 

@@ -19,12 +19,15 @@ Here a registration is done once and kept in the volume cache:
   template file, the settings and the seed; a volume's key adds the transform that resampled it
   and the brain mask.  Entries are installed by atomic rename and built under the same per-node
   ``flock`` as the volume cache, so folds, tasks, reruns and SLURM tasks on a node share them.
-* ANTs samples the metric at jittered points: the seed is pinned (``REGISTRATION_SEED``), and
-  ITK's static "Platform" threader is chosen, because its default thread pool makes seeded
-  multi-threaded runs differ; two runs then give identical volumes.  ITK's thread count is set
-  from the job's CPUs before ``import ants`` (a result depends slightly on that count; a cached
-  entry is reused whatever count made it).  antspyx holds the GIL while it registers, so registrations run one at a time,
-  each with every CPU, before the patient pool starts.
+* ANTs samples the metric at jittered points: the seed is pinned (``REGISTRATION_SEED``).  A
+  seeded registration is reproducible only with ONE ITK thread (with 2 threads, ITK's default
+  pool threader and even its static "Platform" threader gave different transforms run to run;
+  antspyx's own ``set_ants_deterministic`` also forces one thread).  So every registration runs
+  on one ITK thread, and the job's CPUs are used by running several registrations at once.
+* antspyx holds the GIL while it registers, so threads cannot run registrations side by side:
+  pending registrations go to a pool of spawned processes, as wide as the CPUs, the pending
+  patients and the memory limit allow (:func:`registration_bytes` each); with width 1 they run
+  in this process.  Either way this happens before the patient pool starts.
 
 This is the only module that imports ``ants``, and only when a registration is needed.
 """
@@ -41,6 +44,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .blending import blend_volume
-from .config import REGISTRATION_MODES, REGISTRATION_SETTINGS, RegistrationConfig
+from .config import REGISTRATION_MODES, RegistrationConfig
 from .errors import BudgetError, ConfigError, InputError, OutputError
 from .io import (
     CachedVolume,
@@ -71,10 +75,12 @@ __all__ = [
     "REGISTRATION_SEED",
     "Registrar",
     "template_key",
+    "ants_kwargs",
     "registration_bytes",
     "ants_import_bytes",
     "ants_status",
     "blend_with_mask",
+    "clear_registered",
 ]
 
 #: ``registration.mode`` values; the first is the default.
@@ -95,14 +101,20 @@ SETTINGS: dict[str, dict[str, Any]] = {  # keys: config.REGISTRATION_SETTINGS
     "published": {},
 }
 
+#: ``fast`` starts at 1/6 resolution with few iterations; on a small grid that coarsest level has
+#: too few voxels to find the rotation (at 40x48x40 it missed a 6 degree motion by 3-35 degrees,
+#: at 64x72x60 it is within 0.15 voxel).  Atlases whose shortest axis is below this fall back to
+#: the ``published`` schedule, which is cheap at such sizes.
+FAST_MIN_AXIS = 60
+
 #: Pulse name -> ``registration`` key naming its template, as in the published tool
 #: (t1c/t1n -> t1, t2w/t2f -> t2); epi and pd have their own template keys.
 PULSE_TEMPLATES = {"t1c": "t1", "t1n": "t1", "t2w": "t2", "t2f": "t2", "epi": "epi", "pd": "pd"}
 
 #: Seed of ANTs' metric sampling (``antsRegistration --random-seed``).
 REGISTRATION_SEED = 1
-#: ITK threader that makes seeded multi-threaded registrations reproducible.
-ITK_THREADER = "Platform"
+#: ITK threads per registration: one, the only count at which a seeded ANTs run reproduces.
+ITK_THREADS = 1
 
 #: Format of the registration cache entries; bump to invalidate them all.
 _FORMAT = 1
@@ -118,7 +130,6 @@ _REG_BYTES_PER_THREAD = 16 * (1 << 20)
 
 _ANTS_LOCK = threading.Lock()  # one registration at a time per process (antspyx holds the GIL)
 _ants_module: Any = None
-_ants_threads: int | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -154,6 +165,31 @@ def template_key(pulse: str) -> str:
             "(t1c/t1n use registration.t1, t2w/t2f use registration.t2)"
         )
     return key
+
+
+def ants_kwargs(settings: str, shape: Iterable[int]) -> dict[str, Any]:
+    """Return the ``ants.registration`` keywords of a preset for an atlas of ``shape``.
+
+    Parameters
+    ----------
+    settings : {"fast", "published"}
+    shape : 3 ints
+        The atlas grid.
+
+    Returns
+    -------
+    dict
+        ``SETTINGS[settings]``, except that ``fast`` on an atlas whose shortest axis is below
+        ``FAST_MIN_AXIS`` gives the published schedule.
+
+    Examples
+    --------
+    >>> ants_kwargs("fast", (40, 48, 40)) == SETTINGS["published"]
+    True
+    """
+    if settings == "fast" and min(int(n) for n in shape) < FAST_MIN_AXIS:
+        return dict(SETTINGS["published"])
+    return dict(SETTINGS[settings])
 
 
 def ants_import_bytes() -> int:
@@ -210,15 +246,18 @@ def ants_status() -> tuple[bool, str]:
     return True, str(getattr(ants, "__version__", "unknown version"))
 
 
-def _import_ants(threads: int) -> Any:
-    """Import antspyx with ITK set to ``threads`` threads (ITK reads it once, at first use)."""
-    global _ants_module, _ants_threads
+def ants_imported() -> bool:
+    """Whether this process has imported antspyx (its ~250 MB then stay resident)."""
+    return _ants_module is not None
+
+
+def _import_ants() -> Any:
+    """Import antspyx with ITK on ``ITK_THREADS`` threads (set before ITK's first use)."""
+    global _ants_module
     if _ants_module is None:
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, threads))
-        # ITK's default "Pool" threader hands work out dynamically, and seeded registrations
-        # with 2+ threads then differ from run to run (measured: rotations 1-9 degrees apart on
-        # a small phantom).  The "Platform" threader splits the work statically: reproducible.
-        os.environ["ITK_GLOBAL_DEFAULT_THREADER"] = ITK_THREADER
+        # ITK reads this when its first filter runs; setting it here, before any registration
+        # of this process, is enough even if the caller imported ants earlier.
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
         try:
             import ants  # noqa: PLC0415 - only when registration is on
         except ImportError as exc:
@@ -226,15 +265,13 @@ def _import_ants(threads: int) -> Any:
                 "pacs_sr.use_registration is true but antspyx cannot be imported "
                 f"({exc}); install it with `pip install 'pacs-numba[registration]'`"
             ) from exc
-        _ants_module, _ants_threads = ants, max(1, threads)
-        log.info("antspyx %s imported; ITK threads %d", ants.__version__, _ants_threads)
-    elif threads != _ants_threads:
-        log.debug("ITK threads stay %s (set at import); asked for %d", _ants_threads, threads)
+        _ants_module = ants
+        log.info("antspyx %s imported; ITK threads %d", ants.__version__, ITK_THREADS)
     return _ants_module
 
 
 def _to_ants(ants: Any, vol: NDArray, affine: NDArray) -> Any:
-    """An ANTs image with the voxels of ``vol`` and the world geometry of a NIfTI affine.
+    """Return an ANTs image with the voxels of ``vol`` and the world geometry of a NIfTI affine.
 
     nibabel's affines are RAS, ITK's physical space is LPS: flip the first two rows.
     """
@@ -321,8 +358,9 @@ class Registrar:
         The ``registration`` section (atlas folder, template names, mode, settings).
     store : VolumeStore
         The volume cache; registration entries go to ``store.directory / "registered"``.
-    threads : int
-        ITK threads (the job's CPUs).
+    processes : int
+        How many registrations may run at once, in spawned processes (the job's CPUs); the
+        memory limit given to :meth:`prepare` may narrow it.
 
     Attributes
     ----------
@@ -331,7 +369,7 @@ class Registrar:
         (the rest came from the cache).
     """
 
-    def __init__(self, config: RegistrationConfig, store: VolumeStore, threads: int) -> None:
+    def __init__(self, config: RegistrationConfig, store: VolumeStore, processes: int = 1) -> None:
         if config.mode not in MODES:
             raise ConfigError(f"registration.mode must be one of {', '.join(MODES)}; "
                               f"got {config.mode!r}")
@@ -340,7 +378,7 @@ class Registrar:
                               f"got {config.settings!r}")
         self.config = config
         self.store = store
-        self.threads = max(1, int(threads))
+        self.processes = max(1, int(processes))
         self.directory = store.directory / "registered"
         self.registrations = 0
         self.resamplings = 0
@@ -349,7 +387,7 @@ class Registrar:
 
     # ---------------------------------------------------------------- templates
     def template_path(self, pulse: str) -> Path:
-        """The atlas template file of ``pulse``; ``InputError`` if it does not exist."""
+        """Return the atlas template file of ``pulse``; ``InputError`` if it does not exist."""
         name = getattr(self.config, template_key(pulse))
         path = Path(self.config.atlas) / name
         if not path.is_file():
@@ -361,7 +399,7 @@ class Registrar:
         return path
 
     def template(self, pulse: str) -> _Template:
-        """The atlas template of ``pulse`` (memory-mapped) and its brain mask."""
+        """Return the atlas template of ``pulse`` (memory-mapped) and its brain mask."""
         key = template_key(pulse)
         with self._guard:
             if key in self._templates:
@@ -394,7 +432,7 @@ class Registrar:
             "nearest-neighbour onto the atlas grid",
             path, m.data.shape, atlas.source, atlas.data.shape,
         )
-        ants = _import_ants(self.threads)
+        ants = _import_ants()
         res = ants.resample_image_to_target(
             _to_ants(ants, m.data, m.meta.affine),
             _to_ants(ants, atlas.data, atlas.meta.affine),
@@ -403,18 +441,23 @@ class Registrar:
         return (res.numpy() > 0).astype(np.uint8), json.dumps(_fp(path)) + " resampled"
 
     def brain_mask(self, pulse: str) -> NDArray[np.uint8]:
-        """The atlas brain mask for ``pulse`` (uint8, atlas grid): the engine's mask hook."""
+        """Return the atlas brain mask for ``pulse`` (uint8, atlas grid): the engine's mask hook."""
         return self.template(pulse).mask
 
     def shape(self, pulse: str) -> tuple[int, int, int]:
-        """The atlas grid of ``pulse``: every registered volume has this shape."""
+        """Return the atlas grid of ``pulse``: every registered volume has this shape."""
         return tuple(self.template(pulse).volume.data.shape)  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- patients
     def register_patient(
-        self, pulse: str, hr: str | os.PathLike[str], experts: list[str | os.PathLike[str]]
-    ) -> tuple[CachedVolume, list[CachedVolume]]:
-        """The patient's HR and experts in atlas space (from the cache, or made now).
+        self,
+        pulse: str,
+        hr: str | os.PathLike[str],
+        experts: list[str | os.PathLike[str]],
+        *,
+        cache_only: bool = False,
+    ) -> tuple[CachedVolume, list[CachedVolume]] | None:
+        """Return the patient's HR and experts in atlas space (from the cache, or made now).
 
         Parameters
         ----------
@@ -425,6 +468,8 @@ class Registrar:
         experts : list of path
             Resampled with the HR's transform (``per_patient``) or registered on their own
             (``per_volume``).
+        cache_only : bool
+            Return None instead of computing a missing entry.
 
         Returns
         -------
@@ -440,13 +485,25 @@ class Registrar:
             A volume or the template cannot be read.
         """
         tpl = self.template(pulse)
-        hr_tx = self._transform(tpl, hr)
+        hr_tx = self._transform(tpl, hr, cache_only=cache_only)
+        if hr_tx is None:
+            return None
         header = self.store.get(hr).meta.header_bytes
-        out_hr = self._resampled(tpl, hr, hr_tx, header)
+        out_hr = self._resampled(tpl, hr, hr_tx, header, cache_only=cache_only)
+        if out_hr is None:
+            return None
         out_ex = []
         for e in experts:
-            tx = hr_tx if self.config.mode == "per_patient" else self._transform(tpl, e)
-            out_ex.append(self._resampled(tpl, e, tx, header))
+            tx = (
+                hr_tx
+                if self.config.mode == "per_patient"
+                else self._transform(tpl, e, cache_only=cache_only)
+            )
+            got = None if tx is None else self._resampled(tpl, e, tx, header,
+                                                          cache_only=cache_only)
+            if got is None:
+                return None
+            out_ex.append(got)
         return out_hr, out_ex
 
     def register_mean(
@@ -477,14 +534,16 @@ class Registrar:
         mean /= np.float32(len(vols))
         ident = {"mean_of": [_fp(e) for e in experts]}
         tx = self._transform(tpl, None, moving=(mean, vols[0].meta.affine, ident))
+        assert tx is not None  # computed when missing
         header = vols[0].meta.header_bytes
-        return [self._resampled(tpl, e, tx, header) for e in experts], tx
+        out = [self._resampled(tpl, e, tx, header) for e in experts]
+        return [v for v in out if v is not None], tx
 
     # ---------------------------------------------------------------- entries
-    def _settings_doc(self) -> dict[str, Any]:
+    def _settings_doc(self, tpl: _Template) -> dict[str, Any]:
         return {
             "settings": self.config.settings,
-            "ants_kwargs": SETTINGS[self.config.settings],
+            "ants_kwargs": ants_kwargs(self.config.settings, tpl.volume.data.shape),
             "seed": REGISTRATION_SEED,
         }
 
@@ -494,14 +553,15 @@ class Registrar:
         source: str | os.PathLike[str] | None,
         *,
         moving: tuple[NDArray, NDArray, dict] | None = None,
-    ) -> dict[str, Any]:
-        """The rigid transform of ``source`` (or of an in-memory ``moving``) to ``tpl``."""
+        cache_only: bool = False,
+    ) -> dict[str, Any] | None:
+        """Return the rigid transform of ``source`` (or of an in-memory ``moving``) to ``tpl``."""
         ident = moving[2] if moving is not None else {"source": _fp(source)}
         key = _key({"format": _FORMAT, "kind": "transform", **ident,
-                    "atlas": tpl.fingerprint, **self._settings_doc()})
+                    "atlas": tpl.fingerprint, **self._settings_doc(tpl)})
         side = self.directory / f"{key}.json"
         rec = _read_json(side)
-        if rec is not None:
+        if rec is not None or cache_only:
             return rec
         self._ensure_dir()
         with _node_lock(self.directory / f".{key}.lock"):
@@ -525,8 +585,8 @@ class Registrar:
     def _register(
         self, tpl: _Template, data: NDArray, affine: NDArray, what: str, key: str
     ) -> dict[str, Any]:
-        ants = _import_ants(self.threads)
-        kwargs = SETTINGS[self.config.settings]
+        ants = _import_ants()
+        kwargs = ants_kwargs(self.config.settings, tpl.volume.data.shape)
         with _ANTS_LOCK:
             fixed = _to_ants(ants, tpl.volume.data, tpl.volume.meta.affine)
             moving = _to_ants(ants, np.nan_to_num(np.asarray(data, np.float32)), affine)
@@ -565,24 +625,30 @@ class Registrar:
             "key": key,
             "mat": f"{key}.mat",
             "atlas": tpl.fingerprint,
-            **self._settings_doc(),
+            **self._settings_doc(tpl),
             "matrix_lps": matrix.tolist(),
             "offset_lps": offset.tolist(),
             "rotation_deg": angle,
             "secs": secs,
-            "itk_threads": _ants_threads,
+            "itk_threads": ITK_THREADS,
         }
 
     def _resampled(
-        self, tpl: _Template, source: str | os.PathLike[str], tx: dict[str, Any], header: bytes
-    ) -> CachedVolume:
+        self,
+        tpl: _Template,
+        source: str | os.PathLike[str],
+        tx: dict[str, Any],
+        header: bytes,
+        *,
+        cache_only: bool = False,
+    ) -> CachedVolume | None:
         """``source`` resampled by ``tx`` onto the atlas grid (linear), times the brain mask."""
         key = _key({"format": _FORMAT, "kind": "volume", "source": _fp(source),
                     "transform": tx["key"], "mask": tpl.mask_source, "header": _digest(header)})
         side = self.directory / f"{key}.json"
         npy = self.directory / f"{key}.npy"
         cv = self._open(key, source)
-        if cv is not None:
+        if cv is not None or cache_only:
             return cv
         self._ensure_dir()
         with _node_lock(self.directory / f".{key}.lock"):
@@ -590,7 +656,7 @@ class Registrar:
             if cv is not None:
                 return cv
             vol = self.store.get(source)
-            ants = _import_ants(self.threads)
+            ants = _import_ants()
             with _ANTS_LOCK:
                 warped = ants.apply_transforms(
                     fixed=_to_ants(ants, tpl.volume.data, tpl.volume.meta.affine),
@@ -607,7 +673,7 @@ class Registrar:
                    "transform": tx["key"], "nonfinite": 0, **meta._to_json()}
             text = json.dumps(rec, indent=1)
             try:
-                _install(npy, lambda f: np.lib.format.write_array(f, out, allow_pickle=False))
+                _install(npy, partial(np.lib.format.write_array, array=out, allow_pickle=False))
                 _install(side, lambda f: f.write(text.encode("utf-8")))
             except OSError as exc:
                 raise self._write_error(npy, exc) from exc
@@ -652,7 +718,11 @@ class Registrar:
         baseline_bytes: int = 0,
         stop: threading.Event | None = None,
     ) -> dict[str, tuple[CachedVolume, list[CachedVolume]] | InputError]:
-        """Register every patient of a task, one at a time, before the patient pool starts.
+        """Register every patient of a task, before the patient pool starts.
+
+        Patients whose entries are all cached cost nothing.  The others are registered in a
+        pool of spawned processes (one ITK thread each) as wide as ``processes``, the pending
+        patients and the memory limit allow, or in this process when that width is 1.
 
         Parameters
         ----------
@@ -660,10 +730,11 @@ class Registrar:
         patients : mapping
             ``{pid: {"HR": path, "experts": [paths]}}`` as the manifest gives them.
         limit_bytes, baseline_bytes : int, optional
-            The job's memory limit and what the process already needs; a registration that
-            would not fit raises :class:`BudgetError` before it starts.
+            The job's memory limit and what this process needs meanwhile; the pool is sized
+            so that ``baseline + width * registration_bytes + margin`` fits, and
+            :class:`BudgetError` is raised before anything starts when not even one fits.
         stop : threading.Event, optional
-            Set by a signal: no new patient starts.
+            Set by a signal: no new registration starts.
 
         Returns
         -------
@@ -672,36 +743,142 @@ class Registrar:
             not be read (the engine skips it, as it skips unreadable inputs).
         """
         tpl = self.template(pulse)
-        if limit_bytes is not None:
-            need = baseline_bytes + registration_bytes(tpl.volume.data.shape, self.threads)
-            if need > limit_bytes:
-                raise BudgetError(
-                    f"one registration needs {need / 2**30:.2f} GiB (ANTs "
-                    f"{registration_bytes(tpl.volume.data.shape, self.threads) / 2**30:.2f} GiB "
-                    f"+ {baseline_bytes / 2**30:.2f} GiB baseline) but the job has "
-                    f"{limit_bytes / 2**30:.2f} GiB; request more memory"
-                )
-        out: dict[str, Any] = {}
         t0 = time.perf_counter()
-        made = self.registrations
+        out: dict[str, Any] = {}
+        pending: list[str] = []
         for pid, paths in patients.items():
+            try:
+                got = self.register_patient(pulse, paths["HR"], list(paths["experts"]),
+                                            cache_only=True)
+            except InputError as exc:
+                out[pid] = exc
+                continue
+            if got is None:
+                pending.append(pid)
+            else:
+                out[pid] = got
+        width = self.pool_width(len(pending), tpl.volume.data.shape, limit_bytes,
+                                baseline_bytes)
+        made = self.registrations
+        if width > 1:
+            self._run_pool(pulse, {pid: patients[pid] for pid in pending}, width, stop)
+        for pid in pending:
             if stop is not None and stop.is_set():
                 break
             try:
-                out[pid] = self.register_patient(pulse, paths["HR"], list(paths["experts"]))
+                out[pid] = self.register_patient(pulse, patients[pid]["HR"],
+                                                 list(patients[pid]["experts"]))
             except InputError as exc:
                 out[pid] = exc
         log.info(
-            "registration %s: %d patients to %s (mode=%s settings=%s) in %.1f s, "
-            "%d registered now, the rest from the cache",
-            pulse, len(out), tpl.path.name, self.config.mode, self.config.settings,
-            time.perf_counter() - t0, self.registrations - made,
+            "registration %s: %d patients to %s (mode=%s settings=%s): %d from the cache, "
+            "%d registered by %d process(es) in %.1f s",
+            pulse, len(patients), tpl.path.name, self.config.mode, self.config.settings,
+            len(patients) - len(pending), len(pending), width if pending else 0,
+            time.perf_counter() - t0,
         )
-        return out
+        if width <= 1:
+            log.debug("registration: %d ANTs calls in this process", self.registrations - made)
+        return {pid: out[pid] for pid in patients if pid in out}
 
-    def clear(self) -> None:
-        """Remove every registration cache entry."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+    def pool_width(
+        self,
+        n_pending: int,
+        shape: tuple[int, ...],
+        limit_bytes: int | None,
+        baseline_bytes: int,
+    ) -> int:
+        """How many registrations may run at once (0 when none is pending).
+
+        Raises
+        ------
+        BudgetError
+            If not even one registration fits in ``limit_bytes``.
+        """
+        if n_pending == 0:
+            return 0
+        width = min(self.processes, n_pending)
+        if limit_bytes is None:
+            return width
+        each = registration_bytes(shape, ITK_THREADS)
+        margin = max(256 << 20, limit_bytes // 10)
+        fits = (limit_bytes - baseline_bytes - margin) // each
+        if fits < 1:
+            need = baseline_bytes + each + margin
+            raise BudgetError(
+                f"one registration to the atlas {tuple(shape)} needs {each / 2**30:.2f} GiB on "
+                f"top of {baseline_bytes / 2**30:.2f} GiB baseline and a "
+                f"{margin / 2**30:.2f} GiB margin, but the job has {limit_bytes / 2**30:.2f} "
+                f"GiB; request at least {-(-need // 2**30)}G"
+            )
+        return int(min(width, fits))
+
+    def _run_pool(
+        self,
+        pulse: str,
+        patients: Mapping[str, Mapping[str, Any]],
+        width: int,
+        stop: threading.Event | None,
+    ) -> None:
+        """Register ``patients`` in ``width`` spawned processes; their entries land in the cache.
+
+        Spawned, not forked: the parent runs OpenMP/Numba threads, which a fork would copy in
+        an undefined state.  A failed patient is left to the caller, which retries it in this
+        process and reports its error.
+        """
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(width, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {}
+            for pid, paths in patients.items():
+                futures[pool.submit(_worker_register, self.config, str(self.store.directory),
+                                    pulse, str(paths["HR"]),
+                                    [str(e) for e in paths["experts"]])] = pid
+            for fut in as_completed(futures):
+                if stop is not None and stop.is_set():
+                    for f in futures:
+                        f.cancel()
+                try:
+                    regs, res = fut.result()
+                except InputError:
+                    continue  # reported by the caller's own attempt
+                except Exception as exc:  # BrokenProcessPool: a worker died (OOM kill?)
+                    raise OutputError(
+                        f"a registration process failed while registering patient "
+                        f"{futures[fut]} ({type(exc).__name__}: {exc}); if it was killed, "
+                        "the job is short of memory: see registration_bytes in the log"
+                    ) from exc
+                self.registrations += regs
+                self.resamplings += res
+
+
+def _worker_init() -> None:
+    """In a registration process: one thread for everything (ITK, OpenMP, Numba)."""
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def _worker_register(
+    config: RegistrationConfig, cache_dir: str, pulse: str, hr: str, experts: list[str]
+) -> tuple[int, int]:
+    """Register one patient into the cache (in a pool process); ANTs calls made."""
+    r = Registrar(config, VolumeStore(cache_dir), processes=1)
+    r.register_patient(pulse, hr, experts)
+    return r.registrations, r.resamplings
+
+
+def clear_registered(store: VolumeStore) -> int:
+    """Remove the registration entries under ``store``'s cache; return how many there were.
+
+    Do not run it while another process registers into the same cache.
+    """
+    directory = store.directory / "registered"
+    n = len(list(directory.glob("*.json"))) if directory.is_dir() else 0
+    shutil.rmtree(directory, ignore_errors=True)
+    return n
 
 
 def _digest(data: bytes) -> str:
