@@ -217,6 +217,7 @@ class Engine:
         if self.pacs.use_registration:
             assert config.registration is not None  # load_config requires the section then
             self.registrar = Registrar(config.registration, self.store, self.limits.cpus.value)
+            self.registrar.check_pulses(config.data.pulses)
         self.stop_event = threading.Event()
         self.stop_signal: int | None = None
         self.layer = ensure_threading_layer()

@@ -386,6 +386,11 @@ class Registrar:
         self._guard = threading.Lock()
 
     # ---------------------------------------------------------------- templates
+    def check_pulses(self, pulses: Iterable[str]) -> None:
+        """Raise ``ConfigError`` naming the first pulse that has no atlas template."""
+        for pulse in pulses:
+            template_key(pulse)
+
     def template_path(self, pulse: str) -> Path:
         """Return the atlas template file of ``pulse``; ``InputError`` if it does not exist."""
         name = getattr(self.config, template_key(pulse))

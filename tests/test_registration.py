@@ -314,3 +314,40 @@ def test_engine_missing_atlas_is_an_input_error(reg_cohort, tmp_path, capsys):
     rc = main(["train", "--config", str(bad), "--cache-dir", str(tmp_path / "c"),
                "--fold", "1", "--no-progress"])
     assert rc == 2
+    assert "atlas template for pulse 't1c' not found" in capsys.readouterr().err
+
+
+def test_engine_refuses_a_pulse_without_template(reg_cohort, tmp_path):
+    from pacs_numba.engine import Engine, RunOptions
+
+    _, cfg_path, _ = reg_cohort
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["data"]["pulses"] = ["t1c", "dwi"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="pulse 'dwi' has no atlas template"):
+        Engine(load_config(bad), RunOptions(cache_dir=tmp_path / "c"))
+
+
+def test_diagnose_reports_antspyx_atlas_and_cost(reg_cohort, tmp_path):
+    from pacs_numba.diagnose import check_registration
+
+    root, cfg_path, _ = reg_cohort
+    checks = {name: (level, msg) for level, name, msg in check_registration(cfg_path)}
+    assert checks["registration:antspyx"] == ("ok", f"antspyx {ants.__version__} imports")
+    assert checks["registration:atlas"][0] == "ok" and "T1_brain.nii" in checks[
+        "registration:atlas"][1]
+    level, msg = checks["registration:cost"]
+    assert level == "ok" and "1 ITK thread each" in msg and "GiB each for (40, 48, 40)" in msg
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["pacs_sr"]["use_registration"] = False
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump(doc))
+    assert check_registration(off) == [
+        ("ok", "registration", "off (use_registration: false); antspyx not imported")
+    ]
+    doc["pacs_sr"]["use_registration"] = True
+    doc["registration"]["t1"] = "nope.nii"
+    off.write_text(yaml.safe_dump(doc))
+    fails = [m for lv, n, m in check_registration(off) if lv == "fail"]
+    assert fails == [f"pulse t1c: template '{root / 'atlas' / 'nope.nii'}' missing"]
