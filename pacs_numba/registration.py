@@ -121,9 +121,12 @@ _FORMAT = 1
 
 #: Resident memory that ``import ants`` adds to the process (measured: ~250 MB, antspyx 0.6.3).
 _ANTS_IMPORT_BYTES = 260 * (1 << 20)
-#: Working memory of one rigid registration beyond the import, per voxel of the larger of the
-#: fixed and moving images, and its constant part (fitted to peak RSS at 197x233x189 with 1
-#: and 2 ITK threads, ANTs defaults and ``fast``; see profiling/registration-2026-11-30.md).
+#: Working memory of one rigid registration beyond the import, per voxel of the atlas grid, and
+#: a constant part.  Measured peak RSS of a process that imports ants and registers one volume:
+#: 803 MiB at 197x233x189 (8.7 M voxels; both presets, 1 and 2 ITK threads alike) and 332 MiB at
+#: 96x112x96, i.e. 64-80 bytes per voxel above the ~250 MiB import; 72 bytes plus 64 MiB (a pool
+#: process also imports numpy/numba) keeps the estimate above both
+#: (profiling/registration-2026-11-30.md).
 _REG_BYTES_PER_VOXEL = 72
 _REG_FIXED_BYTES = 64 * (1 << 20)
 _REG_BYTES_PER_THREAD = 16 * (1 << 20)
@@ -215,8 +218,8 @@ def registration_bytes(shape: Iterable[int], threads: int) -> int:
 
     Notes
     -----
-    A linear fit to the peak RSS measured at 197x233x189 (8.7 M voxels) with 1 and 2 ITK
-    threads, for both presets (profiling/registration-2026-11-30.md).
+    Fitted above the peak RSS measured at 197x233x189 and 96x112x96 with 1 and 2 ITK threads,
+    for both presets (profiling/registration-2026-11-30.md): ~0.92 GiB at 197x233x189.
 
     Examples
     --------
