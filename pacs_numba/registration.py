@@ -124,11 +124,11 @@ _ANTS_IMPORT_BYTES = 260 * (1 << 20)
 #: Working memory of one rigid registration beyond the import, per voxel of the atlas grid, and
 #: a constant part.  Measured peak RSS of a process that imports ants and registers one volume:
 #: 803 MiB at 197x233x189 (8.7 M voxels; both presets, 1 and 2 ITK threads alike) and 332 MiB at
-#: 96x112x96, i.e. 64-80 bytes per voxel above the ~250 MiB import; 72 bytes plus 64 MiB (a pool
-#: process also imports numpy/numba) keeps the estimate above both
-#: (profiling/registration-2026-11-30.md).
+#: 96x112x96, i.e. 64-80 bytes per voxel above the ~250 MiB import; a pool process (which also
+#: imports numpy/numba) peaked at <= 690 MiB at 160x192x160.  72 bytes plus 96 MiB keeps the
+#: estimate above all three (profiling/registration-2026-11-30.md).
 _REG_BYTES_PER_VOXEL = 72
-_REG_FIXED_BYTES = 64 * (1 << 20)
+_REG_FIXED_BYTES = 96 * (1 << 20)
 _REG_BYTES_PER_THREAD = 16 * (1 << 20)
 
 _ANTS_LOCK = threading.Lock()  # one registration at a time per process (antspyx holds the GIL)
