@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     import numba
 
+    from . import _config
+
     env = os.environ
     slurm = (
         " ".join(
@@ -230,7 +232,7 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     )
     log.info(
         "pacs-numba %s on %s (%s); %s; numba %s, threading layer %s, %d numba threads; "
-        "volume cache %s",
+        "volume cache %s; compile cache %s",
         __version__,
         platform.node(),
         slurm,
@@ -239,12 +241,13 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
         engine.layer,
         numba.config.NUMBA_NUM_THREADS,
         engine.store.directory,
+        _config.KERNEL_CACHE_DIR or "off",
     )
 
 
 def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
     from .engine import Engine, RunOptions
-    from .memory import parse_size
+    from .limits import parse_size
 
     budget = None
     if getattr(args, "mem_budget", None):
@@ -269,15 +272,13 @@ def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
 def _file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
     if not config.pacs_sr.log_to_file:
         return
+    from .layout import ExperimentLayout
     from .logsetup import add_file_log
 
     root = Path(getattr(args, "out_root", None) or config.pacs_sr.out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = (
-        root
-        / config.pacs_sr.experiment_name
-        / "logs"
-        / (f"pacs_numba-{args.command}-{stamp}-{platform.node()}-{os.getpid()}.log")
+    path = ExperimentLayout(root, config.pacs_sr.experiment_name).log_file(
+        args.command, stamp, platform.node(), os.getpid()
     )
     add_file_log(path, logging.getLogger().level)
     log.info("logging to %s", path)
@@ -470,7 +471,7 @@ class _DemoStop:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from .logsetup import resolve_level, setup_logging
-    from .memory import pin_mmap_threshold
+    from .process import pin_mmap_threshold
 
     # Volume-sized temporaries get their own mmap and go back to the OS when freed, instead
     # of staying resident in glibc's per-thread arenas (measured: 20-40 MiB per worker).

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .blending import blend_patient
+from .blending import Normalisation, blend_patient, brain_mask
 from .cohort import make_cohort
 from .config import load_config
 from .engine import Engine, RunOptions, Task
@@ -35,10 +35,13 @@ def expert_alone_metrics(
         hr = engine.store.get(paths["HR"]).data
         experts = [engine.store.get(p).data for p in paths["experts"]]
         grid = TileGrid(hr.shape, pacs.patch_size, pacs.stride)
+        norm, bmask = Normalisation.from_hr(hr, experts), brain_mask(hr)
         for m, name in enumerate(engine.models):
             w = np.zeros((grid.n_tiles, len(engine.models)), dtype=np.float32)
             w[:, m] = 1.0
-            pred = blend_patient(hr, experts, grid, w, window=pacs.mixing_window)
+            pred = blend_patient(
+                experts, grid, w, window=pacs.mixing_window, norm=norm, brain_mask=bmask
+            )
             per_model[name].append(volume_metrics(hr, pred, ssim_axis=pacs.ssim_axis))
     return {name: aggregate(v) for name, v in per_model.items() if v}
 

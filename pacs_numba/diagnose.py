@@ -77,7 +77,7 @@ def check_threading() -> list[Check]:
 
 def check_limits() -> list[Check]:
     """Memory and CPU limits with their sources, SLURM variables and overrides."""
-    from .memory import detect_limits
+    from .limits import detect_limits
 
     limits = detect_limits()
     out: list[Check] = [(OK, "limits", limits.describe())]
@@ -116,8 +116,6 @@ def _writable(directory: Path) -> str | None:
 
 def check_caches(cache_dir: Path | None) -> list[Check]:
     """Whether the volume cache and Numba's compile cache can be written."""
-    import numba
-
     from .io import VolumeStore
 
     out: list[Check] = []
@@ -138,14 +136,20 @@ def check_caches(cache_dir: Path | None) -> list[Check]:
             out.append((OK, "volume cache", ", ".join(f"{k}={v}" for k, v in info.items())))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         out.append((FAIL, "volume cache", str(exc)))
-    numba_dir = numba.config.CACHE_DIR or ""
-    target = Path(numba_dir) if numba_dir else Path(__file__).parent / "kernels" / "__pycache__"
-    err = _writable(target)
+    from ._config import KERNEL_CACHE_DIR
+
+    if KERNEL_CACHE_DIR is None:
+        out.append((WARN, "compile cache", "off (PACS_NUMBA_CACHE=0): every process compiles"))
+        return out
+    # One folder per build of the kernels (fast-math flags, constants, versions).
+    target = KERNEL_CACHE_DIR
+    user_dir = os.environ.get("NUMBA_CACHE_DIR", "")
     where = (
-        f"NUMBA_CACHE_DIR={numba_dir}"
-        if numba_dir
+        f"{target} (NUMBA_CACHE_DIR={user_dir})"
+        if user_dir
         else f"{target} (set NUMBA_CACHE_DIR to move it)"
     )
+    err = _writable(target)
     if err:
         out.append(
             (
@@ -161,14 +165,26 @@ def check_caches(cache_dir: Path | None) -> list[Check]:
     return out
 
 
-def check_config(config_path: Path, workers: int | None = None) -> list[Check]:
-    """Load the config, size one patient of it and plan the pool."""
+def check_config(
+    config_path: Path,
+    workers: int | None = None,
+    *,
+    mem_budget_bytes: int | None = None,
+    cache_dir: Path | None = None,
+    plan_out: dict[str, Any] | None = None,
+) -> list[Check]:
+    """Load the config and plan the first task's stages exactly as ``train`` would.
+
+    The plan comes from ``Engine.plan`` (the planner the engine itself calls), with the
+    same ``--workers``, ``--mem-budget``, threading layer and patients per stage.  When
+    ``plan_out`` is given, the machine-readable plan (`planning.plans_json`) is stored
+    in it under ``"plan"``.
+    """
     from .config import load_config
+    from .engine import Engine, RunOptions
     from .errors import BudgetError, PacsError
-    from .io import read_shape
-    from .manifest import load_manifest
-    from .memory import baseline_bytes, detect_limits, per_patient_bytes, plan_pool
-    from .tiling import TileGrid
+    from .limits import detect_limits
+    from .planning import plans_json
 
     out: list[Check] = []
     try:
@@ -185,23 +201,15 @@ def check_config(config_path: Path, workers: int | None = None) -> list[Check]:
             f"stride {p.stride}",
         )
     )
-    shape = None
     try:
-        manifest = load_manifest(cfg.data.out)
-        fold0 = manifest["folds"][0]
-        pid, entry = next(iter({**fold0["train"], **fold0["test"]}.items()))
-        hr_path = entry["HR"][cfg.data.spacings[0]][cfg.data.pulses[0]]
-        shape = tuple(read_shape(hr_path)[:3])
-        n_patients = len(fold0["train"])
-        out.append(
-            (
-                OK,
-                "manifest",
-                f"{cfg.data.out}: {len(manifest['folds'])} folds, "
-                f"{n_patients} train patients in fold 1; volume shape {shape} from {hr_path}",
-            )
+        engine = Engine(
+            cfg,
+            RunOptions(cache_dir=cache_dir, workers=workers, mem_budget_bytes=mem_budget_bytes),
+            limits=detect_limits(),
         )
-    except (PacsError, KeyError, StopIteration, IndexError) as exc:
+        task = engine.tasks()[0]
+        n_folds = len(engine.manifest()["folds"])
+    except (PacsError, KeyError, IndexError) as exc:
         out.append(
             (
                 WARN,
@@ -211,38 +219,39 @@ def check_config(config_path: Path, workers: int | None = None) -> list[Check]:
             )
         )
         return out
-    grid = TileGrid(shape, p.patch_size, p.stride)
-    limits = detect_limits()
-    for stage in ("fit", "evaluate"):
-        per = per_patient_bytes(
-            shape,
-            len(cfg.data.models),
-            lambda_grad=p.lambda_grad,
-            lambda_edge=p.lambda_edge,
-            n_tiles=grid.n_tiles,
-            stage=stage,
-            save_weight_volumes=p.save_weight_volumes,
+    try:
+        plans = engine.plan(task)
+    except BudgetError as exc:
+        return out + [(FAIL, f"plan:{getattr(exc, 'stage', 'fit')}", f"{task}: {exc}")]
+    except PacsError as exc:
+        return out + [(FAIL, "manifest", f"{task}: {exc}")]
+    first = next(iter(plans.values()))
+    out.append(
+        (
+            OK,
+            "manifest",
+            f"{cfg.data.out}: {n_folds} folds; {task}: "
+            + ", ".join(f"{sp.n_patients} patients to {name}" for name, sp in plans.items())
+            + f"; volume shape {first.shape}",
         )
-        try:
-            plan = plan_pool(
-                limits,
-                per_patient_bytes=per,
-                baseline_bytes=baseline_bytes(),
-                n_patients=n_patients,
-                num_workers=p.num_workers,
-                workers_override=workers,
-            )
-        except BudgetError as exc:
-            out.append((FAIL, f"plan:{stage}", str(exc)))
-            continue
+    )
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    for name, sp in plans.items():
+        pool = sp.pool
         out.append(
             (
                 OK,
-                f"plan:{stage}",
-                f"{per / 2**30:.2f} GiB per patient; {plan.width} worker(s) x "
-                f"{plan.threads} numba thread(s) ({plan.reason})",
+                f"plan:{name}",
+                f"{size(sp.cost.per_patient_bytes)} per patient; {pool.width} worker(s) x "
+                f"{pool.threads} numba thread(s) ({pool.reason}); needs "
+                f"{size(sp.needed_bytes)} at this width, {size(sp.needed_bytes_one)} for one "
+                "worker",
             )
         )
+    if plan_out is not None:
+        plan_out["plan"] = plans_json(plans)
     return out
 
 
@@ -254,7 +263,7 @@ def check_registration(config_path: Path) -> list[Check]:
     """
     from .config import load_config
     from .errors import PacsError
-    from .memory import detect_limits
+    from .limits import detect_limits
     from .registration import ants_status, registration_bytes, template_key
 
     try:
@@ -425,15 +434,18 @@ def run_checks(
     warmup: bool = False,
     cache_dir: Path | None = None,
     workers: int | None = None,
+    mem_budget_bytes: int | None = None,
+    plan_out: dict[str, Any] | None = None,
 ) -> list[Check]:
-    """Every check, in order."""
+    """Every check, in order (``plan_out`` receives the config's plan, see `check_config`)."""
     checks: list[Check] = []
     checks += check_versions()
     checks += check_threading()
     checks += check_limits()
     checks += check_caches(cache_dir)
     if config is not None:
-        checks += check_config(config, workers)
+        checks += check_config(config, workers, mem_budget_bytes=mem_budget_bytes,
+                               cache_dir=cache_dir, plan_out=plan_out)
         checks += check_registration(config)
     if warmup:
         checks += check_warmup()
@@ -441,7 +453,29 @@ def run_checks(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the checks and print them; 0 when a run can start, 1 otherwise."""
+    """Run the checks and print them; 0 when a run can start, 1 otherwise.
+
+    With ``--json`` stdout is one JSON document: ``"ok"`` (bool), ``"checks"`` (a list of
+    ``{"level", "check", "message"}``) and, with ``--config`` when the stages could be
+    planned, ``"plan"``::
+
+        {"shape": [n0, n1, n2], "n_experts": M,
+         "stages": {"fit": {...}, "evaluate": {...}}}
+
+    Each stage (``fit`` when the task fits a model, ``evaluate`` when it has patients to
+    evaluate) holds integers: ``n_patients`` (fit: the fold's train patients; evaluate:
+    its test patients plus, with ``evaluate_train``, its train patients),
+    ``per_patient_bytes``, ``width`` and ``threads`` (the pool a run would use),
+    ``needed_bytes`` (the smallest job memory limit with which the stage runs at that
+    width) and ``needed_bytes_one`` (the same for one worker), ``fixed_bytes`` (what the
+    planner counts besides the patients at ``needed_bytes``: ``needed_bytes - width *
+    per_patient_bytes``), and its terms ``baseline_bytes``, ``per_task_bytes``,
+    ``thread_bytes``, ``setup_bytes``, ``margin_bytes``, plus ``limit_bytes``, the
+    limit planned with.  The planner's condition for a limit ``L`` and ``w`` workers is
+    ``L - max(256 MiB, L / 10) >= baseline + per_task + max(setup, thread + w *
+    per_patient)``; ``needed_bytes`` is the smallest ``L`` that meets it.
+    """
+    from .limits import parse_size
     from .logsetup import resolve_level, setup_logging
 
     parser = argparse.ArgumentParser(
@@ -454,10 +488,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.add_argument("--cache-dir", type=Path, default=None, help="volume cache directory")
     parser.add_argument("--workers", type=int, default=None, help="as pacs-numba train --workers")
+    parser.add_argument(
+        "--mem-budget", default=None, help="as pacs-numba train --mem-budget, e.g. 64G"
+    )
     args = parser.parse_args(argv)
     setup_logging(resolve_level(default="WARNING"))
+    budget = None
+    if args.mem_budget is not None:
+        try:
+            budget = parse_size(args.mem_budget)
+        except ValueError as exc:
+            parser.error(f"--mem-budget: {exc}")
+    plan_doc: dict[str, Any] = {}
     checks = run_checks(
-        args.config, warmup=args.warmup, cache_dir=args.cache_dir, workers=args.workers
+        args.config, warmup=args.warmup, cache_dir=args.cache_dir, workers=args.workers,
+        mem_budget_bytes=budget, plan_out=plan_doc,
     )
     failed = any(level == FAIL for level, _, _ in checks)
     if args.json:
@@ -468,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "checks": [
                         {"level": lv, "check": name, "message": msg} for lv, name, msg in checks
                     ],
+                    **plan_doc,
                 },
                 indent=2,
             )

@@ -10,7 +10,6 @@ which thread finished first.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -25,9 +24,9 @@ import numba
 import numpy as np
 
 from . import __version__
-from .blending import blend_patient, weight_analysis, weight_maps
+from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
-from .errors import BudgetError, ConfigError, InputError, Interrupted
+from .errors import ConfigError, InputError, Interrupted
 from .io import (
     VolumeStore,
     atomic_savez_from,
@@ -36,29 +35,22 @@ from .io import (
     read_shape,
     write_nifti,
 )
+from .layout import TaskLayout
+from .limits import Limits, detect_limits
 from .manifest import load_manifest, select_task
-from .memory import (
-    Limits,
-    PoolPlan,
-    baseline_bytes,
-    detect_limits,
-    per_patient_bytes,
-    per_task_bytes,
-    plan_pool,
-    setup_bytes,
-)
-from .metrics import aggregate, volume_metrics
+from .metrics import METRIC_KEYS, aggregate, volume_metrics  # noqa: F401 - METRIC_KEYS re-exported
 from .model import (
-    MODEL_FILE,
     StackingModel,
     load_model,
     read_weights_json,
     save_model,
     write_weights_json,
 )
+from .planning import PoolPlan, StagePlan, check_tile_settings, plan_task_stages
+from .process import baseline_bytes
 from .progress import progress
-from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
-from .registration import Registrar, ants_import_bytes, ants_imported, blend_with_mask
+from .record import RunRecord, fingerprints, model_digest, result_settings
+from .registration import Registrar, ants_import_bytes, ants_imported
 from .solve import fit_weights, laplacian_smooth
 from .statistics import patient_statistics
 from .tiling import TileGrid
@@ -66,7 +58,6 @@ from .tiling import TileGrid
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "statistics", "solve", "smoothing", "blend", "metrics", "writes")
-METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 AFFINE_ATOL = 1e-3
 
 
@@ -127,6 +118,7 @@ class TaskResult:
     model_dir: Path
     timings: dict[str, float]
     pool: PoolPlan | None = None
+    plans: dict[str, StagePlan] = field(default_factory=dict)
 
 
 @dataclass
@@ -260,20 +252,19 @@ class Engine:
         self.stop_signal = signum
         self.stop_event.set()
 
+    def layout(self, task: Task) -> TaskLayout:
+        """Every output path of ``task`` (:class:`pacs_numba.layout.TaskLayout`)."""
+        return TaskLayout(
+            self.out_root, self.pacs.experiment_name, task.fold, task.spacing, task.pulse
+        )
+
     def model_dir(self, task: Task) -> Path:
         """``{out_root}/{experiment}/{spacing}/model_data/fold_{N}/{pulse}``."""
-        return (
-            self.out_root
-            / self.pacs.experiment_name
-            / task.spacing
-            / "model_data"
-            / f"fold_{task.fold}"
-            / task.pulse
-        )
+        return self.layout(task).model_dir
 
     def volumes_dir(self, task: Task) -> Path:
         """``{out_root}/{experiment}/{spacing}/output_volumes``."""
-        return self.out_root / self.pacs.experiment_name / task.spacing / "output_volumes"
+        return self.layout(task).volumes_dir
 
     def train(self, task: Task) -> TaskResult:
         """Fit the tile weights of ``task`` on its training patients, then evaluate."""
@@ -285,13 +276,11 @@ class Engine:
         Without ``weights_path`` the task's own model file (or weights.json) is used.
         """
         if weights_path is None:
-            mdir = self.model_dir(task)
-            weights_path = mdir / MODEL_FILE
-            if not weights_path.exists():
-                weights_path = mdir / "weights.json"
-            if not weights_path.exists():
+            lay = self.layout(task)
+            weights_path = lay.existing_weights()
+            if weights_path is None:
                 raise InputError(
-                    f"no model for {task} in '{mdir}': run `pacs-numba train` first "
+                    f"no model for {task} in '{lay.model_dir}': run `pacs-numba train` first "
                     "or pass --weights"
                 )
         return self._run(task, weights_path=Path(weights_path))
@@ -302,8 +291,9 @@ class Engine:
         clock = StageClock()
         train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
         self._check_files_exist(task, {**train, **test})
-        mdir = self.model_dir(task)
-        self._check_existing_outputs(task, mdir)
+        lay = self.layout(task)
+        mdir = lay.model_dir
+        self._check_existing_outputs(task, lay)
         log.info(
             "task %s: %d train, %d test patients, %d experts %s -> %s",
             task,
@@ -320,28 +310,42 @@ class Engine:
             settings["registration"] = _registration_settings(self.config)
             with clock("registration"):
                 self._registered = self._register_patients(task, {**train, **test})
-        record = RunRecord(mdir / RECORD_FILE, settings, resume=self.options.resume)
-        plan: PoolPlan | None = None
+        record = RunRecord(lay.record_file, settings, resume=self.options.resume)
+        # Every stage is planned before any volume is read (headers only), so a task that
+        # cannot run stops here with nothing written, not after its fit.
+        fitting = False
         if weights_path is None:
+            if not train:
+                raise InputError(f"task {task}: the manifest has no training patients")
+            shape = self._reference_shape(task, train, skipped, "training ")
+            check_tile_settings(self.pacs.patch_size, self.pacs.stride, shape,
+                                str(self.config.path))
             source: dict[str, Any] = {
                 "train": {
                     pid: fingerprints([paths["HR"], *paths["experts"]])
                     for pid, paths in train.items()
                 }
             }
-            model = self._reusable_model(record, source, mdir)
-            if model is None:
-                model, plan = self._fit(task, train, clock, skipped, nonfinite)
-                with clock("writes"):
-                    save_model(mdir / MODEL_FILE, model)
-                    write_weights_json(mdir / "weights.json", model.weights, model.learned)
-            else:
+            model = self._reusable_model(record, source, lay)
+            fitting = model is None
+            if model is not None:
                 skipped.update((record.old or {}).get("model", {}).get("skipped", {}))
         else:
             model = self._load_weights(task, weights_path, train, test)
             source = {"weights": fingerprints([weights_path])}
+            shape = model.grid.shape
+        plans = self._plan_stages(task, shape, len(train), len(test), fit=fitting)
+        plan: PoolPlan | None = None
+        if fitting:
+            model = self._fit(task, train, clock, skipped, nonfinite, plans["fit"])
+            plan = plans["fit"].pool
             with clock("writes"):
-                write_weights_json(mdir / "weights.json", model.weights, model.learned)
+                save_model(lay.model_file, model)
+                write_weights_json(lay.weights_json, model.weights, model.learned)
+        elif weights_path is not None:
+            with clock("writes"):
+                write_weights_json(lay.weights_json, model.weights, model.learned)
+        assert model is not None
         record.set_model(
             model_digest(model.weights, model.learned, model.grid.shape), source, dict(skipped)
         )
@@ -350,13 +354,13 @@ class Engine:
         results: dict[str, dict[str, float]] = {}
         if self.pacs.evaluate_train and train:
             per_patient["train"], plan_e = self._evaluate_split(
-                task, "train", train, model, clock, skipped, nonfinite, record
+                task, "train", train, model, clock, skipped, nonfinite, record, plans["evaluate"]
             )
             plan = plan or plan_e
             # a non-empty split either yields metrics or _evaluate_split raises
             results["train"] = aggregate(list(per_patient["train"].values()))
         per_patient["test"], plan_t = self._evaluate_split(
-            task, "test", test, model, clock, skipped, nonfinite, record
+            task, "test", test, model, clock, skipped, nonfinite, record, plans.get("evaluate")
         )
         plan = plan or plan_t
         results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
@@ -369,9 +373,9 @@ class Engine:
         if nonfinite:
             metrics_doc["nonfinite_voxels"] = dict(sorted(nonfinite.items()))
         with clock("writes"):
-            atomic_write_json(mdir / "metrics.json", metrics_doc, indent=2)
+            atomic_write_json(lay.metrics_json, metrics_doc, indent=2)
             atomic_write_json(
-                mdir / "patients.json",
+                lay.patients_json,
                 {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds},
                 indent=2,
             )
@@ -384,7 +388,9 @@ class Engine:
             for k in ("psnr", "ssim")
         )
         log.info("task=%s secs=%.1f skipped=%d %s", task, secs, len(skipped), summary)
-        return TaskResult(task, results, per_patient, skipped, mdir, dict(clock.seconds), plan)
+        return TaskResult(
+            task, results, per_patient, skipped, mdir, dict(clock.seconds), plan, plans
+        )
 
     # ---------------------------------------------------------------- checks
     def _check_files_exist(self, task: Task, patients: Mapping[str, Mapping[str, Any]]) -> None:
@@ -400,63 +406,55 @@ class Engine:
                 f"'{self.config.data.out}' do not exist:\n  {listing}"
             )
 
-    def _check_existing_outputs(self, task: Task, mdir: Path) -> None:
+    def _check_existing_outputs(self, task: Task, lay: TaskLayout) -> None:
         if self.options.force or self.options.resume:
             return
-        if (mdir / "metrics.json").exists():
+        if lay.metrics_json.exists():
             raise ConfigError(
-                f"outputs of {task} already exist in '{mdir}'; pass --force to overwrite them "
+                f"outputs of {task} already exist in '{lay.model_dir}'; pass --force to "
+                "overwrite them "
                 "or --resume to keep complete ones"
             )
 
     # ---------------------------------------------------------------- pool
-    def _plan(self, n_patients: int, shape: tuple[int, int, int], stage: str) -> PoolPlan:
-        grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
-        per = per_patient_bytes(
-            shape,
+    def plan(self, task: Task, *, fit: bool = True) -> dict[str, StagePlan]:
+        """Plan every stage of ``task`` as a run of it would (``diagnose --config`` shows this).
+
+        Reads volume headers only.  ``fit=False`` plans an ``evaluate`` of given weights.
+        """
+        train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
+        if fit and not train:
+            raise InputError(f"task {task}: the manifest has no training patients")
+        patients = train if fit else {**test, **train}
+        shape = self._reference_shape(task, patients, {}, "training " if fit else "")
+        return self._plan_stages(task, shape, len(train), len(test), fit=fit)
+
+    def _plan_stages(
+        self, task: Task, shape: tuple[int, int, int], n_train: int, n_test: int, *, fit: bool
+    ) -> dict[str, StagePlan]:
+        plans = plan_task_stages(
+            self.pacs,
             len(self.models),
-            lambda_grad=self.pacs.lambda_grad,
-            lambda_edge=self.pacs.lambda_edge,
-            n_tiles=grid.n_tiles,
-            stage=stage,
-            save_weight_volumes=self.pacs.save_weight_volumes,
-        )
-        once = per_task_bytes(
-            shape, len(self.models), n_tiles=grid.n_tiles, stage=stage,
-            save_weight_volumes=self.pacs.save_weight_volumes, n_patients=n_patients,
-        )
-        plan = plan_pool(
+            shape,
+            n_train,
+            n_test,
             self.limits,
-            per_patient_bytes=per,
-            per_task_bytes=once,
             baseline_bytes=baseline_bytes() + self._registration_baseline(),
-            n_patients=max(1, n_patients),
-            num_workers=self.pacs.num_workers,
-            workers_override=self.options.workers,
+            fit=fit,
+            workers=self.options.workers,
             mem_budget_bytes=self.options.mem_budget_bytes,
+            thread_safe=thread_safe_layer(),
+            where=str(self.config.path),
         )
-        setup = setup_bytes(shape, len(self.models), stage=stage,
-                            save_weight_volumes=self.pacs.save_weight_volumes)
-        if plan.baseline_bytes + setup + plan.margin_bytes > plan.limit.value:
-            raise BudgetError(
-                f"the weight maps of one task need {setup / 2**30:.2f} GiB on top of "
-                f"{plan.baseline_bytes / 2**30:.2f} GiB baseline, but the job has "
-                f"{plan.limit.value / 2**30:.2f} GiB ({plan.limit.source}); request more memory "
-                "or set save_weight_volumes: false"
-            )
-        if plan.width > 1 and not thread_safe_layer():
+        if any("workqueue" in p.pool.reason for p in plans.values()):
             log.warning(
                 "Numba threading layer is %s, which aborts when several threads launch "
                 "kernels; running patients one at a time",
                 self.layer,
             )
-            plan = dataclasses.replace(
-                plan,
-                width=1,
-                threads=plan.threads * plan.width,
-                reason=plan.reason + "; 1 worker: workqueue layer",
-            )
-        return plan
+        for stage, p in plans.items():
+            log.debug("plan %s %s: %s", stage, task, p.pool.describe())
+        return plans
 
     def _map_patients(
         self,
@@ -590,6 +588,12 @@ class Engine:
             stop=self.stop_event,
         )
 
+    def _brain_mask(self, task: Task, hr: np.ndarray) -> np.ndarray:
+        """Return the blend's brain mask (hook): the atlas mask with registration (A7.5)."""
+        if self.registrar is not None:
+            return self.registrar.brain_mask(task.pulse)
+        return brain_mask(hr)
+
     def _registered_volumes(self, pid: str):
         """Return the registered (atlas-space) HR and experts of ``pid`` (hook)."""
         got = self._registered.get(pid)
@@ -607,13 +611,11 @@ class Engine:
         clock: StageClock,
         skipped: dict[str, str],
         nonfinite: dict[str, dict[str, int]],
-    ):
-        if not train:
-            raise InputError(f"task {task}: the manifest has no training patients")
+        stage_plan: StagePlan,
+    ) -> StackingModel:
         pids = list(train)
-        shape = self._reference_shape(task, train, skipped, "training ")
-        grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
-        plan = self._plan(len(pids), shape, "fit")
+        grid = TileGrid(stage_plan.shape, self.pacs.patch_size, self.pacs.stride)
+        plan = stage_plan.pool
         log.info("fit %s: %s", task, _describe_plan(plan))
         p = self.pacs
 
@@ -685,24 +687,24 @@ class Engine:
             "train_patients": used,
             "pacs_numba_version": __version__,
         }
-        return StackingModel(weights, learned, grid, self.models, settings), plan
+        return StackingModel(weights, learned, grid, self.models, settings)
 
     def _reusable_model(
-        self, record: RunRecord, source: dict[str, Any], mdir: Path
+        self, record: RunRecord, source: dict[str, Any], lay: TaskLayout
     ) -> StackingModel | None:
         """Return the previous model when resuming and its training inputs are unchanged."""
         digest = record.reusable_model(source)
-        if digest is None or not (mdir / MODEL_FILE).exists():
+        if digest is None or not lay.model_file.exists():
             return None
         try:
-            model = load_model(mdir / MODEL_FILE)
+            model = load_model(lay.model_file)
         except InputError as exc:
             log.warning("resume: %s; fitting again", exc)
             return None
         if model_digest(model.weights, model.learned, model.grid.shape) != digest:
-            log.info("resume: '%s' is not the recorded model; fitting again", mdir / MODEL_FILE)
+            log.info("resume: '%s' is not the recorded model; fitting again", lay.model_file)
             return None
-        log.info("resume: reusing the fitted model in '%s'", mdir / MODEL_FILE)
+        log.info("resume: reusing the fitted model in '%s'", lay.model_file)
         return model
 
     def _reference_shape(
@@ -744,6 +746,7 @@ class Engine:
 
     def _load_weights(self, task: Task, path: Path, train: Mapping, test: Mapping) -> StackingModel:
         shape = self._reference_shape(task, {**test, **train}, {})
+        check_tile_settings(self.pacs.patch_size, self.pacs.stride, shape, str(self.config.path))
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         if path.suffix == ".npz":
             model = load_model(path)
@@ -768,15 +771,15 @@ class Engine:
         skipped: dict[str, str],
         nonfinite: dict[str, dict[str, int]],
         record: RunRecord,
+        stage_plan: StagePlan | None,
     ):
-        if not patients:
+        if not patients or stage_plan is None:
             return {}, None
         p = self.pacs
         grid = model.grid
-        plan = self._plan(len(patients), grid.shape, "evaluate")
+        plan = stage_plan.pool.for_patients(len(patients))
         log.info("evaluate %s %s: %s", task, split, _describe_plan(plan))
-        mdir = self.model_dir(task)
-        vdir = self.volumes_dir(task)
+        lay = self.layout(task)
         npz: _WeightNpz | None = None
         if p.save_weight_volumes and split == "test":
             with clock("writes"):  # before the pool: the maps never meet a patient in flight
@@ -795,16 +798,12 @@ class Engine:
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
             with clock("blend"):
-                try:
-                    if self.registrar is not None:
-                        blend = blend_with_mask(
-                            hr.data, exp, grid, model.weights, window=p.mixing_window,
-                            mask=self.registrar.brain_mask(task.pulse),
-                        )
-                    else:
-                        blend = blend_patient(
-                            hr.data, exp, grid, model.weights, window=p.mixing_window
-                        )
+                try:  # algorithm A7: statistics from the HR; brain mask from the HR or atlas
+                    norm = Normalisation.from_hr(hr.data, exp)
+                    blend = blend_patient(
+                        exp, grid, model.weights, window=p.mixing_window, norm=norm,
+                        brain_mask=self._brain_mask(task, hr.data),
+                    )
                 except InputError as exc:
                     msg = f"HR '{paths['HR']}': {exc}"
                     log.warning("skipping patient %s: %s", pid, msg)
@@ -814,18 +813,14 @@ class Engine:
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
             with clock("writes"):
                 if p.save_blends:
-                    target = (
-                        vdir / f"{pid}-{task.pulse}.nii.gz"
-                        if split == "test"
-                        else mdir / f"{pid}_blend_train.nii.gz"
-                    )
+                    target = lay.blend(split, pid)
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
                 # The npz writes below are the slowest step: release this patient's blend
                 # and mapped volumes first so they do not count against other patients.
                 del blend, exp, experts, hr
                 if npz is not None:
-                    outputs += npz.write(mdir, pid)
+                    outputs += npz.write(lay, pid)
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -836,7 +831,7 @@ class Engine:
                 m["mse"],
                 m["mae"],
             )
-            result = {k: float(m[k]) for k in METRIC_KEYS}
+            result = {k: float(v) for k, v in m.items()}  # every metric volume_metrics made
             record.add_patient(split, pid, inputs, outputs, result)
             return result
 
@@ -873,9 +868,9 @@ class _WeightNpz:
         self.analysis = npz_bytes(**analysis)  # weight_maps, entropy, dominant, statistics
         del maps, analysis
 
-    def write(self, mdir: Path, pid: str) -> list[Path]:
+    def write(self, lay: TaskLayout, pid: str) -> list[Path]:
         """Write ``{pid}_weights_test.npz`` and ``{pid}_weight_analysis_test.npz``."""
-        paths = [mdir / f"{pid}_weights_test.npz", mdir / f"{pid}_weight_analysis_test.npz"]
+        paths = [lay.weight_npz(pid), lay.weight_analysis_npz(pid)]
         atomic_savez_from(paths[0], self.weights, patient_id=np.asarray(pid))
         atomic_savez_from(paths[1], self.analysis, patient_id=np.asarray(pid))
         return paths

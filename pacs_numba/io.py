@@ -56,6 +56,7 @@ try:
 except ImportError:  # not POSIX: no inter-process lock, atomic renames still keep entries whole
     fcntl = None  # type: ignore[assignment]
 
+from ._checks import readonly
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class NiftiMeta:
             raise ValueError("bad shape, affine or zooms")
         if version not in (1, 2):
             raise ValueError(f"bad nifti_version {version}")
-        meta = cls(_shape3(shape), _readonly(affine), _zooms3(zooms),
+        meta = cls(_shape3(shape), readonly(affine), _zooms3(zooms),
                    base64.b64decode(d["header_b64"], validate=True), version)
         meta.header  # noqa: B018  -- parse once so a damaged header is caught here
         return meta
@@ -373,7 +374,7 @@ def _load(p: Path) -> tuple[NDArray[np.float32], NiftiMeta, os.stat_result]:
     hdr.write_to(hbio)
     meta = NiftiMeta(
         shape=_shape3(shape),
-        affine=_readonly(np.array(hdr.get_best_affine(), dtype=np.float64)),
+        affine=readonly(np.array(hdr.get_best_affine(), dtype=np.float64)),
         zooms=_zooms3(hdr.get_zooms()[:3]),
         header_bytes=hbio.getvalue(),
         nifti_version=version,
@@ -389,11 +390,6 @@ def _shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
 def _zooms3(zooms: Any) -> tuple[float, float, float]:
     a, b, c = (float(z) for z in zooms)
     return (a, b, c)
-
-
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    arr.flags.writeable = False
-    return arr
 
 
 def read_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
@@ -839,10 +835,17 @@ def _count_nonfinite(vol: np.ndarray) -> int:
     return n
 
 
+# numpy parses .npy headers with ``ast.literal_eval``.  On CPython 3.11.7 two threads in the
+# AST constructor at once can raise "SystemError: AST constructor recursion depth mismatch"
+# (CPython gh-106905, fixed in later releases); the engine's threads map volumes concurrently,
+# so header parsing is serialised.  It costs microseconds per volume.
+_HEADER_LOCK = threading.Lock()
+
+
 def _map_npy(npy: Path, shape: tuple[int, int, int]) -> NDArray[np.float32]:
     """Memory-map a cache ``.npy`` after checking its header and size; ``_BadEntry`` if wrong."""
     try:
-        with open(npy, "rb") as f:
+        with open(npy, "rb") as f, _HEADER_LOCK:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 hshape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -866,7 +869,8 @@ def _map_npy(npy: Path, shape: tuple[int, int, int]) -> NDArray[np.float32]:
     if size != want:
         raise _BadEntry(f".npy is {size} bytes, expected {want} for shape {shape}")
     try:
-        mm = np.load(npy, mmap_mode="r")
+        # The header was parsed above; map with it rather than letting np.load parse it again.
+        mm = np.memmap(npy, dtype="<f4", mode="r", offset=offset, shape=shape, order="C")
     except (OSError, ValueError) as exc:
         raise _BadEntry(f".npy cannot be mapped: {exc}") from exc
     vol = mm.view(np.ndarray)  # as _arrays.as_volume does: a plain ndarray over the same map

@@ -22,9 +22,9 @@ from numpy.typing import NDArray
 
 from .errors import InputError
 from .io import atomic_savez, atomic_write_text
+from .layout import MODEL_FILE  # noqa: F401 - re-exported: the model's file name
 from .tiling import TileGrid
 
-MODEL_FILE = "pacs_model.npz"
 FORMAT_VERSION = 1
 
 

@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from .blending import blend_volume, brain_mask
+from .blending import Normalisation, blend_patient, brain_mask, expert_mean
 from .config import RegistrationConfig
 from .errors import ConfigError, InputError
 from .io import VolumeStore, write_nifti
 from .model import StackingModel, load_model
-from .statistics import normalisation, valid_mask
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,8 @@ def predict_volume(
     model: StackingModel,
     *,
     window: str = "hann",
-    mask: NDArray[np.uint8] | None = None,
+    norm: Normalisation | None = None,
+    mask: NDArray | None = None,
 ) -> NDArray[np.float32]:
     """Blend one patient's expert volumes with a model, without an HR.
 
@@ -56,9 +56,12 @@ def predict_volume(
         Tile weights and grid (``pacs_model.npz`` from ``train``).
     window : {"hann", "flat"}
         Mixing window when tiles overlap (the config's ``mixing_window``).
-    mask : (N0, N1, N2) uint8, optional
-        Brain mask to use (the atlas mask with registration); default: the largest
-        connected component of the experts' mean.
+    norm : Normalisation, optional
+        Statistics source; default :meth:`Normalisation.from_experts` (algorithm B6).
+        ``Normalisation.from_hr`` gives the evaluate blend when an HR exists.
+    mask : (N0, N1, N2) bool or uint8, optional
+        Brain mask; default the largest component of ``mean(experts) >= 0.1``.  A
+        registered atlas mask goes here.
 
     Returns
     -------
@@ -81,27 +84,15 @@ def predict_volume(
                 f"expert {name} has shape {tuple(vol.shape)}; the model was trained on "
                 f"{model.grid.shape}"
             )
-    proxy = np.zeros(model.grid.shape, dtype=np.float32)
-    for vol in experts:
-        proxy += np.where(np.isfinite(vol), vol, np.float32(0))
-    proxy /= np.float32(len(experts))
-    valid, _ = valid_mask(proxy, experts)  # proxy > 0 where every expert is finite
-    if not valid.any():
-        raise InputError("the experts have no voxel > 0: nothing to blend")
-    _, _, mus, sds = normalisation(proxy, experts, valid)
-    del valid
-    bmask = brain_mask(proxy) if mask is None else mask
-    del proxy
-    return blend_volume(
-        experts,
-        model.grid,
-        model.weights,
-        mus=mus,
-        sds=sds,
-        mu_hr=float(np.mean(mus)),
-        sd_hr=float(np.mean(sds)),
-        mask=bmask,
-        window=window,
+    if norm is None or mask is None:
+        proxy = expert_mean(experts)
+        if norm is None:
+            norm = Normalisation.from_experts(experts, proxy)
+        if mask is None:
+            mask = brain_mask(proxy)
+        del proxy
+    return blend_patient(
+        experts, model.grid, model.weights, window=window, norm=norm, brain_mask=mask
     )
 
 
@@ -127,7 +118,7 @@ def predict_files(
     if registration is not None:
         if pulse is None:
             raise ConfigError("predict with registration needs the pulse (--pulse)")
-        from .memory import detect_limits
+        from .limits import detect_limits
         from .registration import Registrar
 
         registrar = Registrar(registration, store, detect_limits().cpus.value)

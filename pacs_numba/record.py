@@ -10,6 +10,7 @@ inputs, the settings and the model are unchanged and every output file it wrote 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,33 +21,39 @@ from typing import Any
 
 import numpy as np
 
+from .config import PacsConfig
 from .errors import InputError
 from .io import atomic_write_json, file_fingerprint
+from .layout import RECORD_FILE  # noqa: F401 - re-exported: the record's file name
 
 log = logging.getLogger(__name__)
 
-RECORD_FILE = "pacs_numba_run.json"
 FORMAT_VERSION = 1
 
-#: pacs_sr keys that change what a task computes or writes (not how fast).
-RESULT_SETTINGS = (
-    "experiment_name",
-    "patch_size",
-    "stride",
-    "mixing_window",
-    "simplex",
-    "lambda_ridge",
-    "laplacian_tau",
-    "lambda_edge",
-    "edge_power",
-    "lambda_grad",
-    "grad_operator",
-    "normalize",
-    "use_registration",
-    "ssim_axis",
-    "evaluate_train",
-    "save_weight_volumes",
-    "save_blends",
+#: ``pacs_sr`` keys that change how fast or where a task runs, or what it logs, but not
+#: the numbers or files it writes.  Every other field of :class:`PacsConfig` is a result
+#: setting, so a new config key is compared by ``--resume`` unless it is listed here.
+#: ``parallel_backend``, ``device``, ``compute_lpips`` and ``compute_kid`` are accepted for
+#: compatibility and unused; ``out_root`` locates the outputs (a record found under another
+#: root was still made with the same settings).
+NON_RESULT_SETTINGS = frozenset(
+    {
+        "num_workers",
+        "parallel_backend",
+        "device",
+        "compute_lpips",
+        "compute_kid",
+        "log_level",
+        "log_to_file",
+        "log_region_freq",
+        "disable_tqdm",
+        "out_root",
+    }
+)
+
+#: pacs_sr keys that change what a task computes or writes (not how fast), in config order.
+RESULT_SETTINGS = tuple(
+    f.name for f in dataclasses.fields(PacsConfig) if f.name not in NON_RESULT_SETTINGS
 )
 
 

@@ -51,7 +51,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .blending import blend_volume
 from .config import REGISTRATION_MODES, RegistrationConfig
 from .errors import BudgetError, ConfigError, InputError, OutputError
 from .io import (
@@ -63,8 +62,6 @@ from .io import (
     _node_lock,
     file_fingerprint,
 )
-from .statistics import normalisation, valid_mask
-from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +76,6 @@ __all__ = [
     "registration_bytes",
     "ants_import_bytes",
     "ants_status",
-    "blend_with_mask",
     "clear_registered",
 ]
 
@@ -298,46 +294,6 @@ def _fp(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _key(doc: Mapping[str, Any]) -> str:
     text = json.dumps(doc, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-# --------------------------------------------------------------------------------------
-# Blend with a given brain mask (the engine's hook)
-# --------------------------------------------------------------------------------------
-def blend_with_mask(
-    hr: NDArray[np.float32],
-    experts: list[NDArray[np.float32]],
-    grid: TileGrid,
-    weights: NDArray[np.float32],
-    *,
-    window: str,
-    mask: NDArray[np.uint8],
-) -> NDArray[np.float32]:
-    """Blend one patient as ``blending.blend_patient`` does, with the atlas brain mask.
-
-    Parameters
-    ----------
-    hr, experts, grid, weights, window
-        As for :func:`pacs_numba.blending.blend_patient` (atlas-space volumes).
-    mask : (N0, N1, N2) uint8
-        The atlas brain mask (algorithm A7.5 with registration), used instead of the largest
-        connected component of the HR.
-
-    Returns
-    -------
-    (N0, N1, N2) float32
-
-    Raises
-    ------
-    InputError
-        If the registered HR has no voxel > 0.
-    """
-    valid, _ = valid_mask(hr, experts)
-    if not valid.any():
-        raise InputError("the registered HR has no voxel > 0 (empty mask)")
-    mu_hr, sd_hr, mus, sds = normalisation(hr, experts, valid)
-    del valid
-    return blend_volume(experts, grid, weights, mus=mus, sds=sds, mu_hr=mu_hr, sd_hr=sd_hr,
-                        mask=mask, window=window)
 
 
 # --------------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ sacct_peak() {
 
 cgroup_peak() {  # peak memory of this shell's cgroup (the batch step's), bytes
     "$PY" - <<'PY' 2>/dev/null
-from pacs_numba.memory import cgroup_memory_usage
+from pacs_numba.limits import cgroup_memory_usage
 u = cgroup_memory_usage()
 if u is not None and u.peak_bytes:
     print(u.peak_bytes, u.source)

@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import CACHE, FASTMATH, SMOOTH_EPS
+from .grid import _tile_index_one
 
 # Numerical thresholds of the solvers.  They act on problems rescaled so that the mean
 # diagonal of Q + lam I is 1 (see _simplex_qp_one), so they are relative to the scale
@@ -534,9 +535,7 @@ def _laplacian_smooth(weights, learned, n0, n1, n2, tau):
             for e in range(m):
                 out[r, e] = weights[r, e]
             continue
-        i0 = r // stride0
-        i1 = (r // n2) % n1
-        i2 = r % n2
+        i0, i1, i2 = _tile_index_one(r, n1, n2)
         # Neighbour ids, or -1 where outside the grid or unlearned.
         nb0 = r - stride0 if i0 > 0 else -1
         nb1 = r + stride0 if i0 + 1 < n0 else -1
