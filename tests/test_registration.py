@@ -312,7 +312,7 @@ def test_engine_missing_atlas_is_an_input_error(reg_cohort, tmp_path, capsys):
     bad.write_text(yaml.safe_dump(doc))
     assert main(["build-manifest", "--config", str(bad)]) == 0
     rc = main(["train", "--config", str(bad), "--cache-dir", str(tmp_path / "c"),
-               "--fold", "1", "--no-progress"])
+               "--out-root", str(tmp_path / "out"), "--fold", "1", "--no-progress"])
     assert rc == 2
     assert "atlas template for pulse 't1c' not found" in capsys.readouterr().err
 
