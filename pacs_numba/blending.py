@@ -20,7 +20,7 @@ from ._checks import as_mask_u8, as_tile_weights, check_shape, readonly
 from ._config import BRAIN_THRESHOLD, WINDOWS
 from .errors import InputError
 from .kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
-from .statistics import normalisation, valid_mask
+from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,15 @@ class Normalisation:
         Raises
         ------
         InputError
-            If the HR has no valid voxel > 0 (nothing to normalise over).
+            If the HR has no valid voxel > 0 (nothing to normalise over), or no variance
+            inside that mask.
         """
         mask, _ = valid_mask(hr, experts)
         if not mask.any():
             raise InputError("the HR has no voxel > 0 (empty mask)")
         mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask)
+        if hr_is_flat(mu_hr, sd_hr):
+            raise InputError(f"the HR has no variance inside its mask (constant {mu_hr:.6g})")
         return cls(mus, sds, mu_hr, sd_hr, "hr")
 
     @classmethod

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="write outputs here instead of pacs_sr.out_root",
         )
         p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+        p.add_argument(
+            "--wait",
+            action="store_true",
+            help="when another process runs the same task, wait for it to finish instead of "
+            "exiting with status 2",
+        )
 
     p = sub.add_parser(
         "train",
@@ -186,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the expert volumes, in the model's expert order",
     )
-    p.add_argument("--out", type=Path, required=True, help="output .nii.gz")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output file ending in .nii or .nii.gz; never one of the inputs",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument(
         "--config",
         type=Path,
@@ -198,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window",
         choices=["hann", "flat"],
-        default="hann",
-        help="mixing window where tiles overlap (default hann)",
+        default=None,
+        help="mixing window where tiles overlap (default: the model's mixing_window; "
+        "a different value is an error)",
     )
 
     p = sub.add_parser("cache", parents=[plain_common], help="inspect or empty the volume cache")
@@ -265,6 +278,7 @@ def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
         resume=getattr(args, "resume", False),
         no_progress=getattr(args, "no_progress", False),
         out_root=getattr(args, "out_root", None),
+        wait=getattr(args, "wait", False),
     )
     return Engine(config, opts)
 
@@ -407,7 +421,7 @@ def _predict(args: argparse.Namespace) -> int:
             registration = config.registration
     out = predict_files(
         args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir,
-        registration=registration, pulse=args.pulse,
+        registration=registration, pulse=args.pulse, force=args.force,
     )
     print(f"prediction -> {out}")
     return EXIT_OK

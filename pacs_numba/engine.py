@@ -11,6 +11,8 @@ which thread finished first.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,16 +29,19 @@ from . import __version__
 from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
 from .errors import ConfigError, InputError, Interrupted
+from .integrity import require_regular_file, strict_json, sweep_temp_files
 from .io import (
     VolumeStore,
     atomic_savez_from,
     atomic_write_json,
+    atomic_write_text,
     npz_bytes,
     read_shape,
     write_nifti,
 )
-from .layout import TaskLayout
+from .layout import MODEL_FILE, TaskLayout
 from .limits import Limits, detect_limits
+from .locking import TaskBusy, TaskLock
 from .manifest import load_manifest, select_task
 from .metrics import METRIC_KEYS, aggregate, volume_metrics  # noqa: F401 - METRIC_KEYS re-exported
 from .model import (
@@ -44,6 +49,7 @@ from .model import (
     load_model,
     read_weights_json,
     save_model,
+    weights_json_text,
     write_weights_json,
 )
 from .planning import PoolPlan, StagePlan, check_tile_settings, plan_task_stages
@@ -52,7 +58,7 @@ from .progress import progress
 from .record import RunRecord, fingerprints, model_digest, result_settings
 from .registration import Registrar, ants_import_bytes, ants_imported
 from .solve import fit_weights, laplacian_smooth
-from .statistics import patient_statistics
+from .statistics import hr_is_flat, patient_statistics
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,9 @@ class RunOptions:
         Never draw a tqdm bar (log lines instead).
     out_root : Path or None
         Write outputs here instead of the config's ``pacs_sr.out_root``.
+    wait : bool
+        ``--wait``: when another process runs the same task, wait for it instead of
+        failing (exit 2) at once.
     """
 
     cache_dir: Path | None = None
@@ -93,6 +102,7 @@ class RunOptions:
     resume: bool = False
     no_progress: bool = False
     out_root: Path | None = None
+    wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,10 +297,30 @@ class Engine:
 
     # ---------------------------------------------------------------- the task
     def _run(self, task: Task, weights_path: Path | None) -> TaskResult:
-        t_task = time.perf_counter()
-        clock = StageClock()
         train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
         self._check_files_exist(task, {**train, **test})
+        if weights_path is not None:
+            require_regular_file(weights_path, "weights file")
+        lay = self.layout(task)
+        lock = TaskLock(lay.model_dir, f"task {task}", wait=self.options.wait,
+                        should_stop=self.stop_event.is_set)
+        try:
+            lock.acquire()
+        except TaskBusy as exc:
+            if self.stop_event.is_set():  # SIGTERM/Ctrl-C during --wait
+                raise Interrupted(self.stop_signal or 15, str(exc)) from None
+            raise
+        try:
+            self._sweep_temps(lay, test, lock.start_ns)
+            return self._run_locked(task, weights_path, train, test)
+        finally:
+            lock.release()
+
+    def _run_locked(
+        self, task: Task, weights_path: Path | None, train: dict, test: dict
+    ) -> TaskResult:
+        t_task = time.perf_counter()
+        clock = StageClock()
         lay = self.layout(task)
         mdir = lay.model_dir
         self._check_existing_outputs(task, lay)
@@ -330,6 +360,7 @@ class Engine:
             fitting = model is None
             if model is not None:
                 skipped.update((record.old or {}).get("model", {}).get("skipped", {}))
+                _ensure_weights_json(lay.weights_json, model)
         else:
             model = self._load_weights(task, weights_path, train, test)
             source = {"weights": fingerprints([weights_path])}
@@ -344,6 +375,10 @@ class Engine:
                 write_weights_json(lay.weights_json, model.weights, model.learned)
         elif weights_path is not None:
             with clock("writes"):
+                # Both files describe the weights in use, so they can never disagree (an
+                # evaluate --weights X --force must not leave the trained model next to X).
+                if not _same_file(weights_path, lay.model_file):
+                    save_model(lay.model_file, model)
                 write_weights_json(lay.weights_json, model.weights, model.learned)
         assert model is not None
         record.set_model(
@@ -373,10 +408,13 @@ class Engine:
         if nonfinite:
             metrics_doc["nonfinite_voxels"] = dict(sorted(nonfinite.items()))
         with clock("writes"):
-            atomic_write_json(lay.metrics_json, metrics_doc, indent=2)
+            # strict JSON: an infinite PSNR (blend == HR) is written as null
+            atomic_write_json(lay.metrics_json, strict_json(metrics_doc), indent=2)
             atomic_write_json(
                 lay.patients_json,
-                {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds},
+                strict_json(
+                    {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds}
+                ),
                 indent=2,
             )
         record.mark_complete()
@@ -399,12 +437,31 @@ class Engine:
             for p in [paths["HR"], *paths["experts"]]:
                 if not Path(p).exists():
                     missing.append(f"{pid}: {p}")
+                else:  # a FIFO would block the first read for ever; a folder is no volume
+                    require_regular_file(p, f"patient {pid}: input")
         if missing:
             listing = "\n  ".join(missing)
             raise InputError(
                 f"{len(missing)} input file(s) of {task} named in the manifest "
                 f"'{self.config.data.out}' do not exist:\n  {listing}"
             )
+
+    def _sweep_temps(self, lay: TaskLayout, test: Mapping[str, Any], lock_start_ns: int) -> None:
+        """Remove temporary files left in this task's outputs and the cache by dead writers.
+
+        Called with the task lock held: no live process writes into the task folder, so a
+        temporary file there (or a test blend's temporary file in ``output_volumes``, which
+        only this task writes) older than the lock is an orphan of a killed run.
+        """
+        mdir, vdir = lay.model_dir, lay.volumes_dir
+        candidates = [p for p in _listdir(mdir) if ".tmp-" in p.name]
+        prefixes = tuple(f"{lay.test_blend(pid).name}.tmp-" for pid in test)
+        if prefixes:
+            candidates += [p for p in _listdir(vdir) if p.name.startswith(prefixes)]
+        removed = sweep_temp_files(candidates, host=platform.node(), older_than_ns=lock_start_ns)
+        removed += self.store.sweep_temps()
+        for p in removed:
+            log.info("removed temporary file %s left by a writer that is gone", p)
 
     def _check_existing_outputs(self, task: Task, lay: TaskLayout) -> None:
         if self.options.force or self.options.resume:
@@ -638,6 +695,14 @@ class Engine:
                 log.warning("skipping patient %s: %s", pid, msg)
                 skipped[pid] = msg
                 raise _Skip(pid)
+            if hr_is_flat(st.mu_hr, st.sd_hr):  # nothing to fit: it would teach every tile
+                msg = (
+                    f"HR '{train[pid]['HR']}' has no variance inside its mask "
+                    f"(constant {st.mu_hr:.6g})"
+                )
+                log.warning("skipping patient %s: %s", pid, msg)
+                skipped[pid] = msg
+                raise _Skip(pid)
             log.debug(
                 "patient=%s stage=fit secs=%.3f mask=%d", pid, time.perf_counter() - t0, st.n_mask
             )
@@ -757,8 +822,30 @@ class Engine:
                 )
             return model
         weights, learned = read_weights_json(path, grid.n_tiles, len(self.models))
+        self._check_neighbour_model(path, grid)
         log.info("evaluate %s: %d tiles from '%s'", task, int(learned.sum()), path)
         return StackingModel(weights, learned, grid, self.models, {"weights_from": str(path)})
+
+    def _check_neighbour_model(self, path: Path, grid: TileGrid) -> None:
+        """Check that a weights.json next to our model file belongs to this task's grid.
+
+        The published weights.json names tile ids only; ids of another patch size or stride
+        can all be in range and still mean other tiles.  When the file sits next to the
+        ``pacs_model.npz`` it was written with, that file knows the grid: use it.
+        """
+        neighbour = Path(path).parent / MODEL_FILE
+        if not neighbour.is_file():
+            return
+        try:
+            other = load_model(neighbour)
+        except InputError:
+            return  # the weights.json stands on its own
+        if other.grid != grid or len(other.model_names) != len(self.models):
+            raise InputError(
+                f"weights file '{path}' was written with the model '{neighbour}' for grid "
+                f"{other.grid} and {len(other.model_names)} experts; this task has {grid} and "
+                f"{len(self.models)} experts (another patch_size, stride or volume shape)"
+            )
 
     # ---------------------------------------------------------------- evaluate
     def _evaluate_split(
@@ -879,6 +966,32 @@ class _WeightNpz:
 def _registration_settings(config: FullConfig) -> dict[str, Any]:
     """Return the ``registration`` section as recorded with a task's results (paths as strings)."""
     return config_to_dict(config).get("registration") or {}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _ensure_weights_json(path: Path, model: StackingModel) -> None:
+    """Rewrite ``weights.json`` when it is missing or is not the reused model's (resume)."""
+    text = weights_json_text(model.weights, model.learned)
+    try:
+        same = path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same:
+        log.info("resume: '%s' is missing or differs from the model; writing it again", path)
+        atomic_write_text(path, text)
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _reasons(reasons: Mapping[str, str]) -> str:

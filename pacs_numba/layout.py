@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .integrity import output_under
+
 __all__ = [
     "METRICS_FILE",
     "MODEL_FILE",
@@ -177,19 +179,19 @@ class TaskLayout:
 
     def test_blend(self, pid: str) -> Path:
         """``output_volumes/{pid}-{pulse}.nii.gz``."""
-        return self.volumes_dir / f"{pid}-{self.pulse}.nii.gz"
+        return output_under(self.volumes_dir, f"{pid}-{self.pulse}.nii.gz")
 
     def train_blend(self, pid: str) -> Path:
         """``model_dir/{pid}_blend_train.nii.gz``."""
-        return self.model_dir / f"{pid}_blend_train.nii.gz"
+        return output_under(self.model_dir, f"{pid}_blend_train.nii.gz")
 
     def weight_npz(self, pid: str, split: str = "test") -> Path:
         """``model_dir/{pid}_weights_{split}.npz`` (per-voxel weight maps)."""
-        return self.model_dir / f"{pid}_weights_{split}.npz"
+        return output_under(self.model_dir, f"{pid}_weights_{split}.npz")
 
     def weight_analysis_npz(self, pid: str, split: str = "test") -> Path:
         """``model_dir/{pid}_weight_analysis_{split}.npz`` (entropy, dominant expert, stats)."""
-        return self.model_dir / f"{pid}_weight_analysis_{split}.npz"
+        return output_under(self.model_dir, f"{pid}_weight_analysis_{split}.npz")
 
     def existing_weights(self) -> Path | None:
         """Return the weights ``evaluate`` reads back: the model file, else ``weights.json``."""

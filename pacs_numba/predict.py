@@ -23,6 +23,7 @@ these substitutions (the tests bound the difference).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,23 +97,83 @@ def predict_volume(
     )
 
 
+def check_out_path(out_path: Path, inputs: Sequence[Path], *, force: bool = False) -> Path:
+    """Check ``predict``'s output path before anything is read.
+
+    Raises
+    ------
+    InputError
+        If ``out_path`` does not end in ``.nii`` or ``.nii.gz`` (a folder or a name without
+        extension), is one of ``inputs`` (same file, whatever the spelling), or exists and
+        ``force`` is False.
+    """
+    out = Path(out_path)
+    name = str(out_path)
+    if name.endswith(("/", os.sep)) or out.is_dir():
+        raise InputError(f"--out '{name}' is a folder; expected a file name ending in .nii.gz")
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"--out '{name}' must end in .nii or .nii.gz")
+    real = os.path.realpath(out)
+    for src in inputs:
+        same = os.path.realpath(src) == real
+        if not same and out.exists():
+            try:
+                same = os.path.samefile(src, out)
+            except OSError:
+                same = False
+        if same:
+            raise InputError(f"--out '{name}' is the input '{src}'; choose another output file")
+    if out.exists() and not force:
+        raise InputError(f"--out '{name}' already exists; pass --force to overwrite it")
+    return out
+
+
+def model_window(model: StackingModel, requested: str | None) -> str:
+    """Return the mixing window to predict with: the model's own; ``requested`` must agree.
+
+    A model file records the ``pacs_sr`` settings it was trained with.  Tile size and stride
+    come from its grid and the normalisation is z-score (the only one); the mixing window is
+    the one setting a caller could pass differently, and a blend with another window than
+    training used is a different blend, so a contradiction is an error.  A model without
+    recorded settings (made from a weights.json) takes ``requested`` or ``"hann"``.
+    """
+    trained = (model.settings.get("pacs_sr") or {}).get("mixing_window")
+    if trained is None:
+        return requested or "hann"
+    if requested is not None and requested != trained:
+        raise InputError(
+            f"--window {requested} contradicts the model, which was trained with "
+            f"mixing_window: {trained}; drop --window (the model's setting is used)"
+        )
+    normalize = (model.settings.get("pacs_sr") or {}).get("normalize", "zscore")
+    if normalize != "zscore":
+        raise InputError(f"the model was trained with normalize: {normalize}; only zscore is "
+                         "supported")
+    return str(trained)
+
+
 def predict_files(
     model_path: Path,
     expert_paths: Sequence[Path],
     out_path: Path,
     *,
-    window: str = "hann",
+    window: str | None = None,
     cache_dir: Path | None = None,
+    force: bool = False,
     registration: RegistrationConfig | None = None,
     pulse: str | None = None,
 ) -> Path:
     """Read the experts, blend them with the model file and write the prediction.
 
-    The output keeps the first expert's affine and header, as float32.  With ``registration``
-    (and ``pulse``), the experts are first brought to the atlas (see the module notes) and the
-    output has the atlas affine and the first expert's header.
+    The output keeps the first expert's affine and header, as float32.  ``window`` None
+    uses the model's mixing window (:func:`model_window`); ``out_path`` is checked by
+    :func:`check_out_path` before anything is read.  With ``registration`` (and ``pulse``),
+    the experts are first brought to the atlas (see the module notes) and the output has the
+    atlas affine and the first expert's header.
     """
+    check_out_path(out_path, [Path(model_path), *map(Path, expert_paths)], force=force)
     model = load_model(model_path)
+    window = model_window(model, window)
     store = VolumeStore(cache_dir)
     mask = None
     if registration is not None:

@@ -329,3 +329,17 @@ def patient_statistics(
         nonfinite=nonfinite,
         n_mask=int(counts.sum()),
     )
+
+
+#: An HR whose std over its mask is below this fraction of its mean (or the A3.2 floor) is
+#: flat: it has nothing to fit a blend to, and its PSNR would be meaningless or infinite.
+FLAT_HR_RTOL = 1e-6
+
+
+def hr_is_flat(mu_hr: float, sd_hr: float) -> bool:
+    """Tell whether an HR has no variance inside its mask (``sd_hr`` at the std floor).
+
+    ``sd_hr`` is the floored std of :func:`normalisation`; a constant volume gives the
+    floor itself, or a rounding residue far below ``FLAT_HR_RTOL * |mu_hr|``.
+    """
+    return not sd_hr > max(1e-8, FLAT_HR_RTOL * abs(mu_hr))

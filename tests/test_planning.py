@@ -18,6 +18,7 @@ from pacs_numba import cli, diagnose, engine, limits
 from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
 from pacs_numba.engine import Engine, RunOptions
+from pacs_numba.locking import LOCK_FILE
 from pacs_numba.manifest import build_manifest, write_manifest
 from pacs_numba.planning import plans_json
 
@@ -51,7 +52,13 @@ def pinned(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _outputs(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    """Files under ``root`` but the task lock, which a finished run leaves empty."""
+    if not root.exists():
+        return []
+    files = [p for p in root.rglob("*") if p.is_file()]
+    for lock in [p for p in files if p.name == LOCK_FILE]:
+        assert lock.stat().st_size == 0, f"{lock} still names a holder"
+    return [p for p in files if p.name != LOCK_FILE]
 
 
 def test_engine_and_diagnose_plan_the_same(cohort, pinned, monkeypatch, tmp_path, capsys):
