@@ -214,6 +214,10 @@ _Loader.add_implicit_resolver(
 # --------------------------------------------------------------------- validation
 
 _MISSING = object()
+#: Largest accepted pacs_sr.patch_size and stride, in voxels.
+MAX_PATCH_SIZE = 4096
+#: Largest accepted |pacs_sr.num_workers|.
+MAX_WORKERS = 65536
 
 
 def _show(value: Any) -> str:
@@ -274,12 +278,35 @@ class _Section:
             raise self._bad(key, expected, value)
         return value
 
-    def integer(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
-        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    def integer(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+        nonzero: bool = False,
+        why: str = "",
+    ) -> int:
+        if minimum is not None and maximum is not None:
+            expected = f"an integer in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            expected = f"an integer >= {minimum}"
+        elif maximum is not None:
+            expected = f"an integer <= {maximum}"
+        else:
+            expected = "an integer"
+        if nonzero:
+            expected = expected.replace("an integer", "a non-zero integer", 1)
+        expected += why
         value = self._get(key, expected, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._bad(key, expected, value)
-        if minimum is not None and value < minimum:
+        if (
+            (minimum is not None and value < minimum)
+            or (maximum is not None and value > maximum)
+            or (nonzero and value == 0)
+        ):
             raise self.fail(key, f"must be {expected}; got {value}")
         return value
 
@@ -433,7 +460,7 @@ def _load_data(file: Path, mapping: dict, notes: list[str]) -> DataConfig:
         spacings=s.names("spacings"),
         pulses=s.names("pulses"),
         models=s.names("models"),
-        kfolds=s.integer("kfolds", minimum=2),
+        kfolds=s.integer("kfolds", minimum=2, maximum=100_000),
         seed=s.integer("seed"),
         out=s.path("out"),
     )
@@ -460,7 +487,10 @@ def _load_registration(file: Path, mapping: dict, notes: list[str]) -> Registrat
 
 def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
     s = _Section(file, "pacs_sr", mapping)
-    patch_size = s.integer("patch_size", minimum=1)
+    # Bounds keep every integer inside what the kernels index with (int64) and the
+    # sizes compute with; a tile edge beyond MAX_PATCH_SIZE voxels is
+    # larger than any MRI volume.
+    patch_size = s.integer("patch_size", minimum=1, maximum=MAX_PATCH_SIZE)
     stride = s.integer("stride")
     if not 1 <= stride <= patch_size:
         raise s.fail("stride", f"must be an integer in [1, patch_size={patch_size}]; got {stride}")
@@ -478,7 +508,13 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         grad_operator=s.choice("grad_operator", GRAD_OPERATOR_NAMES, "sobel", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
-        num_workers=s.integer("num_workers", minimum=1),
+        num_workers=s.integer(
+            "num_workers",
+            minimum=-MAX_WORKERS,
+            maximum=MAX_WORKERS,
+            nonzero=True,
+            why=" (negative as in joblib: -1 = all CPUs, -2 = all but one)",
+        ),
         parallel_backend=s.choice("parallel_backend", PARALLEL_BACKENDS, "loky"),
         device=s.string("device"),
         compute_lpips=s.boolean("compute_lpips"),
@@ -489,7 +525,7 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         save_blends=s.boolean("save_blends"),
         log_level=s.choice("log_level", LOG_LEVELS, "INFO", case="upper"),
         log_to_file=s.boolean("log_to_file", True),
-        log_region_freq=s.integer("log_region_freq", 10, minimum=1),
+        log_region_freq=s.integer("log_region_freq", 10, minimum=1, maximum=2**31 - 1),
         disable_tqdm=s.boolean("disable_tqdm", False),
         out_root=s.path("out_root"),
     )

@@ -323,7 +323,7 @@ class Engine:
         clock = StageClock()
         lay = self.layout(task)
         mdir = lay.model_dir
-        self._check_existing_outputs(task, lay)
+        self._check_existing_outputs(task, lay, weights_path)
         log.info(
             "task %s: %d train, %d test patients, %d experts %s -> %s",
             task,
@@ -463,15 +463,24 @@ class Engine:
         for p in removed:
             log.info("removed temporary file %s left by a writer that is gone", p)
 
-    def _check_existing_outputs(self, task: Task, lay: TaskLayout) -> None:
+    def _check_existing_outputs(
+        self, task: Task, lay: TaskLayout, weights_path: Path | None = None
+    ) -> None:
         if self.options.force or self.options.resume:
             return
+        mdir = lay.model_dir
         if lay.metrics_json.exists():
-            raise ConfigError(
-                f"outputs of {task} already exist in '{lay.model_dir}'; pass --force to "
-                "overwrite them "
-                "or --resume to keep complete ones"
-            )
+            if weights_path is None:
+                fix = "pass --force to overwrite them or --resume to keep complete ones"
+            elif weights_path.resolve().is_relative_to(mdir.resolve()):
+                # evaluate has no --resume; its own model only exists under this out_root
+                fix = "pass --force to overwrite them with this evaluation"
+            else:
+                fix = (
+                    "pass --force to overwrite them, or --out-root DIR to write this "
+                    "evaluation elsewhere"
+                )
+            raise ConfigError(f"outputs of {task} already exist in '{mdir}'; {fix}")
 
     # ---------------------------------------------------------------- pool
     def plan(self, task: Task, *, fit: bool = True) -> dict[str, StagePlan]:

@@ -116,11 +116,18 @@ def read_weights_json(
                 f"weights file '{path}': tile id {t} is outside [0, {n_tiles}) for this grid; "
                 "were the weights made with another patch_size, stride or volume shape?"
             )
-        arr = np.asarray(vec, dtype=np.float64)
-        if arr.shape != (n_models,) or not np.all(np.isfinite(arr)):
+        # Only a list of plain numbers is a weight vector: strings, objects, nested
+        # lists and booleans would reach numpy as ValueError/TypeError otherwise.
+        numbers = isinstance(vec, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in vec
+        )
+        arr = np.asarray(vec, dtype=np.float64) if numbers else None
+        if arr is None or arr.shape != (n_models,) or not np.all(np.isfinite(arr)):
+            shown = json.dumps(vec)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise InputError(
-                f"weights file '{path}': tile {t} has {list(vec)!r}; expected {n_models} finite "
-                "weights (one per model in data.models)"
+                f"weights file '{path}': tile {t} has {shown}; expected a list of {n_models} "
+                "finite numbers (one weight per model in data.models)"
             )
         weights[t] = arr.astype(np.float32)
         learned[t] = True

@@ -303,9 +303,9 @@ ensure_manifest() {
 if [[ $MODE == diagnose ]]; then  # the manifest too, so that diagnose can size a patient
     describe_env
     ensure_manifest
-    log INFO "running: ${SRUN[*]} $PY -m pacs_numba.diagnose --config $CONFIG --warmup"
+    log INFO "running: ${SRUN[*]} ${PACS[*]} diagnose --config $CONFIG --warmup"
     rc=0
-    "${SRUN[@]}" "$PY" -m pacs_numba.diagnose --config "$CONFIG" --warmup || rc=$?
+    "${SRUN[@]}" "${PACS[@]}" diagnose --config "$CONFIG" --warmup || rc=$?
     exit "$rc"
 fi
 
@@ -450,7 +450,7 @@ case ${PACS_NUMBA_DIAGNOSE:-0} in
     0 | '') ;;
     *)
         STAGE=diagnose
-        DIAG=("$PY" -m pacs_numba.diagnose --config "$CONFIG")
+        DIAG=("${PACS[@]}" diagnose --config "$CONFIG")  # the same entry point as train
         if [[ $PACS_NUMBA_DIAGNOSE == warmup ]]; then DIAG+=(--warmup); fi
         log INFO "running: ${DIAG[*]}"
         # a failed check is reported, not fatal: train gives the authoritative error

@@ -120,19 +120,20 @@ def test_a_job_too_small_for_evaluate_exits_3_before_the_fit(cohort, pinned, mon
 
 
 def test_patch_size_beyond_the_volume_is_refused_before_any_work(tmp_path, capsys):
-    cfg = _cohort(tmp_path / "c", patch_size=1_000_000_000, stride=16)
+    # 1000 passes the config's own range check ([1, 4096]) but not the volume's shape
+    cfg = _cohort(tmp_path / "c", patch_size=1000, stride=16)
     out, cache = tmp_path / "out", tmp_path / "cache"
     rc = cli.main(["train", "--config", str(cfg), "--fold", "1", "--out-root", str(out),
                    "--cache-dir", str(cache), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "pacs_sr.patch_size is 1000000000, larger than the largest axis of the volumes " \
+    assert "pacs_sr.patch_size is 1000, larger than the largest axis of the volumes " \
            f"(shape {SHAPE}); expected an integer in [1, 60]" in err
     assert str(cfg) in err and "Traceback" not in err
     assert _outputs(out) == [] and not list(cache.glob("*.npy"))
     # diagnose says the same, as a failed check
     assert diagnose.main(["--config", str(cfg), "--cache-dir", str(cache)]) == 1
-    assert "pacs_sr.patch_size is 1000000000" in capsys.readouterr().out
+    assert "pacs_sr.patch_size is 1000" in capsys.readouterr().out
 
 
 def test_diagnose_plan_names_the_stage_that_does_not_fit(cohort, pinned, monkeypatch, capsys,
