@@ -343,7 +343,10 @@ def _add_predict(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN
                       help="CSV with a pid column and one column per expert name")
     many.add_argument("--out-dir", type=Path, default=None, help="folder for the predictions")
     p.add_argument("--config", type=Path, default=None,
-                   help="a config with the published 'predict' section")
+                   help="a config: its published 'predict' section is run when no --model, "
+                   "--expert or batch option is given; with pacs_sr.use_registration: true the "
+                   "experts are first registered to the atlas of its registration section "
+                   "(needs --pulse)")
     p.add_argument("--force", action="store_true",
                    help="overwrite existing outputs (default: refuse)")
 
@@ -813,8 +816,12 @@ def _cache(args: argparse.Namespace) -> int:
 
     store = VolumeStore(args.cache_dir)
     if args.action == "clear":
+        from .registration import clear_registered
+
         n = store.clear()
-        print(f"removed {n} cache entries from {store.directory}")
+        n_reg = clear_registered(store)
+        print(f"removed {n} cache entries from {store.directory}"
+              + (f" and {n_reg} registration entries" if n_reg else ""))
     else:
         from .logsetup import human_size
 

@@ -45,6 +45,9 @@ SSIM_AXIS_NAMES = tuple(SSIM_AXES)
 NORMALIZATIONS = ("zscore",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PARALLEL_BACKENDS = ("loky", "threading", "multiprocessing", "sequential")
+#: ``registration.mode`` and ``registration.settings`` (pacs_numba's own keys); first = default.
+REGISTRATION_MODES = ("per_patient", "per_volume")
+REGISTRATION_SETTINGS = ("fast", "published")
 
 #: Top-level sections of the published tool that pacs_numba does not use: ignored silently.
 IGNORED_SECTIONS = frozenset({"visualizations", "analysis", "pipeline"})
@@ -83,7 +86,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RegistrationConfig:
-    """The ``registration`` section: an atlas folder and the file names inside it."""
+    """The ``registration`` section: an atlas folder and the file names inside it.
+
+    ``mode`` and ``settings`` are pacs_numba's own optional keys (the published tool has
+    neither): ``mode`` is ``per_patient`` (one registration per patient, its HR's transform
+    resamples the experts) or ``per_volume`` (every volume on its own, as published);
+    ``settings`` is ``fast`` (a cheaper rigid schedule) or ``published`` (ANTs' defaults).
+    """
 
     atlas: Path
     t1: str
@@ -91,6 +100,8 @@ class RegistrationConfig:
     epi: str
     pd: str
     brain_mask: str
+    mode: str = "per_patient"
+    settings: str = "fast"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -466,6 +477,9 @@ def _load_registration(file: Path, mapping: dict, notes: list[str]) -> Registrat
         epi=s.string("epi"),
         pd=s.string("pd"),
         brain_mask=s.string("brain_mask"),
+        mode=s.choice("mode", REGISTRATION_MODES, REGISTRATION_MODES[0], case="lower"),
+        settings=s.choice("settings", REGISTRATION_SETTINGS, REGISTRATION_SETTINGS[0],
+                          case="lower"),
     )
     notes.extend(s.unknown())
     return cfg

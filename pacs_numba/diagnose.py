@@ -263,6 +263,64 @@ def check_config(
     return out
 
 
+def check_registration(config_path: Path) -> list[Check]:
+    """With ``use_registration: true``: antspyx, the atlas files and one registration's cost.
+
+    ``import ants`` costs ~250 MB and a few seconds, so it is tried only when the config
+    turns registration on.
+    """
+    from .config import load_config
+    from .errors import PacsError
+    from .limits import detect_limits
+    from .registration import ants_status, registration_bytes, template_key
+
+    try:
+        cfg = load_config(config_path)
+    except PacsError:
+        return []  # check_config reports it
+    if not cfg.pacs_sr.use_registration or cfg.registration is None:
+        return [(OK, "registration", "off (use_registration: false); antspyx not imported")]
+    r = cfg.registration
+    ok, what = ants_status()
+    out: list[Check] = [
+        (OK, "registration:antspyx", f"antspyx {what} imports")
+        if ok
+        else (FAIL, "registration:antspyx",
+              f"antspyx does not import ({what}); pip install 'pacs-numba[registration]'")
+    ]
+    shapes = []
+    for pulse in cfg.data.pulses:
+        try:
+            path = Path(r.atlas) / getattr(r, template_key(pulse))
+        except PacsError as exc:
+            out.append((FAIL, "registration:atlas", str(exc)))
+            continue
+        if not path.is_file():
+            out.append((FAIL, "registration:atlas", f"pulse {pulse}: template '{path}' missing"))
+            continue
+        try:
+            from .io import read_shape
+
+            shapes.append(tuple(read_shape(path)[:3]))
+        except PacsError as exc:
+            out.append((FAIL, "registration:atlas", str(exc)))
+            continue
+        out.append((OK, "registration:atlas", f"pulse {pulse}: {path} {shapes[-1]}"))
+    mask = Path(r.atlas) / r.brain_mask
+    out.append((OK, "registration:mask",
+                f"{mask}" if mask.is_file() else f"{mask} missing: atlas > 0 is the brain mask"))
+    if shapes:
+        limits = detect_limits()
+        biggest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+        need = registration_bytes(biggest, 1)
+        level = OK if need < limits.memory.value else FAIL
+        out.append((level, "registration:cost",
+                    f"mode {r.mode}, settings {r.settings}: up to {limits.cpus.value} "
+                    f"registration process(es) at once, 1 ITK thread each, ~{need / 2**30:.2f} "
+                    f"GiB each for {biggest} (limit {limits.memory.value / 2**30:.1f} GiB)"))
+    return out
+
+
 def _warm_kernels() -> dict[str, float]:
     """Compile (or load from cache) every kernel on a tiny input; seconds per kernel."""
     import numpy as np
@@ -475,6 +533,7 @@ def run_checks(
     if config is not None:
         checks += check_config(config, workers, mem_budget_bytes=mem_budget_bytes,
                                cache_dir=cache_dir, plan_out=plan_out)
+        checks += check_registration(config)
     if warmup:
         checks += check_warmup()
     return checks

@@ -57,6 +57,7 @@ from .planning import PoolPlan, StagePlan, check_tile_settings, plan_task_stages
 from .process import baseline_bytes
 from .progress import progress
 from .record import RunRecord, fingerprints, model_digest, result_settings
+from .registration import Registrar, ants_import_bytes, ants_imported
 from .scoring import extras_summary, split_extras, test_extras
 from .solve import fit_weights, laplacian_smooth
 from .statistics import hr_is_flat, patient_statistics
@@ -214,14 +215,16 @@ class Engine:
         self.config = config
         self.options = options or RunOptions()
         self.pacs = config.pacs_sr
-        if self.pacs.use_registration:
-            raise ConfigError(
-                f"{config.path}: pacs_sr.use_registration: true is not supported by pacs_numba "
-                "yet; set it to false (the brain mask then comes from the HR, algorithm A7.5)"
-            )
         self.models = tuple(config.data.models)
         self.store = VolumeStore(self.options.cache_dir)
         self.limits = limits if limits is not None else detect_limits()
+        # Registration hooks (algorithm A7.5 with registration): None when it is off.
+        self.registrar: Registrar | None = None
+        self._registered: dict[str, Any] = {}
+        if self.pacs.use_registration:
+            assert config.registration is not None  # load_config requires the section then
+            self.registrar = Registrar(config.registration, self.store, self.limits.cpus.value)
+            self.registrar.check_pulses(config.data.pulses)
         self.stop_event = threading.Event()
         self.stop_signal: int | None = None
         self.layer = ensure_threading_layer()
@@ -337,11 +340,12 @@ class Engine:
         )
         skipped: dict[str, str] = {}
         nonfinite: dict[str, dict[str, int]] = {}
-        record = RunRecord(
-            lay.record_file,
-            result_settings(config_to_dict(self.config)["pacs_sr"], self.models),
-            resume=self.options.resume,
-        )
+        settings = result_settings(config_to_dict(self.config)["pacs_sr"], self.models)
+        if self.registrar is not None:
+            settings["registration"] = _registration_settings(self.config)
+            with clock("registration"):
+                self._registered = self._register_patients(task, {**train, **test})
+        record = RunRecord(lay.record_file, settings, resume=self.options.resume)
         # Every stage is planned before any volume is read (headers only), so a task that
         # cannot run stops here with nothing written, not after its fit.
         fitting = False
@@ -511,7 +515,7 @@ class Engine:
             n_train,
             n_test,
             self.limits,
-            baseline_bytes=baseline_bytes(),
+            baseline_bytes=baseline_bytes() + self._registration_baseline(),
             fit=fit,
             workers=self.options.workers,
             mem_budget_bytes=self.options.mem_budget_bytes,
@@ -607,8 +611,11 @@ class Engine:
     ):
         with clock("load"):
             try:
-                hr = self.store.get(paths["HR"])
-                experts = [self.store.get(p) for p in paths["experts"]]
+                if self.registrar is not None:
+                    hr, experts = self._registered_volumes(pid)
+                else:
+                    hr = self.store.get(paths["HR"])
+                    experts = [self.store.get(p) for p in paths["experts"]]
             except InputError as exc:
                 log.warning("skipping patient %s: %s", pid, exc)
                 skipped[pid] = str(exc)
@@ -633,6 +640,44 @@ class Engine:
             for f, n in counts.items():
                 log.warning("patient %s: %d NaN/Inf voxels in '%s' excluded", pid, n, f)
         return hr, experts
+
+    # ---------------------------------------------------------------- registration
+    def _registration_baseline(self) -> int:
+        """Return what ``import ants`` keeps resident here (0 unless this process registered)."""
+        return ants_import_bytes() if self.registrar is not None and ants_imported() else 0
+
+    def _register_patients(
+        self, task: Task, patients: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Bring every patient of ``task`` into atlas space (hook; cached entries cost nothing).
+
+        Runs before the patient pool.  antspyx holds the GIL, so threads cannot overlap
+        registrations: the registrar runs them in spawned processes, one ITK thread each (the
+        only reproducible setting), as many at once as the CPUs and the memory limit allow.
+        """
+        assert self.registrar is not None
+        limit = self.limits.memory.value
+        if self.options.mem_budget_bytes is not None:
+            limit = min(limit, self.options.mem_budget_bytes)
+        return self.registrar.prepare(
+            task.pulse, patients, limit_bytes=limit, baseline_bytes=baseline_bytes(),
+            stop=self.stop_event,
+        )
+
+    def _brain_mask(self, task: Task, hr: np.ndarray) -> np.ndarray:
+        """Return the blend's brain mask (hook): the atlas mask with registration (A7.5)."""
+        if self.registrar is not None:
+            return self.registrar.brain_mask(task.pulse)
+        return brain_mask(hr)
+
+    def _registered_volumes(self, pid: str):
+        """Return the registered (atlas-space) HR and experts of ``pid`` (hook)."""
+        got = self._registered.get(pid)
+        if got is None:
+            raise InputError(f"patient {pid} was not registered (stopped before it)")
+        if isinstance(got, InputError):
+            raise got
+        return got
 
     # ---------------------------------------------------------------- fit
     def _fit(
@@ -719,14 +764,19 @@ class Engine:
         )
         settings = {
             "pacs_sr": config_to_dict(self.config)["pacs_sr"],
+            "registration": _registration_settings(self.config) if self.registrar else None,
             "fold": task.fold,
             "spacing": task.spacing,
             "pulse": task.pulse,
             "train_patients": used,
             "pacs_numba_version": __version__,
         }
-        # the grid's affine (first used training HR): weight maps of the model alone carry it
-        affine = self.store.get(train[used[0]]["HR"]).meta.affine
+        # the grid's affine (first used training HR, in atlas space when registered): weight
+        # maps of the model alone carry it
+        if self.registrar is not None:
+            affine = self._registered_volumes(used[0])[0].meta.affine
+        else:
+            affine = self.store.get(train[used[0]]["HR"]).meta.affine
         model = StackingModel(
             weights, learned, grid, self.models, settings,
             window=p.mixing_window, affine=np.asarray(affine, np.float64),
@@ -761,6 +811,8 @@ class Engine:
         When no HR can be read at all, every patient is reported as skipped (a single bad HR
         is reported later, by the patient's own load).
         """
+        if self.registrar is not None:  # every registered volume is on the atlas grid
+            return self.registrar.shape(task.pulse)
         reasons: dict[str, str] = {}
         for pid, paths in patients.items():
             try:  # the header only: the memory plan comes before any volume is read
@@ -866,11 +918,12 @@ class Engine:
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
             with clock("blend"):
-                try:  # algorithm A7: statistics and brain mask from the HR
+                try:  # algorithm A7: statistics from the HR; brain mask from the HR or atlas
                     norm = Normalisation.from_hr(hr.data, exp)
+                    bmask = self._brain_mask(task, hr.data)
                     blend = blend_patient(
                         exp, grid, model.weights, window=p.mixing_window, norm=norm,
-                        brain_mask=brain_mask(hr.data),
+                        brain_mask=bmask,
                     )
                 except InputError as exc:
                     msg = f"HR '{paths['HR']}': {exc}"
@@ -888,9 +941,13 @@ class Engine:
             extra: dict[str, Any] = {}
             if split == "test":
                 with clock("metrics"):  # each expert alone, and the HR-free protocol
-                    extra = test_extras(hr.data, exp, model, window=p.mixing_window,
-                                        ssim_axis=p.ssim_axis)
-            bmask = brain_mask(hr.data) if nifti_maps is not None else None
+                    # with registration every blend, the HR-free one too, takes the atlas mask
+                    extra = test_extras(
+                        hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
+                        mask=bmask if self.registrar is not None else None,
+                    )
+            if nifti_maps is None:
+                del bmask
             affine = hr.meta.affine
             with clock("writes"):
                 # The npz writes below are the slowest step: release this patient's mapped
@@ -955,6 +1012,11 @@ class _WeightNpz:
         atomic_savez_from(paths[0], self.weights, patient_id=np.asarray(pid))
         atomic_savez_from(paths[1], self.analysis, patient_id=np.asarray(pid))
         return paths
+
+
+def _registration_settings(config: FullConfig) -> dict[str, Any]:
+    """Return the ``registration`` section as recorded with a task's results (paths as strings)."""
+    return config_to_dict(config).get("registration") or {}
 
 
 def _same_file(a: Path, b: Path) -> bool:

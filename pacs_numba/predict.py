@@ -11,6 +11,11 @@ A new patient has no HR, so ``predict`` takes them from the experts:
   the HR's mean and std;
 * the brain mask is the largest 26-connected component of ``mean(experts) >= 0.1``.
 
+With registration (``pacs_sr.use_registration: true``; ``predict --config C --pulse P``) the
+experts' mean stands for the missing HR: it is registered rigidly to the atlas template of the
+pulse, the same transform resamples every expert onto the atlas grid, the atlas brain mask
+replaces the connected-component mask, and the prediction is written with the atlas affine.
+
 On a patient that does have an HR, the prediction differs from ``evaluate``'s blend only by
 these substitutions (the tests bound the difference); given the HR as ``norm_source`` it *is*
 ``evaluate``'s blend.
@@ -41,6 +46,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .blending import Normalisation, blend_patient, brain_mask, expert_mean
+from .config import RegistrationConfig
 from .errors import ConfigError, InputError
 from .io import VolumeStore, atomic_write_json, read_shape, write_nifti
 from .model import StackingModel, load_model, read_weights_json
@@ -307,21 +313,37 @@ def predict_files(
     window: str | None = None,
     cache_dir: Path | None = None,
     store: VolumeStore | None = None,
+    registration: RegistrationConfig | None = None,
+    pulse: str | None = None,
 ) -> Path:
     """Read the experts (in the model's order), blend them and write the prediction.
 
-    The output keeps the first expert's affine and header, as float32.
+    The output keeps the first expert's affine and header, as float32.  ``window`` None
+    uses the model's mixing window (:func:`model_window`).  With ``registration`` (and
+    ``pulse``), the experts are first brought to the atlas (see the module notes) and the
+    output has the atlas affine and the first expert's header.
     """
     model = model_path if isinstance(model_path, StackingModel) else load_model(model_path)
     store = store or VolumeStore(cache_dir)
-    vols = [store.get(p) for p in expert_paths]
+    mask = None
+    if registration is not None:
+        if pulse is None:
+            raise ConfigError("predict with registration needs the pulse (--pulse)")
+        from .limits import detect_limits
+        from .registration import Registrar
+
+        registrar = Registrar(registration, store, detect_limits().cpus.value)
+        vols, _ = registrar.register_mean(pulse, list(expert_paths))
+        mask = registrar.brain_mask(pulse)
+    else:
+        vols = [store.get(p) for p in expert_paths]
     for name, v, p in zip(model.model_names, vols, expert_paths, strict=False):
         if tuple(v.data.shape) != model.grid.shape:
             raise InputError(
                 f"expert {name} '{p}' has shape {tuple(v.data.shape)}; the model was trained "
                 f"on {model.grid.shape}"
             )
-    pred = predict_volume([v.data for v in vols], model, window=window)
+    pred = predict_volume([v.data for v in vols], model, window=window, mask=mask)
     write_nifti(out_path, pred, vols[0].meta.affine, vols[0].meta.header)
     log.info("predicted %s from %d experts", out_path, len(vols))
     return Path(out_path)
@@ -487,6 +509,8 @@ def predict_batch(
     no_progress: bool = False,
     record_dir: Path | None = None,
     use_record: bool = True,
+    registration: RegistrationConfig | None = None,
+    pulse: str | None = None,
 ) -> BatchResult:
     """Predict many patients concurrently within the memory budget; resumable.
 
@@ -495,6 +519,8 @@ def predict_batch(
     digest.  On a rerun, a patient whose output exists and was made from the same inputs
     and model is kept; an existing output made otherwise is an error unless ``force``.
     ``use_record=False`` (one patient from the command line) writes no record.
+    ``registration`` and ``pulse`` register each patient's experts to the atlas first (see
+    :func:`predict_files`).
 
     Returns
     -------
@@ -545,7 +571,8 @@ def predict_batch(
 
     def one(job: PredictJob, fp: Any) -> None:
         numba.set_num_threads(threads)  # thread-local in numba
-        predict_files(model, job.experts, job.out, window=window, store=store)
+        predict_files(model, job.experts, job.out, window=window, store=store,
+                      registration=registration, pulse=pulse)
         if use_record:
             with lock:
                 doc["patients"][job.pid] = {"inputs": fp, "out": str(job.out),

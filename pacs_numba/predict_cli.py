@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, InputError
 from .io import read_shape
@@ -58,12 +59,24 @@ def _check_single_output(out: Path, inputs: list[Path], force: bool) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Run ``pacs-numba predict``; returns the exit code (0, or 2 if a patient failed)."""
+    args.registration = None
+    cfg = None
     if args.config is not None:
-        return _from_config(args)
+        from .config import load_config
+
+        cfg = load_config(args.config)
+        if cfg.pacs_sr.use_registration:
+            if not args.pulse:
+                raise ConfigError(f"{args.config} has pacs_sr.use_registration: true: predict "
+                                  "needs --pulse (it selects the atlas template)")
+            args.registration = cfg.registration
+    batch_forms = [f for f in ("manifest", "models_root", "csv") if getattr(args, f)]
+    explicit = args.model or args.weights or args.expert or args.experts or batch_forms
+    if cfg is not None and not explicit:
+        return _from_config(args, cfg)
     path = args.model or args.weights
     if path is None:
         raise ConfigError("predict needs --model (pacs_model.npz or weights.json) or --config")
-    batch_forms = [f for f in ("manifest", "models_root", "csv") if getattr(args, f)]
     if len(batch_forms) > 1:
         raise ConfigError("give one of --manifest, --models-root, --csv")
     if batch_forms:
@@ -103,6 +116,7 @@ def _single(args: argparse.Namespace, path: Path) -> int:
         raise ConfigError("predict needs the experts: --expert NAME=PATH for each expert")
     _check_single_output(args.out, [Path(path), *map(Path, experts)], args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), args.out)],
+                        registration=args.registration, pulse=args.pulse,
                         window=args.window, cache_dir=args.cache_dir, workers=1,
                         mem_budget_bytes=_budget(args), force=True,
                         no_progress=True, record_dir=None, use_record=False)
@@ -138,6 +152,7 @@ def _batch(args: argparse.Namespace, path: Path, form: str) -> int:
 def _run_batch(args: argparse.Namespace, model: StackingModel, jobs: list[PredictJob],
                record_dir: Path) -> int:
     res = predict_batch(model, jobs, window=args.window, cache_dir=args.cache_dir,
+                        registration=args.registration, pulse=args.pulse,
                         workers=args.workers, mem_budget_bytes=_budget(args), force=args.force,
                         no_progress=args.no_progress, record_dir=record_dir)
     print(f"predictions: {len(res.written)} written, {len(res.kept)} kept, "
@@ -149,11 +164,8 @@ def _run_batch(args: argparse.Namespace, model: StackingModel, jobs: list[Predic
     return 0
 
 
-def _from_config(args: argparse.Namespace) -> int:
+def _from_config(args: argparse.Namespace, cfg: Any) -> int:
     """Run the published ``pacs-sr-predict --config``: experts, weights, output from the config."""
-    from .config import load_config
-
-    cfg = load_config(args.config)
     if cfg.predict is None:
         raise ConfigError(f"{args.config}: " + "no 'predict' section (pacs_sr_weights_path, "
                           "experts, out_root)")
@@ -175,6 +187,7 @@ def _from_config(args: argparse.Namespace) -> int:
     experts = order_experts(named, model.model_names, f"{args.config}: predict.experts")
     _check_single_output(out, experts, args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), out)], window=window,
+                        registration=args.registration, pulse=args.pulse,
                         cache_dir=args.cache_dir, workers=1, mem_budget_bytes=_budget(args),
                         force=True, no_progress=True, use_record=False)
     if res.failed:

@@ -43,6 +43,7 @@ def test_extras(
     *,
     window: str,
     ssim_axis: str,
+    mask: NDArray | None = None,
 ) -> dict[str, Any]:
     """Per-expert and HR-free metrics of one test patient.
 
@@ -58,14 +59,18 @@ def test_extras(
         The mixing window of the evaluation.
     ssim_axis : str
         The SSIM slice axis of the evaluation.
+    mask : (N0, N1, N2) bool or uint8, optional
+        A fixed brain mask for every blend here (the atlas mask with registration); default:
+        the HR's for the experts alone and the experts' mean's for the HR-free blend.
 
     Returns
     -------
     dict
         ``{"experts": {name: {mse, mae, psnr, ssim}}, "hr_free": {mse, mae, psnr, ssim}}``.
     """
-    per_expert = expert_alone(hr, experts, model, window=window, ssim_axis=ssim_axis)
-    pred = predict_volume(experts, model, window=window)
+    per_expert = expert_alone(hr, experts, model, window=window, ssim_axis=ssim_axis,
+                              mask=mask)
+    pred = predict_volume(experts, model, window=window, mask=mask)
     hr_free = _floats(volume_metrics(hr, pred, ssim_axis=ssim_axis))
     return {"experts": per_expert, "hr_free": hr_free}
 
@@ -77,6 +82,7 @@ def expert_alone(
     *,
     window: str,
     ssim_axis: str,
+    mask: NDArray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of each expert used alone, through the blend's own path (one-hot weights).
 
@@ -85,7 +91,8 @@ def expert_alone(
     only by the weights.
     """
     grid, names = model.grid, model.model_names
-    norm, bmask = Normalisation.from_hr(hr, experts), brain_mask(hr)
+    norm = Normalisation.from_hr(hr, experts)
+    bmask = brain_mask(hr) if mask is None else mask
     out = {}
     for e, name in enumerate(names):
         w = np.zeros((grid.n_tiles, len(names)), dtype=np.float32)
