@@ -151,8 +151,10 @@ def _baseline_stats(config, train):
             Q = np.zeros((grid.n_tiles, M, M))
             B = np.zeros((grid.n_tiles, M))
             n = np.zeros(grid.n_tiles, dtype=np.int64)
+        # float64 products: an exact oracle (the published tool's own are float32)
         st = lb.patient_statistics(hr, experts, p.patch_size, p.stride, p.lambda_edge,
-                                   p.edge_power, p.lambda_grad, p.grad_operator)
+                                   p.edge_power, p.lambda_grad, p.grad_operator,
+                                   product_dtype=np.float64)
         for t, (q, b, c) in st.items():
             Q[t] += q
             B[t] += b
