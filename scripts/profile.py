@@ -15,10 +15,17 @@ What it does, in one invocation:
    into the cache), then one on the cache that run filled ("warm": the inputs are
    memory-mapped);
 4. runs ``scripts/literal_baseline.py`` (the published algorithm, literally: a boolean
-   mask ``labels == r`` per tile over the whole volume, materialised normalised and gradient
-   volumes, one joblib loky worker process per patient) on the same cohort and fold;
-5. writes ``profiling/<date>-<host>.json`` (every run, medians, ratios, environment) and
-   ``profiling/<date>-<host>.md`` (a short table and the command).
+   mask ``labels == r`` per tile over the whole volume, float32 tile products, materialised
+   normalised and gradient volumes, the fit in joblib loky workers, SLSQP with a
+   finite-difference inequality constraint, the evaluation patient by patient in the parent)
+   on the same cohort and fold;
+5. writes ``profiling/<date>-<host>-<HHMM>.json`` (every run, medians, ratios, environment) and
+   the ``.md`` next to it (a short table and the command); an existing profile is never
+   overwritten (a counter is added, an explicit ``--name`` that exists is refused).
+
+Before the first run it prints the planned runs with a rough time estimate, and one line per
+run as it goes ("[3/20] ...").  Ctrl-C, SIGTERM and SIGHUP stop the running child together with
+its loky workers (each child leads its own process group, and dies with the parent).
 
 Every measured run is a fresh ``python scripts/profile.py --_child SPEC`` process, so its
 RSS includes the interpreter, the imports and the Numba cache load of a real run.  The
@@ -28,7 +35,9 @@ from /proc where readable), and the child reports ``ru_maxrss`` and per-stage wa
 
 Usage::
 
-    python scripts/profile.py                       # the realistic default (~25 min on 2 cores)
+    python scripts/profile.py                       # the realistic default (~30 min on 2 cores)
+    python scripts/profile.py --quick               # a small check of everything, < 3 min
+    python scripts/profile.py --dry-run             # only the plan and the estimate
     python scripts/profile.py --shape 96 112 96 --train 4 --test 2 --repeats 1
     python scripts/profile.py --no-baseline --widths 1 --keep --out /tmp/prof
 
@@ -1168,7 +1177,11 @@ def _profile(args: argparse.Namespace, work: Path, env: dict, configs: list[tupl
         "RSS counts the touched pages of the memory-mapped cache (file-backed, shared, "
         "reclaimable); peak_rss_anon_sampled_bytes in the JSON is the anonymous part.",
         "The baseline with 1 worker runs inline in its parent process (joblib n_jobs=1), "
-        "not in a loky worker.",
+        "not in a loky worker. As in the published tool, only the baseline's fit runs in loky "
+        "workers; its evaluation (blends, metrics, writes) runs patient after patient in the "
+        "parent, whatever the worker count.",
+        "The un-measured warm-up compiles the measured snapshot's kernels; no measured run "
+        "includes compilation.",
     ]
     if args.snapshot:
         notes.append("Every run imported a snapshot of pacs_numba (and literal_baseline.py) "
