@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Literal NumPy/SciPy re-implementation of the published PaCS-SR algorithm (docs/algorithm.md part A).
+"""Literal NumPy/SciPy re-implementation of the published PaCS-SR (docs/algorithm.md part A).
 
 This script is deliberately *not* clever.  It does what the published tool does, the way the
 published tool does it, so that it can serve as
@@ -443,9 +443,12 @@ def label_adjacency(labels: NDArray[np.int32]) -> dict[int, set[int]]:
     return adj
 
 
-def laplacian_smooth(weights: dict[int, NDArray[np.float32]], counts: tuple[int, int, int],
-                     tau: float,
-                     adjacency: dict[int, set[int]] | None = None) -> dict[int, NDArray[np.float32]]:
+def laplacian_smooth(
+    weights: dict[int, NDArray[np.float32]],
+    counts: tuple[int, int, int],
+    tau: float,
+    adjacency: dict[int, set[int]] | None = None,
+) -> dict[int, NDArray[np.float32]]:
     """One Jacobi step over the learned tiles' 6-neighbour graph, then clip and renormalise.
 
     float32 throughout, as the reference's (R, M) float32 weight array.  ``adjacency`` is the

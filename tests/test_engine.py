@@ -353,7 +353,7 @@ def test_train_metrics_equal_an_independent_exact_implementation(tmp_path):
 
 
 def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
-    """algorithm B6: statistics and brain mask from the experts; compared with A7's HR-based blend."""
+    """algorithm B6: statistics and brain mask from the experts, against A7's HR-based blend."""
     from pacs_numba.predict import predict_volume
 
     _, config, mdir, cache = trained

@@ -365,7 +365,7 @@ def test_solve_and_smoothing_stay_on_simplex():
 
 def test_unreadable_train_patient_is_skipped(cohort: Path, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture):
-    """algorithm A4: an unreadable patient is skipped with a warning naming the file; the fit goes on.
+    """algorithm A4: an unreadable patient is skipped with a warning naming it; the fit goes on.
 
     The fit must then equal a fit on the manifest without that patient.
     """

@@ -1,4 +1,4 @@
-"""The memory model of ``pacs_numba.memory`` against the sampled peak RSS of real runs (algorithm B5).
+"""The memory model of ``pacs_numba.memory`` against the peak RSS of real runs (algorithm B5).
 
 A generated cohort (160x192x160, 4 experts, patch 32 / stride 16, lambda_grad 0.2,
 lambda_edge 0.25, blends and weight volumes saved; 2 train and 2 test patients) is trained
