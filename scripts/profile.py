@@ -25,7 +25,8 @@ What it does, in one invocation:
 
 Before the first run it prints the planned runs with a rough time estimate, and one line per
 run as it goes ("[3/20] ...").  Ctrl-C, SIGTERM and SIGHUP stop the running child together with
-its loky workers (each child leads its own process group, and dies with the parent).
+its loky workers (each child leads its own process group, which the child's watchdog thread
+also kills if the parent dies without stopping it, e.g. by SIGKILL).
 
 Every measured run is a fresh ``python scripts/profile.py --_child SPEC`` process, so its
 RSS includes the interpreter, the imports and the Numba cache load of a real run.  The
@@ -106,10 +107,11 @@ WORK_DIRS = ("src", "cohort", "cache", "cache-warmup", "out", "logs")
 def _child(spec_path: str) -> int:
     """One measured run; reads a JSON spec, writes a JSON result (see ``_run_child``)."""
     t_start = time.perf_counter()
-    # This child leads its own process group (start_new_session); on SIGTERM (from the parent,
-    # or from the kernel when the parent dies, see _die_with_parent) take the whole group down,
-    # loky workers included.
-    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgid(0), signal.SIGKILL))
+    # This child leads its own process group (start_new_session), loky workers included.  The
+    # parent stops it by signalling the whole group (SIGTERM keeps its default action here, so
+    # it acts at once even while the main thread waits on a lock).  If the parent dies without
+    # doing so (SIGKILL, OOM kill), the watchdog below takes the group down.
+    _watch_parent(os.getppid())
     spec = json.loads(Path(spec_path).read_text())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -300,18 +302,37 @@ def _cgroup() -> dict | None:
     return {"current_bytes": u.current_bytes, "peak_bytes": u.peak_bytes, "source": u.source}
 
 
-def _die_with_parent() -> None:
-    """In a freshly forked child: ask Linux to send SIGTERM when the parent dies (even SIGKILL).
+def _watch_parent(ppid: int, interval_s: float = 0.5) -> threading.Thread:
+    """In a child: a daemon thread that kills the child's process group once ``ppid`` is gone.
 
-    Runs between fork and exec (``preexec_fn``); a no-op where prctl is unavailable.
+    A thread polling ``os.getppid()`` (which changes when the parent dies and the child is
+    re-parented) works whatever killed the parent and whatever the main thread is doing; it
+    reaches the loky workers too, which a parent-death signal to the child alone would not.
     """
-    try:
-        import ctypes
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != ppid:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    t = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace_s``; reap the child."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 class Stopped(Exception):
@@ -345,20 +366,21 @@ def _run_child(spec: dict, work: Path, label: str, src: Path | None = None) -> d
     t0 = time.perf_counter()
     with open(logs / f"{label}.stderr", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, cwd=str(work), env=env,
-                                start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                start_new_session=True)
         sampler = TreeSampler(proc.pid)
         sampler.start()
         try:
-            _, status, ru = os.wait4(proc.pid, 0)
+            # Poll instead of blocking in wait4: a signal may be delivered to the sampler thread,
+            # and then a blocking wait4 in the main thread would not return to run our handler.
+            while True:
+                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                time.sleep(0.05)
         except BaseException:
             # Ctrl-C, SIGTERM/SIGHUP (Stopped) or an error here: the child's own session holds
             # only what we started (the child and its loky workers).
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            _stop_group(proc)
             raise
         finally:
             sampler.stop()
