@@ -447,7 +447,7 @@ def weight_analysis(
     *,
     tiles: tuple[ArrayLike, TileGrid] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Content of the ``{pid}_weight_analysis_{split}.npz`` file minus ``patient_id`` (algorithm A8).
+    """Content of ``{pid}_weight_analysis_{split}.npz`` but ``patient_id`` (algorithm A8).
 
     Parameters
     ----------

@@ -313,7 +313,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     --------
     >>> c = stage_cost("evaluate", (160, 192, 160), 4, patch_size=32, stride=16)
     >>> c.per_patient_bytes // 2**20, c.setup_bytes // 2**20
-    (121, 128)
+    (154, 135)
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
@@ -372,7 +372,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
 
 
 def _hr_free_steps(n: int, n0: int, n1: int, m: int, blend: int) -> dict[str, int]:
-    """Steps of one HR-free blend (``predict.predict_volume``) beside its mapped experts.
+    """Return the steps of one HR-free blend (``predict.predict_volume``) beside its experts.
 
     The float32 HR proxy ``4N`` with one ``np.where`` copy and its ``isfinite`` mask
     ``5N`` while it is summed; the proxy and the valid mask; the proxy and the brain mask;
@@ -397,10 +397,13 @@ def nifti_weight_maps_bytes(n_voxels: int) -> int:
 
 
 def nifti_weight_maps_task_bytes(n_voxels: int) -> int:
-    """What ``engine._WeightNifti`` keeps for a task: float32 ``1/den`` and entropy, uint8 labels."""
+    """Return what ``engine._WeightNifti`` keeps for a task.
+
+    Float32 ``1/den`` and entropy maps and a uint8 label map.
+    """
     return 9 * n_voxels
 
 
 def nifti_weight_maps_setup_bytes(n_voxels: int) -> int:
-    """The peak of ``weightmaps.BlendWeightMaps`` while it is built (``29N``)."""
+    """Return the peak of ``weightmaps.BlendWeightMaps`` while it is built (``29N``)."""
     return 29 * n_voxels

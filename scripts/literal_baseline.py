@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Literal NumPy/SciPy re-implementation of the published PaCS-SR algorithm (docs/algorithm.md part A).
+"""Literal NumPy/SciPy re-implementation of the published PaCS-SR (docs/algorithm.md part A).
 
 This script is deliberately *not* clever.  It does what the published tool does, the way the
 published tool does it, so that it can serve as
@@ -14,14 +14,19 @@ It never imports pacs_numba.
 
 The published way of working, kept on purpose:
 
-- every patient runs in a separate joblib ``loky`` worker process (fit and evaluate);
-- each worker reads HR + M experts with nibabel and materialises float32 z-scored copies,
+- the fit runs every training patient in a joblib ``loky`` worker process; the evaluation
+  then blends and scores the patients one after another in the parent process;
+- each fit worker reads HR + M experts with nibabel and materialises float32 z-scored copies,
   the Sobel edge-weight volume, one gradient volume per axis for HR and every expert (when
   ``lambda_grad > 0``) and the int32 label volume;
-- every tile ``r`` gathers its voxels through a whole-volume boolean mask ``labels == r``;
+- every tile ``r`` gathers its voxels through a whole-volume boolean mask ``labels == r`` and
+  forms its products ``x w x^T`` and ``x w y`` in float32;
 - workers return per-patient ``{tile: (Q, B, n)}`` dicts which the parent sums in float64 in
   manifest order;
-- one ``scipy.optimize.minimize(method="SLSQP")`` call per tile on the unscaled objective.
+- one ``scipy.optimize.minimize(method="SLSQP")`` call per tile on the unscaled objective,
+  with ``sum(w) = 1`` as an equality and ``w >= 0`` as an inequality constraint given without
+  a Jacobian (so SLSQP differentiates it by finite differences), no bounds;
+- the smoothing graph is read off the label volume with Python loops over its voxel lines.
 
 Usage::
 
@@ -280,13 +285,16 @@ def patient_statistics(
     lambda_grad: float = 0.0,
     grad_operator: str = "sobel",
     normalize: str = "zscore",
+    product_dtype: type = np.float32,
 ) -> TileStats:
-    """One patient's per-tile normal equations ``{tile id: (Q (M,M) f64, B (M,) f64, n)}``.
+    """One patient's per-tile normal equations ``{tile id: (Q (M,M), B (M,), n)}``.
 
     Literal reference design: z-scored copies, an edge-weight volume, gradient volumes for HR
     and every expert, the label volume, and one whole-volume boolean mask per tile.  Tiles
     without HR-mask voxels are absent from the dict.  ``patch_size`` does not enter: labels
-    depend on the stride only (algorithm A2), it is accepted for a uniform signature.
+    depend on the stride only (algorithm A2), it is accepted for a uniform signature.  The
+    products are float32, as the published tool forms them; callers sum patients in float64.
+    ``product_dtype=np.float64`` forms them in float64 instead (an exact oracle for tests).
     """
     del patch_size  # labels use the stride only
     mask = hr > 0
@@ -319,19 +327,22 @@ def patient_statistics(
         n = int(np.count_nonzero(selm))
         if n == 0:
             continue
-        x = np.stack([xm[selm] for xm in X], axis=0).astype(np.float64)  # (M, n)
-        y = hr_n[selm].astype(np.float64)
-        w = omega[selm].astype(np.float64)
+        # The published tool forms the per-tile products in float32 (its volumes are float32
+        # and it does not upcast); only the sum over patients is float64 (see ``fit``).
+        x = np.stack([xm[selm] for xm in X], axis=0).astype(product_dtype, copy=False)  # (M, n)
+        y = hr_n[selm].astype(product_dtype, copy=False)
+        w = omega[selm].astype(product_dtype, copy=False)
         xw = x * w
         Q = xw @ x.T
         B = xw @ y
         if lambda_grad > 0:
+            lam = product_dtype(lambda_grad)
             for d in range(3):
-                gx = np.stack([gm[selm] for gm in G[d]], axis=0).astype(np.float64)
-                gy = hr_grads[d][selm].astype(np.float64)
+                gx = np.stack([gm[selm] for gm in G[d]], axis=0).astype(product_dtype, copy=False)
+                gy = hr_grads[d][selm].astype(product_dtype, copy=False)
                 gw = gx * w
-                Q += lambda_grad * (gw @ gx.T)
-                B += lambda_grad * (gw @ gy)
+                Q += lam * (gw @ gx.T)
+                B += lam * (gw @ gy)
         stats[rid] = (Q, B, n)
     return stats
 
@@ -352,6 +363,9 @@ def solve_tile(Q: NDArray[np.float64], B: NDArray[np.float64], lambda_ridge: flo
                simplex: bool) -> NDArray[np.float32]:
     """The reference solve: SLSQP from ``1/M`` on the unscaled objective, then clip+renormalise.
 
+    Constraints as the published tool passes them: ``sum(w) = 1`` (with its Jacobian) and
+    ``w >= 0`` as an inequality without a Jacobian (finite differences), no bounds.
+
     ``simplex=False``: ``(Q + lambda I) w = B`` by ``np.linalg.solve`` (pseudo-inverse if
     singular).  Returns float32.
     """
@@ -370,11 +384,14 @@ def solve_tile(Q: NDArray[np.float64], B: NDArray[np.float64], lambda_ridge: flo
     def jac(w: NDArray) -> NDArray:
         return 2.0 * (A @ w) - 2.0 * B
 
+    # As published: no bounds; w >= 0 is an inequality constraint WITHOUT a Jacobian, so SLSQP
+    # differentiates it by finite differences (M + 1 calls per iteration); the equality
+    # sum(w) = 1 comes with its Jacobian.
     res = minimize(
         fun, np.full(M, 1.0 / M), jac=jac, method="SLSQP",
-        bounds=[(0.0, 1.0)] * M,
         constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0,
-                      "jac": lambda w: np.ones_like(w)}],
+                      "jac": lambda w: np.ones_like(w)},
+                     {"type": "ineq", "fun": lambda w: w}],
         options={"maxiter": 200, "ftol": 1e-12},
     )
     w = np.array(res.x, dtype=np.float64)
@@ -397,11 +414,46 @@ def grid_neighbours(rid: int, counts: tuple[int, int, int]) -> list[int]:
     return sorted(out)
 
 
-def laplacian_smooth(weights: dict[int, NDArray[np.float32]], counts: tuple[int, int, int],
-                     tau: float) -> dict[int, NDArray[np.float32]]:
+def label_adjacency(labels: NDArray[np.int32]) -> dict[int, set[int]]:
+    """6-neighbour tile graph read off the label volume with Python loops, as published.
+
+    For every line of voxels along each axis (a Python loop over the other two axes), the
+    places where the label changes join the two labels.  On the regular grid of algorithm A2
+    this gives the same graph as :func:`grid_neighbours`, at the published tool's cost.
+    """
+    adj: dict[int, set[int]] = {}
+
+    def join(a: int, b: int) -> None:
+        if a != b:
+            adj.setdefault(a, set()).add(b)
+            adj.setdefault(b, set()).add(a)
+
+    n0, n1, n2 = labels.shape
+    for axis, (na, nb) in ((2, (n0, n1)), (1, (n0, n2)), (0, (n1, n2))):
+        for i in range(na):
+            for j in range(nb):
+                if axis == 2:
+                    line = labels[i, j, :]
+                elif axis == 1:
+                    line = labels[i, :, j]
+                else:
+                    line = labels[:, i, j]
+                for k in np.flatnonzero(line[1:] != line[:-1]):
+                    join(int(line[k]), int(line[k + 1]))
+    return adj
+
+
+def laplacian_smooth(
+    weights: dict[int, NDArray[np.float32]],
+    counts: tuple[int, int, int],
+    tau: float,
+    adjacency: dict[int, set[int]] | None = None,
+) -> dict[int, NDArray[np.float32]]:
     """One Jacobi step over the learned tiles' 6-neighbour graph, then clip and renormalise.
 
-    float32 throughout, as the reference's (R, M) float32 weight array.
+    float32 throughout, as the reference's (R, M) float32 weight array.  ``adjacency`` is the
+    graph from :func:`label_adjacency` (what ``fit`` passes, as published); without it the
+    neighbours come from the tile-grid arithmetic of :func:`grid_neighbours` (same graph).
     """
     if tau <= 0:
         return weights
@@ -410,7 +462,9 @@ def laplacian_smooth(weights: dict[int, NDArray[np.float32]], counts: tuple[int,
     index = {r: i for i, r in enumerate(rids)}
     new = W.copy()
     for i, r in enumerate(rids):
-        nb = [index[q] for q in grid_neighbours(r, counts) if q in index]
+        around = grid_neighbours(r, counts) if adjacency is None else \
+            sorted(adjacency.get(r, ()))
+        nb = [index[q] for q in around if q in index]
         if not nb:
             continue
         avg = np.mean(W[nb, :], axis=0)
@@ -824,17 +878,22 @@ def fit(manifest_fold: dict, spacing: str, pulse: str, p: Params, workers: int,
         weights[rid] = solve_tile(Q[rid], B[rid], p.lambda_ridge, p.simplex)
     t2 = time.perf_counter()
     timings["solve"] = t2 - t1
-    weights = laplacian_smooth(weights, counts, p.laplacian_tau)
+    if p.laplacian_tau > 0:
+        # As published: the graph is read off the whole label volume with Python loops.
+        adjacency = label_adjacency(tile_labels(shape, p.stride))
+        weights = laplacian_smooth(weights, counts, p.laplacian_tau, adjacency)
     timings["smoothing"] = time.perf_counter() - t2
     return weights
 
 
-def evaluate(manifest_fold: dict, spacing: str, pulse: str, p: Params, workers: int,
+def evaluate(manifest_fold: dict, spacing: str, pulse: str, p: Params,
              weights: dict[int, NDArray[np.float32]], base_dir: Path, model_dir: Path,
-             timings: dict, worker_info: dict) -> dict[str, dict[str, float]]:
-    """Blend + metrics per patient in loky workers (train first when evaluate_train)."""
-    from joblib import delayed
+             timings: dict) -> dict[str, dict[str, float]]:
+    """Blend + metrics per patient, one after another in this process (train first).
 
+    As published: only the fit runs in loky workers; the evaluation loops over the patients
+    in the parent process, whatever the worker count.
+    """
     out_volumes = base_dir / "output_volumes"
     out_volumes.mkdir(parents=True, exist_ok=True)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -844,11 +903,10 @@ def evaluate(manifest_fold: dict, spacing: str, pulse: str, p: Params, workers: 
     tasks += [(pid, e, "test") for pid, e in manifest_fold["test"].items()]
 
     t0 = time.perf_counter()
-    results = _parallel(max(1, min(workers, len(tasks))))(
-        delayed(_eval_task)(pid, e, split, spacing, pulse, p, weights, str(out_volumes),
-                            str(model_dir))
-        for pid, e, split in tasks)
-    timings["evaluate_parallel_wall"] = time.perf_counter() - t0
+    results = [_eval_task(pid, e, split, spacing, pulse, p, weights, str(out_volumes),
+                          str(model_dir))
+               for pid, e, split in tasks]
+    timings["evaluate_loop_wall"] = time.perf_counter() - t0
 
     per_split: dict[str, list[dict[str, float]]] = {"train": [], "test": []}
     per_patient: dict[str, dict] = {}
@@ -859,7 +917,6 @@ def evaluate(manifest_fold: dict, spacing: str, pulse: str, p: Params, workers: 
         for key, val in res["times"].items():
             timings[key] = timings.get(key, 0.0) + val
         timings["evaluate_load"] = timings.get("evaluate_load", 0.0) + res["times"]["load"]
-        worker_info[res["os_pid"]] = max(worker_info.get(res["os_pid"], 0), res["maxrss"])
         per_split[res["split"]].append(res["metrics"])
         per_patient[f"{res['split']}/{res['pid']}"] = res["metrics"]
 
@@ -941,8 +998,7 @@ def run(config_path: str | Path, fold: int, spacing: str, pulse: str, workers: i
                                  f"weights; expected {len(p.models)} (models {p.models})")
         sampler.phase = "evaluate"
         t0 = time.perf_counter()
-        summary = evaluate(mfold, spacing, pulse, p, W, weights, base_dir, model_dir, timings,
-                           worker_info)
+        summary = evaluate(mfold, spacing, pulse, p, weights, base_dir, model_dir, timings)
         timings["evaluate_wall"] = time.perf_counter() - t0
         per_patient = summary.pop("_per_patient")
         t0 = time.perf_counter()
@@ -985,12 +1041,12 @@ def format_summary(result: dict) -> str:
     t = result["timings"]
     pr = result["peak_rss"]
     lines = [f"workers: {result['workers']}"]
-    lines.append("stage wall times (s; load/statistics/blend/metrics/writes are summed over "
-                 "patients in the workers):")
+    lines.append("stage wall times (s; load/statistics are summed over patients in the fit's "
+                 "workers, blend/metrics/writes over patients evaluated in the parent):")
     for key in ("load", "statistics", "solve", "smoothing", "blend", "metrics", "writes"):
         lines.append(f"  {key:<11s} {t[key]:9.3f}")
     for key in ("fit_load", "evaluate_load", "fit_parallel_wall", "fit_wall",
-                "evaluate_parallel_wall", "evaluate_wall", "total_wall"):
+                "evaluate_loop_wall", "evaluate_wall", "total_wall"):
         if key in t:
             lines.append(f"  {key:<22s} {t[key]:9.3f}")
     lines.append(f"peak RSS, process tree (parent + children, 50 ms samples): "

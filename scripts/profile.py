@@ -15,10 +15,18 @@ What it does, in one invocation:
    into the cache), then one on the cache that run filled ("warm": the inputs are
    memory-mapped);
 4. runs ``scripts/literal_baseline.py`` (the published algorithm, literally: a boolean
-   mask ``labels == r`` per tile over the whole volume, materialised normalised and gradient
-   volumes, one joblib loky worker process per patient) on the same cohort and fold;
-5. writes ``profiling/<date>-<host>.json`` (every run, medians, ratios, environment) and
-   ``profiling/<date>-<host>.md`` (a short table and the command).
+   mask ``labels == r`` per tile over the whole volume, float32 tile products, materialised
+   normalised and gradient volumes, the fit in joblib loky workers, SLSQP with a
+   finite-difference inequality constraint, the evaluation patient by patient in the parent)
+   on the same cohort and fold;
+5. writes ``profiling/<date>-<host>-<HHMM>.json`` (every run, medians, ratios, environment) and
+   the ``.md`` next to it (a short table and the command); an existing profile is never
+   overwritten (a counter is added, an explicit ``--name`` that exists is refused).
+
+Before the first run it prints the planned runs with a rough time estimate, and one line per
+run as it goes ("[3/20] ...").  Ctrl-C, SIGTERM and SIGHUP stop the running child together with
+its loky workers (each child leads its own process group, which the child's watchdog thread
+also kills if the parent dies without stopping it, e.g. by SIGKILL).
 
 Every measured run is a fresh ``python scripts/profile.py --_child SPEC`` process, so its
 RSS includes the interpreter, the imports and the Numba cache load of a real run.  The
@@ -28,7 +36,9 @@ from /proc where readable), and the child reports ``ru_maxrss`` and per-stage wa
 
 Usage::
 
-    python scripts/profile.py                       # the realistic default (~25 min on 2 cores)
+    python scripts/profile.py                       # the realistic default (~30 min on 2 cores)
+    python scripts/profile.py --quick               # a small check of everything, < 3 min
+    python scripts/profile.py --dry-run             # only the plan and the estimate
     python scripts/profile.py --shape 96 112 96 --train 4 --test 2 --repeats 1
     python scripts/profile.py --no-baseline --widths 1 --keep --out /tmp/prof
 
@@ -51,6 +61,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -96,6 +107,11 @@ WORK_DIRS = ("src", "cohort", "cache", "cache-warmup", "out", "logs")
 def _child(spec_path: str) -> int:
     """One measured run; reads a JSON spec, writes a JSON result (see ``_run_child``)."""
     t_start = time.perf_counter()
+    # This child leads its own process group (start_new_session), loky workers included.  The
+    # parent stops it by signalling the whole group (SIGTERM keeps its default action here, so
+    # it acts at once even while the main thread waits on a lock).  If the parent dies without
+    # doing so (SIGKILL, OOM kill), the watchdog below takes the group down.
+    _watch_parent(os.getppid())
     spec = json.loads(Path(spec_path).read_text())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -286,6 +302,51 @@ def _cgroup() -> dict | None:
     return {"current_bytes": u.current_bytes, "peak_bytes": u.peak_bytes, "source": u.source}
 
 
+def _watch_parent(ppid: int, interval_s: float = 0.5) -> threading.Thread:
+    """In a child: a daemon thread that kills the child's process group once ``ppid`` is gone.
+
+    A thread polling ``os.getppid()`` (which changes when the parent dies and the child is
+    re-parented) works whatever killed the parent and whatever the main thread is doing; it
+    reaches the loky workers too, which a parent-death signal to the child alone would not.
+    """
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != ppid:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    t = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace_s``; reap the child."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+class Stopped(Exception):
+    """The parent got SIGTERM or SIGHUP: stop the running child and exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def _run_child(spec: dict, work: Path, label: str, src: Path | None = None) -> dict:
     """Start a child on ``spec``, sample its tree, wait; its result merged with our samples.
 
@@ -309,10 +370,17 @@ def _run_child(spec: dict, work: Path, label: str, src: Path | None = None) -> d
         sampler = TreeSampler(proc.pid)
         sampler.start()
         try:
-            _, status, ru = os.wait4(proc.pid, 0)
+            # Poll instead of blocking in wait4: a signal may be delivered to the sampler thread,
+            # and then a blocking wait4 in the main thread would not return to run our handler.
+            while True:
+                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                time.sleep(0.05)
         except BaseException:
-            os.killpg(proc.pid, signal.SIGTERM)  # the child's own session: only what we started
-            proc.wait()
+            # Ctrl-C, SIGTERM/SIGHUP (Stopped) or an error here: the child's own session holds
+            # only what we started (the child and its loky workers).
+            _stop_group(proc)
             raise
         finally:
             sampler.stop()
@@ -767,10 +835,109 @@ def _configs(cpus: int, widths: list[int] | None,
     return out
 
 
+# --quick: a small cohort, one repeat; every configuration and both baseline worker counts
+# still run, so the report has every row (the targets are then informative only).
+QUICK = {"shape": (64, 72, 60), "train": 3, "test": 1, "repeats": 1, "baseline_repeats": 1}
+
+# Rough cost model for the estimate printed before the first run, fitted to the 2-core VM
+# profiles in profiling/ (seconds; "vp" = voxels x patients, "vpt" = x tiles too).
+EST_CHILD_START_S = 4.0          # interpreter + imports + Numba cache load, per child
+EST_COMPILE_S = 90.0             # first compile of the measured snapshot (the warm-up)
+EST_COHORT_S_PER_VP = 6e-8
+EST_ENGINE_S_PER_VP = {"cold": 1.5e-7, "warm": 8.2e-8}   # a 1x1 run; wider runs divide
+EST_BASELINE_STATS_S_PER_VPT = 3.6e-9                    # boolean mask per tile, float32
+EST_BASELINE_EVAL_S_PER_VP = 2.6e-6                      # blend + metrics + writes, in parent
+EST_BASELINE_LOAD_S_PER_VP = 2.2e-7
+
+
+def plan(args: argparse.Namespace, configs: list[tuple[int, int]],
+         b_workers: list[int]) -> list[tuple[str, float]]:
+    """The measured runs in order, each with a rough estimate of its process time (s)."""
+    shape = tuple(args.shape)
+    vox = shape[0] * shape[1] * shape[2]
+    tiles = math.prod(math.ceil(n / 16) for n in shape)
+    vp = vox * (args.train + args.test)
+    runs: list[tuple[str, float]] = []
+    for rep in range(args.repeats):
+        for w, t in configs:
+            speed = w * t if w * t == 1 else 0.8 * w * t  # sharing costs some of the 2nd core
+            for state in ("cold", "warm"):
+                est = EST_CHILD_START_S + EST_ENGINE_S_PER_VP[state] * vp / speed
+                runs.append((f"engine-{w}x{t}-{state}-r{rep + 1}", est))
+    for rep in range(args.baseline_repeats if b_workers else 0):
+        for wk in b_workers:
+            fit = (EST_BASELINE_STATS_S_PER_VPT * vox * tiles + EST_BASELINE_LOAD_S_PER_VP * vox) \
+                * args.train / wk
+            evaluate = (EST_BASELINE_EVAL_S_PER_VP + EST_BASELINE_LOAD_S_PER_VP) * vp
+            runs.append((f"baseline-{wk}w-r{rep + 1}", EST_CHILD_START_S + fit + evaluate))
+    return runs
+
+
+def estimate_setup_s(args: argparse.Namespace, configs: list[tuple[int, int]]) -> float:
+    """Cohort generation and the un-measured warm-up (compile included), estimated."""
+    shape = tuple(args.shape)
+    vp = shape[0] * shape[1] * shape[2] * (args.train + args.test)
+    w, t = configs[-1]
+    return (2 * EST_CHILD_START_S + EST_COHORT_S_PER_VP * vp + EST_COMPILE_S
+            + EST_ENGINE_S_PER_VP["cold"] * vp / max(1.0, 0.8 * w * t))
+
+
+def _fmt_s(sec: float) -> str:
+    sec = int(round(sec))
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else \
+        f"{sec // 60}m{sec % 60:02d}s"
+
+
+def result_paths(results: Path, name: str | None, host: str,
+                 now: dt.datetime) -> tuple[Path, Path]:
+    """Where the JSON and markdown go; never a pair that exists already.
+
+    Default stem ``<YYYY-MM-DD>-<host>-<HHMM>``, then ``-2``, ``-3`` ... if that is taken.
+    An explicit ``--name`` whose files exist is refused (SystemExit), before anything runs.
+    """
+    def pair(stem: str) -> tuple[Path, Path]:
+        return results / f"{stem}.json", results / f"{stem}.md"
+
+    def taken(stem: str) -> bool:
+        return any(p.exists() for p in pair(stem))
+
+    if name is not None:
+        if "/" in name or name in ("", ".", ".."):
+            raise SystemExit(f"--name {name!r}: expected a file stem, not a path")
+        if taken(name):
+            raise SystemExit(f"--name {name}: {pair(name)[0]} or its .md exists already; "
+                             "profiles are never overwritten, choose another --name")
+        return pair(name)
+    base = f"{now.date().isoformat()}-{host.split('.')[0]}-{now:%H%M}"
+    stem, k = base, 1
+    while taken(stem):
+        k += 1
+        stem = f"{base}-{k}"
+    return pair(stem)
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; fail rather than replace a file that appeared meanwhile."""
+    with open(path, "x") as fh:
+        fh.write(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    quick = ", ".join(f"--{k.replace('_', '-')} "
+                      f"{' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                      for k, v in QUICK.items())
     ap = argparse.ArgumentParser(
         description="Benchmark pacs_numba train (cold and warm volume cache, every pool width "
-                    "x threads) against the literal NumPy/loky baseline on one generated cohort.")
+                    "x threads) against the literal NumPy/loky baseline on one generated cohort. "
+                    "Prints the planned runs and a time estimate first, then one line per run. "
+                    f"--quick: {quick} (under 3 minutes on 2 idle cores; explicit options "
+                    "override it).",
+        epilog="Results: <results>/<YYYY-MM-DD>-<host>-<HHMM>.json and .md (a counter is "
+               "added if taken); an existing profile is never overwritten.")
+    ap.add_argument("--quick", action="store_true",
+                    help="small cohort, 1 repeat: a check that everything runs, in minutes")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan and the estimate, run nothing")
     ap.add_argument("--shape", type=int, nargs=3, default=DEFAULT_SHAPE,
                     metavar=("Z", "Y", "X"), help="volume shape (axis 2 is the slice axis)")
     ap.add_argument("--train", type=int, default=8, help="training patients (default 8)")
@@ -798,23 +965,39 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--results", type=Path, default=ROOT / "profiling",
                     help="where the JSON and markdown go (default profiling/)")
     ap.add_argument("--name", default=None,
-                    help="file stem of the results (default <YYYY-MM-DD>-<host>)")
+                    help="file stem of the results (default <YYYY-MM-DD>-<host>-<HHMM>); "
+                         "refused if such files exist")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     return ap
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse and check the options; ``--quick`` supplies defaults that explicit options beat."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.quick:
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args(argv)
+    for name in ("train", "test", "experts", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1")
+    if args.baseline_repeats < 0:
+        ap.error("--baseline-repeats must be >= 0")
+    if min(args.shape) < 1:
+        ap.error("--shape: every axis must be >= 1")
+    for name in ("widths", "threads", "baseline_workers"):
+        if getattr(args, name) and min(getattr(args, name)) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args._child:
         return _child(args._child)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("train", "test", "experts", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1")
-    if args.baseline_repeats < 0:
-        raise SystemExit("--baseline-repeats must be >= 0")
 
     env = environment()
     cpus = env["cpus_used"]
@@ -825,8 +1008,43 @@ def main(argv: list[str] | None = None) -> int:
     n_pat = args.train + args.test
     started = dt.datetime.now().astimezone()
     command = shlex.join(["python", os.path.relpath(__file__, Path.cwd()), *argv])
+    jpath, mpath = result_paths(args.results, args.name, env["host"], started)
+    runs = plan(args, configs, b_workers)
+    setup_s = estimate_setup_s(args, configs)
+    total_s = setup_s + sum(e for _, e in runs)
     log.info("profile: %s", command)
     log.info("host %s, %s, %s", env["host"], env["cpu_model"], env["limits"])
+    log.info("plan: %d measured runs (%s; %d repeat(s)) + baseline %s, after the cohort and "
+             "an un-measured warm-up", len(runs), ", ".join(f"{w}x{t}" for w, t in configs),
+             args.repeats, ", ".join(f"{wk}w" for wk in b_workers) or "skipped")
+    log.info("estimate: %s in all (setup %s; rough, from a 2-core VM, more on a loaded "
+             "machine)", _fmt_s(total_s), _fmt_s(setup_s))
+    for i, (label, est) in enumerate(runs, 1):
+        log.info("  %2d/%d %-26s ~%s", i, len(runs), label, _fmt_s(est))
+    log.info("results will go to %s and %s", jpath, mpath)
+    if args.dry_run:
+        return 0
+    # SIGTERM (e.g. SLURM, kill) and SIGHUP stop the running child's process group too
+    # (_run_child), like Ctrl-C; exit status 128 + signal.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_stopped)
+    try:
+        return _main_run(args, argv, env, configs, b_workers, shape, n_pat, cpus, started,
+                         command, jpath, mpath, runs)
+    except Stopped as exc:
+        log.error("stopped by signal %d; the running child was stopped with its workers",
+                  exc.signum)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        log.error("interrupted; the running child was stopped with its workers")
+        return 130
+
+
+def _main_run(args: argparse.Namespace, argv: list[str], env: dict,
+              configs: list[tuple[int, int]], b_workers: list[int],
+              shape: tuple[int, int, int], n_pat: int, cpus: int, started: dt.datetime,
+              command: str, jpath: Path, mpath: Path, planned: list[tuple[str, float]]) -> int:
+    args.planned = planned
 
     if args.out is None:
         work, ours = Path(tempfile.mkdtemp(prefix="pacs_profile-")), True
@@ -853,10 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
                                "ratios", "engine", "baseline", "warmup", "cohort_s", "notes",
                                "runs")}
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"{doc['date']}-{env['host'].split('.')[0]}"
-    jpath, mpath = args.results / f"{stem}.json", args.results / f"{stem}.md"
-    jpath.write_text(json.dumps(doc, indent=1) + "\n")
-    mpath.write_text(markdown(doc))
+    _write_new(jpath, json.dumps(doc, indent=1) + "\n")
+    _write_new(mpath, markdown(doc))
     log.info("wrote %s and %s", jpath, mpath)
     print(mpath.read_text())
     return 0
@@ -883,6 +1099,17 @@ def _profile(args: argparse.Namespace, work: Path, env: dict, configs: list[tupl
     cohort_s = time.perf_counter() - t0
     log.info("cohort: %d patients %s in %.1f s -> %s", n_pat, shape, cohort_s, cfg_path)
     runs: list[dict] = []
+    planned = dict(getattr(args, "planned", []))
+    n_planned = len(planned)
+    t_measure = None
+
+    def starting(label: str) -> None:
+        nonlocal t_measure
+        t_measure = t_measure or time.perf_counter()
+        i = len(runs) + 1
+        left = sum(list(planned.values())[i - 1:])
+        log.info("[%d/%d] %s: starting (estimate ~%s; ~%s left)", i, n_planned, label,
+                 _fmt_s(planned.get(label, 0.0)), _fmt_s(left))
 
     def out_root(label: str) -> Path:
         return work / "out" / label
@@ -894,6 +1121,7 @@ def _profile(args: argparse.Namespace, work: Path, env: dict, configs: list[tupl
     engine_spec = {"kind": "engine", "config": str(cfg_path)}
     # Warm-up: Numba cache load (or compile), OS page cache of the inputs.  Not measured.
     w0, t0_ = configs[-1]
+    log.info("warm-up (%dx%d, not measured: Numba compiles or loads its kernels)", w0, t0_)
     warm = _run_child({**engine_spec, "width": w0, "threads": t0_,
                        "cache_dir": str(work / "cache-warmup"),
                        "out_root": str(out_root("warmup"))}, work, "warmup", src)
@@ -909,6 +1137,7 @@ def _profile(args: argparse.Namespace, work: Path, env: dict, configs: list[tupl
             cache = work / "cache" / f"{w}x{t}-r{rep + 1}"
             for state in ("cold", "warm"):
                 label = f"engine-{w}x{t}-{state}-r{rep + 1}"
+                starting(label)
                 r = _run_child({**engine_spec, "width": w, "threads": t,
                                 "cache_dir": str(cache), "out_root": str(out_root(label))},
                                work, label, src)
@@ -918,23 +1147,24 @@ def _profile(args: argparse.Namespace, work: Path, env: dict, configs: list[tupl
                                 r["pool"]["width"], r["pool"]["threads"], r["pool"]["reason"])
                 runs.append(r)
                 done(label)
-                log.info("%-26s wall %6.1f s  peak RSS %6.0f MiB  load %.2f", label,
-                         r["wall_s"], r["sampled"]["peak_tree_bytes"] / MIB,
-                         r["loadavg_1min_before"])
+                log.info("[%d/%d] %-26s wall %6.1f s  peak RSS %6.0f MiB  load %.2f",
+                         len(runs), n_planned, label, r["wall_s"],
+                         r["sampled"]["peak_tree_bytes"] / MIB, r["loadavg_1min_before"])
             shutil.rmtree(cache, ignore_errors=True)
 
     for rep in range(args.baseline_repeats if b_workers else 0):
         for wk in b_workers:
             label = f"baseline-{wk}w-r{rep + 1}"
-            log.info("%s: starting (minutes at the realistic size)", label)
+            starting(label)
             r = _run_child({"kind": "baseline", "config": str(cfg_path), "workers": wk,
                             "scripts_dir": str(scripts_dir), "out_root": str(out_root(label))},
                            work, label, src)
             r.update({"repeat": rep + 1})
             runs.append(r)
             done(label)
-            log.info("%-26s wall %6.1f s  peak RSS %6.0f MiB  load %.2f", label, r["wall_s"],
-                     r["sampled"]["peak_tree_bytes"] / MIB, r["loadavg_1min_before"])
+            log.info("[%d/%d] %-26s wall %6.1f s  peak RSS %6.0f MiB  load %.2f", len(runs),
+                     n_planned, label, r["wall_s"], r["sampled"]["peak_tree_bytes"] / MIB,
+                     r["loadavg_1min_before"])
 
     engine: dict[str, Any] = {}
     for w, t in configs:
@@ -969,7 +1199,11 @@ def _profile(args: argparse.Namespace, work: Path, env: dict, configs: list[tupl
         "RSS counts the touched pages of the memory-mapped cache (file-backed, shared, "
         "reclaimable); peak_rss_anon_sampled_bytes in the JSON is the anonymous part.",
         "The baseline with 1 worker runs inline in its parent process (joblib n_jobs=1), "
-        "not in a loky worker.",
+        "not in a loky worker. As in the published tool, only the baseline's fit runs in loky "
+        "workers; its evaluation (blends, metrics, writes) runs patient after patient in the "
+        "parent, whatever the worker count.",
+        "The un-measured warm-up compiles the measured snapshot's kernels; no measured run "
+        "includes compilation.",
     ]
     if args.snapshot:
         notes.append("Every run imported a snapshot of pacs_numba (and literal_baseline.py) "

@@ -152,8 +152,10 @@ def _baseline_stats(config, train):
             Q = np.zeros((grid.n_tiles, M, M))
             B = np.zeros((grid.n_tiles, M))
             n = np.zeros(grid.n_tiles, dtype=np.int64)
+        # float64 products: an exact oracle (the published tool's own are float32)
         st = lb.patient_statistics(hr, experts, p.patch_size, p.stride, p.lambda_edge,
-                                   p.edge_power, p.lambda_grad, p.grad_operator)
+                                   p.edge_power, p.lambda_grad, p.grad_operator,
+                                   product_dtype=np.float64)
         for t, (q, b, c) in st.items():
             Q[t] += q
             B[t] += b
@@ -352,7 +354,7 @@ def test_train_metrics_equal_an_independent_exact_implementation(tmp_path):
 
 
 def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
-    """algorithm B6: statistics and brain mask from the experts; compared with A7's HR-based blend."""
+    """algorithm B6: statistics and brain mask from the experts, against A7's HR-based blend."""
     from pacs_numba.predict import predict_volume
 
     _, config, mdir, cache = trained

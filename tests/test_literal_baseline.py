@@ -365,7 +365,7 @@ def test_solve_and_smoothing_stay_on_simplex():
 
 def test_unreadable_train_patient_is_skipped(cohort: Path, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture):
-    """algorithm A4: an unreadable patient is skipped with a warning naming the file; the fit goes on.
+    """algorithm A4: an unreadable patient is skipped with a warning naming it; the fit goes on.
 
     The fit must then equal a fit on the manifest without that patient.
     """
@@ -418,3 +418,18 @@ def test_cli_weights_mode_prints_summary(fitted: dict, cohort: Path, tmp_path: P
         assert f"  {stage} " in out.stdout
     again = tmp_path / "literal" / SPACING / "model_data" / "fold_1" / PULSE / "metrics.json"
     assert json.loads(again.read_text()) == json.loads((mdir / "metrics.json").read_text())
+
+
+def test_published_details_adjacency_loops_and_float32_products():
+    """The faithful points: graph read off the label volume, per-tile products in float32."""
+    for shape, s in [((9, 7, 5), 3), ((10, 7, 5), 4), ((8, 8, 8), 8)]:
+        counts = lb.tile_counts(shape, s)
+        adj = lb.label_adjacency(lb.tile_labels(shape, s))
+        n_tiles = int(np.prod(counts))
+        for r in range(n_tiles):
+            assert sorted(adj.get(r, ())) == lb.grid_neighbours(r, counts), (shape, s, r)
+    rng = np.random.default_rng(5)
+    hr = rng.uniform(1, 10, (6, 6, 6)).astype(np.float32)
+    st = lb.patient_statistics(hr, [hr * 1.1, hr + 1], 4, 3, 0.5, 1.0, 0.2)
+    q, b, _ = st[0]
+    assert q.dtype == np.float32 and b.dtype == np.float32

@@ -1,4 +1,6 @@
-"""The memory model (``pacs_numba.costs``, ``planning``) against the sampled RSS of real runs (B5).
+"""The memory model (``pacs_numba.costs``, ``planning``) against the sampled RSS of real runs.
+
+See docs/algorithm.md, B5.
 
 Two tests.
 

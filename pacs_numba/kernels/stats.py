@@ -1,4 +1,6 @@
-"""Per-patient statistics kernels (algorithm A3, A4): valid mask, masked moments, edge maximum, tiles.
+"""Per-patient statistics kernels (algorithm A3, A4).
+
+Valid mask, masked moments, edge maximum and per-tile sums.
 
 Every kernel reads the raw float32 volumes (read-only, C-contiguous, possibly
 memory-mapped) and derives z-scored values, gradients and edge weights on the
