@@ -32,6 +32,7 @@ from .errors import InputError
 from .integrity import file_digest, strict_json, verify_file
 from .io import atomic_write_json, file_fingerprint
 from .layout import RECORD_FILE  # noqa: F401 - re-exported: the record's file name
+from .metrics import METRIC_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,16 @@ class RunRecord:
             return None
         rec = self.old.get("patients", {}).get(f"{split}/{pid}")
         if not rec or rec.get("inputs") != inputs:
+            return None
+        metrics = rec.get("metrics")
+        if not isinstance(metrics, dict) or set(metrics) != set(METRIC_KEYS) or not all(
+            v is None or isinstance(v, (int, float)) for v in metrics.values()
+        ):  # a record of another version (a metric added since) or edited by hand
+            have = sorted(metrics) if isinstance(metrics, dict) else []
+            log.info(
+                "resume: patient %s (%s): the record has metrics %s, not %s; computing it again",
+                pid, split, have, list(METRIC_KEYS),
+            )
             return None
         for out in rec.get("outputs", []):
             why = (

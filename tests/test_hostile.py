@@ -1,0 +1,59 @@
+"""Cases found by trying the CLI as a hostile user (issues 7 and 8, verified on merged code)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from pacs_numba import cli
+from pacs_numba.cohort import make_cohort
+from pacs_numba.config import load_config
+from pacs_numba.manifest import build_manifest, write_manifest
+
+SPACING = "3mm"
+
+
+def _cohort(root: Path) -> Path:
+    cfg = make_cohort(root, patients=6, shape=(24, 26, 22), spacings=(SPACING,), pulses=("t1c",),
+                      seed=3, kfolds=3, patch_size=8, stride=4)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["pacs_sr"].update(num_workers=1, log_to_file=False)
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    config = load_config(cfg)
+    write_manifest(build_manifest(config.data), config.data.out)
+    return cfg
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in {"patients.json", "pacs_numba_run.json"}
+    }
+
+
+def test_resume_recomputes_a_patient_whose_record_lacks_a_metric(tmp_path, capsys):
+    # A record written before a metric was added (or edited by hand) keeps one metric
+    # fewer for a patient.  Resume used to reuse that patient and then crash averaging
+    # the split (ValueError, exit 1 "a bug"); it must compute the patient again instead.
+    cfg = _cohort(tmp_path / "c")
+    out = tmp_path / "out"
+    base = ["train", "--config", str(cfg), "--fold", "1", "--out-root", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-v"]
+    assert cli.main(base) == 0
+    first = _outputs(out)
+    record = next(out.rglob("pacs_numba_run.json"))
+    doc = json.loads(record.read_text())
+    key = sorted(k for k in doc["patients"] if k.startswith("train/"))[1]
+    del doc["patients"][key]["metrics"]["mae"]
+    record.write_text(json.dumps(doc))
+
+    capsys.readouterr()
+    assert cli.main([*base, "--resume"]) == 0
+    log = capsys.readouterr().err
+    pid = key.split("/", 1)[1]
+    assert f"patient={pid} split=train secs" in log
+    assert log.count("resumed (outputs complete)") == 5
+    assert _outputs(out) == first
