@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pacs_numba import cli
 from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
-from pacs_numba.manifest import build_manifest, write_manifest
+from pacs_numba.errors import ConfigError
+from pacs_numba.manifest import build_manifest, load_manifest, write_manifest
 
 SPACING = "3mm"
 
@@ -57,3 +59,23 @@ def test_resume_recomputes_a_patient_whose_record_lacks_a_metric(tmp_path, capsy
     assert f"patient={pid} split=train secs" in log
     assert log.count("resumed (outputs complete)") == 5
     assert _outputs(out) == first
+
+
+def test_a_duplicate_manifest_key_names_the_two_lines_of_its_object(tmp_path):
+    # The same patient id legitimately appears in other folds; the message used to list
+    # every line holding the id, naming lines that are not duplicates at all.
+    entry = {"HR": {SPACING: {"t1c": "/x/hr.nii.gz"}}}
+    folds = [{"train": {"a": entry, "b": entry}, "test": {"c": entry}},
+             {"train": {"c": entry, "b": entry}, "test": {"a": entry}}]
+    text = json.dumps({"folds": folds}, indent=1)
+    lines = text.splitlines()
+    first_c = next(i for i, s in enumerate(lines) if s.strip().startswith('"c"'))
+    # list 'c' a second time in the first fold's test split, just before the first one
+    lines.insert(first_c, '  "c": {},')
+    path = tmp_path / "manifest.json"
+    path.write_text("\n".join(lines))
+    with pytest.raises(ConfigError) as err:
+        load_manifest(path)
+    msg = str(err.value)
+    assert f"(lines {first_c + 1} and {first_c + 2})" in msg, msg
+    assert msg.count("line") == 1
