@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from pacs_numba import cli
 from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
 from pacs_numba.errors import ConfigError
+from pacs_numba.locking import TaskLock
 from pacs_numba.manifest import build_manifest, load_manifest, write_manifest
 
 SPACING = "3mm"
@@ -79,3 +83,49 @@ def test_a_duplicate_manifest_key_names_the_two_lines_of_its_object(tmp_path):
     msg = str(err.value)
     assert f"(lines {first_c + 1} and {first_c + 2})" in msg, msg
     assert msg.count("line") == 1
+
+
+def test_evaluate_of_a_task_being_trained_names_the_holder_and_waits_with_wait(
+    tmp_path, capsys
+):
+    # evaluate without --weights used to look for the model before taking the task lock:
+    # while a train of the task ran it said "no model ... run train first", even with --wait.
+    cfg = _cohort(tmp_path / "c")
+    common = ["--config", str(cfg), "--fold", "1", "--cache-dir", str(tmp_path / "cache"),
+              "--no-progress"]
+    trained = tmp_path / "trained"
+    assert cli.main(["train", *common, "--out-root", str(trained)]) == 0
+    model = next(trained.rglob("pacs_model.npz"))
+
+    out = tmp_path / "out"
+    task_dir = out / model.parent.relative_to(trained)
+    holder = TaskLock(task_dir, "a train").acquire()  # another open file: flock conflicts
+    evaluate = ["evaluate", *common, "--spacing", SPACING, "--pulse", "t1c",
+                "--out-root", str(out)]
+    try:
+        capsys.readouterr()
+        assert cli.main(evaluate) == 2
+        err = capsys.readouterr().err
+        assert "already running" in err and f"pid {os.getpid()}" in err
+        assert "no model" not in err
+
+        def finish_train() -> None:  # the holder writes its model and ends
+            shutil.copy2(model, task_dir / model.name)
+            holder.release()
+
+        timer = threading.Timer(1.0, finish_train)
+        timer.start()
+        assert cli.main([*evaluate, "--wait"]) == 0
+        timer.join()
+    finally:
+        holder.release()
+    assert (task_dir / "metrics.json").read_bytes() == (model.parent / "metrics.json").read_bytes()
+
+
+def test_evaluate_without_a_model_or_task_folder_creates_nothing(tmp_path, capsys):
+    cfg = _cohort(tmp_path / "c")
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", "--config", str(cfg), "--fold", "1", "--spacing", SPACING,
+                     "--pulse", "t1c", "--out-root", str(out), "--no-progress"]) == 2
+    assert "no model for" in capsys.readouterr().err
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
