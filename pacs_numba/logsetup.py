@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import OutputError
+
 FORMAT = "%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"
 
 _LEVELS = {
@@ -62,8 +64,14 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def add_file_log(path: Path, level: int = logging.INFO) -> logging.Handler:
     """Also write the log to ``path`` (the config's ``log_to_file``); returns the handler."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:  # e.g. out_root is a file: a user error (exit 2), not a bug
+        raise OutputError(
+            f"cannot write the log file '{path}' (pacs_sr.log_to_file: true): "
+            f"{exc.strerror or exc}; check the out_root (or --out-root)"
+        ) from exc
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(level)
     handler._pacs_numba = True  # type: ignore[attr-defined]

@@ -129,3 +129,18 @@ def test_evaluate_without_a_model_or_task_folder_creates_nothing(tmp_path, capsy
                      "--pulse", "t1c", "--out-root", str(out), "--no-progress"]) == 2
     assert "no model for" in capsys.readouterr().err
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_an_out_root_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    # with log_to_file: true the log folder under out_root was made first: a file there
+    # raised NotADirectoryError as "a bug" (exit 1, traceback)
+    cfg = _cohort(tmp_path / "c")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["pacs_sr"]["log_to_file"] = True
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli.main(["train", "--config", str(cfg), "--fold", "1", "--out-root", str(afile),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(afile) in err and "log" in err
