@@ -197,7 +197,9 @@ class RunRecord:
             return None
         for out in rec.get("outputs", []):
             why = (
-                verify_file(self.path.parent / out["path"], out)
+                # lexically, as add_patient stored it: '..' after a symlinked folder must
+                # not follow the link (test blends live outside the task folder)
+                verify_file(os.path.normpath(self.path.parent / out["path"]), out)
                 if isinstance(out, dict) and isinstance(out.get("path"), str)
                 else "the record lists a malformed output"
             )

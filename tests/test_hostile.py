@@ -144,3 +144,22 @@ def test_an_out_root_that_is_a_file_is_a_usage_error(tmp_path, capsys):
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(afile) in err and "log" in err
+
+
+def test_resume_keeps_test_blends_when_model_data_is_a_symlink(tmp_path, capsys):
+    # Test blends are stored relative to the task folder ('../../../output_volumes/...').
+    # With model_data a symlink (to larger storage), the OS resolved '..' from the link's
+    # target, so every test patient looked "missing" and was computed again on each resume.
+    cfg = _cohort(tmp_path / "c")
+    out = tmp_path / "out"
+    (out / "PaCS_SR" / SPACING).mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (out / "PaCS_SR" / SPACING / "model_data").symlink_to(tmp_path / "elsewhere")
+    base = ["train", "--config", str(cfg), "--fold", "1", "--out-root", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-v"]
+    assert cli.main(base) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--resume"]) == 0
+    log = capsys.readouterr().err
+    assert "missing" not in log
+    assert log.count("resumed (outputs complete)") == 6
