@@ -258,8 +258,13 @@ def load_manifest(path: str | os.PathLike[str]) -> dict:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
+        where = (
+            ""
+            if file.is_absolute()
+            else f" (a relative path is read from the working directory: '{file.absolute()}')"
+        )
         raise ConfigError(
-            f"manifest {str(file)!r} not found; build it first (data.out of the config)"
+            f"manifest {str(file)!r} not found{where}; build it first (data.out of the config)"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"manifest {str(file)!r} cannot be read ({exc})") from None

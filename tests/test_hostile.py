@@ -163,3 +163,13 @@ def test_resume_keeps_test_blends_when_model_data_is_a_symlink(tmp_path, capsys)
     log = capsys.readouterr().err
     assert "missing" not in log
     assert log.count("resumed (outputs complete)") == 6
+
+
+def test_a_relative_manifest_path_that_is_missing_names_the_folder_it_was_looked_in(
+    tmp_path, monkeypatch
+):
+    # data.out: ./manifest.json run from another folder said only "'manifest.json' not found"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_manifest("manifest.json")
+    assert str(tmp_path / "manifest.json") in str(err.value)
