@@ -205,7 +205,7 @@ from pathlib import Path
 import numpy as np, numba, psutil
 from pacs_numba.process import pin_mmap_threshold
 pin_mmap_threshold()
-from pacs_numba.blending import blend_patient
+from pacs_numba.blending import Normalisation, blend_patient, brain_mask
 from pacs_numba.diagnose import _warm_kernels
 from pacs_numba.io import write_nifti
 from pacs_numba.metrics import volume_metrics
@@ -273,7 +273,8 @@ for shape, m in cases:
     del st
     with Growth() as g:
         hr, *ex = mapped(paths)
-        blend = blend_patient(hr, ex, grid, w, window="hann")
+        blend = blend_patient(ex, grid, w, window="hann", norm=Normalisation.from_hr(hr, ex),
+                              brain_mask=brain_mask(hr))
         volume_metrics(hr, blend, ssim_axis="axial")
         write_nifti(work / "blend.nii.gz", blend, np.eye(4))
         del blend, hr, ex
