@@ -290,23 +290,22 @@ class Engine:
 
         Without ``weights_path`` the task's own model file (or weights.json) is used.
         """
-        if weights_path is None:
-            lay = self.layout(task)
-            weights_path = lay.existing_weights()
-            if weights_path is None:
-                raise InputError(
-                    f"no model for {task} in '{lay.model_dir}': run `pacs-numba train` first "
-                    "or pass --weights"
-                )
+        if weights_path is None:  # looked up under the task lock: a train may be writing it
+            return self._run(task, weights_path=None, own_model=True)
         return self._run(task, weights_path=Path(weights_path))
 
     # ---------------------------------------------------------------- the task
-    def _run(self, task: Task, weights_path: Path | None) -> TaskResult:
+    def _run(self, task: Task, weights_path: Path | None, own_model: bool = False) -> TaskResult:
         train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
         self._check_files_exist(task, {**train, **test})
         if weights_path is not None:
             require_regular_file(weights_path, "weights file")
         lay = self.layout(task)
+        if own_model and not lay.model_dir.is_dir():  # no train ran here: no folder to lock
+            raise InputError(
+                f"no model for {task} in '{lay.model_dir}': run `pacs-numba train` first "
+                "or pass --weights"
+            )
         lock = TaskLock(lay.model_dir, f"task {task}", wait=self.options.wait,
                         should_stop=self.stop_event.is_set)
         try:
@@ -316,6 +315,14 @@ class Engine:
                 raise Interrupted(self.stop_signal or 15, str(exc)) from None
             raise
         try:
+            if own_model:
+                weights_path = lay.existing_weights()
+                if weights_path is None:
+                    raise InputError(
+                        f"no model for {task} in '{lay.model_dir}': run `pacs-numba train` "
+                        "first or pass --weights"
+                    )
+                require_regular_file(weights_path, "weights file")
             self._sweep_temps(lay, test, lock.start_ns)
             return self._run_locked(task, weights_path, train, test)
         finally:

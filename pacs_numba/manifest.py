@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -257,8 +258,13 @@ def load_manifest(path: str | os.PathLike[str]) -> dict:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
+        where = (
+            ""
+            if file.is_absolute()
+            else f" (a relative path is read from the working directory: '{file.absolute()}')"
+        )
         raise ConfigError(
-            f"manifest {str(file)!r} not found; build it first (data.out of the config)"
+            f"manifest {str(file)!r} not found{where}; build it first (data.out of the config)"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"manifest {str(file)!r} cannot be read ({exc})") from None
@@ -319,9 +325,8 @@ def _no_duplicates(file: Path, text: str):  # noqa: ANN202 - a json object_pairs
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
-                needle = json.dumps(key)
-                lines = [n for n, line in enumerate(text.splitlines(), 1) if needle in line]
-                at = f" (the key appears on lines {', '.join(map(str, lines))})" if lines else ""
+                lines = _duplicate_key_lines(text, key)
+                at = f" (lines {lines[0]} and {lines[1]})" if lines else ""
                 raise ConfigError(
                     f"manifest {str(file)!r} lists the key {key!r} twice in one object{at}; "
                     "each patient and setting may appear once"
@@ -330,6 +335,37 @@ def _no_duplicates(file: Path, text: str):  # noqa: ANN202 - a json object_pairs
         return out
 
     return hook
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]]')
+_COLON = re.compile(r"\s*:")
+
+
+def _duplicate_key_lines(text: str, key: str) -> tuple[int, int] | None:
+    """Lines of the first two occurrences of ``key`` in one JSON object of ``text``.
+
+    Only called after ``json`` has found the duplicate, so ``text`` is valid JSON up to it.
+    The same key in different objects (a patient in several folds) is not a duplicate.
+    """
+    stack: list[dict[str, int] | None] = []
+    line, last = 1, 0
+    for m in _JSON_TOKEN.finditer(text):
+        tok = m.group()
+        if tok in "{[":
+            stack.append({} if tok == "{" else None)
+        elif tok in "}]":
+            if stack:
+                stack.pop()
+        elif tok.startswith('"') and stack and stack[-1] is not None:
+            if not _COLON.match(text, m.end()):
+                continue
+            line += text.count("\n", last, m.start())
+            last = m.start()
+            name = json.loads(tok)
+            if name == key and name in stack[-1]:
+                return stack[-1][name], line
+            stack[-1].setdefault(name, line)
+    return None
 
 
 def _lookup(entry: Any, keys: Sequence[str], pid: str, fold: int) -> str:

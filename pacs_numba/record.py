@@ -32,6 +32,7 @@ from .errors import InputError
 from .integrity import file_digest, strict_json, verify_file
 from .io import atomic_write_json, file_fingerprint
 from .layout import RECORD_FILE  # noqa: F401 - re-exported: the record's file name
+from .metrics import METRIC_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +185,25 @@ class RunRecord:
         rec = self.old.get("patients", {}).get(f"{split}/{pid}")
         if not rec or rec.get("inputs") != inputs:
             return None
+        metrics = rec.get("metrics")
+        # the published metrics, each a number (None: an infinite PSNR); a test patient also
+        # carries its extras (each expert alone, the HR-free protocol: scoring.test_extras)
+        extras = {"experts", "hr_free"} if split == "test" else set()
+        if not isinstance(metrics, dict) or set(metrics) != set(METRIC_KEYS) | extras or not all(
+            v is None or isinstance(v, (int, float))
+            for k, v in metrics.items() if k in METRIC_KEYS
+        ):  # a record of another version (a metric added since) or edited by hand
+            have = sorted(metrics) if isinstance(metrics, dict) else []
+            log.info(
+                "resume: patient %s (%s): the record has metrics %s, not %s; computing it again",
+                pid, split, have, sorted(set(METRIC_KEYS) | extras),
+            )
+            return None
         for out in rec.get("outputs", []):
             why = (
-                verify_file(self.path.parent / out["path"], out)
+                # lexically, as add_patient stored it: '..' after a symlinked folder must
+                # not follow the link (test blends live outside the task folder)
+                verify_file(os.path.normpath(self.path.parent / out["path"]), out)
                 if isinstance(out, dict) and isinstance(out.get("path"), str)
                 else "the record lists a malformed output"
             )
