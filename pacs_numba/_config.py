@@ -1,7 +1,7 @@
 """Package-wide settings: Numba decorator options, dtypes, tolerances, ``PACS_*`` overrides.
 
 Everything a kernel needs from configuration comes from here, so the compiled
-code and its cache depend on one small module (see STYLE.md §3).
+code and its cache depend on one small module (docs/architecture.md, caches).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,21 @@ import numpy as np
 
 
 def _env_flag(name: str, default: bool) -> bool:
+    """Read an on/off environment switch; an unknown value warns and keeps the default."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
-    return raw.strip().lower() not in {"0", "false", "no", "off"}
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    warnings.warn(
+        f"{name}={raw!r} is not one of 1/0, true/false, yes/no, on/off; using the default "
+        f"({'on' if default else 'off'})",
+        stacklevel=2,
+    )
+    return default
 
 
 #: LLVM fast-math flags for every kernel.  No ``nnan``/``ninf``: kernels test

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -173,3 +175,15 @@ def test_a_relative_manifest_path_that_is_missing_names_the_folder_it_was_looked
     with pytest.raises(ConfigError) as err:
         load_manifest("manifest.json")
     assert str(tmp_path / "manifest.json") in str(err.value)
+
+
+def test_an_unknown_on_off_value_warns_and_keeps_the_default():
+    code = "from pacs_numba import _config; print(bool(_config.FASTMATH))"
+    for value, on in (("0", False), ("off", False), ("yes", True)):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "PACS_FASTMATH": value})
+        assert res.returncode == 0 and res.stdout.strip() == str(on), res.stderr
+    res = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
+                         text=True, env={**os.environ, "PACS_FASTMATH": "maybe"})
+    assert res.returncode == 0 and res.stdout.strip() == "True"
+    assert "PACS_FASTMATH='maybe' is not one of" in res.stderr
