@@ -321,6 +321,9 @@ import json, math, os, shlex, shutil, subprocess, sys, time
 
 MIB = 1 << 20
 MIN_MARGIN, MARGIN_FRACTION = 256 * MIB, 0.10
+# The baseline in the plan is diagnose's own RSS after its imports; a task measures its own,
+# which can be some tens of MiB larger (more modules and kernels loaded when it plans).
+HEADROOM = 100 * MIB
 plan_file, script, config, last, cpus_arg, num_workers, *extra = sys.argv[1:]
 
 
@@ -442,7 +445,7 @@ for name in ("fit", "evaluate"):
     rows.append(f"  {name:9s} {int(st['n_patients']):3d} patients, {width} at once x "
                 f"{max(1, cpus // width)} numba thread(s): needs {gib(b)} "
                 f"({gib(int(st['per_patient_bytes']))} per patient)")
-mem, mem_mib = sbatch_mem(need)
+mem, mem_mib = sbatch_mem(need + HEADROOM)
 print(f"one task: volumes {shape}, {n_experts} experts, {cpus} CPU(s) ({why})")
 print("\n".join(rows))
 line = ["sbatch", f"--array=0-{last}", f"--cpus-per-task={cpus}", f"--mem={mem}", script,
