@@ -394,7 +394,10 @@ try:
     stages = plan["stages"]
     shape = "x".join(str(int(n)) for n in plan["shape"])
     n_experts = int(plan["n_experts"])
-    for name in ("fit", "evaluate"):
+    names = [name for name in ("fit", "evaluate") if name in stages]  # a stage may be absent
+    if not names:
+        raise KeyError("no fit or evaluate stage")
+    for name in names:
         for key in ("n_patients", "per_patient_bytes", "needed_bytes_one"):
             int(stages[name][key])
 except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -423,7 +426,7 @@ else:
             break
     if num_workers and int(num_workers) > 0:
         request = min(request or int(num_workers), int(num_workers))
-widest = max(int(stages[s]["n_patients"]) for s in stages)
+widest = max(int(stages[name]["n_patients"]) for name in names)
 if cpus_arg:
     cpus, why = int(cpus_arg), "--cpus"
 else:
@@ -432,7 +435,7 @@ else:
         cpus, why = most, f"the largest node in sinfo has {most}"
 
 rows, need = [], 0
-for name in ("fit", "evaluate"):
+for name in names:
     st = stages[name]
     n = max(1, int(st["n_patients"]))
     width = min(cpus, n)
