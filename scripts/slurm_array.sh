@@ -415,14 +415,26 @@ except (OSError, ValueError, KeyError, TypeError) as exc:
 
 nodes = sinfo_nodes()
 most = max((n for _, n, _ in nodes), default=None) if nodes else None
+def count(value, what):
+    """A worker count >= 1, or None (with a warning: pacs-numba train will refuse it)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        warn(f"{what}={value!r} is not a worker count >= 1; planning without it")
+        return None
+    return n
+
+
 workers = option(extra, "--workers")
 request = None  # the width asked for, as pacs-numba train reads it
 if workers is not None:
-    request = int(workers)
-else:
+    request = workers = count(workers, "--workers")
+if workers is None:
     for name in ("PACS_NUMBA_MAX_WORKERS", "PACS_SR_MAX_WORKERS"):
         if os.environ.get(name, "").strip():
-            request = int(os.environ[name])
+            request = count(os.environ[name], name)
             break
     if num_workers and int(num_workers) > 0:
         request = min(request or int(num_workers), int(num_workers))
