@@ -67,6 +67,9 @@ if ! mkdir "$probe" 2>/dev/null; then
     skip "cannot create a cgroup under /sys/fs/cgroup/memory (read-only or not delegated)"
 fi
 rmdir "$probe"
+if pgrep -x slurmd >/dev/null 2>&1; then
+    skip "a slurmd already runs on this machine; a second one would share its cgroups and node"
+fi
 PY=$(command -v python || command -v python3 || true)
 [[ -n $PY ]] && "$PY" -c "import pacs_numba" 2>/dev/null ||
     fail "no python with pacs_numba on PATH: activate the environment under test first"
