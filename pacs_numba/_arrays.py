@@ -13,12 +13,14 @@ import numpy as np
 from numba.typed import List
 from numpy.typing import ArrayLike, NDArray
 
+from .errors import InputError
+
 
 def as_volume(arr: ArrayLike) -> NDArray[np.float32]:
     """Return a read-only, C-contiguous float32 3-D view of ``arr`` (a copy only if needed)."""
     vol = np.ascontiguousarray(arr, dtype=np.float32)
     if vol.ndim != 3:
-        raise ValueError(f"expected a 3-D volume, got shape {vol.shape}")
+        raise InputError(f"expected a 3-D volume, got shape {vol.shape}")
     vol = vol.view(np.ndarray)  # drop np.memmap: the view still maps the same pages
     vol.flags.writeable = False
     return vol
@@ -29,16 +31,16 @@ def as_volume_list(vols: Sequence[ArrayLike], shape: tuple[int, ...] | None = No
 
     Raises
     ------
-    ValueError
+    InputError
         If the list is empty or the shapes differ (from each other or from ``shape``).
     """
     if len(vols) == 0:
-        raise ValueError("need at least one expert volume")
+        raise InputError("need at least one expert volume")
     out = List()
     for v in vols:
         v = as_volume(v)
         if shape is not None and v.shape != tuple(shape):
-            raise ValueError(f"expert volume has shape {v.shape}; expected {tuple(shape)}")
+            raise InputError(f"expert volume has shape {v.shape}; expected {tuple(shape)}")
         shape = v.shape
         out.append(v)
     return out

@@ -6,8 +6,15 @@ code and its cache depend on one small module (see STYLE.md §3).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
+import llvmlite
 import numba
 import numpy as np
 
@@ -50,3 +57,92 @@ SSIM_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 # got with numba.threading_layer() and degrades to one worker if it is workqueue.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
+
+
+# --------------------------------------------------------------------------------------
+# Compile-cache identity
+# --------------------------------------------------------------------------------------
+# Numba keys a cached kernel by its signature, the bytecode and a hash of its own source
+# file.  Fast-math flags and the module-level constants it reads (frozen into the machine
+# code at compile time) are not part of that key: with one shared cache folder,
+# PACS_FASTMATH=0 would load the fast-math build, and a new SD_FLOOR here would not
+# recompile anything.  So the kernels get one cache folder per digest of everything
+# above that changes their code, chosen before any kernel is decorated (Numba's cache
+# locator reads numba.config.CACHE_DIR when ``@njit(cache=True)`` runs, i.e. when
+# pacs_numba.kernels is imported).  A user's NUMBA_CACHE_DIR stays the base folder.
+
+
+def _kernel_settings(namespace: Mapping[str, Any]) -> dict[str, str]:
+    """Every UPPER_CASE setting of ``namespace`` as text, the way kernels see it."""
+    out = {}
+    for name, value in namespace.items():
+        if not name.isupper() or name.startswith("KERNEL_CACHE") or name == "CACHE":
+            continue
+        if isinstance(value, (set, frozenset)):
+            value = sorted(value)
+        elif isinstance(value, dict):
+            value = sorted(value.items())
+        out[name] = repr(value)
+    return out
+
+
+def kernel_cache_key(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """Return what the compiled kernels depend on besides their own source.
+
+    Parameters
+    ----------
+    namespace : mapping
+        Module globals holding the settings (this module's ``globals()``); every
+        UPPER_CASE name counts (``FASTMATH``, ``SD_FLOOR``, ...), so a new constant is
+        part of the key without being listed anywhere.
+
+    Returns
+    -------
+    dict
+        ``settings`` (name -> repr), and the versions of Python, Numba, llvmlite and
+        NumPy.
+    """
+    return {
+        "settings": _kernel_settings(namespace),
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "numba": numba.__version__,
+        "llvmlite": llvmlite.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def kernel_cache_digest(key: Mapping[str, Any]) -> str:
+    """Return a short, stable hex digest of :func:`kernel_cache_key`'s result."""
+    text = json.dumps(key, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _writable_dir(path: Path) -> bool:
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def _kernel_cache_base() -> Path:
+    """NUMBA_CACHE_DIR if set; else the kernels' __pycache__, or Numba's per-user folder."""
+    if numba.config.CACHE_DIR:
+        return Path(numba.config.CACHE_DIR)
+    in_tree = Path(__file__).resolve().parent / "kernels" / "__pycache__"
+    if _writable_dir(in_tree):
+        return in_tree
+    from numba.misc.appdirs import AppDirs  # where Numba itself falls back to
+
+    return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+
+
+#: Everything the compiled kernels depend on besides their source (see kernel_cache_key).
+KERNEL_CACHE_KEY: dict[str, Any] = kernel_cache_key(globals())
+#: Digest of KERNEL_CACHE_KEY; names the compile-cache folder.
+KERNEL_CACHE_DIGEST: str = kernel_cache_digest(KERNEL_CACHE_KEY)
+#: The folder compiled kernels are saved in and loaded from (None when caching is off).
+KERNEL_CACHE_DIR: Path | None = None
+if CACHE:
+    KERNEL_CACHE_DIR = _kernel_cache_base() / f"pacs_numba-{KERNEL_CACHE_DIGEST}"
+    numba.config.CACHE_DIR = str(KERNEL_CACHE_DIR)

@@ -10,41 +10,31 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._arrays import as_volume, as_volume_list
+from ._checks import as_mask_u8, as_tile_weights, check_shape, readonly
 from ._config import BRAIN_THRESHOLD, WINDOWS
 from .errors import InputError
 from .kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
-from .statistics import normalisation, valid_mask
+from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["blend_volume", "brain_mask", "weight_analysis", "weight_maps"]
-
-
-def _readonly(arr: NDArray) -> NDArray:
-    """Read-only view, so each kernel compiles once (Numba types readonly arrays apart)."""
-    view = arr.view()
-    view.flags.writeable = False
-    return view
-
-
-def _as_weights(weights: ArrayLike, grid: TileGrid, n_experts: int | None = None) -> NDArray:
-    w = _readonly(np.ascontiguousarray(weights, dtype=np.float32))
-    if w.ndim != 2 or w.shape[0] != grid.n_tiles or w.shape[1] < 1:
-        raise ValueError(
-            f"weights have shape {w.shape}; expected ({grid.n_tiles}, n_experts) for the "
-            f"{grid.counts} tile grid of a {grid.shape} volume "
-            f"(patch_size={grid.patch_size}, stride={grid.stride})"
-        )
-    if n_experts is not None and w.shape[1] != n_experts:
-        raise ValueError(f"weights have {w.shape[1]} columns but {n_experts} experts were given")
-    return w
+__all__ = [
+    "Normalisation",
+    "blend_patient",
+    "blend_volume",
+    "brain_mask",
+    "expert_mean",
+    "weight_analysis",
+    "weight_maps",
+]
 
 
 def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[np.uint8]:
@@ -68,7 +58,7 @@ def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[
 
     Raises
     ------
-    ValueError
+    InputError
         If ``hr`` is not 3-D.
 
     Notes
@@ -91,24 +81,133 @@ def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[
     return _brain_mask(vol, float(threshold), parent, numba.get_num_threads())
 
 
+def expert_mean(experts: Sequence[ArrayLike]) -> NDArray[np.float32]:
+    """Voxelwise mean of the experts, non-finite values read as 0 (algorithm B6's HR proxy).
+
+    Parameters
+    ----------
+    experts : sequence of (N0, N1, N2) array_like
+        Expert volumes.
+
+    Returns
+    -------
+    (N0, N1, N2) float32
+        ``sum_m where(isfinite(x_m), x_m, 0) / M``, summed in float32 in expert order.
+
+    Raises
+    ------
+    InputError
+        If there is no expert, or they are not 3-D volumes of one shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.array([1.0, np.nan], np.float32).reshape(1, 1, 2)
+    >>> expert_mean([a, 3 * np.ones_like(a)]).ravel().tolist()
+    [2.0, 1.5]
+    """
+    if len(experts) == 0:
+        raise InputError("need at least one expert volume, got none")
+    shape = np.shape(experts[0])
+    if len(shape) != 3:
+        raise InputError(f"expert 0 has shape {shape}; expected a 3-D volume")
+    proxy = np.zeros(shape, dtype=np.float32)
+    for e, vol in enumerate(experts):  # one expert at a time: no list of converted copies
+        vol = np.asarray(vol)
+        check_shape(vol.shape, shape, what=f"expert {e}", like="expert 0")
+        proxy += np.where(np.isfinite(vol), vol, np.float32(0))
+    proxy /= np.float32(len(experts))
+    return proxy
+
+
+@dataclass(frozen=True, eq=False)
+class Normalisation:
+    """Where a blend's z-score statistics come from, and what maps it back (algorithm A7.1, B6).
+
+    The experts are z-scored with ``mus``/``sds`` and the blend is mapped back with
+    ``mu_out``/``sd_out``.  Build it with :meth:`from_hr` (evaluate: the HR is the source)
+    or :meth:`from_experts` (predict: no HR); :func:`blend_patient` takes either, so every
+    blend goes through one path whatever the source.
+
+    Attributes
+    ----------
+    mus, sds : (M,) float64
+        Each expert's mean and floored std over the statistics mask.
+    mu_out, sd_out : float
+        Mean and std the blend is mapped back to.
+    source : str
+        ``"hr"`` or ``"experts"`` (for messages).
+    """
+
+    mus: NDArray[np.float64]
+    sds: NDArray[np.float64]
+    mu_out: float
+    sd_out: float
+    source: str
+
+    @classmethod
+    def from_hr(cls, hr: ArrayLike, experts: Sequence[ArrayLike]) -> Normalisation:
+        """Statistics over the valid HR mask, mapped back with the HR's own (algorithm A7.1).
+
+        The mask is ``hr > 0`` where the HR and every expert are finite.
+
+        Raises
+        ------
+        InputError
+            If the HR has no valid voxel > 0 (nothing to normalise over), or no variance
+            inside that mask.
+        """
+        mask, _ = valid_mask(hr, experts)
+        if not mask.any():
+            raise InputError("the HR has no voxel > 0 (empty mask)")
+        mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask)
+        if hr_is_flat(mu_hr, sd_hr):
+            raise InputError(f"the HR has no variance inside its mask (constant {mu_hr:.6g})")
+        return cls(mus, sds, mu_hr, sd_hr, "hr")
+
+    @classmethod
+    def from_experts(
+        cls, experts: Sequence[ArrayLike], proxy: ArrayLike | None = None
+    ) -> Normalisation:
+        """Statistics without an HR (algorithm B6).
+
+        The statistics mask is ``proxy > 0`` where every expert is finite, ``proxy``
+        being :func:`expert_mean` (pass it when already computed).  Each expert is
+        z-scored with its own mean/std over that mask, and the blend is mapped back with
+        the mean of the experts' means and the mean of their stds: the experts all
+        estimate the same scan, so these estimate the HR's.
+
+        Raises
+        ------
+        InputError
+            If the experts have no valid voxel > 0.
+        """
+        if proxy is None:
+            proxy = expert_mean(experts)
+        valid, _ = valid_mask(proxy, experts)
+        if not valid.any():
+            raise InputError("the experts have no voxel > 0: nothing to blend")
+        _, _, mus, sds = normalisation(proxy, experts, valid)
+        return cls(mus, sds, float(np.mean(mus)), float(np.mean(sds)), "experts")
+
+
 def blend_patient(
-    hr: ArrayLike,
     experts: Sequence[ArrayLike],
     grid: TileGrid,
     weights: ArrayLike,
     *,
     window: str,
+    norm: Normalisation,
+    brain_mask: ArrayLike | None,
 ) -> NDArray[np.float32]:
-    """Blend one patient the compat way (algorithm A7.1-A7.5): HR mask, HR statistics, brain mask.
+    """Blend one patient (algorithm A7.1-A7.5) from a normalisation source and a brain mask.
 
-    The experts are z-scored with their own mean/std over the valid HR mask (``hr > 0``, every
-    volume finite), blended with ``weights`` over ``grid``, mapped back with the HR's mean/std
-    and multiplied by the largest 26-connected component of ``hr >= 0.1``.
+    The one blend path of the engine, ``predict`` and ``demo``: the caller decides where the
+    statistics come from (``norm``) and which brain mask applies (the HR's largest
+    component, the experts' mean's, or a registered atlas mask).
 
     Parameters
     ----------
-    hr : (N0, N1, N2) array_like
-        The high-resolution reference volume.
     experts : sequence of (N0, N1, N2) array_like
         Expert volumes, in the order of the weight columns.
     grid : TileGrid
@@ -117,25 +216,38 @@ def blend_patient(
         Tile weights (``1/M`` for tiles without a learned weight).
     window : {"flat", "hann"}
         Mixing window where tiles overlap.
+    norm : Normalisation
+        z-score statistics of the experts and the mean/std the blend is mapped back to.
+    brain_mask : (N0, N1, N2) array_like of bool or uint8, or None
+        Multiplied into the blend (nonzero = inside); None = no masking.
 
     Returns
     -------
     (N0, N1, N2) float32
-        The blend in the HR's intensity units.
+        The blend, in the intensity units of ``norm``'s source.
 
-    Raises
-    ------
-    InputError
-        If the HR has no valid voxel > 0 (nothing to normalise over).
+    Examples
+    --------
+    >>> import numpy as np
+    >>> g = TileGrid((4, 4, 4), patch_size=2, stride=2)
+    >>> hr = np.arange(1, 65, dtype=np.float32).reshape(4, 4, 4)
+    >>> w = np.full((g.n_tiles, 1), 1.0, np.float32)
+    >>> out = blend_patient([hr], g, w, window="flat",
+    ...                     norm=Normalisation.from_hr(hr, [hr]), brain_mask=None)
+    >>> bool(np.allclose(out, hr, atol=1e-4))
+    True
     """
-    mask, _ = valid_mask(hr, experts)
-    if not mask.any():
-        raise InputError("the HR has no voxel > 0 (empty mask)")
-    mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask)
-    del mask
-    bmask = brain_mask(hr)
-    return blend_volume(experts, grid, weights, mus=mus, sds=sds, mu_hr=mu_hr, sd_hr=sd_hr,
-                        mask=bmask, window=window)
+    return blend_volume(
+        experts,
+        grid,
+        weights,
+        mus=norm.mus,
+        sds=norm.sds,
+        mu_hr=norm.mu_out,
+        sd_hr=norm.sd_out,
+        mask=brain_mask,
+        window=window,
+    )
 
 
 def blend_volume(
@@ -182,10 +294,11 @@ def blend_volume(
 
     Raises
     ------
+    InputError
+        On an empty expert list, mismatched shapes, or a weights array that does
+        not match the grid and the experts.
     ValueError
-        On an unknown window, an empty expert list, mismatched shapes, a
-        weights array that does not match the grid and the experts, or a
-        non-positive / non-finite ``sds`` or ``sd_hr``.
+        On an unknown window, or a non-positive / non-finite ``sds`` or ``sd_hr``.
 
     Notes
     -----
@@ -213,11 +326,11 @@ def blend_volume(
         raise ValueError(f"window must be one of {sorted(WINDOWS)}, got {window!r}")
     vols = as_volume_list(experts, grid.shape)
     n_exp = len(vols)
-    w = _as_weights(weights, grid, n_exp)
-    mus64 = _readonly(np.ascontiguousarray(mus, dtype=np.float64).reshape(-1))
-    sds64 = _readonly(np.ascontiguousarray(sds, dtype=np.float64).reshape(-1))
+    w = as_tile_weights(weights, grid, n_exp)
+    mus64 = readonly(np.ascontiguousarray(mus, dtype=np.float64).reshape(-1))
+    sds64 = readonly(np.ascontiguousarray(sds, dtype=np.float64).reshape(-1))
     if mus64.shape != (n_exp,) or sds64.shape != (n_exp,):
-        raise ValueError(
+        raise InputError(
             f"mus and sds need one value per expert ({n_exp}); got {mus64.size} and {sds64.size}"
         )
     if not (np.all(np.isfinite(sds64)) and np.all(sds64 > 0) and np.all(np.isfinite(mus64))):
@@ -229,17 +342,10 @@ def blend_volume(
             f"HR statistics must be finite with sd_hr > 0; got mu_hr={mu_hr}, sd_hr={sd_hr}"
         )
     if mask is None:
-        mask_u8 = _readonly(np.zeros((1, 1, 1), np.uint8))
+        mask_u8 = readonly(np.zeros((1, 1, 1), np.uint8))
         use_mask = False
     else:
-        mask_u8 = np.asarray(mask)
-        # bool -> uint8 is a view (no copy); any other dtype: nonzero = inside.
-        mask_u8 = (
-            mask_u8.view(np.uint8) if mask_u8.dtype == np.bool_ else (mask_u8 != 0).view(np.uint8)
-        )
-        mask_u8 = _readonly(np.ascontiguousarray(mask_u8))
-        if mask_u8.shape != grid.shape:
-            raise ValueError(f"mask has shape {mask_u8.shape}; expected {grid.shape}")
+        mask_u8 = as_mask_u8(mask, grid.shape, like="the tile grid")
         use_mask = True
     kind = "flat" if grid.stride >= grid.patch_size else window
     return _blend_volume(
@@ -276,7 +382,7 @@ def weight_maps(weights: ArrayLike, grid: TileGrid) -> NDArray[np.float32]:
 
     Raises
     ------
-    ValueError
+    InputError
         If ``weights`` does not have one row per tile.
 
     Examples
@@ -287,7 +393,7 @@ def weight_maps(weights: ArrayLike, grid: TileGrid) -> NDArray[np.float32]:
     >>> weight_maps(w, g)[:, 0, 0, 1].tolist()
     [0.0, 0.0, 0.75]
     """
-    w = _as_weights(weights, grid)
+    w = as_tile_weights(weights, grid)
     n0, n1, n2 = grid.shape
     return _weight_maps(w, n0, n1, n2, grid.stride)
 
@@ -386,13 +492,13 @@ def weight_analysis(
 
     Raises
     ------
-    ValueError
+    InputError
         If ``maps`` is not 4-D or ``model_names`` does not name its last axis.
     """
-    wm = _readonly(np.ascontiguousarray(maps, dtype=np.float32))
+    wm = readonly(np.ascontiguousarray(maps, dtype=np.float32))
     names = [str(n) for n in model_names]
     if wm.ndim != 4 or wm.shape[3] != len(names) or len(names) == 0:
-        raise ValueError(
+        raise InputError(
             f"weight maps have shape {wm.shape}; expected (N0, N1, N2, {len(names)}) "
             f"for models {names}"
         )
@@ -402,7 +508,7 @@ def weight_analysis(
         weights, grid = tiles
         w32 = np.asarray(weights, dtype=np.float32)
         if grid.shape != wm.shape[:3] or w32.shape != (grid.n_tiles, len(names)):
-            raise ValueError(f"tiles {w32.shape} on {grid} do not describe maps {wm.shape}")
+            raise InputError(f"tiles {w32.shape} on {grid} do not describe maps {wm.shape}")
         counts = _label_voxel_counts(grid)
         for i, name in enumerate(names):
             stats[name] = _counted_statistics(w32[:, i], counts)

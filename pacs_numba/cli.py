@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import BudgetError, ConfigError, Interrupted, PacsError
@@ -26,9 +27,91 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 # --------------------------------------------------------------------------------------
-# Parser
+# Parser: one function per subcommand, so that new subcommands merge as new functions
 # --------------------------------------------------------------------------------------
-def _common(*, run: bool) -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description and adds ``(default: X)`` where help has none."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        paragraphs = [" ".join(p.split()) for p in text.strip().split("\n\n")]
+        return "\n\n".join(
+            textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
+            for p in paragraphs
+        )
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" not in text
+            and action.default is not None
+            and action.default is not False
+            and action.default is not argparse.SUPPRESS
+            and action.option_strings
+            and action.nargs != 0
+        ):
+            shown = action.default
+            if isinstance(shown, list | tuple):
+                shown = " ".join(str(v) for v in shown)
+            text += f" (default: {shown})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose unknown options are reported by the subcommand they follow.
+
+    argparse hands options it does not know back to the top-level parser, which prints
+    the top-level usage.  ``parse_args`` here finds the subcommand's parser instead and
+    suggests the closest of its options.
+    """
+
+    subparsers: dict[str, argparse.ArgumentParser]
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's API
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            target = getattr(self, "subparsers", {}).get(getattr(ns, "command", None), self)
+            target.error(_unknown_message(target, extras))
+        return ns
+
+
+    def error(self, message: str) -> NoReturn:
+        """Report a usage error; a mistyped subcommand also gets the closest one."""
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]}?"
+        super().error(message)
+
+
+def _unknown_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unrecognized arguments: --x' with a 'did you mean' for the closest known option."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in extras:
+        if arg.startswith("-"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]}?")
+    msg = f"unrecognized arguments: {' '.join(extras)}"
+    return msg + ("; " + " ".join(hints) if hints else "")
+
+
+_CACHE_HELP = (
+    "volume cache directory (default: $PACS_NUMBA_CACHE_DIR, else a per-user folder under the "
+    "system temp dir)"
+)
+
+
+def _common(*, run: bool, cache_help: str = _CACHE_HELP) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("logging")
     g.add_argument(
@@ -36,12 +119,12 @@ def _common(*, run: bool) -> argparse.ArgumentParser:
     )
     g.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     g.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
-    g.add_argument(
+    c = p.add_argument_group("caches")
+    c.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
-        help="volume cache directory (default: $PACS_NUMBA_CACHE_DIR or a per-user "
-        "folder under the system temp dir)",
+        help=cache_help,
     )
     if run:
         r = p.add_argument_group("resources")
@@ -60,75 +143,83 @@ def _common(*, run: bool) -> argparse.ArgumentParser:
         r.add_argument(
             "--no-progress",
             action="store_true",
-            help="log progress lines instead of drawing a progress bar",
+            help="log progress lines instead of drawing a progress bar (default: a bar on a "
+            "terminal)",
         )
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser of ``pacs-numba``."""
-    parser = argparse.ArgumentParser(
-        prog="pacs-numba",
-        description="PaCS-SR patchwise convex stacking of super-resolution experts, "
-        "on a shared-memory Numba engine.",
+def _task_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", type=Path, required=True, help="the PaCS-SR YAML config")
+    if required:
+        p.add_argument("--fold", type=int, required=True, help="fold number, 1-based")
+        p.add_argument("--spacing", required=True, help="spacing, one of data.spacings, e.g. 3mm")
+        p.add_argument("--pulse", required=True, help="pulse, one of data.pulses, e.g. t1c")
+    else:
+        p.add_argument(
+            "--fold", type=int, default=None, help="fold number, 1-based (default: every fold)"
+        )
+        p.add_argument(
+            "--spacing", default=None, help="spacing, e.g. 3mm (default: all of data.spacings)"
+        )
+        p.add_argument(
+            "--pulse", default=None, help="pulse, e.g. t1c (default: all of data.pulses)"
+        )
+    p.add_argument(
+        "--out-root",
+        type=Path,
+        default=None,
+        help="write outputs here (default: pacs_sr.out_root of the config)",
     )
-    parser.add_argument("--version", action="version", version=f"pacs-numba {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    run_common, plain_common = _common(run=True), _common(run=False)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite existing outputs (default: refuse to overwrite them)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another process runs the same task, wait for it to finish (default: exit "
+        "with status 2 naming the process that holds the task)",
+    )
 
-    def task_args(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument("--config", type=Path, required=True, help="the PaCS-SR YAML config")
-        p.add_argument(
-            "--fold",
-            type=int,
-            required=required,
-            default=None,
-            help="fold number, 1-based (default: all)" if not required else "fold, 1-based",
-        )
-        p.add_argument(
-            "--spacing",
-            required=required,
-            default=None,
-            help="spacing, e.g. 3mm (default: all of data.spacings)",
-        )
-        p.add_argument(
-            "--pulse",
-            required=required,
-            default=None,
-            help="pulse, e.g. t1c (default: all of data.pulses)",
-        )
-        p.add_argument(
-            "--out-root",
-            type=Path,
-            default=None,
-            help="write outputs here instead of pacs_sr.out_root",
-        )
-        p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
+def _add_train(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p = sub.add_parser(
         "train",
         parents=[run_common],
         help="fit tile weights and evaluate",
-        description="Fit the tile weights on each fold's training patients and "
-        "evaluate them, like pacs-sr-train.",
+        description="Fit the tile weights on each fold's training patients and evaluate "
+        "them, like pacs-sr-train.  Without --fold/--spacing/--pulse every task of the "
+        "config runs; a task that fails does not stop the others, and a table at the end "
+        "gives each task's state.",
+        formatter_class=_HelpFormatter,
     )
-    task_args(p, required=False)
+    _task_args(p, required=False)
     p.add_argument(
         "--resume",
         action="store_true",
         help="keep outputs that are complete and were made from the same inputs "
         "and settings; compute the rest",
     )
+    p.add_argument(
+        "--no-expert-table",
+        action="store_true",
+        help="skip the closing table of each expert alone vs PaCS-SR (it blends every test "
+        "patient once per expert; default: print it)",
+    )
 
+
+def _add_evaluate(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p = sub.add_parser(
         "evaluate",
         parents=[run_common],
         help="evaluate given tile weights",
-        description="Blend and score one task's patients with given weights: "
-        "ours or a weights.json of the published tool.",
+        description="Blend and score one task's patients with given weights: ours or a "
+        "weights.json of the published tool.  --fold, --spacing and --pulse are required.",
+        formatter_class=_HelpFormatter,
     )
-    task_args(p, required=True)
+    _task_args(p, required=True)
     p.add_argument(
         "--weights",
         type=Path,
@@ -136,47 +227,84 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights.json or pacs_model.npz (default: the task's own model)",
     )
 
+
+def _add_build_manifest(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p = sub.add_parser(
         "build-manifest",
         parents=[plain_common],
         help="scan the data layout and write the K-fold manifest",
+        description="Scan data.hr-root and data.models-root for the patients that have an HR "
+        "and every expert for every spacing and pulse, split them into data.kfolds folds "
+        "(shuffled with data.seed, like the published tool) and write the manifest to "
+        "data.out.",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the PaCS-SR YAML config")
 
+
+def _add_make_cohort(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p = sub.add_parser(
         "make-cohort",
         parents=[plain_common],
         help="generate a synthetic cohort in the published layout",
+        description="Generate phantom patients (HR, LR and one upsampled volume per expert) "
+        "in the published folder layout, with a config.yaml that runs on them.  Refuses a "
+        "folder that is not empty unless --force is given.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="folder to create")
-    p.add_argument("--patients", type=int, default=6)
-    p.add_argument("--shape", type=int, nargs=3, default=(96, 112, 96), metavar=("Z", "Y", "X"))
-    p.add_argument("--spacings", nargs="+", default=["3mm"])
-    p.add_argument("--pulses", nargs="+", default=["t1c"])
-    p.add_argument("--kfolds", type=int, default=3)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patients", type=int, default=6, help="number of patients")
+    p.add_argument(
+        "--shape", type=int, nargs=3, default=(96, 112, 96), metavar=("X", "Y", "Z"),
+        help="HR volume shape in voxels",
+    )
+    p.add_argument("--spacings", nargs="+", default=["3mm"], help="LR slice spacings")
+    p.add_argument("--pulses", nargs="+", default=["t1c"], help="pulse names")
+    p.add_argument("--kfolds", type=int, default=3, help="folds written into the config")
+    p.add_argument("--patch-size", type=int, default=16, help="pacs_sr.patch_size of the config")
+    p.add_argument("--stride", type=int, default=8, help="pacs_sr.stride of the config")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder that is not empty, replacing its cohort and config.yaml",
+    )
 
+
+def _add_demo(sub) -> None:  # noqa: ANN001
+    # its own copy of the common options: the demo keeps its cache in its own folder
+    common = _common(run=True, cache_help="volume cache directory (default: OUT/cache)")
     p = sub.add_parser(
-        "demo", parents=[run_common], help="generate a small cohort, train fold 1 and print a table"
+        "demo",
+        parents=[common],
+        help="generate a small cohort, train fold 1 and print a table",
+        description="Train fold 1 of a generated 4-expert cohort and print each expert's test "
+        "PSNR/SSIM next to the PaCS-SR blend's.  The cohort and the volume cache are kept "
+        "in --out, so a second run reuses them and takes a few seconds.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--out",
         type=Path,
         default=Path("pacs_numba_demo"),
-        help="folder for the cohort and the results (default: ./pacs_numba_demo)",
+        help="folder for the cohort, the cache and the results",
     )
-    p.add_argument("--patients", type=int, default=8)
-    p.add_argument("--shape", type=int, nargs=3, default=(96, 112, 96), metavar=("Z", "Y", "X"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patients", type=int, default=8, help="number of patients")
+    p.add_argument(
+        "--shape", type=int, nargs=3, default=(96, 112, 96), metavar=("X", "Y", "Z"),
+        help="HR volume shape in voxels",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
 
+
+def _add_predict(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p = sub.add_parser(
         "predict",
         parents=[plain_common],
         help="blend a new patient's experts with a model",
         description="Blend one patient's expert volumes with a trained model (pacs_model.npz), "
         "without an HR: the z-score statistics and the brain mask come from the experts.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", type=Path, required=True, help="pacs_model.npz written by train")
     p.add_argument(
@@ -186,16 +314,67 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the expert volumes, in the model's expert order",
     )
-    p.add_argument("--out", type=Path, required=True, help="output .nii.gz")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output file ending in .nii or .nii.gz; never one of the inputs",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument(
         "--window",
         choices=["hann", "flat"],
-        default="hann",
-        help="mixing window where tiles overlap (default hann)",
+        default=None,
+        help="mixing window where tiles overlap (default: the model's mixing_window; "
+        "a different value is an error)",
     )
 
-    p = sub.add_parser("cache", parents=[plain_common], help="inspect or empty the volume cache")
-    p.add_argument("action", choices=["info", "clear"])
+
+def _add_cache(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "cache",
+        parents=[plain_common],
+        help="inspect or empty the volume cache",
+        description="The volume cache holds each input decompressed to float32 once.  'info' "
+        "prints its folder, entry count and size; 'clear' removes every entry.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("action", choices=["info", "clear"], help="info: show; clear: empty")
+
+
+def _add_diagnose(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    from .diagnose import DESCRIPTION, add_arguments
+
+    p = sub.add_parser(
+        "diagnose",
+        parents=[plain_common],
+        help="check a node, plan the pool, fill the compile cache",
+        description=DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    add_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of ``pacs-numba``."""
+    parser = _Parser(
+        prog="pacs-numba",
+        description="PaCS-SR patchwise convex stacking of super-resolution experts, "
+        "on a shared-memory Numba engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"pacs-numba {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    run_common, plain_common = _common(run=True), _common(run=False)
+    _add_train(sub, run_common)
+    _add_evaluate(sub, run_common)
+    _add_build_manifest(sub, plain_common)
+    _add_make_cohort(sub, plain_common)
+    _add_demo(sub)
+    _add_predict(sub, plain_common)
+    _add_cache(sub, plain_common)
+    _add_diagnose(sub, plain_common)
+    parser.subparsers = dict(sub.choices)
     return parser
 
 
@@ -204,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     import numba
+
+    from . import _config
 
     env = os.environ
     slurm = (
@@ -222,7 +403,7 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
     )
     log.info(
         "pacs-numba %s on %s (%s); %s; numba %s, threading layer %s, %d numba threads; "
-        "volume cache %s",
+        "volume cache %s; compile cache %s",
         __version__,
         platform.node(),
         slurm,
@@ -231,12 +412,13 @@ def _startup_log(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
         engine.layer,
         numba.config.NUMBA_NUM_THREADS,
         engine.store.directory,
+        _config.KERNEL_CACHE_DIR or "off",
     )
 
 
 def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
     from .engine import Engine, RunOptions
-    from .memory import parse_size
+    from .limits import parse_size
 
     budget = None
     if getattr(args, "mem_budget", None):
@@ -254,6 +436,7 @@ def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
         resume=getattr(args, "resume", False),
         no_progress=getattr(args, "no_progress", False),
         out_root=getattr(args, "out_root", None),
+        wait=getattr(args, "wait", False),
     )
     return Engine(config, opts)
 
@@ -261,21 +444,25 @@ def _engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
 def _file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
     if not config.pacs_sr.log_to_file:
         return
+    from .layout import ExperimentLayout
     from .logsetup import add_file_log
 
     root = Path(getattr(args, "out_root", None) or config.pacs_sr.out_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = (
-        root
-        / config.pacs_sr.experiment_name
-        / "logs"
-        / (f"pacs_numba-{args.command}-{stamp}-{platform.node()}-{os.getpid()}.log")
+    path = ExperimentLayout(root, config.pacs_sr.experiment_name).log_file(
+        args.command, stamp, platform.node(), os.getpid()
     )
-    add_file_log(path, logging.getLogger().level)
-    log.info("logging to %s", path)
+    if add_file_log(path, logging.getLogger().level) is not None:
+        log.info("logging to %s", path)
 
 
 def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
+    """Run every selected task; one failing task never stops the others.
+
+    A single task keeps the exit code of its error (2 input/config, 3 budget, 1 bug), as a
+    SLURM array task needs.  With several tasks every one runs, a table at the end gives
+    each task's state, and the exit code is 2 if any failed (1 if one hit a bug).
+    """
     from .config import load_config
 
     config = load_config(args.config)
@@ -283,32 +470,161 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
     engine = _engine(args, config)
     _startup_log(engine)
     tasks = engine.tasks(args.fold, args.spacing, args.pulse)
-    failures = 0
+    compiled_before = _load_kernels()
+    verb = "evaluate" if evaluate else "train"
+    single = len(tasks) == 1
+    states: list[tuple[object, str, str]] = []
+    tables: list[str] = []
+    bug = False
     with _stop_on_signals(engine):
         for i, task in enumerate(tasks, 1):
-            log.info("[task %d/%d] %s %s", i, len(tasks), "evaluate" if evaluate else "train", task)
+            log.info("[task %d/%d] %s %s", i, len(tasks), verb, task)
             try:
                 res = engine.evaluate(task, args.weights) if evaluate else engine.train(task)
             except Interrupted as exc:
-                log.error(
-                    "%s; %d/%d tasks complete; rerun with --resume to finish",
-                    exc,
-                    i - 1,
-                    len(tasks),
-                )
-                raise
-            except (BudgetError, ConfigError):
+                again = "rerun with --resume to finish" if not evaluate else "rerun to finish"
+                log.error("%s; %d/%d tasks complete; %s", exc, i - 1, len(tasks), again)
+                if not single:
+                    states.append((task, "interrupted", str(exc)))
+                    states += [(t, "not run", "interrupted before it started") for t in tasks[i:]]
+                    _log_task_table(states)
                 raise
             except PacsError as exc:
-                # like the published tool: one broken task does not stop the others
-                failures += 1
-                log.error("task %s failed: %s", task, exc)
+                if single:
+                    raise
+                log.error("task %s failed: %s", task, exc, exc_info=args.debug)
+                kind = "failed (budget)" if isinstance(exc, BudgetError) else "failed"
+                states.append((task, kind, str(exc)))
+                continue
+            except Exception as exc:  # a bug: logged with its traceback, the others still run
+                if single:
+                    raise
+                log.exception("task %s failed with an unexpected error (a bug in pacs-numba; "
+                              "please report it with this log)", task)
+                bug = True
+                states.append((task, "failed (bug)", f"{type(exc).__name__}: {exc}"))
                 continue
             _print_result(res)
-    if failures:
-        log.error("%d of %d tasks failed", failures, len(tasks))
-        return EXIT_USAGE
+            states.append((task, "done", _result_note(res)))
+            if not evaluate and not getattr(args, "no_expert_table", False):
+                table = _expert_table(engine, task, res)
+                if table:
+                    tables.append(table)
+    _check_no_compile(compiled_before)
+    for table in tables:
+        print(table, flush=True)
+    if not single:
+        _log_task_table(states)
+    failed = [s for s in states if s[1] != "done"]
+    if failed:
+        log.error("%d of %d tasks did not finish: %s", len(failed), len(tasks),
+                  "; ".join(f"{t} {st}" for t, st, _ in failed))
+        return EXIT_BUG if bug else EXIT_USAGE
     return EXIT_OK
+
+
+def _kernel_index_files() -> tuple[int, int]:
+    """(kernels with a compile-cache index file, kernels) over the package's dispatchers."""
+    from .diagnose import _dispatchers
+
+    have = total = 0
+    for disp in _dispatchers():
+        total += 1
+        cache = getattr(disp, "_cache", None)
+        index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+        have += bool(index and os.path.exists(index))
+    return have, total
+
+
+def _load_kernels() -> int:
+    """Compile the kernels, or load them from Numba's cache, before the first patient.
+
+    On a first run this takes 20-60 s, and a person watching a terminal should know why
+    nothing moves: an INFO line announces it when the compile cache lacks kernels, and one
+    gives the time it took.  Returns the number of kernels compiled so far (cache misses),
+    for :func:`_check_no_compile`.
+    """
+    import numba
+
+    from ._config import CACHE
+    from .diagnose import _cache_counts, _warm_kernels
+
+    have, _ = _kernel_index_files()
+    where = numba.config.CACHE_DIR or "the kernels' __pycache__ (set NUMBA_CACHE_DIR to move it)"
+    # Some kernels (e.g. predict's) may never have been compiled, so "no index file at all"
+    # is the sign of a first run; a partial cache only gets the line with the time below.
+    announce = not CACHE or have == 0
+    if announce:
+        why = "the compile cache is off (PACS_NUMBA_CACHE=0)" if not CACHE else "first run only"
+        log.info("compiling kernels (%s) ...", why)
+    _, misses0 = _cache_counts()
+    t0 = time.perf_counter()
+    _warm_kernels()
+    secs = time.perf_counter() - t0
+    _, total_misses = _cache_counts()
+    misses = total_misses - misses0
+    if misses or not CACHE:
+        log.info(
+            "compiling kernels (first run only) took %.1f s: %d compiled%s",
+            secs,
+            misses,
+            f", cached in {where}" if CACHE else "",
+        )
+    else:
+        log.debug("kernels loaded from the compile cache in %.2f s (%s)", secs, where)
+    return total_misses
+
+
+def _check_no_compile(misses_before: int) -> None:
+    """Say so if a task compiled a kernel that the start-up load did not cover."""
+    from .diagnose import _cache_counts
+
+    _, misses = _cache_counts()
+    if misses > misses_before:
+        log.info(
+            "%d more kernel signature(s) compiled during the run (not covered by the start-up "
+            "load; they are cached now)",
+            misses - misses_before,
+        )
+    else:
+        log.debug("no kernel compiled during the run")
+
+
+def _result_note(res) -> str:  # noqa: ANN001
+    m = res.metrics.get("test") or {}
+    note = f"test PSNR {m['psnr']:.3f} dB" if "psnr" in m else ""
+    if res.skipped:
+        note += f"{', ' if note else ''}{len(res.skipped)} patient(s) skipped"
+    return note
+
+
+def _log_task_table(states: list[tuple[object, str, str]]) -> None:
+    """Print one line per task with its state, as an aligned table (stdout: a result)."""
+    width_task = max((len(str(t)) for t, _, _ in states), default=4)
+    width_state = max((len(st) for _, st, _ in states), default=5)
+    lines = [f"{'task':<{width_task}}  {'state':<{width_state}}  detail"]
+    for task, state, detail in states:
+        short = " ".join(detail.split())
+        short = short if len(short) <= 140 else short[:137] + "..."
+        lines.append(f"{str(task):<{width_task}}  {state:<{width_state}}  {short}")
+    ok = sum(1 for _, st, _ in states if st == "done")
+    print(f"tasks: {ok} of {len(states)} done", *lines, sep="\n  ", flush=True)
+
+
+def _expert_table(engine, task, res) -> str | None:  # noqa: ANN001
+    """Return the demo's per-expert vs PaCS-SR table of one trained task, or None."""
+    from .demo import expert_alone_metrics, metrics_table
+
+    stacked = res.metrics.get("test")
+    n_test = len(res.per_patient.get("test") or {})
+    if not stacked or not n_test:
+        return None
+    try:
+        alone = expert_alone_metrics(engine, task)
+    except PacsError as exc:
+        log.warning("no per-expert table for %s: %s", task, exc)
+        return None
+    return "\n".join([f"{task}:", *metrics_table(alone, stacked, n_test)])
 
 
 def _print_result(res) -> None:  # noqa: ANN001
@@ -372,6 +688,17 @@ def _build_manifest(args: argparse.Namespace) -> int:
 def _make_cohort(args: argparse.Namespace) -> int:
     from .cohort import make_cohort
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a folder to create")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"--out {out}: folder is not empty ({len(names)} entries: {shown}); pass --force "
+            "to generate the cohort there anyway (config.yaml is rewritten), or choose an "
+            "empty or new folder"
+        )
     cfg = make_cohort(
         args.out,
         patients=args.patients,
@@ -391,7 +718,8 @@ def _predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
     out = predict_files(
-        args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir
+        args.model, args.experts, args.out, window=args.window, cache_dir=args.cache_dir,
+        force=args.force,
     )
     print(f"prediction -> {out}")
     return EXIT_OK
@@ -405,15 +733,27 @@ def _cache(args: argparse.Namespace) -> int:
         n = store.clear()
         print(f"removed {n} cache entries from {store.directory}")
     else:
+        from .logsetup import human_size
+
         info = store.info()
         for k, v in info.items():
-            print(f"{k}: {v}")
+            if k == "total_bytes":
+                print(f"size: {human_size(v)} ({v} bytes)")
+            else:
+                print(f"{k}: {v}")
     return EXIT_OK
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import run
+
+    return run(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _load_kernels()
     with _DemoStop() as stop:
         text = run_demo(
             args.out,
@@ -451,7 +791,7 @@ class _DemoStop:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from .logsetup import resolve_level, setup_logging
-    from .memory import pin_mmap_threshold
+    from .process import pin_mmap_threshold
 
     # Volume-sized temporaries get their own mmap and go back to the OS when freed, instead
     # of staying resident in glibc's per-thread arenas (measured: 20-40 MiB per worker).
@@ -461,7 +801,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return int(exc.code or 0)
-    setup_logging(resolve_level(args.verbose, args.quiet))
+    # diagnose prints its checks on stdout; its INFO chatter would only interleave with them
+    default_level = "WARNING" if args.command == "diagnose" else "INFO"
+    setup_logging(resolve_level(args.verbose, args.quiet, default=default_level))
     commands = {
         "train": lambda a: _run_tasks(a, evaluate=False),
         "evaluate": lambda a: _run_tasks(a, evaluate=True),
@@ -470,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": _cache,
         "predict": _predict,
         "demo": _demo,
+        "diagnose": _diagnose,
     }
     try:
         return commands[args.command](args)

@@ -168,6 +168,31 @@ class _Loader(yaml.SafeLoader):
     """
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _construct_mapping_once(
+    loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    """Build a mapping, refusing a key written twice (PyYAML keeps the last one silently)."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        try:
+            key = loader.construct_object(key_node, deep=True)
+            hash(key)
+        except Exception:  # noqa: BLE001 - unhashable keys: PyYAML reports them itself
+            continue
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise _DuplicateKey(key, seen[key], line)
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_once)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
@@ -178,6 +203,10 @@ _Loader.add_implicit_resolver(
 # --------------------------------------------------------------------- validation
 
 _MISSING = object()
+#: Largest accepted pacs_sr.patch_size and stride, in voxels.
+MAX_PATCH_SIZE = 4096
+#: Largest accepted |pacs_sr.num_workers|.
+MAX_WORKERS = 65536
 
 
 def _show(value: Any) -> str:
@@ -238,12 +267,35 @@ class _Section:
             raise self._bad(key, expected, value)
         return value
 
-    def integer(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
-        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    def integer(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+        nonzero: bool = False,
+        why: str = "",
+    ) -> int:
+        if minimum is not None and maximum is not None:
+            expected = f"an integer in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            expected = f"an integer >= {minimum}"
+        elif maximum is not None:
+            expected = f"an integer <= {maximum}"
+        else:
+            expected = "an integer"
+        if nonzero:
+            expected = expected.replace("an integer", "a non-zero integer", 1)
+        expected += why
         value = self._get(key, expected, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._bad(key, expected, value)
-        if minimum is not None and value < minimum:
+        if (
+            (minimum is not None and value < minimum)
+            or (maximum is not None and value > maximum)
+            or (nonzero and value == 0)
+        ):
             raise self.fail(key, f"must be {expected}; got {value}")
         return value
 
@@ -367,6 +419,11 @@ def _read_yaml(file: Path) -> dict:
         raise ConfigError(f"{file}: cannot read config file ({exc})") from None
     try:
         doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{file}: key {dup.key!r} is given twice in one section, at lines {dup.first} and "
+            f"{dup.second}; keep one (YAML would silently use the last)"
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -392,7 +449,7 @@ def _load_data(file: Path, mapping: dict, notes: list[str]) -> DataConfig:
         spacings=s.names("spacings"),
         pulses=s.names("pulses"),
         models=s.names("models"),
-        kfolds=s.integer("kfolds", minimum=2),
+        kfolds=s.integer("kfolds", minimum=2, maximum=100_000),
         seed=s.integer("seed"),
         out=s.path("out"),
     )
@@ -416,7 +473,10 @@ def _load_registration(file: Path, mapping: dict, notes: list[str]) -> Registrat
 
 def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
     s = _Section(file, "pacs_sr", mapping)
-    patch_size = s.integer("patch_size", minimum=1)
+    # Bounds keep every integer inside what the kernels index with (int64) and the
+    # sizes compute with; a tile edge beyond MAX_PATCH_SIZE voxels is
+    # larger than any MRI volume.
+    patch_size = s.integer("patch_size", minimum=1, maximum=MAX_PATCH_SIZE)
     stride = s.integer("stride")
     if not 1 <= stride <= patch_size:
         raise s.fail("stride", f"must be an integer in [1, patch_size={patch_size}]; got {stride}")
@@ -434,7 +494,13 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         grad_operator=s.choice("grad_operator", GRAD_OPERATOR_NAMES, "sobel", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
-        num_workers=s.integer("num_workers", minimum=1),
+        num_workers=s.integer(
+            "num_workers",
+            minimum=-MAX_WORKERS,
+            maximum=MAX_WORKERS,
+            nonzero=True,
+            why=" (negative as in joblib: -1 = all CPUs, -2 = all but one)",
+        ),
         parallel_backend=s.choice("parallel_backend", PARALLEL_BACKENDS, "loky"),
         device=s.string("device"),
         compute_lpips=s.boolean("compute_lpips"),
@@ -445,7 +511,7 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         save_blends=s.boolean("save_blends"),
         log_level=s.choice("log_level", LOG_LEVELS, "INFO", case="upper"),
         log_to_file=s.boolean("log_to_file", True),
-        log_region_freq=s.integer("log_region_freq", 10, minimum=1),
+        log_region_freq=s.integer("log_region_freq", 10, minimum=1, maximum=2**31 - 1),
         disable_tqdm=s.boolean("disable_tqdm", False),
         out_root=s.path("out_root"),
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -9,13 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from .blending import blend_patient
+from .blending import Normalisation, blend_patient, brain_mask
 from .cohort import make_cohort
 from .config import load_config
 from .engine import Engine, RunOptions, Task
+from .io import atomic_write_text
 from .manifest import build_manifest, select_task, write_manifest
 from .metrics import aggregate, volume_metrics
 from .tiling import TileGrid
+
+log = logging.getLogger(__name__)
 
 
 def expert_alone_metrics(
@@ -35,12 +41,74 @@ def expert_alone_metrics(
         hr = engine.store.get(paths["HR"]).data
         experts = [engine.store.get(p).data for p in paths["experts"]]
         grid = TileGrid(hr.shape, pacs.patch_size, pacs.stride)
+        norm, bmask = Normalisation.from_hr(hr, experts), brain_mask(hr)
         for m, name in enumerate(engine.models):
             w = np.zeros((grid.n_tiles, len(engine.models)), dtype=np.float32)
             w[:, m] = 1.0
-            pred = blend_patient(hr, experts, grid, w, window=pacs.mixing_window)
+            pred = blend_patient(
+                experts, grid, w, window=pacs.mixing_window, norm=norm, brain_mask=bmask
+            )
             per_model[name].append(volume_metrics(hr, pred, ssim_axis=pacs.ssim_axis))
     return {name: aggregate(v) for name, v in per_model.items() if v}
+
+
+def metrics_table(
+    alone: dict[str, dict[str, float]], stacked: dict[str, float], n_test: int
+) -> list[str]:
+    """Lines of the per-expert vs PaCS-SR table (test PSNR/SSIM), as the demo prints it."""
+    lines = [
+        f"test metrics, mean over {n_test} patients:",
+        f"  {'method':<10} {'PSNR (dB)':>10} {'SSIM':>8}",
+    ]
+    for name, m in alone.items():
+        lines.append(f"  {name:<10} {m['psnr']:>10.3f} {m['ssim']:>8.4f}")
+    lines.append(f"  {'PaCS-SR':<10} {stacked['psnr']:>10.3f} {stacked['ssim']:>8.4f}")
+    if alone:
+        best = max(alone.values(), key=lambda m: m["psnr"])
+        lines.append(
+            f"gain over the best single expert: {stacked['psnr'] - best['psnr']:+.3f} dB PSNR"
+        )
+    return lines
+
+
+_COHORT_STAMP = "demo_cohort.json"
+
+
+def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], seed: int) -> Path:
+    """Return the config of the demo's cohort in ``folder``, generating it if needed.
+
+    A cohort is reused when it is complete and was made with these settings.
+    """
+    settings = {"patients": patients, "shape": list(shape), "seed": seed, "version": 1}
+    stamp = folder / _COHORT_STAMP
+    config_path = folder / "config.yaml"
+    try:
+        reusable = json.loads(stamp.read_text()) == settings and config_path.exists()
+    except (OSError, ValueError):
+        reusable = False
+    if reusable:
+        log.info("demo: reusing the cohort in %s", folder)
+        return config_path
+    stamp.unlink(missing_ok=True)
+    # Patients of an earlier cohort with other settings must not be scanned again.
+    for sub in ("hr", "lr", "models"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+    config_path = make_cohort(
+        folder,
+        patients=patients,
+        shape=shape,
+        spacings=("3mm",),
+        pulses=("t1c",),
+        seed=seed,
+        kfolds=4,
+        patch_size=16,
+        stride=8,
+    )
+    # A manifest of an earlier, different cohort would name the wrong patients.
+    (folder / "manifest.json").unlink(missing_ok=True)
+    # Written last: its presence means every file above is complete.
+    atomic_write_text(stamp, json.dumps(settings))
+    return config_path
 
 
 def run_demo(
@@ -54,22 +122,21 @@ def run_demo(
     no_progress: bool = False,
     on_engine: Callable[[Engine], Any] | None = None,
 ) -> str:
-    """Generate a cohort under ``out``, train fold 1 and return the results table as text."""
+    """Train fold 1 on a generated cohort under ``out`` and return the results table as text.
+
+    The cohort (``out/cohort``) is generated on the first run and reused by later runs
+    with the same ``patients``, ``shape`` and ``seed``; the volume cache defaults to
+    ``out/cache``, so a second run neither regenerates nor decompresses anything and
+    leaves nothing outside ``out``.
+    """
     t0 = time.perf_counter()
     out = Path(out).resolve()
-    config_path = make_cohort(
-        out / "cohort",
-        patients=patients,
-        shape=shape,
-        spacings=("3mm",),
-        pulses=("t1c",),
-        seed=seed,
-        kfolds=4,
-        patch_size=16,
-        stride=8,
-    )
+    if cache_dir is None:
+        cache_dir = out / "cache"
+    config_path = _demo_cohort(out / "cohort", patients=patients, shape=shape, seed=seed)
     config = load_config(config_path)
-    write_manifest(build_manifest(config.data), config.data.out)
+    if not Path(config.data.out).exists():
+        write_manifest(build_manifest(config.data), config.data.out)
     engine = Engine(
         config,
         RunOptions(cache_dir=cache_dir, workers=workers, force=True, no_progress=no_progress),
@@ -88,15 +155,8 @@ def run_demo(
         f"pacs-numba demo: {patients} generated patients {shape[0]}x{shape[1]}x{shape[2]}, "
         f"{len(engine.models)} experts, {task} ({n_train} train / {n_test} test), "
         f"patch {p.patch_size}, stride {p.stride}",
-        f"test metrics, mean over {n_test} patients:",
-        f"  {'method':<10} {'PSNR (dB)':>10} {'SSIM':>8}",
     ]
-    for name, m in alone.items():
-        lines.append(f"  {name:<10} {m['psnr']:>10.3f} {m['ssim']:>8.4f}")
-    t = result.metrics["test"]
-    lines.append(f"  {'PaCS-SR':<10} {t['psnr']:>10.3f} {t['ssim']:>8.4f}")
-    best = max(alone.values(), key=lambda m: m["psnr"])
-    lines.append(f"gain over the best single expert: {t['psnr'] - best['psnr']:+.3f} dB PSNR")
+    lines += metrics_table(alone, result.metrics["test"], n_test)
     lines.append(f"outputs: {result.model_dir}")
     lines.append(f"         {engine.volumes_dir(task)}")
     lines.append(f"took {secs:.1f} s")

@@ -1,12 +1,15 @@
-"""Check a node: can a run start here, and how wide will it be (``python -m pacs_numba.diagnose``).
+"""Check a node: can a run start here, and how wide will it be (``pacs-numba diagnose``).
 
 Each check returns ``(level, name, message)`` with level ``ok``, ``warn`` or ``fail``
 (nibabel's battery-runner style).  Exit status 0 when nothing failed, 1 otherwise.
 
-Run it inside the SLURM allocation you will use (``srun python -m pacs_numba.diagnose
---config C --warmup``): it reports the limits the job really has (cgroup, SLURM), the pool
-width and Numba threads a run would use, and with ``--warmup`` compiles every kernel into
-the on-disk cache so array tasks start in a fraction of a second.
+Run it inside the SLURM allocation you will use (``srun pacs-numba diagnose --config C
+--warmup``; ``python -m pacs_numba.diagnose`` takes the same options): it reports the
+limits the job really has (cgroup, SLURM), the pool width and Numba threads a run would
+use, and with ``--warmup`` compiles every kernel into the on-disk cache so array tasks
+start in a fraction of a second.  Numba keys that cache by the source path of each
+kernel, so it only helps a ``pacs-numba`` that imports the same copy of the package:
+:func:`check_package` compares the two.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def check_threading() -> list[Check]:
 
 def check_limits() -> list[Check]:
     """Memory and CPU limits with their sources, SLURM variables and overrides."""
-    from .memory import detect_limits
+    from .limits import detect_limits
 
     limits = detect_limits()
     out: list[Check] = [(OK, "limits", limits.describe())]
@@ -116,8 +119,6 @@ def _writable(directory: Path) -> str | None:
 
 def check_caches(cache_dir: Path | None) -> list[Check]:
     """Whether the volume cache and Numba's compile cache can be written."""
-    import numba
-
     from .io import VolumeStore
 
     out: list[Check] = []
@@ -135,17 +136,28 @@ def check_caches(cache_dir: Path | None) -> list[Check]:
                 )
             )
         else:
-            out.append((OK, "volume cache", ", ".join(f"{k}={v}" for k, v in info.items())))
+            from .logsetup import human_size
+
+            # no space in the value, so the line stays key=value greppable
+            shown = {**info, "total_bytes": human_size(info["total_bytes"]).replace(" ", "")}
+            shown["size"] = shown.pop("total_bytes")
+            out.append((OK, "volume cache", ", ".join(f"{k}={v}" for k, v in shown.items())))
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         out.append((FAIL, "volume cache", str(exc)))
-    numba_dir = numba.config.CACHE_DIR or ""
-    target = Path(numba_dir) if numba_dir else Path(__file__).parent / "kernels" / "__pycache__"
-    err = _writable(target)
+    from ._config import KERNEL_CACHE_DIR
+
+    if KERNEL_CACHE_DIR is None:
+        out.append((WARN, "compile cache", "off (PACS_NUMBA_CACHE=0): every process compiles"))
+        return out
+    # One folder per build of the kernels (fast-math flags, constants, versions).
+    target = KERNEL_CACHE_DIR
+    user_dir = os.environ.get("NUMBA_CACHE_DIR", "")
     where = (
-        f"NUMBA_CACHE_DIR={numba_dir}"
-        if numba_dir
+        f"{target} (NUMBA_CACHE_DIR={user_dir})"
+        if user_dir
         else f"{target} (set NUMBA_CACHE_DIR to move it)"
     )
+    err = _writable(target)
     if err:
         out.append(
             (
@@ -161,14 +173,26 @@ def check_caches(cache_dir: Path | None) -> list[Check]:
     return out
 
 
-def check_config(config_path: Path, workers: int | None = None) -> list[Check]:
-    """Load the config, size one patient of it and plan the pool."""
+def check_config(
+    config_path: Path,
+    workers: int | None = None,
+    *,
+    mem_budget_bytes: int | None = None,
+    cache_dir: Path | None = None,
+    plan_out: dict[str, Any] | None = None,
+) -> list[Check]:
+    """Load the config and plan the first task's stages exactly as ``train`` would.
+
+    The plan comes from ``Engine.plan`` (the planner the engine itself calls), with the
+    same ``--workers``, ``--mem-budget``, threading layer and patients per stage.  When
+    ``plan_out`` is given, the machine-readable plan (`planning.plans_json`) is stored
+    in it under ``"plan"``.
+    """
     from .config import load_config
+    from .engine import Engine, RunOptions
     from .errors import BudgetError, PacsError
-    from .io import read_shape
-    from .manifest import load_manifest
-    from .memory import baseline_bytes, detect_limits, per_patient_bytes, plan_pool
-    from .tiling import TileGrid
+    from .limits import detect_limits
+    from .planning import plans_json
 
     out: list[Check] = []
     try:
@@ -185,23 +209,15 @@ def check_config(config_path: Path, workers: int | None = None) -> list[Check]:
             f"stride {p.stride}",
         )
     )
-    shape = None
     try:
-        manifest = load_manifest(cfg.data.out)
-        fold0 = manifest["folds"][0]
-        pid, entry = next(iter({**fold0["train"], **fold0["test"]}.items()))
-        hr_path = entry["HR"][cfg.data.spacings[0]][cfg.data.pulses[0]]
-        shape = tuple(read_shape(hr_path)[:3])
-        n_patients = len(fold0["train"])
-        out.append(
-            (
-                OK,
-                "manifest",
-                f"{cfg.data.out}: {len(manifest['folds'])} folds, "
-                f"{n_patients} train patients in fold 1; volume shape {shape} from {hr_path}",
-            )
+        engine = Engine(
+            cfg,
+            RunOptions(cache_dir=cache_dir, workers=workers, mem_budget_bytes=mem_budget_bytes),
+            limits=detect_limits(),
         )
-    except (PacsError, KeyError, StopIteration, IndexError) as exc:
+        task = engine.tasks()[0]
+        n_folds = len(engine.manifest()["folds"])
+    except (PacsError, KeyError, IndexError) as exc:
         out.append(
             (
                 WARN,
@@ -211,38 +227,39 @@ def check_config(config_path: Path, workers: int | None = None) -> list[Check]:
             )
         )
         return out
-    grid = TileGrid(shape, p.patch_size, p.stride)
-    limits = detect_limits()
-    for stage in ("fit", "evaluate"):
-        per = per_patient_bytes(
-            shape,
-            len(cfg.data.models),
-            lambda_grad=p.lambda_grad,
-            lambda_edge=p.lambda_edge,
-            n_tiles=grid.n_tiles,
-            stage=stage,
-            save_weight_volumes=p.save_weight_volumes,
+    try:
+        plans = engine.plan(task)
+    except BudgetError as exc:
+        return out + [(FAIL, f"plan:{getattr(exc, 'stage', 'fit')}", f"{task}: {exc}")]
+    except PacsError as exc:
+        return out + [(FAIL, "manifest", f"{task}: {exc}")]
+    first = next(iter(plans.values()))
+    out.append(
+        (
+            OK,
+            "manifest",
+            f"{cfg.data.out}: {n_folds} folds; {task}: "
+            + ", ".join(f"{sp.n_patients} patients to {name}" for name, sp in plans.items())
+            + f"; volume shape {first.shape}",
         )
-        try:
-            plan = plan_pool(
-                limits,
-                per_patient_bytes=per,
-                baseline_bytes=baseline_bytes(),
-                n_patients=n_patients,
-                num_workers=p.num_workers,
-                workers_override=workers,
-            )
-        except BudgetError as exc:
-            out.append((FAIL, f"plan:{stage}", str(exc)))
-            continue
+    )
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    for name, sp in plans.items():
+        pool = sp.pool
         out.append(
             (
                 OK,
-                f"plan:{stage}",
-                f"{per / 2**30:.2f} GiB per patient; {plan.width} worker(s) x "
-                f"{plan.threads} numba thread(s) ({plan.reason})",
+                f"plan:{name}",
+                f"{size(sp.cost.per_patient_bytes)} per patient; {pool.width} worker(s) x "
+                f"{pool.threads} numba thread(s) ({pool.reason}); needs "
+                f"{size(sp.needed_bytes)} at this width, {size(sp.needed_bytes_one)} for one "
+                "worker",
             )
         )
+    if plan_out is not None:
+        plan_out["plan"] = plans_json(plans)
     return out
 
 
@@ -253,7 +270,7 @@ def _warm_kernels() -> dict[str, float]:
     from .blending import blend_volume, brain_mask, weight_analysis, weight_maps
     from .engine import ensure_threading_layer
     from .metrics import volume_metrics
-    from .solve import fit_weights, laplacian_smooth
+    from .solve import fit_weights, laplacian_smooth, solve_simplex_qp
     from .statistics import normalisation, patient_statistics, valid_mask
     from .tiling import TileGrid
 
@@ -295,6 +312,13 @@ def _warm_kernels() -> dict[str, float]:
             st.Q, st.B, st.counts, grid.counts, simplex=False, lambda_ridge=1e-4, laplacian_tau=0.0
         ),
     )
+    # more experts than the support enumeration takes: the active-set solver
+    many = 8
+    q_many = np.tile(np.eye(many) + 0.5, (3, 1, 1))
+    timed(
+        "solve_many_experts",
+        lambda: solve_simplex_qp(q_many, np.ones((3, many)), 1e-4),
+    )
     timed("smoothing", lambda: laplacian_smooth(w, learned, grid.counts, 0.05))
     mask, _ = valid_mask(hr, experts)
     mu, sd, mus, sds = normalisation(hr, experts, mask)
@@ -311,8 +335,8 @@ def _warm_kernels() -> dict[str, float]:
     return times
 
 
-def _cache_counts() -> tuple[int, int]:
-    """Numba compile-cache hits and misses over every kernel dispatcher of the package."""
+def _dispatchers() -> list[Any]:
+    """Every Numba dispatcher (kernel) of ``pacs_numba.kernels``."""
     import importlib
     import pkgutil
 
@@ -320,13 +344,19 @@ def _cache_counts() -> tuple[int, int]:
 
     from . import kernels
 
-    hits = misses = 0
+    out = []
     for info in pkgutil.iter_modules(kernels.__path__):
         mod = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        for obj in vars(mod).values():
-            if isinstance(obj, Dispatcher):
-                hits += sum(obj.stats.cache_hits.values())
-                misses += sum(obj.stats.cache_misses.values())
+        out += [obj for obj in vars(mod).values() if isinstance(obj, Dispatcher)]
+    return out
+
+
+def _cache_counts() -> tuple[int, int]:
+    """Numba compile-cache hits and misses over every kernel dispatcher of the package."""
+    hits = misses = 0
+    for obj in _dispatchers():
+        hits += sum(obj.stats.cache_hits.values())
+        misses += sum(obj.stats.cache_misses.values())
     return hits, misses
 
 
@@ -345,12 +375,21 @@ def check_warmup() -> list[Check]:
         "from pacs_numba.diagnose import _warm_kernels, _cache_counts; _warm_kernels(); "
         "print(json.dumps([time.perf_counter()-t, *_cache_counts()]))"
     )
+    # The new process must import this very package (the cache is keyed by source path):
+    # run it from an empty folder, with this package's parent first on PYTHONPATH.
+    from . import __file__ as init_file
+
+    parent = os.path.dirname(os.path.dirname(os.path.realpath(init_file)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, env.get("PYTHONPATH", "")) if p)
     try:
-        res = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True
-        )
+        with tempfile.TemporaryDirectory() as cwd:
+            res = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                check=True, cwd=cwd, env=env,
+            )
         again, hits, misses = json.loads(res.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
         return out + [(WARN, "compile cache", f"could not test a cached start: {exc}")]
     if misses == 0 and hits > 0:
         out.append((OK, "compile cache", f"a new process loads every kernel from the cache "
@@ -361,44 +400,163 @@ def check_warmup() -> list[Check]:
     return out
 
 
+_WHERE_CODE = (
+    "import os, pacs_numba; print(os.path.dirname(os.path.realpath(pacs_numba.__file__)))"
+)
+
+
+def entry_point_package(env: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """Return the pacs_numba folder that the ``pacs-numba`` command imports, and the command.
+
+    Runs the command's interpreter (from its ``#!`` line) in an empty folder, where
+    nothing can shadow the installed package: a console script puts its own ``bin``
+    folder first on ``sys.path``, not the current folder.  ``PYTHONPATH`` applies as it
+    would to the command.  Returns ``(None, reason)`` when there is no such command or
+    it cannot be run.
+    """
+    import shutil
+
+    env = dict(os.environ if env is None else env)
+    script = shutil.which("pacs-numba", path=env.get("PATH"))
+    if script is None:
+        return None, "no pacs-numba command on PATH"
+    interp = sys.executable
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode("utf-8", "replace").strip()
+        if first.startswith("#!") and "python" in first:
+            interp = first[2:].split()[0]
+    except OSError:
+        pass
+    with tempfile.TemporaryDirectory() as cwd:
+        try:
+            res = subprocess.run(
+                [interp, "-c", _WHERE_CODE], cwd=cwd, env=env, capture_output=True,
+                text=True, timeout=300, check=True,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"{script} could not be run: {exc}"
+    return res.stdout.strip().splitlines()[-1], script
+
+
+def check_package(env: dict[str, str] | None = None) -> list[Check]:
+    """Which pacs_numba was checked, and whether ``pacs-numba`` imports that same copy."""
+    from . import __file__ as init_file
+
+    here = os.path.dirname(os.path.realpath(init_file))
+    other, script = entry_point_package(env)
+    if other is None:
+        return [(WARN, "package", f"checked the kernels of {here}; {script}, so the copy "
+                 "that train will import is unknown")]
+    if os.path.realpath(other) == here:
+        return [(OK, "package", f"checked the kernels of {here}, the copy that {script} "
+                 "imports")]
+    return [(WARN, "package", f"checked the kernels of {here}, but {script} imports {other}: "
+             "Numba keys its compile cache by source path, so its tasks compile the kernels "
+             "again; run `pacs-numba diagnose` from a folder without a pacs_numba/ in it")]
+
+
 def run_checks(
     config: Path | None = None,
     *,
     warmup: bool = False,
     cache_dir: Path | None = None,
     workers: int | None = None,
+    mem_budget_bytes: int | None = None,
+    plan_out: dict[str, Any] | None = None,
 ) -> list[Check]:
-    """Every check, in order."""
+    """Every check, in order (``plan_out`` receives the config's plan, see `check_config`)."""
     checks: list[Check] = []
     checks += check_versions()
+    checks += check_package()
     checks += check_threading()
     checks += check_limits()
     checks += check_caches(cache_dir)
     if config is not None:
-        checks += check_config(config, workers)
+        checks += check_config(config, workers, mem_budget_bytes=mem_budget_bytes,
+                               cache_dir=cache_dir, plan_out=plan_out)
     if warmup:
         checks += check_warmup()
     return checks
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the checks and print them; 0 when a run can start, 1 otherwise."""
-    from .logsetup import resolve_level, setup_logging
+DESCRIPTION = """\
+Check a node: can a run start here, and how wide will it be.
 
-    parser = argparse.ArgumentParser(
-        prog="python -m pacs_numba.diagnose",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+Run it inside the SLURM allocation you will use (srun pacs-numba diagnose --config C
+--warmup).  It reports the limits the job really has (cgroup, SLURM), the pool width
+and Numba threads a run would use, and with --warmup it compiles every kernel into the
+on-disk cache, so that array tasks start without compiling.  It also says which
+pacs_numba it checked, and warns when the pacs-numba command imports another copy
+(whose kernels it did not warm).  Exit status 0 when nothing failed, 1 otherwise.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, cache_dir: bool = False) -> None:
+    """Add diagnose's options to ``parser`` (``pacs-numba diagnose`` and ``-m`` share them)."""
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="also load this config, size one patient of it and plan each stage's pool "
+        "(default: no config checks)",
     )
-    parser.add_argument("--config", type=Path, default=None, help="size a patient of this config")
-    parser.add_argument("--warmup", action="store_true", help="compile every kernel into the cache")
+    parser.add_argument(
+        "--warmup", action="store_true",
+        help="compile every kernel into the compile cache and check that a new process "
+        "loads them from it",
+    )
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="volume cache directory")
-    parser.add_argument("--workers", type=int, default=None, help="as pacs-numba train --workers")
-    args = parser.parse_args(argv)
-    setup_logging(resolve_level(default="WARNING"))
+    if cache_dir:
+        parser.add_argument(
+            "--cache-dir", type=Path, default=None,
+            help="volume cache directory (default: $PACS_NUMBA_CACHE_DIR, else a per-user "
+            "folder under the system temp dir)",
+        )
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="as pacs-numba train --workers (default: from memory and CPUs)",
+    )
+    parser.add_argument(
+        "--mem-budget", default=None,
+        help="as pacs-numba train --mem-budget, e.g. 64G (default: the job's limit)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the checks of parsed ``args`` and print them; 0 when a run can start, else 1.
+
+    With ``--json`` stdout is one JSON document: ``"ok"`` (bool), ``"checks"`` (a list of
+    ``{"level", "check", "message"}``) and, with ``--config`` when the stages could be
+    planned, ``"plan"``::
+
+        {"shape": [n0, n1, n2], "n_experts": M,
+         "stages": {"fit": {...}, "evaluate": {...}}}
+
+    Each stage (``fit`` when the task fits a model, ``evaluate`` when it has patients to
+    evaluate) holds integers: ``n_patients`` (fit: the fold's train patients; evaluate:
+    its test patients plus, with ``evaluate_train``, its train patients),
+    ``per_patient_bytes``, ``width`` and ``threads`` (the pool a run would use),
+    ``needed_bytes`` (the smallest job memory limit with which the stage runs at that
+    width) and ``needed_bytes_one`` (the same for one worker), ``fixed_bytes`` (what the
+    planner counts besides the patients at ``needed_bytes``: ``needed_bytes - width *
+    per_patient_bytes``), and its terms ``baseline_bytes``, ``per_task_bytes``,
+    ``thread_bytes``, ``setup_bytes``, ``margin_bytes``, plus ``limit_bytes``, the
+    limit planned with.  The planner's condition for a limit ``L`` and ``w`` workers is
+    ``L - max(256 MiB, L / 10) >= baseline + per_task + max(setup, thread + w *
+    per_patient)``; ``needed_bytes`` is the smallest ``L`` that meets it.
+    """
+    from .limits import parse_size
+
+    budget = None
+    if getattr(args, "mem_budget", None) is not None:
+        try:
+            budget = parse_size(args.mem_budget)
+        except ValueError as exc:
+            print(f"--mem-budget: {exc}", file=sys.stderr)
+            return 2
+    plan_doc: dict[str, Any] = {}
     checks = run_checks(
-        args.config, warmup=args.warmup, cache_dir=args.cache_dir, workers=args.workers
+        args.config, warmup=args.warmup, cache_dir=args.cache_dir, workers=args.workers,
+        mem_budget_bytes=budget, plan_out=plan_doc,
     )
     failed = any(level == FAIL for level, _, _ in checks)
     if args.json:
@@ -409,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "checks": [
                         {"level": lv, "check": name, "message": msg} for lv, name, msg in checks
                     ],
+                    **plan_doc,
                 },
                 indent=2,
             )
@@ -417,8 +576,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for level, name, msg in checks:
             print(f"[{level.upper():4}] {name}: {msg}")
         print("a run can start" if not failed else "a run cannot start: see [FAIL] lines")
-    logging.shutdown()
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pacs_numba.diagnose``: the same as ``pacs-numba diagnose``."""
+    from .logsetup import resolve_level, setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pacs_numba.diagnose",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser, cache_dir=True)
+    args = parser.parse_args(argv)
+    setup_logging(resolve_level(default="WARNING"))
+    rc = run(args)
+    logging.shutdown()
+    return rc
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ which thread finished first.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,47 +26,43 @@ import numba
 import numpy as np
 
 from . import __version__
-from .blending import blend_patient, weight_analysis, weight_maps
+from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
 from .config import FullConfig, config_to_dict
-from .errors import BudgetError, ConfigError, InputError, Interrupted
+from .errors import ConfigError, InputError, Interrupted
+from .integrity import require_regular_file, strict_json, sweep_temp_files
 from .io import (
     VolumeStore,
     atomic_savez_from,
     atomic_write_json,
+    atomic_write_text,
     npz_bytes,
     read_shape,
     write_nifti,
 )
+from .layout import MODEL_FILE, TaskLayout
+from .limits import Limits, detect_limits
+from .locking import TaskBusy, TaskLock
 from .manifest import load_manifest, select_task
-from .memory import (
-    Limits,
-    PoolPlan,
-    baseline_bytes,
-    detect_limits,
-    per_patient_bytes,
-    per_task_bytes,
-    plan_pool,
-    setup_bytes,
-)
-from .metrics import aggregate, volume_metrics
+from .metrics import METRIC_KEYS, aggregate, volume_metrics  # noqa: F401 - METRIC_KEYS re-exported
 from .model import (
-    MODEL_FILE,
     StackingModel,
     load_model,
     read_weights_json,
     save_model,
+    weights_json_text,
     write_weights_json,
 )
+from .planning import PoolPlan, StagePlan, check_tile_settings, plan_task_stages
+from .process import baseline_bytes
 from .progress import progress
-from .record import RECORD_FILE, RunRecord, fingerprints, model_digest, result_settings
+from .record import RunRecord, fingerprints, model_digest, result_settings
 from .solve import fit_weights, laplacian_smooth
-from .statistics import patient_statistics
+from .statistics import hr_is_flat, patient_statistics
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "statistics", "solve", "smoothing", "blend", "metrics", "writes")
-METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 AFFINE_ATOL = 1e-3
 
 
@@ -92,6 +89,9 @@ class RunOptions:
         Never draw a tqdm bar (log lines instead).
     out_root : Path or None
         Write outputs here instead of the config's ``pacs_sr.out_root``.
+    wait : bool
+        ``--wait``: when another process runs the same task, wait for it instead of
+        failing (exit 2) at once.
     """
 
     cache_dir: Path | None = None
@@ -101,6 +101,7 @@ class RunOptions:
     resume: bool = False
     no_progress: bool = False
     out_root: Path | None = None
+    wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class TaskResult:
     model_dir: Path
     timings: dict[str, float]
     pool: PoolPlan | None = None
+    plans: dict[str, StagePlan] = field(default_factory=dict)
 
 
 @dataclass
@@ -257,20 +259,19 @@ class Engine:
         self.stop_signal = signum
         self.stop_event.set()
 
+    def layout(self, task: Task) -> TaskLayout:
+        """Every output path of ``task`` (:class:`pacs_numba.layout.TaskLayout`)."""
+        return TaskLayout(
+            self.out_root, self.pacs.experiment_name, task.fold, task.spacing, task.pulse
+        )
+
     def model_dir(self, task: Task) -> Path:
         """``{out_root}/{experiment}/{spacing}/model_data/fold_{N}/{pulse}``."""
-        return (
-            self.out_root
-            / self.pacs.experiment_name
-            / task.spacing
-            / "model_data"
-            / f"fold_{task.fold}"
-            / task.pulse
-        )
+        return self.layout(task).model_dir
 
     def volumes_dir(self, task: Task) -> Path:
         """``{out_root}/{experiment}/{spacing}/output_volumes``."""
-        return self.out_root / self.pacs.experiment_name / task.spacing / "output_volumes"
+        return self.layout(task).volumes_dir
 
     def train(self, task: Task) -> TaskResult:
         """Fit the tile weights of ``task`` on its training patients, then evaluate."""
@@ -282,25 +283,44 @@ class Engine:
         Without ``weights_path`` the task's own model file (or weights.json) is used.
         """
         if weights_path is None:
-            mdir = self.model_dir(task)
-            weights_path = mdir / MODEL_FILE
-            if not weights_path.exists():
-                weights_path = mdir / "weights.json"
-            if not weights_path.exists():
+            lay = self.layout(task)
+            weights_path = lay.existing_weights()
+            if weights_path is None:
                 raise InputError(
-                    f"no model for {task} in '{mdir}': run `pacs-numba train` first "
+                    f"no model for {task} in '{lay.model_dir}': run `pacs-numba train` first "
                     "or pass --weights"
                 )
         return self._run(task, weights_path=Path(weights_path))
 
     # ---------------------------------------------------------------- the task
     def _run(self, task: Task, weights_path: Path | None) -> TaskResult:
-        t_task = time.perf_counter()
-        clock = StageClock()
         train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
         self._check_files_exist(task, {**train, **test})
-        mdir = self.model_dir(task)
-        self._check_existing_outputs(task, mdir)
+        if weights_path is not None:
+            require_regular_file(weights_path, "weights file")
+        lay = self.layout(task)
+        lock = TaskLock(lay.model_dir, f"task {task}", wait=self.options.wait,
+                        should_stop=self.stop_event.is_set)
+        try:
+            lock.acquire()
+        except TaskBusy as exc:
+            if self.stop_event.is_set():  # SIGTERM/Ctrl-C during --wait
+                raise Interrupted(self.stop_signal or 15, str(exc)) from None
+            raise
+        try:
+            self._sweep_temps(lay, test, lock.start_ns)
+            return self._run_locked(task, weights_path, train, test)
+        finally:
+            lock.release()
+
+    def _run_locked(
+        self, task: Task, weights_path: Path | None, train: dict, test: dict
+    ) -> TaskResult:
+        t_task = time.perf_counter()
+        clock = StageClock()
+        lay = self.layout(task)
+        mdir = lay.model_dir
+        self._check_existing_outputs(task, lay, weights_path)
         log.info(
             "task %s: %d train, %d test patients, %d experts %s -> %s",
             task,
@@ -313,31 +333,50 @@ class Engine:
         skipped: dict[str, str] = {}
         nonfinite: dict[str, dict[str, int]] = {}
         record = RunRecord(
-            mdir / RECORD_FILE,
+            lay.record_file,
             result_settings(config_to_dict(self.config)["pacs_sr"], self.models),
             resume=self.options.resume,
         )
-        plan: PoolPlan | None = None
+        # Every stage is planned before any volume is read (headers only), so a task that
+        # cannot run stops here with nothing written, not after its fit.
+        fitting = False
         if weights_path is None:
+            if not train:
+                raise InputError(f"task {task}: the manifest has no training patients")
+            shape = self._reference_shape(task, train, skipped, "training ")
+            check_tile_settings(self.pacs.patch_size, self.pacs.stride, shape,
+                                str(self.config.path))
             source: dict[str, Any] = {
                 "train": {
                     pid: fingerprints([paths["HR"], *paths["experts"]])
                     for pid, paths in train.items()
                 }
             }
-            model = self._reusable_model(record, source, mdir)
-            if model is None:
-                model, plan = self._fit(task, train, clock, skipped, nonfinite)
-                with clock("writes"):
-                    save_model(mdir / MODEL_FILE, model)
-                    write_weights_json(mdir / "weights.json", model.weights, model.learned)
-            else:
+            model = self._reusable_model(record, source, lay)
+            fitting = model is None
+            if model is not None:
                 skipped.update((record.old or {}).get("model", {}).get("skipped", {}))
+                _ensure_weights_json(lay.weights_json, model)
         else:
             model = self._load_weights(task, weights_path, train, test)
             source = {"weights": fingerprints([weights_path])}
+            shape = model.grid.shape
+        plans = self._plan_stages(task, shape, len(train), len(test), fit=fitting)
+        plan: PoolPlan | None = None
+        if fitting:
+            model = self._fit(task, train, clock, skipped, nonfinite, plans["fit"])
+            plan = plans["fit"].pool
             with clock("writes"):
-                write_weights_json(mdir / "weights.json", model.weights, model.learned)
+                save_model(lay.model_file, model)
+                write_weights_json(lay.weights_json, model.weights, model.learned)
+        elif weights_path is not None:
+            with clock("writes"):
+                # Both files describe the weights in use, so they can never disagree (an
+                # evaluate --weights X --force must not leave the trained model next to X).
+                if not _same_file(weights_path, lay.model_file):
+                    save_model(lay.model_file, model)
+                write_weights_json(lay.weights_json, model.weights, model.learned)
+        assert model is not None
         record.set_model(
             model_digest(model.weights, model.learned, model.grid.shape), source, dict(skipped)
         )
@@ -346,13 +385,13 @@ class Engine:
         results: dict[str, dict[str, float]] = {}
         if self.pacs.evaluate_train and train:
             per_patient["train"], plan_e = self._evaluate_split(
-                task, "train", train, model, clock, skipped, nonfinite, record
+                task, "train", train, model, clock, skipped, nonfinite, record, plans["evaluate"]
             )
             plan = plan or plan_e
             # a non-empty split either yields metrics or _evaluate_split raises
             results["train"] = aggregate(list(per_patient["train"].values()))
         per_patient["test"], plan_t = self._evaluate_split(
-            task, "test", test, model, clock, skipped, nonfinite, record
+            task, "test", test, model, clock, skipped, nonfinite, record, plans.get("evaluate")
         )
         plan = plan or plan_t
         results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
@@ -365,10 +404,13 @@ class Engine:
         if nonfinite:
             metrics_doc["nonfinite_voxels"] = dict(sorted(nonfinite.items()))
         with clock("writes"):
-            atomic_write_json(mdir / "metrics.json", metrics_doc, indent=2)
+            # strict JSON: an infinite PSNR (blend == HR) is written as null
+            atomic_write_json(lay.metrics_json, strict_json(metrics_doc), indent=2)
             atomic_write_json(
-                mdir / "patients.json",
-                {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds},
+                lay.patients_json,
+                strict_json(
+                    {"per_patient": per_patient, "skipped": skipped, "timings_s": clock.seconds}
+                ),
                 indent=2,
             )
         record.mark_complete()
@@ -380,7 +422,9 @@ class Engine:
             for k in ("psnr", "ssim")
         )
         log.info("task=%s secs=%.1f skipped=%d %s", task, secs, len(skipped), summary)
-        return TaskResult(task, results, per_patient, skipped, mdir, dict(clock.seconds), plan)
+        return TaskResult(
+            task, results, per_patient, skipped, mdir, dict(clock.seconds), plan, plans
+        )
 
     # ---------------------------------------------------------------- checks
     def _check_files_exist(self, task: Task, patients: Mapping[str, Mapping[str, Any]]) -> None:
@@ -389,6 +433,8 @@ class Engine:
             for p in [paths["HR"], *paths["experts"]]:
                 if not Path(p).exists():
                     missing.append(f"{pid}: {p}")
+                else:  # a FIFO would block the first read for ever; a folder is no volume
+                    require_regular_file(p, f"patient {pid}: input")
         if missing:
             listing = "\n  ".join(missing)
             raise InputError(
@@ -396,63 +442,81 @@ class Engine:
                 f"'{self.config.data.out}' do not exist:\n  {listing}"
             )
 
-    def _check_existing_outputs(self, task: Task, mdir: Path) -> None:
+    def _sweep_temps(self, lay: TaskLayout, test: Mapping[str, Any], lock_start_ns: int) -> None:
+        """Remove temporary files left in this task's outputs and the cache by dead writers.
+
+        Called with the task lock held: no live process writes into the task folder, so a
+        temporary file there (or a test blend's temporary file in ``output_volumes``, which
+        only this task writes) older than the lock is an orphan of a killed run.
+        """
+        mdir, vdir = lay.model_dir, lay.volumes_dir
+        candidates = [p for p in _listdir(mdir) if ".tmp-" in p.name]
+        prefixes = tuple(f"{lay.test_blend(pid).name}.tmp-" for pid in test)
+        if prefixes:
+            candidates += [p for p in _listdir(vdir) if p.name.startswith(prefixes)]
+        removed = sweep_temp_files(candidates, host=platform.node(), older_than_ns=lock_start_ns)
+        removed += self.store.sweep_temps()
+        for p in removed:
+            log.info("removed temporary file %s left by a writer that is gone", p)
+
+    def _check_existing_outputs(
+        self, task: Task, lay: TaskLayout, weights_path: Path | None = None
+    ) -> None:
         if self.options.force or self.options.resume:
             return
-        if (mdir / "metrics.json").exists():
-            raise ConfigError(
-                f"outputs of {task} already exist in '{mdir}'; pass --force to overwrite them "
-                "or --resume to keep complete ones"
-            )
+        mdir = lay.model_dir
+        if lay.metrics_json.exists():
+            if weights_path is None:
+                fix = "pass --force to overwrite them or --resume to keep complete ones"
+            elif weights_path.resolve().is_relative_to(mdir.resolve()):
+                # evaluate has no --resume; its own model only exists under this out_root
+                fix = "pass --force to overwrite them with this evaluation"
+            else:
+                fix = (
+                    "pass --force to overwrite them, or --out-root DIR to write this "
+                    "evaluation elsewhere"
+                )
+            raise ConfigError(f"outputs of {task} already exist in '{mdir}'; {fix}")
 
     # ---------------------------------------------------------------- pool
-    def _plan(self, n_patients: int, shape: tuple[int, int, int], stage: str) -> PoolPlan:
-        grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
-        per = per_patient_bytes(
-            shape,
+    def plan(self, task: Task, *, fit: bool = True) -> dict[str, StagePlan]:
+        """Plan every stage of ``task`` as a run of it would (``diagnose --config`` shows this).
+
+        Reads volume headers only.  ``fit=False`` plans an ``evaluate`` of given weights.
+        """
+        train, test = select_task(self.manifest(), task.fold, task.spacing, task.pulse, self.models)
+        if fit and not train:
+            raise InputError(f"task {task}: the manifest has no training patients")
+        patients = train if fit else {**test, **train}
+        shape = self._reference_shape(task, patients, {}, "training " if fit else "")
+        return self._plan_stages(task, shape, len(train), len(test), fit=fit)
+
+    def _plan_stages(
+        self, task: Task, shape: tuple[int, int, int], n_train: int, n_test: int, *, fit: bool
+    ) -> dict[str, StagePlan]:
+        plans = plan_task_stages(
+            self.pacs,
             len(self.models),
-            lambda_grad=self.pacs.lambda_grad,
-            lambda_edge=self.pacs.lambda_edge,
-            n_tiles=grid.n_tiles,
-            stage=stage,
-            save_weight_volumes=self.pacs.save_weight_volumes,
-        )
-        once = per_task_bytes(
-            shape, len(self.models), n_tiles=grid.n_tiles, stage=stage,
-            save_weight_volumes=self.pacs.save_weight_volumes, n_patients=n_patients,
-        )
-        plan = plan_pool(
+            shape,
+            n_train,
+            n_test,
             self.limits,
-            per_patient_bytes=per,
-            per_task_bytes=once,
             baseline_bytes=baseline_bytes(),
-            n_patients=max(1, n_patients),
-            num_workers=self.pacs.num_workers,
-            workers_override=self.options.workers,
+            fit=fit,
+            workers=self.options.workers,
             mem_budget_bytes=self.options.mem_budget_bytes,
+            thread_safe=thread_safe_layer(),
+            where=str(self.config.path),
         )
-        setup = setup_bytes(shape, len(self.models), stage=stage,
-                            save_weight_volumes=self.pacs.save_weight_volumes)
-        if plan.baseline_bytes + setup + plan.margin_bytes > plan.limit.value:
-            raise BudgetError(
-                f"the weight maps of one task need {setup / 2**30:.2f} GiB on top of "
-                f"{plan.baseline_bytes / 2**30:.2f} GiB baseline, but the job has "
-                f"{plan.limit.value / 2**30:.2f} GiB ({plan.limit.source}); request more memory "
-                "or set save_weight_volumes: false"
-            )
-        if plan.width > 1 and not thread_safe_layer():
+        if any("workqueue" in p.pool.reason for p in plans.values()):
             log.warning(
                 "Numba threading layer is %s, which aborts when several threads launch "
                 "kernels; running patients one at a time",
                 self.layer,
             )
-            plan = dataclasses.replace(
-                plan,
-                width=1,
-                threads=plan.threads * plan.width,
-                reason=plan.reason + "; 1 worker: workqueue layer",
-            )
-        return plan
+        for stage, p in plans.items():
+            log.debug("plan %s %s: %s", stage, task, p.pool.describe())
+        return plans
 
     def _map_patients(
         self,
@@ -568,13 +632,11 @@ class Engine:
         clock: StageClock,
         skipped: dict[str, str],
         nonfinite: dict[str, dict[str, int]],
-    ):
-        if not train:
-            raise InputError(f"task {task}: the manifest has no training patients")
+        stage_plan: StagePlan,
+    ) -> StackingModel:
         pids = list(train)
-        shape = self._reference_shape(task, train, skipped, "training ")
-        grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
-        plan = self._plan(len(pids), shape, "fit")
+        grid = TileGrid(stage_plan.shape, self.pacs.patch_size, self.pacs.stride)
+        plan = stage_plan.pool
         log.info("fit %s: %s", task, _describe_plan(plan))
         p = self.pacs
 
@@ -594,6 +656,14 @@ class Engine:
                 )
             if st.n_mask == 0:
                 msg = f"HR '{train[pid]['HR']}' has no voxel > 0 (empty mask)"
+                log.warning("skipping patient %s: %s", pid, msg)
+                skipped[pid] = msg
+                raise _Skip(pid)
+            if hr_is_flat(st.mu_hr, st.sd_hr):  # nothing to fit: it would teach every tile
+                msg = (
+                    f"HR '{train[pid]['HR']}' has no variance inside its mask "
+                    f"(constant {st.mu_hr:.6g})"
+                )
                 log.warning("skipping patient %s: %s", pid, msg)
                 skipped[pid] = msg
                 raise _Skip(pid)
@@ -645,24 +715,24 @@ class Engine:
             "train_patients": used,
             "pacs_numba_version": __version__,
         }
-        return StackingModel(weights, learned, grid, self.models, settings), plan
+        return StackingModel(weights, learned, grid, self.models, settings)
 
     def _reusable_model(
-        self, record: RunRecord, source: dict[str, Any], mdir: Path
+        self, record: RunRecord, source: dict[str, Any], lay: TaskLayout
     ) -> StackingModel | None:
         """Return the previous model when resuming and its training inputs are unchanged."""
         digest = record.reusable_model(source)
-        if digest is None or not (mdir / MODEL_FILE).exists():
+        if digest is None or not lay.model_file.exists():
             return None
         try:
-            model = load_model(mdir / MODEL_FILE)
+            model = load_model(lay.model_file)
         except InputError as exc:
             log.warning("resume: %s; fitting again", exc)
             return None
         if model_digest(model.weights, model.learned, model.grid.shape) != digest:
-            log.info("resume: '%s' is not the recorded model; fitting again", mdir / MODEL_FILE)
+            log.info("resume: '%s' is not the recorded model; fitting again", lay.model_file)
             return None
-        log.info("resume: reusing the fitted model in '%s'", mdir / MODEL_FILE)
+        log.info("resume: reusing the fitted model in '%s'", lay.model_file)
         return model
 
     def _reference_shape(
@@ -702,6 +772,7 @@ class Engine:
 
     def _load_weights(self, task: Task, path: Path, train: Mapping, test: Mapping) -> StackingModel:
         shape = self._reference_shape(task, {**test, **train}, {})
+        check_tile_settings(self.pacs.patch_size, self.pacs.stride, shape, str(self.config.path))
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         if path.suffix == ".npz":
             model = load_model(path)
@@ -712,8 +783,30 @@ class Engine:
                 )
             return model
         weights, learned = read_weights_json(path, grid.n_tiles, len(self.models))
+        self._check_neighbour_model(path, grid)
         log.info("evaluate %s: %d tiles from '%s'", task, int(learned.sum()), path)
         return StackingModel(weights, learned, grid, self.models, {"weights_from": str(path)})
+
+    def _check_neighbour_model(self, path: Path, grid: TileGrid) -> None:
+        """Check that a weights.json next to our model file belongs to this task's grid.
+
+        The published weights.json names tile ids only; ids of another patch size or stride
+        can all be in range and still mean other tiles.  When the file sits next to the
+        ``pacs_model.npz`` it was written with, that file knows the grid: use it.
+        """
+        neighbour = Path(path).parent / MODEL_FILE
+        if not neighbour.is_file():
+            return
+        try:
+            other = load_model(neighbour)
+        except InputError:
+            return  # the weights.json stands on its own
+        if other.grid != grid or len(other.model_names) != len(self.models):
+            raise InputError(
+                f"weights file '{path}' was written with the model '{neighbour}' for grid "
+                f"{other.grid} and {len(other.model_names)} experts; this task has {grid} and "
+                f"{len(self.models)} experts (another patch_size, stride or volume shape)"
+            )
 
     # ---------------------------------------------------------------- evaluate
     def _evaluate_split(
@@ -726,15 +819,15 @@ class Engine:
         skipped: dict[str, str],
         nonfinite: dict[str, dict[str, int]],
         record: RunRecord,
+        stage_plan: StagePlan | None,
     ):
-        if not patients:
+        if not patients or stage_plan is None:
             return {}, None
         p = self.pacs
         grid = model.grid
-        plan = self._plan(len(patients), grid.shape, "evaluate")
+        plan = stage_plan.pool.for_patients(len(patients))
         log.info("evaluate %s %s: %s", task, split, _describe_plan(plan))
-        mdir = self.model_dir(task)
-        vdir = self.volumes_dir(task)
+        lay = self.layout(task)
         npz: _WeightNpz | None = None
         if p.save_weight_volumes and split == "test":
             with clock("writes"):  # before the pool: the maps never meet a patient in flight
@@ -753,8 +846,12 @@ class Engine:
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
             with clock("blend"):
-                try:
-                    blend = blend_patient(hr.data, exp, grid, model.weights, window=p.mixing_window)
+                try:  # algorithm A7: statistics and brain mask from the HR
+                    norm = Normalisation.from_hr(hr.data, exp)
+                    blend = blend_patient(
+                        exp, grid, model.weights, window=p.mixing_window, norm=norm,
+                        brain_mask=brain_mask(hr.data),
+                    )
                 except InputError as exc:
                     msg = f"HR '{paths['HR']}': {exc}"
                     log.warning("skipping patient %s: %s", pid, msg)
@@ -764,18 +861,14 @@ class Engine:
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
             with clock("writes"):
                 if p.save_blends:
-                    target = (
-                        vdir / f"{pid}-{task.pulse}.nii.gz"
-                        if split == "test"
-                        else mdir / f"{pid}_blend_train.nii.gz"
-                    )
+                    target = lay.blend(split, pid)
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
                 # The npz writes below are the slowest step: release this patient's blend
                 # and mapped volumes first so they do not count against other patients.
                 del blend, exp, experts, hr
                 if npz is not None:
-                    outputs += npz.write(mdir, pid)
+                    outputs += npz.write(lay, pid)
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -786,7 +879,7 @@ class Engine:
                 m["mse"],
                 m["mae"],
             )
-            result = {k: float(m[k]) for k in METRIC_KEYS}
+            result = {k: float(v) for k, v in m.items()}  # every metric volume_metrics made
             record.add_patient(split, pid, inputs, outputs, result)
             return result
 
@@ -823,12 +916,38 @@ class _WeightNpz:
         self.analysis = npz_bytes(**analysis)  # weight_maps, entropy, dominant, statistics
         del maps, analysis
 
-    def write(self, mdir: Path, pid: str) -> list[Path]:
+    def write(self, lay: TaskLayout, pid: str) -> list[Path]:
         """Write ``{pid}_weights_test.npz`` and ``{pid}_weight_analysis_test.npz``."""
-        paths = [mdir / f"{pid}_weights_test.npz", mdir / f"{pid}_weight_analysis_test.npz"]
+        paths = [lay.weight_npz(pid), lay.weight_analysis_npz(pid)]
         atomic_savez_from(paths[0], self.weights, patient_id=np.asarray(pid))
         atomic_savez_from(paths[1], self.analysis, patient_id=np.asarray(pid))
         return paths
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _ensure_weights_json(path: Path, model: StackingModel) -> None:
+    """Rewrite ``weights.json`` when it is missing or is not the reused model's (resume)."""
+    text = weights_json_text(model.weights, model.learned)
+    try:
+        same = path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same:
+        log.info("resume: '%s' is missing or differs from the model; writing it again", path)
+        atomic_write_text(path, text)
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _reasons(reasons: Mapping[str, str]) -> str:

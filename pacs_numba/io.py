@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import tempfile
 import threading
@@ -56,7 +57,15 @@ try:
 except ImportError:  # not POSIX: no inter-process lock, atomic renames still keep entries whole
     fcntl = None  # type: ignore[assignment]
 
+from ._checks import readonly
 from .errors import InputError, OutputError
+from .integrity import (
+    content_sample,
+    open_regular,
+    require_regular_file,
+    sweep_temp_files,
+    writer_gone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +85,8 @@ __all__ = [
 #: Environment variable naming the volume cache directory.
 CACHE_DIR_ENV = "PACS_NUMBA_CACHE_DIR"
 #: Version of the cache entry layout; part of the key, so a new layout never reads an old entry.
-CACHE_FORMAT = 1
+#: 2: the key also covers device, inode, ctime and a content sample of the source.
+CACHE_FORMAT = 2
 #: gzip level of written ``.nii.gz`` files: level 1 is 3-10x faster than nibabel's default and
 #: float32 MRI data compresses only a few per cent better at higher levels.
 GZIP_LEVEL = 1
@@ -158,7 +168,7 @@ class NiftiMeta:
             raise ValueError("bad shape, affine or zooms")
         if version not in (1, 2):
             raise ValueError(f"bad nifti_version {version}")
-        meta = cls(_shape3(shape), _readonly(affine), _zooms3(zooms),
+        meta = cls(_shape3(shape), readonly(affine), _zooms3(zooms),
                    base64.b64decode(d["header_b64"], validate=True), version)
         meta.header  # noqa: B018  -- parse once so a damaged header is caught here
         return meta
@@ -211,7 +221,8 @@ def _read_source(p: Path) -> tuple[bytes, os.stat_result]:
     """Read the whole file; return its bytes and the stat of what was read."""
     for _ in range(3):
         try:
-            with open(p, "rb") as f:
+            # O_NONBLOCK open + regular-file check: a FIFO is refused instead of hanging
+            with open(open_regular(p), "rb") as f:
                 st = os.fstat(f.fileno())
                 buf = f.read()
                 st_after = os.fstat(f.fileno())
@@ -373,7 +384,7 @@ def _load(p: Path) -> tuple[NDArray[np.float32], NiftiMeta, os.stat_result]:
     hdr.write_to(hbio)
     meta = NiftiMeta(
         shape=_shape3(shape),
-        affine=_readonly(np.array(hdr.get_best_affine(), dtype=np.float64)),
+        affine=readonly(np.array(hdr.get_best_affine(), dtype=np.float64)),
         zooms=_zooms3(hdr.get_zooms()[:3]),
         header_bytes=hbio.getvalue(),
         nifti_version=version,
@@ -391,11 +402,6 @@ def _zooms3(zooms: Any) -> tuple[float, float, float]:
     return (a, b, c)
 
 
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    arr.flags.writeable = False
-    return arr
-
-
 def read_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     """Shape of a NIfTI volume from its header alone (cheap: no voxel data is read).
 
@@ -405,6 +411,7 @@ def read_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
         If the file is missing or is not a NIfTI image.
     """
     p = Path(path)
+    require_regular_file(p)  # nibabel would block for ever opening a FIFO
     try:
         return tuple(int(n) for n in nib.load(str(p)).shape)
     except FileNotFoundError:
@@ -423,21 +430,32 @@ def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"path": absolute path (str), "size": bytes (int), "mtime_ns": int}``.
+        ``{"path": absolute path (str), "size": bytes (int), "mtime_ns": int, "ctime_ns": int,
+        "sample": content sample (str)}`` (see :func:`integrity.content_sample`).
 
     Raises
     ------
     InputError
-        If the file does not exist or cannot be examined.
+        If the file does not exist, cannot be examined or is not a regular file.
     """
     p = Path(os.path.abspath(path))
     try:
-        st = p.stat()
+        fd = open_regular(p)
     except FileNotFoundError:
         raise InputError(f"input '{p}' does not exist") from None
+    except InputError:
+        raise
     except OSError as exc:
         raise InputError(f"cannot examine input '{p}': {exc.strerror or exc}") from exc
-    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    try:
+        st = os.fstat(fd)
+        sample = content_sample(fd, st.st_size)
+    except OSError as exc:
+        raise InputError(f"cannot read input '{p}': {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),
+            "ctime_ns": int(st.st_ctime_ns), "sample": sample}
 
 
 # --------------------------------------------------------------------------------------
@@ -566,37 +584,69 @@ class VolumeStore:
         -------
         dict
             ``directory`` (str), ``entries`` (complete entries, int), ``total_bytes`` (bytes of
-            all cache files including temporaries, int), ``temp_files`` (int), ``writable``
-            (bool).
+            all cache files including temporaries, int), ``temp_files`` (int),
+            ``stale_temp_files`` (temporary files whose writer is gone, see
+            :meth:`sweep_temps`; int), ``stale_temp_bytes`` (int), ``writable`` (bool).
         """
         keys: set[str] = set()
         npys: set[str] = set()
-        total = temps = 0
+        total = temps = stale = stale_bytes = 0
+        now_ns = time.time_ns()
         for e in self._scan():
             name = e.name
             m = _ENTRY_RE.match(name)
             try:
-                total += e.stat().st_size
+                st = e.stat()
             except OSError:
                 continue
+            total += st.st_size
             if m:
                 (npys if m.group(2) == "npy" else keys).add(m.group(1))
             elif _TEMP_RE.match(name):
                 temps += 1
+                if self._temp_gone(Path(e.path), st.st_mtime_ns, now_ns):
+                    stale += 1
+                    stale_bytes += st.st_size
         return {
             "directory": str(self.directory),
             "entries": len(keys & npys),
             "total_bytes": total,
             "temp_files": temps,
+            "stale_temp_files": stale,
+            "stale_temp_bytes": stale_bytes,
             "writable": os.access(self.directory, os.W_OK | os.X_OK),
         }
 
+    @staticmethod
+    def _temp_gone(path: Path, mtime_ns: int, now_ns: int) -> bool:
+        """Tell whether a temporary cache file's writer is gone.
+
+        Gone: its pid is not alive on this host, or the file is untouched for
+        ``STALE_TEMP_S`` (a writer on another node sharing the cache).
+        """
+        return writer_gone(
+            path, host=_host_tag(), older_than_ns=now_ns - int(STALE_TEMP_S * 1e9),
+            mtime_ns=mtime_ns,
+        )
+
+    def sweep_temps(self) -> list[Path]:
+        """Remove the temporary files of writers that are gone; return their paths.
+
+        Gone: the file names this host and a pid that no longer runs here, or it has not
+        been written to for ``STALE_TEMP_S`` seconds.  A writer that is alive (here) or
+        recent (possibly on another node sharing the cache) keeps its file.  Run at the
+        start of every task and by ``clear``.
+        """
+        cutoff = time.time_ns() - int(STALE_TEMP_S * 1e9)
+        temps = [Path(e.path) for e in self._scan() if _TEMP_RE.match(e.name)]
+        return sweep_temp_files(temps, host=_host_tag(), older_than_ns=cutoff)
+
     def clear(self) -> int:
-        """Remove every entry, lock files, and temporary files untouched for ``STALE_TEMP_S`` s.
+        """Remove every entry, lock files, and the temporary files of writers that are gone.
 
         Only files named like cache files are touched.  Do not run it while another process
-        is filling the cache: a removed entry is simply rebuilt, but a temporary file in use is
-        kept only because it is recent.
+        is filling the cache: a removed entry is simply rebuilt, and a temporary file of a
+        live writer (or a recent one from another node) is kept (:meth:`sweep_temps`).
 
         Returns
         -------
@@ -604,12 +654,12 @@ class VolumeStore:
             Number of entries (keys) of which a file was removed.
         """
         removed: set[str] = set()
-        now = time.time()
+        self.sweep_temps()
         for e in self._scan():
             m = _ENTRY_RE.match(e.name)
             try:
-                if _TEMP_RE.match(e.name) and now - e.stat().st_mtime < STALE_TEMP_S:
-                    continue
+                if _TEMP_RE.match(e.name):
+                    continue  # a live writer's (sweep_temps removed the dead ones)
                 os.unlink(e.path)
             except FileNotFoundError:
                 continue
@@ -662,23 +712,15 @@ class VolumeStore:
         """
         source = Path(os.path.abspath(path))
         for _ in range(3):
-            try:
-                st = source.stat()
-            except FileNotFoundError:
-                raise InputError(
-                    f"input '{source}' does not exist; expected a NIfTI volume (.nii or .nii.gz)"
-                ) from None
-            except OSError as exc:
-                raise InputError(f"cannot read input '{source}': {exc.strerror or exc}") from exc
-            real = os.path.realpath(source)
-            key = _entry_key(real, st.st_size, st.st_mtime_ns)
+            st, ident = _identity(source)
+            key = _entry_key(ident)
             with self._lock_for(key):
                 with self._guard:
                     cv = self._live.get(key)
                 if cv is not None:
                     return cv
                 try:
-                    cv = self._open_entry(key, source, real, st.st_size, st.st_mtime_ns)
+                    cv = self._open_entry(key, source, ident)
                 except _BadEntry:
                     cv = None
                 if cv is None:
@@ -686,14 +728,14 @@ class VolumeStore:
                     # wait, then look again, since a waiter usually finds it ready.
                     with _node_lock(self.directory / f".{key}.lock"):
                         try:
-                            cv = self._open_entry(key, source, real, st.st_size, st.st_mtime_ns)
+                            cv = self._open_entry(key, source, ident)
                         except _BadEntry as why:
                             log.warning(
                                 "volume cache entry %s for '%s' is invalid (%s); rebuilding it",
                                 self.directory / f"{key}.npy", source, why,
                             )
                         if cv is None:
-                            cv = self._build(key, source, real, st)
+                            cv = self._build(key, source, ident, st)
                 if cv is not None:
                     with self._guard:
                         self._live[key] = cv
@@ -709,7 +751,7 @@ class VolumeStore:
             return lock
 
     def _open_entry(
-        self, key: str, source: Path, real: str, size: int, mtime_ns: int
+        self, key: str, source: Path, ident: dict[str, Any]
     ) -> CachedVolume | None:
         """Open an existing entry; None if there is none, ``_BadEntry`` if it is unusable."""
         npy = self.directory / f"{key}.npy"
@@ -724,10 +766,14 @@ class VolumeStore:
             rec = json.loads(text)
             if rec.get("format") != CACHE_FORMAT:
                 raise _BadEntry(f"format {rec.get('format')!r}, expected {CACHE_FORMAT}")
-            if (rec["source"], rec["size"], rec["mtime_ns"]) != (real, size, mtime_ns):
+            seen = {k: rec.get(k) for k in ident}
+            if seen != ident:
+                diff = [k for k in ident if seen[k] != ident[k]]
                 raise _BadEntry(
-                    f"sidecar describes {rec['source']} size={rec['size']} "
-                    f"mtime_ns={rec['mtime_ns']}, not the source size={size} mtime_ns={mtime_ns}"
+                    f"sidecar describes {rec.get('source')} "
+                    + " ".join(f"{k}={seen[k]}" for k in diff)
+                    + ", not the source "
+                    + " ".join(f"{k}={ident[k]}" for k in diff)
                 )
             if rec["dtype"] != "<f4":
                 raise _BadEntry(f"dtype {rec['dtype']!r}, expected '<f4'")
@@ -741,21 +787,19 @@ class VolumeStore:
         return CachedVolume(data, meta, source, nonfinite, npy)
 
     def _build(
-        self, key: str, source: Path, real: str, st: os.stat_result
+        self, key: str, source: Path, ident: dict[str, Any], st: os.stat_result
     ) -> CachedVolume | None:
         """Decompress ``source`` into a new entry; None if the source changed since ``st``."""
         t0 = time.perf_counter()
         vol, meta, st_read = _load(source)
         with self._guard:
             self.read_count += 1
-        if (st_read.st_size, st_read.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        if _stat_id(st_read) != _stat_id(st):
             return None
         nonfinite = _count_nonfinite(vol)
         rec = {
             "format": CACHE_FORMAT,
-            "source": real,
-            "size": int(st.st_size),
-            "mtime_ns": int(st.st_mtime_ns),
+            **ident,
             "dtype": "<f4",
             "nonfinite": nonfinite,
             **meta._to_json(),
@@ -817,6 +861,14 @@ def _node_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _host_tag() -> str:
+    """Return this host's name as written into temporary cache file names.
+
+    '-' is replaced, so the pid that follows the name can be parsed back.
+    """
+    return re.sub(r"[^A-Za-z0-9.]", "_", platform.node()) or "host"
+
+
 def _user_tag() -> str:
     try:
         user = getpass.getuser()
@@ -826,8 +878,50 @@ def _user_tag() -> str:
     return user or str(os.getuid())
 
 
-def _entry_key(real: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256(f"v{CACHE_FORMAT}\0{real}\0{size}\0{mtime_ns}".encode())
+def _stat_id(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _identity(source: Path) -> tuple[os.stat_result, dict[str, Any]]:
+    """Stat and content sample of ``source``: what a cache entry must match to be served.
+
+    Device and inode catch a file replaced by another one (a rename over it); size, mtime
+    and ctime catch writes (ctime cannot be set back by ``touch``/``os.utime``); the content
+    sample (:func:`integrity.content_sample`) catches a same-size rewrite even where times
+    are coarse or restored.
+    """
+    try:
+        fd = open_regular(source)
+    except FileNotFoundError:
+        raise InputError(
+            f"input '{source}' does not exist; expected a NIfTI volume (.nii or .nii.gz)"
+        ) from None
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot read input '{source}': {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        sample = content_sample(fd, st.st_size)
+    except OSError as exc:
+        raise InputError(f"cannot read input '{source}': {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    ident = {
+        "source": os.path.realpath(source),
+        "device": int(st.st_dev),
+        "inode": int(st.st_ino),
+        "size": int(st.st_size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "ctime_ns": int(st.st_ctime_ns),
+        "sample": sample,
+    }
+    return st, ident
+
+
+def _entry_key(ident: dict[str, Any]) -> str:
+    text = "\0".join(f"{k}={ident[k]}" for k in sorted(ident))
+    h = hashlib.sha256(f"v{CACHE_FORMAT}\0{text}".encode())
     return h.hexdigest()[:32]
 
 
@@ -839,10 +933,17 @@ def _count_nonfinite(vol: np.ndarray) -> int:
     return n
 
 
+# numpy parses .npy headers with ``ast.literal_eval``.  On CPython 3.11.7 two threads in the
+# AST constructor at once can raise "SystemError: AST constructor recursion depth mismatch"
+# (CPython gh-106905, fixed in later releases); the engine's threads map volumes concurrently,
+# so header parsing is serialised.  It costs microseconds per volume.
+_HEADER_LOCK = threading.Lock()
+
+
 def _map_npy(npy: Path, shape: tuple[int, int, int]) -> NDArray[np.float32]:
     """Memory-map a cache ``.npy`` after checking its header and size; ``_BadEntry`` if wrong."""
     try:
-        with open(npy, "rb") as f:
+        with open(npy, "rb") as f, _HEADER_LOCK:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 hshape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -866,7 +967,8 @@ def _map_npy(npy: Path, shape: tuple[int, int, int]) -> NDArray[np.float32]:
     if size != want:
         raise _BadEntry(f".npy is {size} bytes, expected {want} for shape {shape}")
     try:
-        mm = np.load(npy, mmap_mode="r")
+        # The header was parsed above; map with it rather than letting np.load parse it again.
+        mm = np.memmap(npy, dtype="<f4", mode="r", offset=offset, shape=shape, order="C")
     except (OSError, ValueError) as exc:
         raise _BadEntry(f".npy cannot be mapped: {exc}") from exc
     vol = mm.view(np.ndarray)  # as _arrays.as_volume does: a plain ndarray over the same map
@@ -880,8 +982,11 @@ def _install(final: Path, write: Any) -> None:
     Unique names (pid, thread, random) let several processes create the same entry at once:
     each rename installs a complete file and the last one wins.
     """
+    # The host makes the writer identifiable on a cache shared by several nodes: only a
+    # writer of this host whose pid is gone is known to be dead (see sweep_temps).
+    host = _host_tag()
     tmp = final.with_name(
-        f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
+        f".{final.name}.tmp-{host}-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
     )
     try:
         # 0o666 & ~umask, like any new file, so a group-shared cache stays readable by the group
@@ -960,12 +1065,15 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, **json_kwargs: Any
     """Write ``json.dumps(obj, **json_kwargs)`` to ``path`` atomically.
 
     The text is exactly ``json.dumps``'s: no trailing newline is added.  A value that cannot be
-    serialised raises ``TypeError`` before any file is created.
+    serialised raises ``TypeError`` before any file is created, and so does a NaN or infinite
+    float (``ValueError``; ``allow_nan`` is False unless the caller passes it): every JSON
+    file written is strict JSON.  :func:`integrity.strict_json` turns such floats into null.
 
     Examples
     --------
     >>> atomic_write_json(tmp / "weights.json", {"0": [0.5, 0.5]}, indent=2)  # doctest: +SKIP
     """
+    json_kwargs.setdefault("allow_nan", False)  # NaN/Infinity are not JSON: fail, never write
     atomic_write_text(path, json.dumps(obj, **json_kwargs))
 
 

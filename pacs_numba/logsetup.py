@@ -18,6 +18,30 @@ _LEVELS = {
 }
 
 
+def human_size(n_bytes: float) -> str:
+    """Format a byte count as a person reads it: ``"3.4 GiB"``, ``"512 KiB"``, ``"17 B"``.
+
+    Examples
+    --------
+    >>> human_size(3632128033), human_size(1536), human_size(17)
+    ('3.4 GiB', '1.5 KiB', '17 B')
+    """
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _bars_on_screen() -> bool:
+    """Whether a tqdm bar is open (only then must log lines go through ``tqdm.write``)."""
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return False
+    return bool(getattr(tqdm_mod.tqdm, "_instances", None))
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record.
 
@@ -36,6 +60,23 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record; while a tqdm bar is drawn, above it through ``tqdm.write``.
+
+        A plain write would land after the bar's text on the same line and leave a
+        stale copy of the bar behind; ``tqdm.write`` clears the bars, prints the
+        line and redraws them.
+        """
+        if not _bars_on_screen():
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's contract: never raise from emit
+            self.handleError(record)
 
 
 def resolve_level(verbose: int = 0, quiet: int = 0, default: str = "INFO") -> int:
@@ -60,10 +101,51 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("numba").setLevel(max(level, logging.INFO))
 
 
-def add_file_log(path: Path, level: int = logging.INFO) -> logging.Handler:
-    """Also write the log to ``path`` (the config's ``log_to_file``); returns the handler."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+class _FileHandler(logging.FileHandler):
+    """A log file that, when a write fails (full disk, quota, lost mount), says so once.
+
+    logging's default reaction to a failing handler is a ``--- Logging error ---``
+    traceback on stderr for every record.  This handler instead detaches itself at the
+    first failure and logs one ERROR line saying where the log goes from then on
+    (stderr, which the other handler still writes); the run goes on.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        root = logging.getLogger()
+        if self not in root.handlers:
+            return
+        root.removeHandler(self)
+        try:
+            self.close()
+        except OSError:
+            pass  # closing flushes, which fails again on a full disk
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        logging.getLogger("pacs_numba.logsetup").error(
+            "cannot write the log file %s (%s); logging continues on stderr only",
+            self.baseFilename,
+            reason,
+        )
+
+
+def add_file_log(path: Path, level: int = logging.INFO) -> logging.Handler | None:
+    """Also write the log to ``path`` (the config's ``log_to_file``); returns the handler.
+
+    If the file cannot be created, logs one WARNING and returns None: a log file is a
+    convenience, and the records still reach stderr.  If a later write fails, the handler
+    detaches itself with one ERROR line (see :class:`_FileHandler`).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        logging.getLogger("pacs_numba.logsetup").warning(
+            "cannot create the log file %s (%s: %s); logging to stderr only",
+            path,
+            type(exc).__name__,
+            exc,
+        )
+        return None
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(level)
     handler._pacs_numba = True  # type: ignore[attr-defined]

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig
-from .errors import ConfigError
+from .errors import ConfigError, InputError
+from .integrity import check_patient_id
 
 __all__ = [
     "hr_path",
@@ -262,7 +263,7 @@ def load_manifest(path: str | os.PathLike[str]) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"manifest {str(file)!r} cannot be read ({exc})") from None
     try:
-        manifest = json.loads(text)
+        manifest = json.loads(text, object_pairs_hook=_no_duplicates(file, text))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"manifest {str(file)!r} is not valid JSON: {exc.msg} at line {exc.lineno}, "
@@ -289,12 +290,46 @@ def load_manifest(path: str | os.PathLike[str]) -> dict:
                     f"{where}: fold {i} has no {split!r} mapping of patient -> file entry"
                 )
             for pid, entry in part.items():
+                try:
+                    check_patient_id(pid, f"{where}: fold {i} {split}")
+                except InputError as exc:
+                    raise ConfigError(str(exc)) from None
                 if not isinstance(entry, dict):
                     raise ConfigError(
                         f"{where}: fold {i} {split} patient {pid!r} must map to an object "
                         'entry[MODEL|"HR"|"LR"][spacing][pulse] = path'
                     )
+        both = sorted(set(fold["train"]) & set(fold["test"]))
+        if both:
+            raise ConfigError(
+                f"{where}: fold {i} lists patient(s) {', '.join(map(repr, both))} in both "
+                "'train' and 'test'; a test patient must not be trained on (rebuild the manifest)"
+            )
     return manifest
+
+
+def _no_duplicates(file: Path, text: str):  # noqa: ANN202 - a json object_pairs_hook
+    """Return an ``object_pairs_hook`` that refuses a key listed twice in one object.
+
+    ``json`` keeps the last of two equal keys silently; in a manifest that hides a patient
+    listed twice (with different files) or a fold entry overwritten.
+    """
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                needle = json.dumps(key)
+                lines = [n for n, line in enumerate(text.splitlines(), 1) if needle in line]
+                at = f" (the key appears on lines {', '.join(map(str, lines))})" if lines else ""
+                raise ConfigError(
+                    f"manifest {str(file)!r} lists the key {key!r} twice in one object{at}; "
+                    "each patient and setting may appear once"
+                )
+            out[key] = value
+        return out
+
+    return hook
 
 
 def _lookup(entry: Any, keys: Sequence[str], pid: str, fold: int) -> str:

@@ -18,19 +18,18 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._arrays import as_volume
+from ._checks import as_mask_u8, check_shape
 from ._config import PSNR_EPS, SSIM_AXES, SSIM_MIN_RANGE
 from .kernels.metrics import _ssim_slices, _volume_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["aggregate", "ssim_slices", "volume_metrics"]
+__all__ = ["METRIC_KEYS", "aggregate", "ssim_slices", "volume_metrics"]
 
-
-def _readonly(arr: NDArray) -> NDArray:
-    """Read-only view, so each kernel compiles once (Numba types readonly arrays apart)."""
-    view = arr.view()
-    view.flags.writeable = False
-    return view
+#: The metrics of one volume, in the order ``metrics.json`` lists them (algorithm A7.6).
+#: :func:`volume_metrics` returns exactly these keys (a value without a key is an error,
+#: never dropped), and the engine and :func:`aggregate` take the keys from its result.
+METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 
 
 def _axis_code(axis: str | int) -> int:
@@ -46,8 +45,7 @@ def _axis_code(axis: str | int) -> int:
 def _pair(hr: ArrayLike, pred: ArrayLike) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     t = as_volume(hr)
     p = as_volume(pred)
-    if t.shape != p.shape:
-        raise ValueError(f"prediction has shape {p.shape}; expected {t.shape} like the HR volume")
+    check_shape(p.shape, t.shape, what="prediction", like="the HR volume")
     return t, p
 
 
@@ -79,8 +77,10 @@ def ssim_slices(
 
     Raises
     ------
+    InputError
+        On mismatched shapes.
     ValueError
-        On mismatched shapes or an unknown axis.
+        On an unknown axis.
 
     Notes
     -----
@@ -97,11 +97,7 @@ def ssim_slices(
     [1.0, 1.0]
     """
     t, p = _pair(hr, pred)
-    m = np.asarray(mask)
-    if m.shape != t.shape:
-        raise ValueError(f"mask has shape {m.shape}; expected {t.shape}")
-    m = m.view(np.uint8) if m.dtype == np.bool_ else (m != 0).view(np.uint8)
-    m = _readonly(np.ascontiguousarray(m))
+    m = as_mask_u8(mask, t.shape, like="the HR volume")
     return _ssim_slices(t, p, m, _axis_code(axis), SSIM_MIN_RANGE, numba.get_num_threads())
 
 
@@ -131,8 +127,10 @@ def volume_metrics(hr: ArrayLike, pred: ArrayLike, *, ssim_axis: str = "axial") 
 
     Raises
     ------
+    InputError
+        On mismatched shapes.
     ValueError
-        On mismatched shapes or an unknown axis.
+        On an unknown axis.
 
     Warns
     -----
@@ -174,11 +172,11 @@ def volume_metrics(hr: ArrayLike, pred: ArrayLike, *, ssim_axis: str = "axial") 
     # The kernel drops non-finite hr voxels itself, so hr > 0 (1 byte per voxel) is enough.
     mask = t > 0
     per_slice = _ssim_slices(
-        t, p, _readonly(mask.view(np.uint8)), axis, SSIM_MIN_RANGE, numba.get_num_threads()
+        t, p, as_mask_u8(mask, t.shape), axis, SSIM_MIN_RANGE, numba.get_num_threads()
     )
     kept = per_slice[~np.isnan(per_slice)]
     ssim = float(np.mean(kept)) if kept.size else 0.0
-    return {"mse": mse, "mae": mae, "psnr": psnr, "ssim": ssim}
+    return dict(zip(METRIC_KEYS, (mse, mae, psnr, ssim), strict=True))
 
 
 def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -187,13 +185,21 @@ def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
     Parameters
     ----------
     metrics : sequence of mapping
-        One ``{name: value}`` per patient, all with the keys of the first.
+        One ``{name: value}`` per patient (normally :func:`volume_metrics`), all with
+        the same keys.
 
     Returns
     -------
     dict of str to float
         ``{name: float(np.mean([m[name] for m in metrics]))}``; empty if
-        ``metrics`` is empty (the reference writes ``{}`` then).
+        ``metrics`` is empty (the reference writes ``{}`` then).  Keys keep the
+        first patient's order.
+
+    Raises
+    ------
+    ValueError
+        If the patients do not all have the same metric names (a metric computed for
+        some patients only would otherwise be averaged over a subset or dropped).
 
     Examples
     --------
@@ -203,4 +209,9 @@ def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
     if len(metrics) == 0:
         return {}
     keys = list(metrics[0].keys())
+    for i, m in enumerate(metrics):
+        if set(m) != set(keys):
+            raise ValueError(
+                f"patient {i} has metrics {sorted(m)}; expected {sorted(keys)} like patient 0"
+            )
     return {k: float(np.mean([float(m[k]) for m in metrics])) for k in keys}

@@ -21,10 +21,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import InputError
+from .integrity import require_regular_file
 from .io import atomic_savez, atomic_write_text
+from .layout import MODEL_FILE  # noqa: F401 - re-exported: the model's file name
 from .tiling import TileGrid
 
-MODEL_FILE = "pacs_model.npz"
 FORMAT_VERSION = 1
 
 
@@ -95,6 +96,7 @@ def read_weights_json(
     """
     path = Path(path)
     try:
+        require_regular_file(path, "weights file")
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"weights file '{path}' does not exist") from None
@@ -114,11 +116,18 @@ def read_weights_json(
                 f"weights file '{path}': tile id {t} is outside [0, {n_tiles}) for this grid; "
                 "were the weights made with another patch_size, stride or volume shape?"
             )
-        arr = np.asarray(vec, dtype=np.float64)
-        if arr.shape != (n_models,) or not np.all(np.isfinite(arr)):
+        # Only a list of plain numbers is a weight vector: strings, objects, nested
+        # lists and booleans would reach numpy as ValueError/TypeError otherwise.
+        numbers = isinstance(vec, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in vec
+        )
+        arr = np.asarray(vec, dtype=np.float64) if numbers else None
+        if arr is None or arr.shape != (n_models,) or not np.all(np.isfinite(arr)):
+            shown = json.dumps(vec)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise InputError(
-                f"weights file '{path}': tile {t} has {list(vec)!r}; expected {n_models} finite "
-                "weights (one per model in data.models)"
+                f"weights file '{path}': tile {t} has {shown}; expected a list of {n_models} "
+                "finite numbers (one weight per model in data.models)"
             )
         weights[t] = arr.astype(np.float32)
         learned[t] = True
@@ -150,8 +159,10 @@ def load_model(path: Path) -> StackingModel:
         If the file is missing or is not a pacs_numba model file.
     """
     path = Path(path)
+    require_regular_file(path, "model file")  # np.load would block on a FIFO
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own file object: np.load leaks the one it opens when the zip is damaged
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             grid = TileGrid(
                 tuple(int(x) for x in z["shape"]), int(z["patch_size"]), int(z["stride"])
             )
@@ -164,5 +175,9 @@ def load_model(path: Path) -> StackingModel:
             )
     except FileNotFoundError:
         raise InputError(f"model file '{path}' does not exist") from None
-    except (KeyError, ValueError, OSError) as exc:
-        raise InputError(f"'{path}' is not a pacs_numba model file: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, KeyError...
+        # a truncated or damaged file fails in many ways; each is an input error naming it
+        raise InputError(
+            f"model file '{path}' is damaged or not a pacs_numba model file "
+            f"({type(exc).__name__}: {exc}); train again or restore it"
+        ) from None

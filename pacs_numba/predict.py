@@ -18,23 +18,28 @@ these substitutions (the tests bound the difference).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .blending import blend_volume, brain_mask
+from .blending import Normalisation, blend_patient, brain_mask, expert_mean
 from .errors import InputError
 from .io import VolumeStore, write_nifti
 from .model import StackingModel, load_model
-from .statistics import normalisation, valid_mask
 
 log = logging.getLogger(__name__)
 
 
 def predict_volume(
-    experts: Sequence[NDArray[np.float32]], model: StackingModel, *, window: str = "hann"
+    experts: Sequence[NDArray[np.float32]],
+    model: StackingModel,
+    *,
+    window: str = "hann",
+    norm: Normalisation | None = None,
+    mask: NDArray | None = None,
 ) -> NDArray[np.float32]:
     """Blend one patient's expert volumes with a model, without an HR.
 
@@ -46,6 +51,12 @@ def predict_volume(
         Tile weights and grid (``pacs_model.npz`` from ``train``).
     window : {"hann", "flat"}
         Mixing window when tiles overlap (the config's ``mixing_window``).
+    norm : Normalisation, optional
+        Statistics source; default :meth:`Normalisation.from_experts` (algorithm B6).
+        ``Normalisation.from_hr`` gives the evaluate blend when an HR exists.
+    mask : (N0, N1, N2) bool or uint8, optional
+        Brain mask; default the largest component of ``mean(experts) >= 0.1``.  A
+        registered atlas mask goes here.
 
     Returns
     -------
@@ -68,28 +79,71 @@ def predict_volume(
                 f"expert {name} has shape {tuple(vol.shape)}; the model was trained on "
                 f"{model.grid.shape}"
             )
-    proxy = np.zeros(model.grid.shape, dtype=np.float32)
-    for vol in experts:
-        proxy += np.where(np.isfinite(vol), vol, np.float32(0))
-    proxy /= np.float32(len(experts))
-    valid, _ = valid_mask(proxy, experts)  # proxy > 0 where every expert is finite
-    if not valid.any():
-        raise InputError("the experts have no voxel > 0: nothing to blend")
-    _, _, mus, sds = normalisation(proxy, experts, valid)
-    del valid
-    bmask = brain_mask(proxy)
-    del proxy
-    return blend_volume(
-        experts,
-        model.grid,
-        model.weights,
-        mus=mus,
-        sds=sds,
-        mu_hr=float(np.mean(mus)),
-        sd_hr=float(np.mean(sds)),
-        mask=bmask,
-        window=window,
+    if norm is None or mask is None:
+        proxy = expert_mean(experts)
+        if norm is None:
+            norm = Normalisation.from_experts(experts, proxy)
+        if mask is None:
+            mask = brain_mask(proxy)
+        del proxy
+    return blend_patient(
+        experts, model.grid, model.weights, window=window, norm=norm, brain_mask=mask
     )
+
+
+def check_out_path(out_path: Path, inputs: Sequence[Path], *, force: bool = False) -> Path:
+    """Check ``predict``'s output path before anything is read.
+
+    Raises
+    ------
+    InputError
+        If ``out_path`` does not end in ``.nii`` or ``.nii.gz`` (a folder or a name without
+        extension), is one of ``inputs`` (same file, whatever the spelling), or exists and
+        ``force`` is False.
+    """
+    out = Path(out_path)
+    name = str(out_path)
+    if name.endswith(("/", os.sep)) or out.is_dir():
+        raise InputError(f"--out '{name}' is a folder; expected a file name ending in .nii.gz")
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"--out '{name}' must end in .nii or .nii.gz")
+    real = os.path.realpath(out)
+    for src in inputs:
+        same = os.path.realpath(src) == real
+        if not same and out.exists():
+            try:
+                same = os.path.samefile(src, out)
+            except OSError:
+                same = False
+        if same:
+            raise InputError(f"--out '{name}' is the input '{src}'; choose another output file")
+    if out.exists() and not force:
+        raise InputError(f"--out '{name}' already exists; pass --force to overwrite it")
+    return out
+
+
+def model_window(model: StackingModel, requested: str | None) -> str:
+    """Return the mixing window to predict with: the model's own; ``requested`` must agree.
+
+    A model file records the ``pacs_sr`` settings it was trained with.  Tile size and stride
+    come from its grid and the normalisation is z-score (the only one); the mixing window is
+    the one setting a caller could pass differently, and a blend with another window than
+    training used is a different blend, so a contradiction is an error.  A model without
+    recorded settings (made from a weights.json) takes ``requested`` or ``"hann"``.
+    """
+    trained = (model.settings.get("pacs_sr") or {}).get("mixing_window")
+    if trained is None:
+        return requested or "hann"
+    if requested is not None and requested != trained:
+        raise InputError(
+            f"--window {requested} contradicts the model, which was trained with "
+            f"mixing_window: {trained}; drop --window (the model's setting is used)"
+        )
+    normalize = (model.settings.get("pacs_sr") or {}).get("normalize", "zscore")
+    if normalize != "zscore":
+        raise InputError(f"the model was trained with normalize: {normalize}; only zscore is "
+                         "supported")
+    return str(trained)
 
 
 def predict_files(
@@ -97,14 +151,19 @@ def predict_files(
     expert_paths: Sequence[Path],
     out_path: Path,
     *,
-    window: str = "hann",
+    window: str | None = None,
     cache_dir: Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Read the experts, blend them with the model file and write the prediction.
 
-    The output keeps the first expert's affine and header, as float32.
+    The output keeps the first expert's affine and header, as float32.  ``window`` None
+    uses the model's mixing window (:func:`model_window`); ``out_path`` is checked by
+    :func:`check_out_path` before anything is read.
     """
+    check_out_path(out_path, [Path(model_path), *map(Path, expert_paths)], force=force)
     model = load_model(model_path)
+    window = model_window(model, window)
     store = VolumeStore(cache_dir)
     vols = [store.get(p) for p in expert_paths]
     pred = predict_volume([v.data for v in vols], model, window=window)

@@ -1,18 +1,25 @@
 """The run record next to a task's outputs: what made them, so ``--resume`` can trust them.
 
 ``model_data/fold_N/{pulse}/pacs_numba_run.json`` holds the settings that change the numbers,
-the fingerprints (path, size, mtime) of the training inputs and a digest of the model, and for
-each finished patient its input fingerprints, its output files and its metrics.  It is rewritten
+the fingerprints (path, size, mtime, ctime, content sample) of the training inputs and a digest
+of the model, and for each finished patient its input fingerprints, its output files (path
+relative to the record's folder, size and SHA-256 checksum) and its metrics.  It is rewritten
 atomically after every patient, so a run killed part-way (SLURM's time limit) leaves a record of
 exactly the patients whose outputs are complete.  A resumed run reuses a patient only when its
-inputs, the settings and the model are unchanged and every output file it wrote still exists.
+inputs, the settings and the model are unchanged and every output file it wrote still has the
+size and checksum it was written with; otherwise the patient is computed again.  Output paths
+are relative to the task folder, so a resume works from any working directory (and after the
+whole out_root was moved).  The record is strict JSON: an infinite PSNR is stored as null.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,33 +27,42 @@ from typing import Any
 
 import numpy as np
 
+from .config import PacsConfig
 from .errors import InputError
+from .integrity import file_digest, strict_json, verify_file
 from .io import atomic_write_json, file_fingerprint
+from .layout import RECORD_FILE  # noqa: F401 - re-exported: the record's file name
 
 log = logging.getLogger(__name__)
 
-RECORD_FILE = "pacs_numba_run.json"
-FORMAT_VERSION = 1
+#: 2: outputs carry size and checksum and are relative to the record's folder; inputs
+#: carry ctime and a content sample.
+FORMAT_VERSION = 2
 
-#: pacs_sr keys that change what a task computes or writes (not how fast).
-RESULT_SETTINGS = (
-    "experiment_name",
-    "patch_size",
-    "stride",
-    "mixing_window",
-    "simplex",
-    "lambda_ridge",
-    "laplacian_tau",
-    "lambda_edge",
-    "edge_power",
-    "lambda_grad",
-    "grad_operator",
-    "normalize",
-    "use_registration",
-    "ssim_axis",
-    "evaluate_train",
-    "save_weight_volumes",
-    "save_blends",
+#: ``pacs_sr`` keys that change how fast or where a task runs, or what it logs, but not
+#: the numbers or files it writes.  Every other field of :class:`PacsConfig` is a result
+#: setting, so a new config key is compared by ``--resume`` unless it is listed here.
+#: ``parallel_backend``, ``device``, ``compute_lpips`` and ``compute_kid`` are accepted for
+#: compatibility and unused; ``out_root`` locates the outputs (a record found under another
+#: root was still made with the same settings).
+NON_RESULT_SETTINGS = frozenset(
+    {
+        "num_workers",
+        "parallel_backend",
+        "device",
+        "compute_lpips",
+        "compute_kid",
+        "log_level",
+        "log_to_file",
+        "log_region_freq",
+        "disable_tqdm",
+        "out_root",
+    }
+)
+
+#: pacs_sr keys that change what a task computes or writes (not how fast), in config order.
+RESULT_SETTINGS = tuple(
+    f.name for f in dataclasses.fields(PacsConfig) if f.name not in NON_RESULT_SETTINGS
 )
 
 
@@ -168,12 +184,20 @@ class RunRecord:
         rec = self.old.get("patients", {}).get(f"{split}/{pid}")
         if not rec or rec.get("inputs") != inputs:
             return None
-        if not all(Path(p).exists() for p in rec.get("outputs", [])):
-            return None
+        for out in rec.get("outputs", []):
+            why = (
+                verify_file(self.path.parent / out["path"], out)
+                if isinstance(out, dict) and isinstance(out.get("path"), str)
+                else "the record lists a malformed output"
+            )
+            if why is not None:
+                log.info("resume: patient %s (%s): %s; computing it again", pid, split, why)
+                return None
         with self._lock:
             self.doc["patients"][f"{split}/{pid}"] = rec
             self._save()
-        return dict(rec["metrics"])
+        # strict JSON stores an infinite PSNR (blend == HR) as null
+        return {k: (math.inf if v is None else v) for k, v in rec["metrics"].items()}
 
     def add_patient(
         self,
@@ -183,11 +207,20 @@ class RunRecord:
         outputs: list[Path],
         metrics: Mapping[str, float],
     ) -> None:
-        """Record a finished patient (after its outputs were written)."""
+        """Record a finished patient (after its outputs were written).
+
+        Each output's size and checksum are taken now, from the file just written (it is
+        still in the page cache), so a later resume can verify it.
+        """
+        described = [
+            {"path": os.path.relpath(os.path.abspath(p), os.path.abspath(self.path.parent)),
+             **file_digest(p)}
+            for p in outputs
+        ]
         with self._lock:
             self.doc["patients"][f"{split}/{pid}"] = {
                 "inputs": inputs,
-                "outputs": [str(p) for p in outputs],
+                "outputs": described,
                 "metrics": dict(metrics),
             }
             self._save()
@@ -199,4 +232,4 @@ class RunRecord:
             self._save()
 
     def _save(self) -> None:
-        atomic_write_json(self.path, self.doc, indent=1)
+        atomic_write_json(self.path, strict_json(self.doc), indent=1)

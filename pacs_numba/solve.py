@@ -15,8 +15,14 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .errors import ConfigError
-from .kernels.qp import _laplacian_smooth, _solve_simplex_qp, _solve_unconstrained
+from ._checks import check_grid_counts
+from .errors import ConfigError, InputError
+from .kernels.qp import (
+    _laplacian_smooth,
+    _solve_simplex_qp,
+    _solve_simplex_qp_active_set,
+    _solve_unconstrained,
+)
 
 __all__ = [
     "fit_weights",
@@ -27,10 +33,15 @@ __all__ = [
     "solve_unconstrained",
 ]
 
-#: The exact simplex solver enumerates all 2^M - 1 supports of each tile.  Measured on
-#: one core: ~3 us per tile at M = 4, ~50 us at M = 8, ~1.4 ms at M = 12, and a factor
-#: of 2-2.5 more per extra expert; past this many experts a fit would take hours.
-_MAX_SIMPLEX_EXPERTS = 14
+#: Up to this many experts the simplex QP enumerates all 2^M - 1 supports of each tile
+#: (kernels.qp._simplex_qp_one); beyond it an exact active-set method takes over
+#: (kernels.qp._active_set_qp_one), whose cost grows like M^3 instead of 2^M M^3.
+#: Both are exact; the enumeration is kept where it is as fast, because on a tie
+#: (several minimisers, lambda_ridge = 0 and duplicated experts) it picks the one the
+#: earlier releases picked.  Measured per tile (2 threads, loaded machine, median of 3
+#: runs over 2000 tiles): M = 4 enumeration 9 us, active set 10 us; M = 6: 34 us vs 10 us;
+#: M = 8: 177 us vs 6 us; M = 12: 5.6 ms vs 12 us.
+_ENUMERATION_MAX_EXPERTS = 5
 
 
 def _check_lambda(lambda_ridge: float) -> float:
@@ -71,12 +82,12 @@ def _check_stats(
     q = np.ascontiguousarray(Q, dtype=np.float64)
     b = np.ascontiguousarray(B, dtype=np.float64)
     if q.ndim != 3 or q.shape[1] != q.shape[2] or q.shape[1] < 1:
-        raise ValueError(
+        raise InputError(
             f"Q must have shape (n_tiles, n_experts, n_experts) with n_experts >= 1, "
             f"got {q.shape}"
         )
     if b.shape != q.shape[:2]:
-        raise ValueError(
+        raise InputError(
             f"B has shape {b.shape}; expected {q.shape[:2]} (n_tiles, n_experts) to match "
             f"Q of shape {q.shape}"
         )
@@ -88,7 +99,7 @@ def _check_active(active: ArrayLike | None, n_tiles: int) -> NDArray[np.bool_]:
         return np.ones(n_tiles, dtype=np.bool_)
     act = np.ascontiguousarray(active, dtype=np.bool_)
     if act.shape != (n_tiles,):
-        raise ValueError(f"active has shape {act.shape}; expected ({n_tiles},), one flag per tile")
+        raise InputError(f"active has shape {act.shape}; expected ({n_tiles},), one flag per tile")
     return act
 
 
@@ -136,15 +147,18 @@ def solve_simplex_qp(
     ------
     ConfigError
         If ``lambda_ridge`` is negative or not finite.
+    InputError
+        If the shapes disagree.
     ValueError
-        If the shapes disagree, an active tile's statistics are not finite, or
-        there are more than 14 experts (the solver enumerates ``2^M - 1`` supports).
+        If an active tile's statistics are not finite.
 
     Notes
     -----
-    Enumerates every support of each tile and solves its KKT system; the minimiser
-    is the feasible candidate with the smallest objective (see
-    :func:`pacs_numba.kernels.qp._simplex_qp_one` for why this is exact).  The
+    For up to ``_ENUMERATION_MAX_EXPERTS`` experts, enumerates every support of each
+    tile and solves its KKT system; the minimiser is the feasible candidate with the
+    smallest objective (see :func:`pacs_numba.kernels.qp._simplex_qp_one` for why this
+    is exact).  For more experts, a primal active-set method finds the same minimiser
+    (:func:`pacs_numba.kernels.qp._active_set_qp_one`); any number of experts works.  The
     minimiser is unique when ``Q + lambda_ridge I`` is positive definite; with
     ``lambda_ridge = 0`` and a singular Q (duplicated experts, one expert) a minimiser
     with the smallest support is returned.  Parallel over tiles.
@@ -159,13 +173,10 @@ def solve_simplex_qp(
     lam = _check_lambda(lambda_ridge)
     q, b = _check_stats(Q, B)
     act = _check_active(active, q.shape[0])
-    if q.shape[1] > _MAX_SIMPLEX_EXPERTS:
-        raise ValueError(
-            f"the exact simplex solver supports at most {_MAX_SIMPLEX_EXPERTS} experts "
-            f"(it enumerates 2^M - 1 supports per tile), got {q.shape[1]}"
-        )
     _check_finite(q, b, act)
-    return _solve_simplex_qp(q, b, lam, act, numba.get_num_threads())
+    enumerate_supports = q.shape[1] <= _ENUMERATION_MAX_EXPERTS
+    kernel = _solve_simplex_qp if enumerate_supports else _solve_simplex_qp_active_set
+    return kernel(q, b, lam, act, numba.get_num_threads())
 
 
 def solve_unconstrained(
@@ -197,8 +208,10 @@ def solve_unconstrained(
     ------
     ConfigError
         If ``lambda_ridge`` is negative or not finite.
+    InputError
+        If the shapes disagree.
     ValueError
-        If the shapes disagree or an active tile's statistics are not finite.
+        If an active tile's statistics are not finite.
 
     Notes
     -----
@@ -221,21 +234,6 @@ def solve_unconstrained(
     act = _check_active(active, q.shape[0])
     _check_finite(q, b, act)
     return _solve_unconstrained(q, b, lam, act, numba.get_num_threads())
-
-
-def _check_grid(grid_counts: tuple[int, int, int], n_tiles: int) -> tuple[int, int, int]:
-    try:
-        n0, n1, n2 = (int(n) for n in grid_counts)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"grid counts must be three positive integers (n0, n1, n2), got {grid_counts!r}"
-        ) from None
-    if min(n0, n1, n2) < 1 or n0 * n1 * n2 != n_tiles:
-        raise ValueError(
-            f"grid counts {(n0, n1, n2)} do not describe {n_tiles} tiles; expected three "
-            f"positive integers whose product is {n_tiles} (TileGrid.counts)"
-        )
-    return n0, n1, n2
 
 
 def laplacian_smooth(
@@ -271,7 +269,7 @@ def laplacian_smooth(
     ------
     ConfigError
         If ``tau`` is outside ``[0, 1]``.
-    ValueError
+    InputError
         If the shapes disagree with each other or with ``counts``.
 
     Examples
@@ -285,13 +283,13 @@ def laplacian_smooth(
     t = _check_tau(tau)
     w = np.ascontiguousarray(weights, dtype=np.float32)
     if w.ndim != 2 or w.shape[1] < 1:
-        raise ValueError(f"weights must have shape (n_tiles, n_experts), got {w.shape}")
+        raise InputError(f"weights must have shape (n_tiles, n_experts), got {w.shape}")
     lrn = np.ascontiguousarray(learned, dtype=np.bool_)
     if lrn.shape != (w.shape[0],):
-        raise ValueError(
+        raise InputError(
             f"learned has shape {lrn.shape}; expected ({w.shape[0]},), one flag per tile"
         )
-    n0, n1, n2 = _check_grid(counts, w.shape[0])
+    n0, n1, n2 = check_grid_counts(counts, w.shape[0])
     if t == 0.0:
         return w.copy()
     return _laplacian_smooth(w, lrn, n0, n1, n2, t)
@@ -322,7 +320,7 @@ def objective(
     ------
     ConfigError
         If ``lambda_ridge`` is negative or not finite.
-    ValueError
+    InputError
         If the shapes disagree.
 
     Examples
@@ -334,7 +332,7 @@ def objective(
     q, b = _check_stats(Q, B)
     w = np.asarray(W, dtype=np.float64)
     if w.shape != b.shape:
-        raise ValueError(f"W has shape {w.shape}; expected {b.shape} like B")
+        raise InputError(f"W has shape {w.shape}; expected {b.shape} like B")
     quad = np.einsum("ti,tij,tj->t", w, q, w) + lam * np.einsum("ti,ti->t", w, w)
     return quad - 2.0 * np.einsum("ti,ti->t", b, w)
 
@@ -369,7 +367,7 @@ def slsqp_reference_weights(
     ------
     ConfigError
         If ``lambda_ridge`` is negative or not finite.
-    ValueError
+    InputError
         If the shapes disagree.
 
     Notes
@@ -455,9 +453,10 @@ def fit_weights(
     ------
     ConfigError
         If ``lambda_ridge < 0`` or ``laplacian_tau`` is outside ``[0, 1]``.
+    InputError
+        If the shapes disagree with each other or with ``grid_counts``.
     ValueError
-        If the shapes disagree with each other or with ``grid_counts``, or a learned
-        tile's statistics are not finite.
+        If a learned tile's statistics are not finite.
 
     Notes
     -----
@@ -480,8 +479,8 @@ def fit_weights(
     n_tiles, m = b.shape
     n = np.asarray(counts_n)
     if n.shape != (n_tiles,):
-        raise ValueError(f"counts_n has shape {n.shape}; expected ({n_tiles},), one count per tile")
-    grid = _check_grid(grid_counts, n_tiles)
+        raise InputError(f"counts_n has shape {n.shape}; expected ({n_tiles},), one count per tile")
+    grid = check_grid_counts(grid_counts, n_tiles)
     learned = n > 0
     if simplex:
         w64 = solve_simplex_qp(q, b, lam, active=learned)

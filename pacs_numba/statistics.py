@@ -27,6 +27,7 @@ from numba.typed import List
 from numpy.typing import ArrayLike, NDArray
 
 from ._arrays import as_volume, as_volume_list
+from ._checks import as_mask_u8, check_shape
 from ._config import GRAD_OPERATORS
 from .errors import ConfigError, InputError
 from .kernels.stats import _sobel_magnitude_max, _tile_statistics, _valid_mask, _volume_moments
@@ -87,25 +88,8 @@ def _check_volumes(
     if len(experts) == 0:
         raise InputError("need at least one expert volume, got none")
     for e, x in enumerate(experts):
-        if np.shape(x) != hr_shape:
-            raise InputError(
-                f"expert {e} has shape {np.shape(x)}; expected {hr_shape} like the HR volume"
-            )
+        check_shape(np.shape(x), hr_shape, what=f"expert {e}", like="the HR volume")
     return as_volume(hr), as_volume_list(experts)
-
-
-def _as_mask(mask: ArrayLike, shape: tuple[int, ...]) -> NDArray[np.uint8]:
-    """Return ``mask != 0`` as a read-only C-contiguous uint8 array of ``shape``."""
-    m = np.asarray(mask)
-    if m.shape != tuple(shape):
-        raise InputError(f"mask has shape {m.shape}; expected {tuple(shape)} like the volumes")
-    if m.dtype != np.uint8:
-        m = m != 0
-    m = np.ascontiguousarray(m, dtype=np.uint8)
-    if m.flags.writeable:
-        m = m.view()
-        m.flags.writeable = False
-    return m
 
 
 def valid_mask(
@@ -189,7 +173,7 @@ def volume_moments(
     for e, v in enumerate(vols):
         if np.shape(v) != shape:
             raise InputError(f"volume {e} has shape {np.shape(v)}; expected {shape} like volume 0")
-    return _volume_moments(as_volume_list(vols), _as_mask(mask, shape))
+    return _volume_moments(as_volume_list(vols), as_mask_u8(mask, shape))
 
 
 def normalisation(
@@ -227,7 +211,7 @@ def normalisation(
     """
     hr_v, ex = _check_volumes(hr, experts)
     vols = as_volume_list([hr_v, *ex])
-    mom = _volume_moments(vols, _as_mask(mask, hr_v.shape))
+    mom = _volume_moments(vols, as_mask_u8(mask, hr_v.shape))
     return float(mom[0, 0]), float(mom[0, 1]), mom[1:, 0].copy(), mom[1:, 1].copy()
 
 
@@ -319,7 +303,7 @@ def patient_statistics(
         )
 
     mask, nonfinite = _valid_mask(hr_v, ex)
-    mask.flags.writeable = False  # same compiled signature as masks from _as_mask
+    mask.flags.writeable = False  # same compiled signature as masks from as_mask_u8
     mom = _volume_moments(as_volume_list([hr_v, *ex]), mask)
     mus_all = np.ascontiguousarray(mom[:, 0])
     sds_all = np.ascontiguousarray(mom[:, 1])
@@ -345,3 +329,17 @@ def patient_statistics(
         nonfinite=nonfinite,
         n_mask=int(counts.sum()),
     )
+
+
+#: An HR whose std over its mask is below this fraction of its mean (or the A3.2 floor) is
+#: flat: it has nothing to fit a blend to, and its PSNR would be meaningless or infinite.
+FLAT_HR_RTOL = 1e-6
+
+
+def hr_is_flat(mu_hr: float, sd_hr: float) -> bool:
+    """Tell whether an HR has no variance inside its mask (``sd_hr`` at the std floor).
+
+    ``sd_hr`` is the floored std of :func:`normalisation`; a constant volume gives the
+    floor itself, or a rounding residue far below ``FLAT_HR_RTOL * |mu_hr|``.
+    """
+    return not sd_hr > max(1e-8, FLAT_HR_RTOL * abs(mu_hr))

@@ -70,8 +70,16 @@ class TileGrid:
         """Whether neighbouring tiles overlap (``stride < patch_size``)."""
         return self.stride < self.patch_size
 
+    def tile_id(self, i0, i1, i2):  # noqa: ANN001, ANN201 - ints or integer arrays
+        """Tile id of grid index ``(i0, i1, i2)``: ``(i0 * n1 + i1) * n2 + i2``.
+
+        The Python side of ``kernels.grid._tile_id_one``; broadcasts over integer arrays.
+        """
+        _, n1, n2 = self.counts
+        return (i0 * n1 + i1) * n2 + i2
+
     def index(self, tile: int) -> tuple[int, int, int]:
-        """Grid index ``(i0, i1, i2)`` of tile id ``tile``."""
+        """Grid index ``(i0, i1, i2)`` of tile id ``tile`` (the inverse of :meth:`tile_id`)."""
         _, n1, n2 = self.counts
         return tile // (n1 * n2), (tile // n2) % n1, tile % n2
 
@@ -85,7 +93,6 @@ class TileGrid:
 
     def labels(self) -> NDArray[np.int64]:
         """Label volume (algorithm A2), ``int64`` of ``shape``.  For tests and small volumes."""
-        n0, n1, n2 = self.counts
         s = self.stride
         i0, i1, i2 = (np.arange(n) // s for n in self.shape)
-        return (i0[:, None, None] * n1 + i1[None, :, None]) * n2 + i2[None, None, :]
+        return self.tile_id(i0[:, None, None], i1[None, :, None], i2[None, None, :])

@@ -130,7 +130,7 @@ def _child_engine(spec: dict, t_start: float) -> dict:
 
     from pacs_numba.config import load_config
     from pacs_numba.engine import Engine, RunOptions, Task
-    from pacs_numba.memory import Figure, detect_limits
+    from pacs_numba.limits import Figure, detect_limits
 
     t_imported = time.perf_counter()
     width, threads = int(spec["width"]), int(spec["threads"])
@@ -275,7 +275,7 @@ class TreeSampler:
 
 
 def _cgroup() -> dict | None:
-    from pacs_numba.memory import cgroup_memory_usage
+    from pacs_numba.limits import cgroup_memory_usage
 
     try:
         u = cgroup_memory_usage()
@@ -610,7 +610,7 @@ def _git() -> dict[str, Any]:
 
 
 def environment() -> dict:
-    from pacs_numba.memory import detect_limits
+    from pacs_numba.limits import detect_limits
 
     limits = detect_limits()
     try:

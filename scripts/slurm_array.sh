@@ -17,7 +17,7 @@
 #   PACS_NUMBA_CACHE_DIR   volume cache (default: node-local scratch, see below)
 #   NUMBA_CACHE_DIR        compiled kernels (default: ~/.cache/pacs_numba/numba; set but empty:
 #                          Numba's own default next to the sources)
-#   PACS_NUMBA_DIAGNOSE=1  run `python -m pacs_numba.diagnose` before training (=warmup: also
+#   PACS_NUMBA_DIAGNOSE=1  run `pacs-numba diagnose` before training (=warmup: also
 #                          compile every kernel)
 #   PACS_NUMBA_MAX_WORKERS cap on the patients run at once (the memory plan still applies)
 #   PACS_PYTHON            the Python that has pacs_numba (default: python on PATH)
@@ -67,7 +67,7 @@ The task is --task ID or \$SLURM_ARRAY_TASK_ID, counted from 0.
   --cpus N    with --list: the CPUs per task to plan for (default: the patients a task
               runs at once, at most 8 and at most the largest node in sinfo)
   --dry-run   print the task, the environment and the command, run nothing
-  --diagnose  build the manifest if needed, then run python -m pacs_numba.diagnose
+  --diagnose  build the manifest if needed, then run pacs-numba diagnose
               --config CONFIG --warmup (checks the node, compiles the kernels); no training
   --task ID   the task to run (overrides \$SLURM_ARRAY_TASK_ID)
   -- ARGS     passed on to pacs-numba train (e.g. -- --workers 4 --mem-budget 12G)
@@ -128,8 +128,9 @@ if [[ -z ${PACS_PYTHON:-} ]] && command -v pacs-numba >/dev/null 2>&1; then
 else
     PACS=("$PY" -m pacs_numba)
 fi
-# pacs_numba's node check and memory plan: the one place that says how diagnose is run
-DIAGNOSE=("$PY" -m pacs_numba.diagnose)
+# pacs_numba's node check and memory plan, through the same entry point as train: the one
+# place that says how diagnose is run
+DIAGNOSE=("${PACS[@]}" diagnose)
 
 # ------------------------------------------------------------------ the task table
 # Spacings, pulses and the fold count come from the config (and the manifest once it exists:
@@ -602,7 +603,7 @@ sacct_peak() {
 
 cgroup_peak() {  # peak memory of this shell's cgroup (the batch step's), bytes
     "$PY" - <<'PY' 2>/dev/null
-from pacs_numba.memory import cgroup_memory_usage
+from pacs_numba.limits import cgroup_memory_usage
 u = cgroup_memory_usage()
 if u is not None and u.peak_bytes:
     print(u.peak_bytes, u.source)

@@ -314,7 +314,7 @@ def test_missing_hyphenated_key_hints_at_spelling(tmp_path, doc):
         ("patch_size", 32.0, "an integer"),
         ("patch_size", "32", "an integer"),
         ("patch_size", True, "an integer"),
-        ("num_workers", 2.5, "an integer"),
+        ("num_workers", 2.5, "a non-zero integer"),
         ("lambda_ridge", True, "a number"),
         ("lambda_ridge", "small", "a number"),
         ("edge_power", None, "a number"),
@@ -357,7 +357,7 @@ def test_enum_values(tmp_path, doc, key, value, allowed):
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("pacs_sr", "patch_size", 0, r"an integer >= 1"),
+        ("pacs_sr", "patch_size", 0, r"an integer in \[1, 4096\]; got 0"),
         ("pacs_sr", "stride", 0, r"in \[1, patch_size=32\]"),
         ("pacs_sr", "stride", 33, r"in \[1, patch_size=32\]; got 33"),
         ("pacs_sr", "lambda_ridge", -1e-6, r">= 0"),
@@ -366,15 +366,26 @@ def test_enum_values(tmp_path, doc, key, value, allowed):
         ("pacs_sr", "edge_power", 0, r"> 0"),
         ("pacs_sr", "laplacian_tau", 1.5, r"in \[0, 1\]"),
         ("pacs_sr", "laplacian_tau", -0.1, r"in \[0, 1\]"),
-        ("pacs_sr", "num_workers", 0, r">= 1"),
-        ("pacs_sr", "log_region_freq", 0, r">= 1"),
+        ("pacs_sr", "num_workers", 0,
+         r"a non-zero integer in \[-65536, 65536\] \(negative as in joblib: -1 = all CPUs"),
+        ("pacs_sr", "patch_size", 1e30, r"an integer in \[1, 4096\]; got 1e\+30 \(number\)"),
+        ("pacs_sr", "patch_size", 10**30,
+         r"an integer in \[1, 4096\]; got 1000000000000000000000000000000$"),
+        ("pacs_sr", "stride", 2**70, r"in \[1, patch_size=32\]; got 1180591620717411303424"),
+        ("pacs_sr", "log_region_freq", 0, r"in \[1, 2147483647\]"),
         ("pacs_sr", "lambda_ridge", float("nan"), r">= 0"),
-        ("data", "kfolds", 1, r">= 2"),
+        ("data", "kfolds", 1, r"in \[2, 100000\]"),
     ],
 )
 def test_ranges(tmp_path, doc, section, key, value, expected):
     doc[section][key] = value
     _error(_write(tmp_path, doc), rf"{section}\.{key} must be .*{expected}")
+
+
+@pytest.mark.parametrize("n", [-1, -2, 3])
+def test_num_workers_negative_follows_joblib(tmp_path, doc, n):
+    doc["pacs_sr"]["num_workers"] = n
+    assert load_config(_write(tmp_path, doc)).pacs_sr.num_workers == n
 
 
 def test_stride_equal_to_patch_size_is_allowed(tmp_path, doc):

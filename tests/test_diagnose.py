@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import write_tree as _tree
 
-# Imported before any test patches memory.detect_limits: modules that bind the name at
+# Imported before any test patches limits.detect_limits: modules that bind the name at
 # import time must keep the real function.
-from pacs_numba import diagnose, engine, memory  # noqa: F401
+from pacs_numba import diagnose, engine, limits  # noqa: F401
 from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
 from pacs_numba.manifest import build_manifest, write_manifest
@@ -42,9 +42,9 @@ def _fake_node(monkeypatch, tmp_path: Path, *, version: int, job_limit: int, env
                      "3:cpu,cpuacct:/slurm/uid_1/job_7/step_0\n")
     proc = tmp_path / "proc_self_cgroup"
     proc.write_text(proc_text)
-    fake = functools.partial(memory.detect_limits, env, root, proc, affinity_cpus=8,
+    fake = functools.partial(limits.detect_limits, env, root, proc, affinity_cpus=8,
                              physical_bytes=256 * GiB)
-    monkeypatch.setattr(memory, "detect_limits", fake)
+    monkeypatch.setattr(limits, "detect_limits", fake)
     for k in list(__import__("os").environ):
         if k.startswith("SLURM_") or k.endswith("MAX_WORKERS"):
             monkeypatch.delenv(k)

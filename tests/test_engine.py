@@ -384,6 +384,36 @@ def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
         rtol=1e-6, atol=1e-4)
 
 
+def test_predict_path_equals_the_evaluate_path_given_the_same_source(trained):
+    """One blend path (issue 7): predict with the HR as its source is evaluate's blend."""
+    from pacs_numba.blending import Normalisation, brain_mask
+    from pacs_numba.io import VolumeStore
+    from pacs_numba.model import load_model
+    from pacs_numba.predict import predict_volume
+
+    _, config, mdir, cache = trained
+    manifest = json.loads(Path(config.data.out).read_text())
+    _, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+    pid, paths = sorted(test.items())[0]
+    store = VolumeStore(cache)  # the volumes exactly as the engine read them
+    hr = store.get(paths["HR"]).data
+    experts = [store.get(e).data for e in paths["experts"]]
+    pred = predict_volume(
+        experts, load_model(mdir / "pacs_model.npz"), window=config.pacs_sr.mixing_window,
+        norm=Normalisation.from_hr(hr, experts), mask=brain_mask(hr),
+    )
+    evaluated = np.asanyarray(
+        nib.load(mdir.parents[2] / "output_volumes" / f"{pid}-{PULSE}.nii.gz").dataobj
+    )
+    assert evaluated.dtype == np.float32
+    np.testing.assert_array_equal(pred, evaluated)
+    # and the HR-free source really is another source
+    free = Normalisation.from_experts(experts)
+    assert free.source == "experts"
+    assert free.mu_out == pytest.approx(float(np.mean(free.mus)))
+    assert free.sd_out == pytest.approx(float(np.mean(free.sds)))
+
+
 def test_predict_rejects_experts_that_do_not_fit_the_model(trained, tmp_path, capsys):
     _, config, mdir, cache = trained
     manifest = json.loads(Path(config.data.out).read_text())
@@ -413,7 +443,7 @@ import sys, threading
 import numpy as np
 from pacs_numba.engine import ensure_threading_layer
 from pacs_numba.statistics import patient_statistics
-from pacs_numba.blending import blend_patient
+from pacs_numba.blending import Normalisation, blend_patient, brain_mask
 from pacs_numba.tiling import TileGrid
 
 layer = ensure_threading_layer()
@@ -425,7 +455,8 @@ experts = [hr + rng.normal(0, 0.1, shape).astype(np.float32) for _ in range(3)]
 w = np.full((grid.n_tiles, 3), 1 / 3, dtype=np.float32)
 serial = patient_statistics(hr, experts, grid, lambda_edge=0.25, edge_power=2.0,
                             lambda_grad=0.2)
-ref_blend = blend_patient(hr, experts, grid, w, window="hann")
+norm, bmask = Normalisation.from_hr(hr, experts), brain_mask(hr)
+ref_blend = blend_patient(experts, grid, w, window="hann", norm=norm, brain_mask=bmask)
 errors = []
 
 def work():
@@ -434,7 +465,8 @@ def work():
             st = patient_statistics(hr, experts, grid, lambda_edge=0.25, edge_power=2.0,
                                     lambda_grad=0.2)
             assert np.array_equal(st.Q, serial.Q) and np.array_equal(st.B, serial.B)
-            assert np.array_equal(blend_patient(hr, experts, grid, w, window="hann"), ref_blend)
+            got = blend_patient(experts, grid, w, window="hann", norm=norm, brain_mask=bmask)
+            assert np.array_equal(got, ref_blend)
     except BaseException as exc:
         errors.append(repr(exc))
 

@@ -172,9 +172,20 @@ def test_gz_name_with_plain_content_is_read(tmp_path):
 def test_file_fingerprint(vol_gz, tmp_path):
     fp = file_fingerprint(vol_gz)
     st = vol_gz.stat()
-    assert fp == {"path": str(vol_gz.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    assert {k: fp[k] for k in ("path", "size", "mtime_ns", "ctime_ns")} == {
+        "path": str(vol_gz.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns}
+    assert isinstance(fp["sample"], str) and len(fp["sample"]) == 32
     with pytest.raises(InputError, match="does not exist"):
         file_fingerprint(tmp_path / "nope.nii.gz")
+    # same size and mtime, other bytes: the fingerprint differs (content sample and ctime)
+    data = bytearray(vol_gz.read_bytes())
+    data[-1] ^= 0xFF
+    vol_gz.write_bytes(bytes(data))
+    os.utime(vol_gz, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = file_fingerprint(vol_gz)
+    assert (again["size"], again["mtime_ns"]) == (fp["size"], fp["mtime_ns"])
+    assert again["sample"] != fp["sample"]
 
 
 # --------------------------------------------------------------------------- VolumeStore

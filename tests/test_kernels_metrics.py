@@ -15,7 +15,7 @@ from scipy import ndimage
 from pacs_numba._arrays import as_volume
 from pacs_numba._config import SSIM_MIN_RANGE
 from pacs_numba.kernels.metrics import _ssim_slices
-from pacs_numba.metrics import aggregate, ssim_slices, volume_metrics
+from pacs_numba.metrics import METRIC_KEYS, aggregate, ssim_slices, volume_metrics
 
 # The algorithm asks for 1e-4 per slice mean.  The kernel evaluates skimage's float32 formula
 # in the same order, so the only differences are fused multiply-adds under FASTMATH
@@ -79,7 +79,7 @@ def test_volume_metrics_match_twin(rng, axis):
     hr, pred = _volume(rng, (12, 15, 16))
     pred[6, 8, 9] = 1.0  # keep mse finite
     got = volume_metrics(hr, pred, ssim_axis=axis)
-    assert set(got) == {"mse", "mae", "psnr", "ssim"}
+    assert tuple(got) == METRIC_KEYS == ("mse", "mae", "psnr", "ssim")
     assert all(type(v) is float for v in got.values())
     assert_allclose(got["mse"], ref.mse(hr, pred), rtol=RTOL64)
     assert_allclose(got["mae"], ref.mae(hr, pred), rtol=RTOL32)
@@ -137,6 +137,12 @@ def test_aggregate():
     rows = [{"mse": 1.0, "ssim": 0.5}, {"mse": 3.0, "ssim": 1.0}]
     assert aggregate(rows) == {"mse": 2.0, "ssim": 0.75}
     assert aggregate([]) == {}
+
+
+def test_aggregate_refuses_patients_with_different_metrics():
+    rows = [{"mse": 1.0, "ssim": 0.5}, {"mse": 3.0, "ssim": 1.0, "lpips": 0.1}]
+    with pytest.raises(ValueError, match=r"patient 1 has metrics \['lpips', 'mse', 'ssim'\]"):
+        aggregate(rows)
 
 
 def test_bad_input():

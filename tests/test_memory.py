@@ -1,4 +1,7 @@
-"""Limits detection and pool planning (pacs_numba.memory) on fake cgroup trees and environments."""
+"""Limits detection (limits), pool planning (planning), the cost model (costs) and RSS (process).
+
+Limits run on fake cgroup trees and environments.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_tree as _tree
+from rss_sampler import RssSampler
 
-from pacs_numba import memory as mem
+from pacs_numba import costs, planning, process
+from pacs_numba import limits as lim_mod
 from pacs_numba.errors import BudgetError, ConfigError
-from pacs_numba.memory import (
+from pacs_numba.limits import (
     Figure,
     Limits,
-    RssSampler,
     cgroup_cpu_limit,
     cgroup_memory_limit,
     cgroup_memory_usage,
     detect_limits,
     parse_size,
-    plan_pool,
     read_cgroup_paths,
     slurm_cpus,
     slurm_memory_limit,
 )
+from pacs_numba.planning import plan_pool
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -304,7 +308,7 @@ def test_detect_physical_binding_and_affinity(tmp_path):
 
 
 def test_detect_psutil_only_as_last_resort(tmp_path, monkeypatch):
-    monkeypatch.setattr(mem, "_physical_memory", lambda: None)
+    monkeypatch.setattr(lim_mod, "_physical_memory", lambda: None)
     lim = detect_limits({}, tmp_path / "none", tmp_path / "none.txt", affinity_cpus=2)
     assert lim.memory.source == "psutil.virtual_memory().total" and lim.memory.value > 0
     # ... and not consulted when anything else is known
@@ -466,7 +470,7 @@ def test_budget_error_message():
     assert "one patient needs 3.89 GiB (3.00 GiB per patient + 0.50 GiB baseline + " \
            "0.39 GiB safety margin)" in msg
     assert "the job has 2.00 GiB (SLURM_MEM_PER_NODE=16384)" in msg
-    assert "--mem=4G" in msg
+    assert "--mem=4000M" in msg
     assert "smaller volumes or fewer experts" in msg
     assert "patch" not in msg
     assert isinstance(ei.value, MemoryError)
@@ -474,7 +478,7 @@ def test_budget_error_message():
 
 def test_budget_error_names_mem_budget():
     with pytest.raises(BudgetError, match=r"the job has 1\.00 GiB \(--mem-budget 1\.00 GiB\)"
-                                          r".*Raise --mem-budget to at least 2G"):
+                                          r".*raise --mem-budget to at least 1700M"):
         _plan(_limits(64, 8), mem_budget_bytes=GiB, per_patient_bytes=GiB)
 
 
@@ -501,143 +505,242 @@ def test_empty_env_override_is_unset():
     assert _plan(_limits(256, 8), env={"PACS_SR_MAX_WORKERS": " "}).width == 8
 
 
-# ---------------------------------------------------------------- cost model and RSS
+# ---------------------------------------------------------------- cost model
 
 
-def _pp(stage, shape=(10, 12, 14), m=4, t=30, **kw):
-    args = dict(lambda_grad=0, lambda_edge=0, n_tiles=t, n_threads=1)
-    args.update(kw)
-    return mem.per_patient_bytes(shape, m, stage=stage, **args)
+def _cost(stage, shape=(10, 12, 14), m=4, patch=4, stride=2, **kw):
+    return costs.stage_cost(stage, shape, m, patch_size=patch, stride=stride, **kw)
 
 
-def test_per_patient_fit_terms():
-    n, m, t, n2 = 10 * 12 * 14, 4, 30, 14
+def test_fit_cost_terms():
+    n0, n1, n2 = shape = (10, 12, 14)
+    n, m = n0 * n1 * n2, 4
+    t = 5 * 6 * 7  # stride 2
+    c = _cost("fit", shape, m, n_patients=3)
+    # mapped HR + experts, the uint8 valid mask + per-plane counts, the moments
+    assert c.per_patient_bytes == 4 * n * (m + 1) + n + 8 * n0 * (m + 1) + 8 * n0 * (2 * m + 3)
     n_terms = m + m * (m + 1) // 2
-    scratch = n2 * 8 * ((m + 1) + n_terms + 3) + 12 * (n2 + 2)
-    fit = _pp("fit")
-    # mapped HR + experts, uint8 mask, Q/B/counts, one thread's line scratch
-    assert fit == 4 * n * (m + 1) + n + 8 * t * (m * m + m + 1) + scratch
-    # the options add per-line scratch only, never a volume
-    opts = _pp("fit", lambda_grad=1, lambda_edge=1)
-    assert opts - fit == n2 * 8 * (3 * (m + 1) + 3)
-    big = dict(shape=(160, 192, 160), t=1200)
-    assert _pp("fit", **big, lambda_grad=1, lambda_edge=1) - _pp("fit", **big) < 64 * 1024
-    # each Numba thread has its own scratch
-    assert _pp("fit", n_threads=3) - fit == 2 * scratch
+    assert c.per_thread_bytes == 8 * n2 * ((m + 1) + 2 + n_terms) + 12 * (n2 + 2)
+    # every patient's Q, B, counts + their sums + the solver's T x M arrays
+    stats = 8 * t * (m * m + m + 1)
+    assert c.per_task_bytes == 4 * stats + t * (m * m + m) + 24 * t * m
+    assert c.setup_bytes == 0
+    # gradient terms and edge weights add per-line scratch, never a volume
+    g = _cost("fit", shape, m, lambda_grad=1.0, lambda_edge=1.0, grad_operator="prewitt")
+    assert g.per_patient_bytes == c.per_patient_bytes
+    assert g.per_thread_bytes - c.per_thread_bytes == 8 * n2 * (3 * (m + 1) + 3)
+    # with sobel the edge map reuses the HR's gradients: no separate sobel rows
+    s = _cost("fit", shape, m, lambda_grad=1.0, lambda_edge=1.0, grad_operator="sobel")
+    assert g.per_thread_bytes - s.per_thread_bytes == 8 * n2 * 3
 
 
-def test_per_patient_evaluate_terms():
-    shape, m = (40, 48, 40), 4
-    n = 40 * 48 * 40
-    ev = _pp("evaluate", shape, m)
-    ev_nosave = _pp("evaluate", shape, m, save_weight_volumes=False)
-    pred = _pp("predict", shape, m)
-    # mapped inputs + blend + the npz write chunk (the whole 4NM array when < 16 MiB)
-    assert ev == 4 * n * (m + 1) + 4 * n + 4 * 40 * 48 + 4 * n * m
-    # without it: the largest of brain mask + labels, mask + blend (+ row scratch),
-    # blend + hr>0 mask (+ SSIM scratch of the largest slice)
-    assert ev_nosave == 4 * n * (m + 1) + 5 * n + 28 * 48 * 40
-    # predict (no HR, one patient): the experts' pages + the proxy and np.all's stacked copy
-    assert pred == 4 * n * m + 4 * n + 2 * m * n + 2 * n
-    # the savez chunk is capped at 16 MiB; the weight maps are per task, not per patient
+def test_evaluate_cost_terms():
+    n0, n1, n2 = shape = (40, 48, 40)
+    n, m = n0 * n1 * n2, 4
+    c = _cost("evaluate", shape, m, patch=8, stride=4)
+    tables = 4 * 8 * (10 + 12 + 10)
+    # the blend step dominates: brain mask + its != 0 copy + float32 blend + window tables
+    assert c.steps["blend"] == 6 * n + tables
+    assert c.per_patient_bytes == 4 * n * (m + 1) + 6 * n + tables
+    # per thread: the larger of the blend's rows and the SSIM's axial slices
+    assert c.per_thread_bytes == max(16 * n2 * (m + 3), 28 * n1 * n2 + 40 * n2 + 40)
+    # the weight maps exist before the pool; their compressed templates during it
+    assert c.setup_bytes == 4 * n * m + 8 * n + 4 * n * m
+    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n))
+    off = _cost("evaluate", shape, m, patch=8, stride=4, save_weight_volumes=False)
+    assert off.setup_bytes == off.per_task_bytes == 0
+    # the SSIM scratch follows the slice axis
+    sag = _cost("evaluate", shape, m, patch=8, stride=4, ssim_axis="sagittal")
+    assert sag.per_thread_bytes == 28 * n0 * n1 + 40 * n1 + 40
     big = (160, 192, 160)
     nb = 160 * 192 * 160
-    assert _pp("evaluate", big, m) == 4 * nb * (m + 1) + 4 * nb + 4 * 160 * 192 + 16 * MiB
-    assert _pp("evaluate", big, 8) - _pp("evaluate", big, 4) == 4 * 4 * nb
+    assert _cost("evaluate", big, 4, 32, 16).setup_bytes == 4 * nb * 4 + 8 * nb + 16 * MiB
     with pytest.raises(ValueError, match="stage"):
-        _pp("train")
+        _cost("train")
     with pytest.raises(ValueError, match="shape"):
-        _pp("fit", (10, 0, 3))
+        _cost("fit", (10, 0, 3))
     with pytest.raises(ValueError, match="n_experts"):
-        _pp("fit", m=0)
+        _cost("fit", m=0)
 
 
-def test_per_patient_evaluate_scales_with_voxels():
-    # everything volume-sized is linear in N: doubling one axis nearly doubles the cost
-    a = _pp("evaluate", (128, 144, 128), 4, save_weight_volumes=False)
-    b = _pp("evaluate", (256, 144, 128), 4, save_weight_volumes=False)
-    assert 1.95 < b / a < 2.01
+def test_window_tables_grow_with_patch_size():
+    # kernels.blend._window_table: one (ceil(N_d / s), p) float32 table per axis
+    shape = (30, 40, 50)
+    a = _cost("evaluate", shape, 2, patch=10, stride=1)
+    b = _cost("evaluate", shape, 2, patch=40, stride=1)
+    assert b.steps["blend"] - a.steps["blend"] == 4 * 30 * (30 + 40 + 50)
+    assert costs.window_table_bytes(shape, 50, 1) == 4 * 50 * 120
+    pa = _cost("predict", shape, 2, patch=10, stride=1)
+    pb = _cost("predict", shape, 2, patch=50, stride=1)
+    assert pb.steps["blend"] - pa.steps["blend"] == 4 * 40 * 120
 
 
-def test_per_task_bytes():
-    n, m, t = 10 * 12 * 14, 4, 30
-    ev = mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="evaluate")
-    assert ev == int(0.05 * (4 * n * m + 8 * n))  # the compressed npz templates
-    # the maps themselves exist only before the pool starts
-    assert mem.setup_bytes((10, 12, 14), m, stage="evaluate") == 4 * n * m + 8 * n
-    assert mem.setup_bytes((10, 12, 14), m, stage="fit") == 0
-    assert mem.setup_bytes((10, 12, 14), m, stage="evaluate", save_weight_volumes=False) == 0
-    assert mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="predict") == 0
-    assert mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="evaluate",
-                              save_weight_volumes=False) == 0
-    fit = mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="fit", n_patients=5)
-    assert fit == 8 * t * (m * m + m + 1) * 6 + 32 * t * m
-    with pytest.raises(ValueError, match="stage"):
-        mem.per_task_bytes((10, 12, 14), m, n_tiles=t, stage="solve")
+def test_predict_cost_has_no_stacked_isfinite_pass():
+    shape, n = (40, 48, 40), 40 * 48 * 40
+    c4 = _cost("predict", shape, 4, patch=8, stride=4)
+    c8 = _cost("predict", shape, 8, patch=8, stride=4)
+    # the proxy with the brain mask's labels, mask and sizes is the largest step: 4N + 6N
+    assert c4.steps["brain mask"] == 10 * n
+    assert c4.per_patient_bytes == 4 * n * 4 + 10 * n
+    # each expert adds its mapped pages and nothing else (no M-fold boolean stack)
+    assert c8.per_patient_bytes - c4.per_patient_bytes == 4 * 4 * n
+    assert c4.per_task_bytes == c4.setup_bytes == 0
 
 
-def test_predict_peak_bytes_picks_heaviest_stage():
-    shape, m, t = (160, 192, 160), 4, 1200
-    kw = dict(lambda_grad=0.2, lambda_edge=0.25, n_tiles=t, baseline=200 * MiB, n_threads=1)
-    p1 = mem.predict_peak_bytes(shape, m, width=1, **kw)
-    p2 = mem.predict_peak_bytes(shape, m, width=2, **kw)
-    assert p1.stage == p2.stage == "evaluate"
-    assert p2.peak_bytes - p1.peak_bytes == p1.per_patient["evaluate"]
-    assert p1.peak_bytes == 200 * MiB + p1.per_task["evaluate"] + p1.per_patient["evaluate"]
-    # a stage is never wider than its patients
-    p4 = mem.predict_peak_bytes(shape, m, width=4, n_train=4, n_test=2, **kw)
-    assert p4.widths == {"fit": 4, "evaluate": 2}
-    # without weight volumes and with many train patients the fit can dominate
-    pf = mem.predict_peak_bytes(shape, m, width=8, n_train=8, n_test=1,
-                                save_weight_volumes=False, **kw)
-    assert pf.stage == "fit"
-    line = p2.describe()
-    assert line.startswith("peak ") and "2 x " in line and "baseline 200" in line
-    with pytest.raises(ValueError, match="width"):
-        mem.predict_peak_bytes(shape, m, width=0, **kw)
+def test_costs_scale_with_voxels():
+    a = _cost("evaluate", (128, 144, 128), 4, 32, 16, save_weight_volumes=False)
+    b = _cost("evaluate", (256, 144, 128), 4, 32, 16, save_weight_volumes=False)
+    assert 1.95 < b.per_patient_bytes / a.per_patient_bytes < 2.01
 
 
-def test_plan_counts_per_task_bytes():
-    # 16 GiB - 0.4 baseline - 1.6 margin = 14 GiB: 5 x 2.5; with 2 GiB once per task, 4.
-    p = _plan(_limits(16, 32), per_patient_bytes=int(2.5 * GiB), per_task_bytes=2 * GiB)
-    assert p.width == 4 and p.per_task_bytes == 2 * GiB
-    assert "- 2.0 GiB once per task - 1.6 GiB margin" in p.reason
-    assert "once per task 2.00 GiB" in p.describe()
-    assert "once per task" not in _plan().describe()
-    with pytest.raises(ValueError, match="per_task_bytes"):
-        _plan(per_task_bytes=-1)
+# ---------------------------------------------------------------- tile settings vs the volume
 
 
-def test_budget_error_counts_per_task_bytes():
+@pytest.mark.parametrize("patch,stride,match", [
+    (10**9, 16, r"pacs_sr\.patch_size is 1000000000, larger than the largest axis of the "
+                r"volumes \(shape \(40, 44, 36\)\); expected an integer in \[1, 44\]"),
+    (45, 16, r"pacs_sr\.patch_size is 45, larger than the largest axis"),
+    (0, 1, r"pacs_sr\.patch_size is 0, below 1"),
+    (8, 9, r"pacs_sr\.stride is 9; expected an integer in \[1, patch_size=8\] "
+           r"\(volume shape \(40, 44, 36\)\)"),
+    (8, 0, r"pacs_sr\.stride is 0"),
+    (1e30, 4, r"pacs_sr\.patch_size is 1e\+30; expected an integer"),
+])
+def test_tile_settings_checked_against_the_shape(patch, stride, match):
+    with pytest.raises(ConfigError, match="cfg.yaml: " + match):
+        planning.check_tile_settings(patch, stride, (40, 44, 36), "cfg.yaml")
+
+
+def test_tile_settings_that_fit():
+    # a patch longer than some axes (not all) is clipped per axis, as in the published tool
+    assert planning.check_tile_settings(44, 44, (40, 44, 36)) == (44, 44)
+    assert planning.check_tile_settings(1, 1, (40, 44, 36)) == (1, 1)
+
+
+# ---------------------------------------------------------------- stage plans
+
+
+def _pacs(**kw):
+    from types import SimpleNamespace
+    base = dict(patch_size=8, stride=4, lambda_grad=0.2, lambda_edge=0.25, grad_operator="sobel",
+                ssim_axis="axial", save_weight_volumes=True, num_workers=8, evaluate_train=True)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_stage_patients_follow_the_engine():
+    assert planning.stage_patients(_pacs(), 6, 2) == {"fit": 6, "evaluate": 8}
+    assert planning.stage_patients(_pacs(evaluate_train=False), 6, 2) == {"fit": 6, "evaluate": 2}
+    assert planning.stage_patients(_pacs(), 6, 2, fit=False) == {"evaluate": 8}
+    assert planning.stage_patients(_pacs(evaluate_train=False), 6, 0) == {"fit": 6}
+
+
+def test_plan_stage_charges_threads_for_every_cpu():
+    shape = (40, 44, 36)
+    sp = planning.plan_stage("fit", _pacs(), 4, shape, 6, _limits(16, 8), baseline_bytes=GiB,
+                             env={})
+    cost = costs.stage_cost("fit", shape, 4, patch_size=8, stride=4, lambda_grad=0.2,
+                            lambda_edge=0.25, n_patients=6)
+    assert sp.cost == cost
+    assert sp.pool.thread_bytes == 8 * cost.per_thread_bytes
+    assert sp.pool.per_task_bytes == cost.per_task_bytes
+    assert (sp.pool.width, sp.pool.threads) == (6, 1)
+
+
+@pytest.mark.parametrize("stage,n", [("fit", 6), ("evaluate", 8)])
+def test_needed_bytes_is_the_smallest_limit_for_the_width(stage, n):
+    shape = (96, 112, 96)
+    kw = dict(baseline_bytes=200 * MiB, env={})
+    sp = planning.plan_stage(stage, _pacs(), 4, shape, n, _limits(64, 4), **kw)
+    assert sp.pool.width == 4
+    assert sp.fixed_bytes + 4 * sp.cost.per_patient_bytes == sp.needed_bytes
+    for width, need in ((4, sp.needed_bytes), (1, sp.needed_bytes_one)):
+        exact = Limits(Figure(need, "x"), Figure(4, "c"), {})
+        assert planning.plan_stage(stage, _pacs(), 4, shape, n, exact, **kw).pool.width >= width
+        less = Limits(Figure(need - 1, "x"), Figure(4, "c"), {})
+        try:
+            got = planning.plan_stage(stage, _pacs(), 4, shape, n, less, **kw).pool.width
+        except BudgetError:
+            got = 0
+        assert got == width - 1
+    doc = sp.to_json()
+    assert doc["needed_bytes"] == sp.needed_bytes and doc["width"] == 4
+    assert all(isinstance(v, int) for v in doc.values())
+
+
+def test_workqueue_layer_runs_one_worker():
+    sp = planning.plan_stage("fit", _pacs(), 4, (40, 44, 36), 6, _limits(16, 8),
+                             baseline_bytes=GiB, thread_safe=False, env={})
+    assert (sp.pool.width, sp.pool.threads) == (1, 6)
+    assert "workqueue" in sp.pool.reason
+
+
+def test_for_patients_narrows_the_pool():
+    p = _plan(_limits(256, 8))
+    assert p.for_patients(100) is p
+    q = p.for_patients(3)
+    assert (q.width, q.threads) == (3, 2) and "3 in this split" in q.reason
+
+
+def test_limit_for_matches_the_margin_rule():
+    for core in (0, 1, 100 * MiB, GiB, 7 * GiB + 12345, 300 * GiB):
+        L = planning.limit_for(core)
+        assert L - planning.margin_bytes(L) >= core
+        assert L - 1 - planning.margin_bytes(L - 1) < core
+
+
+@pytest.mark.parametrize("n,text", [
+    (int(0.63 * GiB), "700M"), (100 * MiB, "100M"), (101 * MiB, "200M"),
+    (int(3.9 * GiB), "4000M"), (4 * GiB - 1, "4G"), (4 * GiB + 1, "5G"), (64 * GiB, "64G"),
+])
+def test_slurm_mem_rounding(n, text):
+    assert planning.slurm_mem(n) == text
+
+
+def test_budget_error_asks_for_a_rounded_amount():
+    # 0.63 GiB needed: ask for 700M, not 1G
     with pytest.raises(BudgetError) as ei:
-        _plan(_limits(2, 8), per_patient_bytes=GiB, baseline_bytes=GiB // 2,
-              per_task_bytes=GiB)
-    # (1 + 0.5 + 1) / 0.9 = 2.78 GiB
-    assert ("one patient needs 2.78 GiB (1.00 GiB per patient + 0.50 GiB baseline + "
-            "1.00 GiB once per task + 0.28 GiB safety margin)") in str(ei.value)
-    assert "--mem=3G" in str(ei.value)
+        _plan(_limits(0.5, 2), per_patient_bytes=int(0.33 * GiB), baseline_bytes=int(0.05 * GiB))
+    msg = str(ei.value)
+    assert "one patient needs 0.63 GiB" in msg
+    assert "To run, request at least 700M (sbatch --mem=700M," in msg
+    assert "1G" not in msg
+    with pytest.raises(BudgetError) as ei:
+        _plan(_limits(64, 8), mem_budget_bytes=GiB // 2, per_patient_bytes=int(0.33 * GiB),
+              baseline_bytes=int(0.05 * GiB))
+    assert ("To run, raise --mem-budget to at least 700M if the job has that much memory, or "
+            "request at least 700M") in str(ei.value)
+
+
+def test_budget_error_names_setup_and_thread_scratch():
+    with pytest.raises(BudgetError, match=r"2\.00 GiB of weight maps before the first patient"):
+        _plan(_limits(2, 8), per_patient_bytes=GiB // 4, baseline_bytes=0, setup_bytes=2 * GiB)
+    with pytest.raises(BudgetError, match=r"0\.50 GiB thread scratch"):
+        _plan(_limits(1, 8), per_patient_bytes=GiB // 2, baseline_bytes=0,
+              per_thread_bytes=GiB // 16)
 
 
 def test_baseline_allowance_follows_kernel_cache(monkeypatch):
-    monkeypatch.setattr(mem, "current_rss_bytes", lambda: 100 * MiB)
-    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (40, 40))
-    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES
-    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (40, 0))
-    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES + mem.COLD_JIT_BYTES
-    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (40, 30))
-    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES + mem.COLD_JIT_BYTES // 4
-    monkeypatch.setattr(mem, "kernel_cache_state", lambda: (0, 0))  # cannot tell: cold
-    assert mem.baseline_bytes() == 100 * MiB + mem.WARM_JIT_BYTES + mem.COLD_JIT_BYTES
-    assert mem.baseline_bytes(compile_allowance_bytes=0) == 100 * MiB
+    monkeypatch.setattr(process, "current_rss_bytes", lambda: 100 * MiB)
+    monkeypatch.setattr(process, "kernel_cache_state", lambda: (40, 40))
+    assert process.baseline_bytes() == 100 * MiB + process.WARM_JIT_BYTES
+    monkeypatch.setattr(process, "kernel_cache_state", lambda: (40, 0))
+    assert process.baseline_bytes() == 100 * MiB + process.WARM_JIT_BYTES + process.COLD_JIT_BYTES
+    monkeypatch.setattr(process, "kernel_cache_state", lambda: (40, 30))
+    assert (process.baseline_bytes()
+            == 100 * MiB + process.WARM_JIT_BYTES + process.COLD_JIT_BYTES // 4)
+    monkeypatch.setattr(process, "kernel_cache_state", lambda: (0, 0))  # cannot tell: cold
+    assert process.baseline_bytes() == 100 * MiB + process.WARM_JIT_BYTES + process.COLD_JIT_BYTES
+    assert process.baseline_bytes(compile_allowance_bytes=0) == 100 * MiB
 
 
 def test_kernel_cache_state_counts_the_kernels():
-    total, cached = mem.kernel_cache_state()
+    total, cached = process.kernel_cache_state()
     assert total >= 20 and 0 <= cached <= total
 
 
 def test_pin_mmap_threshold_respects_env():
-    assert mem.pin_mmap_threshold(env={"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+    assert process.pin_mmap_threshold(env={"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
@@ -646,7 +749,7 @@ def test_pin_mmap_threshold_returns_freed_volumes():
     # unless the threshold is pinned.
     code = (
         "import sys, numpy as np, psutil\n"
-        "from pacs_numba.memory import pin_mmap_threshold\n"
+        "from pacs_numba.process import pin_mmap_threshold\n"
         "ok = pin_mmap_threshold(env={}) if sys.argv[1] == 'pin' else None\n"
         "p = psutil.Process()\n"
         "a = np.ones(20 << 17); del a\n"
@@ -667,9 +770,9 @@ def test_pin_mmap_threshold_returns_freed_volumes():
 
 
 def test_rss_figures_positive():
-    assert mem.current_rss_bytes() > 10 * MiB
-    assert mem.peak_rss_bytes() >= mem.current_rss_bytes() // 2
-    assert mem.baseline_bytes() > mem.current_rss_bytes()
+    assert process.current_rss_bytes() > 10 * MiB
+    assert process.peak_rss_bytes() >= process.current_rss_bytes() // 2
+    assert process.baseline_bytes() > process.current_rss_bytes()
 
 
 def test_rss_sampler_sees_200mb():

@@ -1,14 +1,25 @@
-"""The memory model of ``pacs_numba.memory`` against the sampled peak RSS of real runs (algorithm B5).
+"""The memory model (``pacs_numba.costs``, ``planning``) against the sampled RSS of real runs (B5).
 
-A generated cohort (160x192x160, 4 experts, patch 32 / stride 16, lambda_grad 0.2,
-lambda_edge 0.25, blends and weight volumes saved; 2 train and 2 test patients) is trained
-by ``python -m pacs_numba train`` in fresh processes with ``--workers 1`` and
-``--workers 2``, their RSS sampled every 10 ms from here.  Checked:
+Two tests.
 
-- the peak of each run is within 30% of ``memory.predict_peak_bytes`` (baseline as the
-  engine measures it + the stage's once-per-task memory + width x per-patient memory of the
-  heaviest stage);
-- the growth of the peak from 1 to 2 workers is within 30% of ``per_patient_bytes`` of that
+``test_each_stage_at_two_shapes_and_two_expert_counts``: in one fresh interpreter, one
+patient of each stage (fit's statistics; evaluate's blend, metrics and blend write;
+predict's HR-free blend and write) runs on memory-mapped float32 ``.npy`` volumes (the
+volume cache's layout) at two shapes and with two expert counts, its RSS sampled every
+2 ms.  The growth of the RSS over the stage must be within 30% of
+``costs.stage_cost``'s per-patient memory plus the thread scratch of the Numba threads
+in use (and, for the fit, the patient's statistics it returns).
+
+``test_predicted_peak_and_growth_per_worker``: a generated cohort (160x192x160, 4
+experts, patch 32 / stride 16, lambda_grad 0.2, lambda_edge 0.25, blends and weight
+volumes saved; 2 train and 2 test patients) is trained by ``python -m pacs_numba train``
+in fresh processes with ``--workers 1`` and ``--workers 2``, their RSS sampled every
+10 ms from here.  Checked:
+
+- the peak of each run is within 30% of `_predicted_peak` (baseline as the engine measures
+  it + the stage's per-task memory + its setup or its thread scratch and ``width`` patients,
+  for the heaviest stage, as ``planning`` counts them);
+- the growth of the peak from 1 to 2 workers is within 30% of the per-patient memory of that
   stage.
 
 The volume and kernel caches are warmed first, so neither run decompresses or compiles.
@@ -19,6 +30,7 @@ The shape is large enough for one patient (~130 MiB) to stand well above allocat
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -26,13 +38,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from rss_sampler import RssSampler
 
-from pacs_numba import memory
+from pacs_numba import costs
 from pacs_numba._config import CACHE
 from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
+from pacs_numba.limits import detect_limits
 from pacs_numba.manifest import build_manifest, write_manifest
-from pacs_numba.tiling import TileGrid
 
 MiB = 1 << 20
 SHAPE = (160, 192, 160)
@@ -46,7 +59,7 @@ SAMPLE_S = 0.01
 # done, Engine started), then warm the volume cache (and the kernel cache if it is cold).
 PREPARE = r"""
 import json, sys
-from pacs_numba import memory
+from pacs_numba import process
 from pacs_numba._config import CACHE
 from pacs_numba.config import load_config
 from pacs_numba.engine import Engine, RunOptions, thread_safe_layer
@@ -54,8 +67,8 @@ from pacs_numba.manifest import select_task
 
 engine = Engine(load_config(sys.argv[1]), RunOptions(cache_dir=sys.argv[2], force=True,
                                                      no_progress=True))
-n_kernels, n_cached = memory.kernel_cache_state()
-out = {"baseline": memory.baseline_bytes(), "rss": memory.current_rss_bytes(),
+n_kernels, n_cached = process.kernel_cache_state()
+out = {"baseline": process.baseline_bytes(), "rss": process.current_rss_bytes(),
        "kernels": n_kernels, "cached": n_cached, "thread_safe": thread_safe_layer()}
 task = engine.tasks(fold=1)[0]
 if n_cached < n_kernels and sys.argv[3] == "compile":
@@ -93,7 +106,7 @@ def _peak_rss(cfg: Path, cache: Path, workers: int) -> tuple[int, str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     try:
-        with memory.RssSampler(SAMPLE_S, pid=proc.pid) as sampler:
+        with RssSampler(SAMPLE_S, pid=proc.pid) as sampler:
             log, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -106,11 +119,38 @@ def _within(measured: float, predicted: float) -> bool:
     return abs(measured - predicted) <= TOLERANCE * predicted
 
 
+N_TRAIN, N_TEST = N_PATIENTS // 2, N_PATIENTS - N_PATIENTS // 2
+
+
+def _cost(p, stage: str) -> costs.StageCost:
+    n = {"fit": N_TRAIN, "evaluate": N_TRAIN + N_TEST}[stage]
+    return costs.stage_cost(stage, SHAPE, len(MODELS), patch_size=p.patch_size,
+                            stride=p.stride, lambda_grad=p.lambda_grad,
+                            lambda_edge=p.lambda_edge, grad_operator=p.grad_operator,
+                            ssim_axis=p.ssim_axis, save_weight_volumes=p.save_weight_volumes,
+                            n_patients=n)
+
+
+def _predicted_peak(p, width: int, baseline: int, cpus: int) -> tuple[str, int]:
+    """(stage, bytes): the planner's sum for the heaviest stage run ``width`` wide.
+
+    Each split of evaluate runs at most its own patients at once (``PoolPlan.for_patients``).
+    """
+    best = ("", 0)
+    for stage, n_pool in (("fit", N_TRAIN), ("evaluate", max(N_TRAIN, N_TEST))):
+        c = _cost(p, stage)
+        w = min(width, n_pool)
+        peak = baseline + c.per_task_bytes + max(
+            c.setup_bytes, cpus * c.per_thread_bytes + w * c.per_patient_bytes)
+        best = max(best, (stage, peak), key=lambda x: x[1])
+    return best
+
+
 def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None:
     cfg, cache = cohort
     if not CACHE:
         pytest.skip("PACS_NUMBA_CACHE=0: every run would compile the kernels (minutes)")
-    if memory.detect_limits().cpus.value < 2:
+    if detect_limits().cpus.value < 2:
         pytest.skip("one CPU: the engine caps the pool at one worker")
     prep = _prepare(cfg, cache, "compile")
     if prep["cached"] < prep["kernels"]:
@@ -124,31 +164,157 @@ def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None
                     "patient at a time")
 
     p = load_config(cfg).pacs_sr
-    grid = TileGrid(SHAPE, p.patch_size, p.stride)
+    cpus = int(detect_limits().cpus.value)
     peaks, preds = {}, {}
     for width in (1, 2):
         peaks[width], log = _peak_rss(cfg, cache, width)
         # The test split (the heaviest stage: it makes the weight maps) ran this wide.
         assert re.search(rf"evaluate fold 1 3mm t1c test: {width} worker\(s\)", log), log
-        preds[width] = memory.predict_peak_bytes(
-            SHAPE, len(MODELS), width=width, lambda_grad=p.lambda_grad,
-            lambda_edge=p.lambda_edge, n_tiles=grid.n_tiles,
-            save_weight_volumes=p.save_weight_volumes, baseline=prep["baseline"],
-            n_train=N_PATIENTS // 2, n_test=N_PATIENTS - N_PATIENTS // 2,
-        )
+        preds[width] = _predicted_peak(p, width, prep["baseline"], cpus)
     report = "; ".join(
         f"--workers {w}: measured peak {peaks[w] / MiB:.0f} MiB, predicted "
-        f"{preds[w].describe()} (ratio {peaks[w] / preds[w].peak_bytes:.2f})"
+        f"{preds[w][1] / MiB:.0f} MiB in {preds[w][0]} (ratio {peaks[w] / preds[w][1]:.2f})"
         for w in (1, 2)
     ) + f"; RSS when the engine plans {prep['rss'] / MiB:.0f} MiB"
     print(report)  # shown with -rP
     for w in (1, 2):
-        assert _within(peaks[w], preds[w].peak_bytes), report
+        assert _within(peaks[w], preds[w][1]), report
 
-    stage = preds[2].stage
+    stage = preds[2][0]
     growth = peaks[2] - peaks[1]
-    per = preds[2].per_patient[stage]
+    per = _cost(p, stage).per_patient_bytes
     assert _within(growth, per), (
         f"growth per extra worker: measured {growth / MiB:.0f} MiB, predicted "
-        f"per_patient_bytes({stage}) {per / MiB:.0f} MiB (ratio {growth / per:.2f}); {report}"
+        f"per-patient memory of {stage} {per / MiB:.0f} MiB (ratio {growth / per:.2f}); {report}"
     )
+
+
+# ---------------------------------------------------------------- one patient of each stage
+
+STAGE_CASES = [((96, 112, 96), 2), ((96, 112, 96), 5), ((128, 144, 112), 2),
+               ((128, 144, 112), 5)]
+STAGE_PATCH, STAGE_STRIDE = 16, 8
+FIT_OPTIONS = dict(lambda_grad=0.2, lambda_edge=0.25, grad_operator="sobel")
+
+# One fresh interpreter: load every kernel, then per case and stage map the volumes, run the
+# stage's own code on them and report the RSS growth.  The sampler is a thread of this
+# process (kernels and NumPy release the GIL), every 2 ms.
+STAGES = r"""
+import gc, json, sys, threading
+from pathlib import Path
+import numpy as np, numba, psutil
+from pacs_numba.process import pin_mmap_threshold
+pin_mmap_threshold()
+from pacs_numba.blending import blend_patient
+from pacs_numba.diagnose import _warm_kernels
+from pacs_numba.io import write_nifti
+from pacs_numba.metrics import volume_metrics
+from pacs_numba.model import StackingModel
+from pacs_numba.predict import predict_volume
+from pacs_numba.statistics import patient_statistics
+from pacs_numba.tiling import TileGrid
+
+_warm_kernels()
+work, cases, patch, stride = Path(sys.argv[1]), json.loads(sys.argv[2]), *map(int, sys.argv[3:5])
+fit_opts = json.loads(sys.argv[5])
+proc = psutil.Process()
+
+class Growth:
+    def __enter__(self):
+        gc.collect()
+        self.start = self.peak = proc.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+    def run(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, proc.memory_info().rss)
+    def __exit__(self, *exc):
+        self.stop.set(); self.thread.join()
+        self.peak = max(self.peak, proc.memory_info().rss)
+        self.bytes = self.peak - self.start
+
+def write_volumes(shape, m, tag):
+    rng = np.random.default_rng(len(tag))
+    axes = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    r2 = sum(a * a for a in axes)
+    hr = np.where(r2 < 0.8, 0.6 + 0.4 * np.cos(6 * axes[0]) * np.sin(5 * axes[1]), 0.0)
+    hr = hr.astype(np.float32)
+    paths = []
+    for i in range(m + 1):
+        vol = hr if i == 0 else hr + rng.normal(0, 0.05 * i, shape).astype(np.float32)
+        paths.append(work / f"{tag}-{i}.npy")
+        np.save(paths[-1], np.ascontiguousarray(vol, dtype=np.float32))
+    return paths
+
+def mapped(paths):  # as io.VolumeStore hands them out: read-only views of the mapped .npy
+    out = []
+    for p in paths:
+        v = np.load(p, mmap_mode="r").view(np.ndarray)
+        v.flags.writeable = False
+        out.append(v)
+    return out
+
+res = {"threads": numba.get_num_threads(), "cases": []}
+for shape, m in cases:
+    shape = tuple(shape)
+    paths = write_volumes(shape, m, f"v{shape[0]}x{m}")
+    grid = TileGrid(shape, patch, stride)
+    w = np.full((grid.n_tiles, m), 1.0 / m, np.float32)
+    names = tuple(f"e{i}" for i in range(m))
+    model = StackingModel(w, np.ones(grid.n_tiles, bool), grid, names, {})
+    out = {"shape": list(shape), "m": m}
+    with Growth() as g:
+        hr, *ex = mapped(paths)
+        st = patient_statistics(hr, ex, grid, edge_power=2.0, **fit_opts)
+        del hr, ex
+    out["fit"] = g.bytes
+    del st
+    with Growth() as g:
+        hr, *ex = mapped(paths)
+        blend = blend_patient(hr, ex, grid, w, window="hann")
+        volume_metrics(hr, blend, ssim_axis="axial")
+        write_nifti(work / "blend.nii.gz", blend, np.eye(4))
+        del blend, hr, ex
+    out["evaluate"] = g.bytes
+    with Growth() as g:
+        ex = mapped(paths[1:])
+        pred = predict_volume(ex, model, window="hann")
+        write_nifti(work / "pred.nii.gz", pred, np.eye(4))
+        del pred, ex
+    out["predict"] = g.bytes
+    for p in paths:
+        p.unlink()
+    res["cases"].append(out)
+print(json.dumps(res))
+"""
+
+
+def test_each_stage_at_two_shapes_and_two_expert_counts(tmp_path: Path) -> None:
+    if not CACHE:
+        pytest.skip("PACS_NUMBA_CACHE=0: the subprocess would compile every kernel (minutes)")
+    res = subprocess.run(
+        [sys.executable, "-c", STAGES, str(tmp_path), json.dumps(STAGE_CASES), str(STAGE_PATCH),
+         str(STAGE_STRIDE), json.dumps(FIT_OPTIONS)],
+        capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    threads = doc["threads"]
+    rows, bad = [], []
+    for case in doc["cases"]:
+        shape, m = tuple(case["shape"]), case["m"]
+        for stage in ("fit", "evaluate", "predict"):
+            c = costs.stage_cost(stage, shape, m, patch_size=STAGE_PATCH, stride=STAGE_STRIDE,
+                                 **FIT_OPTIONS)
+            predicted = c.per_patient_bytes + threads * c.per_thread_bytes
+            if stage == "fit":  # the patient's Q, B and counts, returned (a per-task term)
+                predicted += costs.statistics_bytes(
+                    math.prod(math.ceil(n / STAGE_STRIDE) for n in shape), m)
+            measured = case[stage]
+            rows.append(f"{shape} M={m} {stage}: measured {measured / MiB:.1f} MiB, predicted "
+                        f"{predicted / MiB:.1f} MiB (ratio {measured / predicted:.2f})")
+            if not _within(measured, predicted):
+                bad.append(rows[-1])
+    print("\n".join(rows))  # shown with -rP
+    assert not bad, "outside 30%: " + "; ".join(bad) + "\nall: " + "; ".join(rows)

@@ -14,7 +14,9 @@ STAGES = ("load", "statistics", "solve", "smoothing", "blend", "metrics", "write
 def test_profile_script_tiny(tmp_path: Path) -> None:
     results = tmp_path / "results"
     work = tmp_path / "work"
-    cmd = [sys.executable, str(SCRIPT), "--shape", "24", "26", "22", "--train", "3", "--test",
+    # One axis reaches the benchmark's patch size (32): a patch longer than every axis is a
+    # config error.
+    cmd = [sys.executable, str(SCRIPT), "--shape", "24", "34", "22", "--train", "3", "--test",
            "1", "--repeats", "1", "--widths", "1", "--threads", "1", "--out", str(work),
            "--results", str(results), "--name", "tiny", "--no-snapshot"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -23,8 +25,8 @@ def test_profile_script_tiny(tmp_path: Path) -> None:
 
     doc = json.loads((results / "tiny.json").read_text())
     md = (results / "tiny.md").read_text()
-    assert "--shape 24 26 22" in doc["command"] and doc["command"] in md
-    assert doc["parameters"]["shape"] == [24, 26, 22]
+    assert "--shape 24 34 22" in doc["command"] and doc["command"] in md
+    assert doc["parameters"]["shape"] == [24, 34, 22]
     assert (doc["parameters"]["train"], doc["parameters"]["test"]) == (3, 1)
     assert doc["parameters"]["configs"] == ["1x1"]
     assert doc["threading_layer"] in {"omp", "tbb", "workqueue"}

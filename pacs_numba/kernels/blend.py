@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import CACHE, FASTMATH
+from .grid import _n_anchors_one, _tile_id_one
 
 # --------------------------------------------------------------------------------------
 # Blend (algorithm A7.2-A7.5)
@@ -154,7 +155,7 @@ def _blend_row_one(
         w0 = h0[t0, i0 - t0 * s]
         for t1 in range(t1_lo, i1 // s + 1):
             w01 = w0 * h1[t1, i1 - t1 * s]
-            base = (t0 * counts1 + t1) * counts2
+            base = _tile_id_one(t0, t1, 0, counts1, counts2)
             for t2 in range(counts2):
                 a2 = t2 * s
                 b2 = min(a2 + p, n2)
@@ -247,9 +248,9 @@ def _blend_volume(
     n0, n1, n2 = vol0.shape
     n_exp = len(experts)
     s = stride
-    counts0 = (n0 + s - 1) // s
-    counts1 = (n1 + s - 1) // s
-    counts2 = (n2 + s - 1) // s
+    counts0 = _n_anchors_one(n0, s)
+    counts1 = _n_anchors_one(n1, s)
+    counts2 = _n_anchors_one(n2, s)
     h0 = _window_table(counts0, n0, patch_size, s, window)
     h1 = _window_table(counts1, n1, patch_size, s, window)
     h2 = _window_table(counts2, n2, patch_size, s, window)
@@ -338,13 +339,13 @@ def _weight_maps(weights, n0, n1, n2, stride):
     """
     n_exp = weights.shape[1]
     s = stride
-    counts1 = (n1 + s - 1) // s
-    counts2 = (n2 + s - 1) // s
+    counts1 = _n_anchors_one(n1, s)
+    counts2 = _n_anchors_one(n2, s)
     out = np.empty((n0, n1, n2, n_exp), np.float32)
     for i0 in prange(n0):
         t0 = i0 // s
         for i1 in range(n1):
-            base = (t0 * counts1 + i1 // s) * counts2
+            base = _tile_id_one(t0, i1 // s, 0, counts1, counts2)
             for i2 in range(n2):
                 r = base + i2 // s
                 for m in range(n_exp):

@@ -4,6 +4,8 @@ Three parallel drivers, one tile per ``prange`` work item:
 
 - :func:`_solve_simplex_qp`: exact minimiser of ``w^T (Q + lam I) w - 2 B^T w`` over
   the probability simplex, by enumerating every support and solving its KKT system.
+- :func:`_solve_simplex_qp_active_set`: the same minimiser by a primal active-set
+  method, for expert counts where enumerating supports is too slow.
 - :func:`_solve_unconstrained`: least-norm solution of ``(Q + lam I) w = B``.
 - :func:`_laplacian_smooth`: one Jacobi step of graph-Laplacian smoothing over the
   6-neighbour graph of tiles that have a learned weight.
@@ -20,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import CACHE, FASTMATH, SMOOTH_EPS
+from .grid import _tile_index_one
 
 # Numerical thresholds of the solvers.  They act on problems rescaled so that the mean
 # diagonal of Q + lam I is 1 (see _simplex_qp_one), so they are relative to the scale
@@ -318,6 +321,279 @@ def _solve_simplex_qp(q_all, b_all, lam, active, n_chunks):
     return out
 
 
+#: Multipliers of the bounds ``w_i >= 0`` above ``-_ACTIVE_SET_TOL`` (scaled problem)
+#: count as non-negative when the active-set method checks optimality.  Rounding in the
+#: scaled KKT solves is ~1e-15; a tolerance much tighter than 1e-10 lets rounding
+#: noise re-enter an index it has just dropped.
+_ACTIVE_SET_TOL = 1e-11
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _face_kkt_one(a, b, free, k, j, aug, sol):
+    """Solve the equality-constrained KKT system of the face spanned by ``free[:k]``.
+
+    Parameters
+    ----------
+    a : (M, M) float64
+        Scaled matrix ``A`` (see :func:`_scaled_system_one`).
+    b : (M,) float64
+        Scaled vector ``b``.
+    free : (M,) int64
+        Free indices; only ``free[:k]`` are read.
+    k : int
+        Number of free indices (>= 1).
+    j : int
+        ``-1``: right-hand side ``(b_S, 1)``, giving the minimiser of the face in
+        ``sol[:k]`` and minus the multiplier of ``sum(w) = 1`` in ``sol[k]``.  Otherwise
+        the right-hand side is ``(-A_Sj, -1)``, giving the direction that is the null
+        vector of the face ``S + {j}`` (see :func:`_active_set_qp_one`).
+    aug, sol : scratch
+        ``(M + 1, M + 2)`` and ``(M + 1,)`` float64.
+
+    Returns
+    -------
+    bool
+        False if the system is numerically singular.
+
+    Notes
+    -----
+    Serial; writes ``aug`` and ``sol`` only.
+    """
+    for r in range(k):
+        ir = free[r]
+        for c in range(k):
+            aug[r, c] = a[ir, free[c]]
+        aug[r, k] = 1.0
+        aug[r, k + 1] = b[ir] if j < 0 else -a[ir, j]
+    for c in range(k):
+        aug[k, c] = 1.0
+    aug[k, k] = 0.0
+    aug[k, k + 1] = 1.0 if j < 0 else -1.0
+    return _gauss_solve_one(aug, k + 1, sol)
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _active_set_qp_one(q, bvec, lam, out, a, b, aug, sol, free, in_free, w):
+    """Exact simplex-constrained QP of one tile by a primal active-set method.
+
+    Minimise ``f(w) = w^T (Q + lam I) w - 2 B^T w`` subject to ``w >= 0`` and
+    ``sum(w) = 1``, for any number of experts M.
+
+    Parameters
+    ----------
+    q : (M, M) float64
+        Tile matrix Q (symmetric positive semi-definite).
+    bvec : (M,) float64
+        Tile vector B.
+    lam : float
+        Ridge ``lambda >= 0``.
+    out : (M,) float64
+        Receives the minimiser (all NaN if Q, B hold NaN or inf).
+    a, b, aug, sol, free, in_free, w : scratch
+        ``(M, M)``, ``(M,)``, ``(M + 1, M + 2)``, ``(M + 1,)`` float64,
+        ``(M,)`` int64, ``(M,)`` int64 and ``(M,)`` float64.
+
+    Notes
+    -----
+    Algorithm 16.3 of Nocedal & Wright (2006), on the scaled problem of
+    :func:`_scaled_system_one`, adapted to a Hessian that may be singular:
+
+    1. Start at the best vertex ``e_i`` (smallest ``A_ii - 2 b_i``); the free set
+       is ``F = {i}``.
+    2. Solve the KKT system of the face ``F`` (``A_FF y + mu 1 = b_F``,
+       ``1^T y = 1``).  If ``y`` has a negative entry, step from ``w`` towards
+       ``y`` until the first weight reaches 0 and drop that index from ``F``.
+    3. Otherwise ``w = y``; the bound multipliers are ``z_i = (A w - b)_i + mu``
+       for ``i`` outside ``F``.  If all are ``>= -_ACTIVE_SET_TOL`` the KKT
+       conditions of the whole problem hold and ``w`` is a global minimiser (the
+       problem is convex).  Else add the index ``j`` with the most negative
+       ``z_j`` to ``F``.
+
+    The KKT matrix of a face ``S`` is singular exactly when some ``v != 0`` with
+    ``1^T v = 0`` has ``A v = 0`` and support in ``S`` (A is PSD).  So it stays
+    non-singular on every subset of a non-singular face; starting from a vertex,
+    only step 3 can make it singular.  Then the null space is one-dimensional with
+    ``v_j = 1``, ``v_F`` solving the face system with right-hand side
+    ``(-A_Fj, -1)``.  Along ``d = v`` the objective is linear with slope
+    ``2 z_j < 0``, and since ``sum(d_F) = -1`` some ``d_i < 0``: the method steps
+    along ``d`` until the first weight in ``F`` reaches 0 and swaps that index for
+    ``j``.  The new face has no null vector (``d`` was the only one, and it needs
+    the dropped index), so the invariant holds.  ``f`` never increases.  Iterations
+    are capped at ``20 M + 100`` as a guard against cycling on degenerate ties; the
+    iterate is then feasible but possibly not optimal (never seen in tests).
+
+    With ``lam > 0`` or a positive definite Q the minimiser is unique and this
+    returns the same weights as :func:`_simplex_qp_one` (to rounding); with
+    several minimisers it may return a different one with the same objective.
+    Cost: a few ``O(M^3)`` solves per added expert, versus ``O(2^M M^3)``.
+
+    Serial; writes ``out`` and the scratch arrays only.
+    """
+    m = bvec.shape[0]
+    _scaled_system_one(q, bvec, lam, a, b)
+    finite = True
+    for i in range(m):
+        if not np.isfinite(b[i]):
+            finite = False
+        for c in range(m):
+            if not np.isfinite(a[i, c]):
+                finite = False
+    if not finite:
+        for i in range(m):
+            out[i] = np.nan
+        return
+    best = 0
+    best_v = np.inf
+    for i in range(m):
+        v = a[i, i] - 2.0 * b[i]
+        if v < best_v:
+            best_v = v
+            best = i
+    for i in range(m):
+        w[i] = 0.0
+        in_free[i] = 0
+    w[best] = 1.0
+    free[0] = best
+    in_free[best] = 1
+    k = 1
+    added = -1
+    for _ in range(20 * m + 100):
+        if not _face_kkt_one(a, b, free, k, -1, aug, sol):
+            if added < 0:
+                break  # cannot happen (see Notes); keep the feasible iterate
+            # Singular face: undo the addition and move along its null vector.
+            k -= 1
+            in_free[added] = 0
+            if not _face_kkt_one(a, b, free, k, added, aug, sol):
+                break
+            t = np.inf
+            kb = -1
+            for r in range(k):
+                d = sol[r]
+                if d < 0.0:
+                    ratio = w[free[r]] / -d
+                    if ratio < t:
+                        t = ratio
+                        kb = r
+            if kb < 0:
+                break
+            for r in range(k):
+                w[free[r]] += t * sol[r]
+            w[added] = t
+            out_i = free[kb]
+            w[out_i] = 0.0
+            in_free[out_i] = 0
+            free[kb] = added
+            in_free[added] = 1
+            added = -1
+            continue
+        added = -1
+        # Ratio test towards the face minimiser.
+        t = 1.0
+        kb = -1
+        for r in range(k):
+            y = sol[r]
+            if y < 0.0:
+                wi = w[free[r]]
+                ratio = wi / (wi - y)
+                if ratio < t:
+                    t = ratio
+                    kb = r
+        if kb >= 0:
+            for r in range(k):
+                i = free[r]
+                w[i] += t * (sol[r] - w[i])
+            out_i = free[kb]
+            w[out_i] = 0.0
+            in_free[out_i] = 0
+            k -= 1
+            free[kb] = free[k]
+            continue
+        for r in range(k):
+            w[free[r]] = sol[r]
+        mu = sol[k]
+        z_min = -_ACTIVE_SET_TOL
+        j = -1
+        for i in range(m):
+            if in_free[i]:
+                continue
+            z = mu - b[i]
+            for c in range(k):
+                z += a[i, free[c]] * w[free[c]]
+            if z < z_min:
+                z_min = z
+                j = i
+        if j < 0:
+            break  # KKT conditions hold: optimal
+        free[k] = j
+        in_free[j] = 1
+        k += 1
+        added = j
+    s = 0.0
+    for i in range(m):
+        if w[i] < 0.0:
+            w[i] = 0.0
+        s += w[i]
+    for i in range(m):
+        out[i] = w[i] / s
+
+
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _solve_simplex_qp_active_set(q_all, b_all, lam, active, n_chunks):
+    """Exact simplex-constrained QP for every tile, by an active-set method (A5, B3).
+
+    Parameters
+    ----------
+    q_all : (T, M, M) float64, C-contiguous
+        Per-tile matrices Q (symmetric PSD).
+    b_all : (T, M) float64, C-contiguous
+        Per-tile vectors B.
+    lam : float
+        Ridge ``lambda >= 0`` added to the diagonal.
+    active : (T,) bool
+        Tiles to solve; the others get ``1/M``.
+    n_chunks : int
+        Number of work chunks, each with its own scratch (see
+        :func:`_solve_simplex_qp`).  The result does not depend on it.
+
+    Returns
+    -------
+    (T, M) float64
+        Newly allocated weights: ``w >= 0``, ``sum(w) == 1`` on active tiles; ``1/M``
+        on inactive ones; NaN on active tiles whose Q or B holds NaN or inf.
+
+    Notes
+    -----
+    See :func:`_active_set_qp_one`; used for the expert counts where enumerating
+    supports (:func:`_solve_simplex_qp`) is too slow.  Parallel over chunks of tiles
+    with scratch allocated before the ``prange`` loop; each tile row is written by one
+    iteration only.  Reads its inputs only; safe to call concurrently.
+    """
+    n_tiles = b_all.shape[0]
+    m = b_all.shape[1]
+    out = np.empty((n_tiles, m), dtype=np.float64)
+    n_chunks = max(1, min(n_chunks, n_tiles))
+    a = np.empty((n_chunks, m, m), dtype=np.float64)
+    b = np.empty((n_chunks, m), dtype=np.float64)
+    aug = np.empty((n_chunks, m + 1, m + 2), dtype=np.float64)
+    sol = np.empty((n_chunks, m + 1), dtype=np.float64)
+    free = np.empty((n_chunks, m), dtype=np.int64)
+    in_free = np.empty((n_chunks, m), dtype=np.int64)
+    w = np.empty((n_chunks, m), dtype=np.float64)
+    uniform = 1.0 / m
+    for c in prange(n_chunks):
+        start = c * n_tiles // n_chunks
+        stop = (c + 1) * n_tiles // n_chunks
+        for t in range(start, stop):
+            if active[t]:
+                _active_set_qp_one(q_all[t], b_all[t], lam, out[t], a[c], b[c], aug[c],
+                                   sol[c], free[c], in_free[c], w[c])
+            else:
+                for i in range(m):
+                    out[t, i] = uniform
+    return out
+
+
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _jacobi_eigh_one(a, v):
     """Diagonalise a symmetric matrix in place by cyclic Jacobi rotations.
@@ -534,9 +810,7 @@ def _laplacian_smooth(weights, learned, n0, n1, n2, tau):
             for e in range(m):
                 out[r, e] = weights[r, e]
             continue
-        i0 = r // stride0
-        i1 = (r // n2) % n1
-        i2 = r % n2
+        i0, i1, i2 = _tile_index_one(r, n1, n2)
         # Neighbour ids, or -1 where outside the grid or unlearned.
         nb0 = r - stride0 if i0 > 0 else -1
         nb1 = r + stride0 if i0 + 1 < n0 else -1

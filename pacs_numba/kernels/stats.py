@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import CACHE, EDGE_EPS, FASTMATH, GRAD_OPERATORS, SD_FLOOR
+from .grid import _n_anchors_one, _tile_id_one
 
 # Operator codes as plain ints (compile-time constants for Numba).
 _SOBEL = GRAD_OPERATORS["sobel"]
@@ -630,9 +631,9 @@ def _tile_statistics(
     """
     n0, n1, n2 = hr.shape
     m = len(experts)
-    t0 = (n0 + stride - 1) // stride
-    t1 = (n1 + stride - 1) // stride
-    t2 = (n2 + stride - 1) // stride
+    t0 = _n_anchors_one(n0, stride)
+    t1 = _n_anchors_one(n1, stride)
+    t2 = _n_anchors_one(n2, stride)
     n_tiles = t0 * t1 * t2
     # Every element is written exactly once, by _flush_row_one.
     q = np.empty((n_tiles, m, m))
@@ -705,5 +706,5 @@ def _tile_statistics(
                         for k in range(n2):
                             wt[k] = 1.0 if mask[v0, v1, k] != 0 else 0.0
                     _accumulate_line_one(val, grad, wt, lambda_grad, use_grad, acc)
-            _flush_row_one(acc, cnt, row * t2, stride, q, b, counts)
+            _flush_row_one(acc, cnt, _tile_id_one(j0, j1, 0, t1, t2), stride, q, b, counts)
     return q, b, counts

@@ -86,6 +86,72 @@ def simplex_qp(Q, B, lam):
     return best_w
 
 
+def simplex_qp_active_set(Q, B, lam, tol=1e-11, max_iter=None):
+    """Primal active-set method for the simplex QP, in NumPy (twin of ``_active_set_qp_one``).
+
+    Works on the problem divided by its mean diagonal.  The free set F starts at the
+    best vertex.  Each iteration solves the face's KKT system with ``numpy.linalg``;
+    a face whose KKT matrix has lost rank (only possible right after adding an index)
+    is left along its null vector, found with an SVD.
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    M = len(B)
+    A = 0.5 * (Q + Q.T) + lam * np.eye(M)
+    s = np.trace(A) / M
+    if not s > 0:
+        s = np.abs(B).max() if np.abs(B).max() > 0 else 1.0
+    A, b = A / s, B / s
+
+    def kkt(F):
+        k = len(F)
+        K = np.zeros((k + 1, k + 1))
+        K[:k, :k] = A[np.ix_(F, F)]
+        K[:k, k] = 1.0
+        K[k, :k] = 1.0
+        return K
+
+    i0 = int(np.argmin(np.diag(A) - 2 * b))
+    w = np.zeros(M)
+    w[i0] = 1.0
+    F = [i0]
+    for _ in range(max_iter or 20 * M + 100):
+        K = kkt(F)
+        if np.linalg.matrix_rank(K, tol=1e-12 * np.abs(K).max()) < len(F) + 1:
+            # the null vector d (d_j = 1 for the index just added) has zero curvature
+            _, _, vt = np.linalg.svd(K)
+            d = vt[-1][: len(F)]
+            j = F[-1]
+            d = d / d[-1]
+            t, out = min((w[i] / -d[r], i) for r, i in enumerate(F) if d[r] < 0)
+            for r, i in enumerate(F):
+                w[i] += t * d[r]
+            w[out] = 0.0
+            F.remove(out)
+            assert j in F
+            continue
+        x = np.linalg.solve(K, np.concatenate([b[F], [1.0]]))
+        y, mu = x[:-1], x[-1]
+        if (y < 0).any():
+            ratios = [(w[i] / (w[i] - y[r]), i) for r, i in enumerate(F) if y[r] < 0]
+            t, out = min(ratios)
+            for r, i in enumerate(F):
+                w[i] += t * (y[r] - w[i])
+            w[out] = 0.0
+            F.remove(out)
+            continue
+        w[:] = 0.0
+        w[F] = y
+        z = A @ w - b + mu
+        z[F] = 0.0
+        j = int(np.argmin(z))
+        if z[j] >= -tol:
+            break
+        F.append(j)
+    w = np.clip(w, 0.0, None)
+    return w / w.sum()
+
+
 def simplex_qp_trust_constr(Q, B, lam, n_starts=5, seed=0):
     """Best of several ``trust-constr`` runs from random simplex points (independent check)."""
     from scipy.optimize import Bounds, LinearConstraint, minimize

@@ -1,0 +1,201 @@
+"""Where a run's outputs live (algorithm A8): every path a task writes or reads back.
+
+This is the only module that spells an output file name.  The engine, the run record,
+the model reader, resume and the ``report`` command ask it for paths, so a new output
+file is added here once and every reader finds it.
+
+The tree under ``out_root`` (the published tool's layout, plus our own files)::
+
+    {out_root}/{experiment}/
+        logs/                                      per-process log files
+        report/                                    figures and tables of ``pacs-numba report``
+        {spacing}/output_volumes/{pid}-{pulse}.nii.gz       test blends
+        {spacing}/model_data/fold_{N}/{pulse}/
+            weights.json  metrics.json                      published files
+            {pid}_blend_train.nii.gz                        train blends
+            {pid}_weights_test.npz  {pid}_weight_analysis_test.npz
+            pacs_model.npz  patients.json  pacs_numba_run.json    ours
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .integrity import output_under
+
+__all__ = [
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "PATIENTS_FILE",
+    "RECORD_FILE",
+    "WEIGHTS_FILE",
+    "ExperimentLayout",
+    "TaskLayout",
+]
+
+#: The published tool's tile weights of a task (``{"<tile id>": [w_1..w_M]}``).
+WEIGHTS_FILE = "weights.json"
+#: The published tool's mean metrics of a task; its presence means "this task has outputs".
+METRICS_FILE = "metrics.json"
+#: Our compact model file (every tile's weights, the grid, the expert names).
+MODEL_FILE = "pacs_model.npz"
+#: Per-patient metrics, skipped patients and stage timings of a task.
+PATIENTS_FILE = "patients.json"
+#: The run record that ``--resume`` trusts (settings, fingerprints, finished patients).
+RECORD_FILE = "pacs_numba_run.json"
+
+_MODEL_DATA = "model_data"
+_OUTPUT_VOLUMES = "output_volumes"
+_LOGS = "logs"
+_REPORT = "report"
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """Folders shared by every task of one experiment.
+
+    Parameters
+    ----------
+    out_root : Path
+        ``--out-root`` or the config's ``pacs_sr.out_root``.
+    experiment : str
+        ``pacs_sr.experiment_name``.
+
+    Examples
+    --------
+    >>> lay = ExperimentLayout(Path("out"), "exp")
+    >>> lay.logs_dir.as_posix(), lay.report_dir.as_posix()
+    ('out/exp/logs', 'out/exp/report')
+    """
+
+    out_root: Path
+    experiment: str
+
+    @property
+    def root(self) -> Path:
+        """``{out_root}/{experiment}``."""
+        return Path(self.out_root) / self.experiment
+
+    @property
+    def logs_dir(self) -> Path:
+        """Folder of the per-process log files (``pacs_sr.log_to_file``)."""
+        return self.root / _LOGS
+
+    @property
+    def report_dir(self) -> Path:
+        """Folder of the report's figures and tables."""
+        return self.root / _REPORT
+
+    def log_file(self, command: str, stamp: str, host: str, pid: int) -> Path:
+        """Log file of one process: ``logs/pacs_numba-{command}-{stamp}-{host}-{pid}.log``."""
+        return self.logs_dir / f"pacs_numba-{command}-{stamp}-{host}-{pid}.log"
+
+    def task(self, fold: int, spacing: str, pulse: str) -> TaskLayout:
+        """Return the layout of one (fold, spacing, pulse) task of this experiment."""
+        return TaskLayout(self.out_root, self.experiment, fold, spacing, pulse)
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """Every path one (fold, spacing, pulse) task writes or reads back.
+
+    Parameters
+    ----------
+    out_root : Path
+        ``--out-root`` or the config's ``pacs_sr.out_root``.
+    experiment : str
+        ``pacs_sr.experiment_name``.
+    fold : int
+        Fold number, 1-based.
+    spacing, pulse : str
+        The task's spacing and pulse.
+
+    Examples
+    --------
+    >>> lay = TaskLayout(Path("out"), "exp", 2, "3mm", "t1c")
+    >>> lay.model_dir.as_posix()
+    'out/exp/3mm/model_data/fold_2/t1c'
+    >>> lay.test_blend("sub-01").as_posix()
+    'out/exp/3mm/output_volumes/sub-01-t1c.nii.gz'
+    """
+
+    out_root: Path
+    experiment: str
+    fold: int
+    spacing: str
+    pulse: str
+
+    @property
+    def experiment_layout(self) -> ExperimentLayout:
+        """The experiment this task belongs to."""
+        return ExperimentLayout(self.out_root, self.experiment)
+
+    @property
+    def model_dir(self) -> Path:
+        """``{out_root}/{experiment}/{spacing}/model_data/fold_{N}/{pulse}``."""
+        return (
+            Path(self.out_root)
+            / self.experiment
+            / self.spacing
+            / _MODEL_DATA
+            / f"fold_{self.fold}"
+            / self.pulse
+        )
+
+    @property
+    def volumes_dir(self) -> Path:
+        """``{out_root}/{experiment}/{spacing}/output_volumes`` (shared by the folds)."""
+        return Path(self.out_root) / self.experiment / self.spacing / _OUTPUT_VOLUMES
+
+    @property
+    def weights_json(self) -> Path:
+        """The published ``weights.json``."""
+        return self.model_dir / WEIGHTS_FILE
+
+    @property
+    def metrics_json(self) -> Path:
+        """The published ``metrics.json``."""
+        return self.model_dir / METRICS_FILE
+
+    @property
+    def model_file(self) -> Path:
+        """Our ``pacs_model.npz``."""
+        return self.model_dir / MODEL_FILE
+
+    @property
+    def patients_json(self) -> Path:
+        """Our ``patients.json`` (per-patient metrics and timings)."""
+        return self.model_dir / PATIENTS_FILE
+
+    @property
+    def record_file(self) -> Path:
+        """The run record ``pacs_numba_run.json``."""
+        return self.model_dir / RECORD_FILE
+
+    def blend(self, split: str, pid: str) -> Path:
+        """Blend of a patient: test blends go to ``output_volumes``, train blends to model_dir."""
+        return self.test_blend(pid) if split == "test" else self.train_blend(pid)
+
+    def test_blend(self, pid: str) -> Path:
+        """``output_volumes/{pid}-{pulse}.nii.gz``."""
+        return output_under(self.volumes_dir, f"{pid}-{self.pulse}.nii.gz")
+
+    def train_blend(self, pid: str) -> Path:
+        """``model_dir/{pid}_blend_train.nii.gz``."""
+        return output_under(self.model_dir, f"{pid}_blend_train.nii.gz")
+
+    def weight_npz(self, pid: str, split: str = "test") -> Path:
+        """``model_dir/{pid}_weights_{split}.npz`` (per-voxel weight maps)."""
+        return output_under(self.model_dir, f"{pid}_weights_{split}.npz")
+
+    def weight_analysis_npz(self, pid: str, split: str = "test") -> Path:
+        """``model_dir/{pid}_weight_analysis_{split}.npz`` (entropy, dominant expert, stats)."""
+        return output_under(self.model_dir, f"{pid}_weight_analysis_{split}.npz")
+
+    def existing_weights(self) -> Path | None:
+        """Return the weights ``evaluate`` reads back: the model file, else ``weights.json``."""
+        for path in (self.model_file, self.weights_json):
+            if path.exists():
+                return path
+        return None
