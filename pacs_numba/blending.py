@@ -8,6 +8,7 @@ window; the kernels do the work in one pass over the volumes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -427,9 +428,12 @@ def _counted_statistics(values: NDArray[np.float32], counts: NDArray[np.int64]) 
         pair = np.array([nth(lo), nth(min(lo + 1, n - 1))], dtype=np.float32)
         return float(np.percentile(pair, 100.0 * (pos - lo)))
 
+    # Correctly rounded sums (math.fsum), not np.dot: a BLAS dot product splits long sums
+    # between its threads, so its last digit followed OPENBLAS_NUM_THREADS.  The products
+    # are elementwise, so the result no longer depends on any thread count or order.
     v64 = values.astype(np.float64)
-    mean = float(np.dot(counts, v64) / n)
-    var = float(np.dot(counts, (v64 - mean) ** 2) / n)
+    mean = math.fsum(counts * v64) / n
+    var = math.fsum(counts * (v64 - mean) ** 2) / n
     return {
         "mean": mean,
         "std": var**0.5,

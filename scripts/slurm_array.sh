@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # pacs-numba on a SLURM array: one array task = one (fold, spacing, pulse) of a PaCS-SR config.
 #
-#   bash scripts/slurm_array.sh --list config.yaml             # the task table and the --array to use
-#   sbatch --array=0-N scripts/slurm_array.sh config.yaml      # run every task
+#   bash scripts/slurm_array.sh --list config.yaml             # tasks, resources, the sbatch line
+#   sbatch --array=0-N --cpus-per-task=C --mem=M scripts/slurm_array.sh config.yaml   # as --list says
 #   sbatch --array=0-N scripts/slurm_array.sh config.yaml -- --workers 4   # extra train flags
 #   sbatch -o diagnose-%j.out scripts/slurm_array.sh --diagnose config.yaml   # see --help
 #   bash scripts/slurm_array.sh --task 3 config.yaml           # one task by hand, no SLURM needed
@@ -17,20 +17,22 @@
 #   PACS_NUMBA_CACHE_DIR   volume cache (default: node-local scratch, see below)
 #   NUMBA_CACHE_DIR        compiled kernels (default: ~/.cache/pacs_numba/numba; set but empty:
 #                          Numba's own default next to the sources)
-#   PACS_NUMBA_DIAGNOSE=1  run `python -m pacs_numba.diagnose` before training (=warmup: also
+#   PACS_NUMBA_DIAGNOSE=1  run `pacs-numba diagnose` before training (=warmup: also
 #                          compile every kernel)
 #   PACS_NUMBA_MAX_WORKERS cap on the patients run at once (the memory plan still applies)
 #   PACS_PYTHON            the Python that has pacs_numba (default: python on PATH)
 #
 # Resources.  A task holds one patient per worker in memory, nothing per CPU: the width of the
 # patient pool comes from the job's real memory limit (cgroup, SLURM) and the volume shape, so
-# --mem is not multiplied by --cpus-per-task.  `--diagnose` prints the per-patient figure and
-# the pool a task will run with these settings.
+# --mem is not multiplied by --cpus-per-task.  `--list` sizes a task from the cohort's real
+# volume shape and expert count (the memory plan of `diagnose --json`) and prints the sbatch
+# line with the --cpus-per-task and --mem it needs.  The #SBATCH lines below ask only for what
+# any node can give and set no memory option, so --mem, --mem-per-cpu, SBATCH_MEM_PER_NODE or
+# SBATCH_MEM_PER_CPU (or the site's default) decide the memory.
 #SBATCH --job-name=pacs-numba
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --cpus-per-task=8
-#SBATCH --mem=16G
+#SBATCH --cpus-per-task=2
 #SBATCH --time=04:00:00
 # SIGTERM 120 s before the time limit: in-flight patients finish, the task exits 143 and the
 # log says how far it got; resubmit the same array id to finish it (--resume).
@@ -54,14 +56,18 @@ die() {  # die CODE MESSAGE...
 }
 usage() {
     cat <<EOF
-usage: $0 [--list | --dry-run | --diagnose] [--task ID] [CONFIG] [-- TRAIN_ARGS...]
+usage: $0 [--list [--cpus N] | --dry-run | --diagnose] [--task ID] [CONFIG] [-- TRAIN_ARGS...]
 
 Runs one (fold, spacing, pulse) of CONFIG (default \$PACS_CONFIG) with pacs-numba train.
 The task is --task ID or \$SLURM_ARRAY_TASK_ID, counted from 0.
 
-  --list      print the task table and the sbatch --array range, then exit
+  --list      print the task table, what one task needs (CPUs, memory) and the sbatch line
+              that runs them all, then exit; builds the manifest if needed, to read the
+              volume shape.  Warns when sinfo shows no node that can take such a task.
+  --cpus N    with --list: the CPUs per task to plan for (default: the patients a task
+              runs at once, at most 8 and at most the largest node in sinfo)
   --dry-run   print the task, the environment and the command, run nothing
-  --diagnose  build the manifest if needed, then run python -m pacs_numba.diagnose
+  --diagnose  build the manifest if needed, then run pacs-numba diagnose
               --config CONFIG --warmup (checks the node, compiles the kernels); no training
   --task ID   the task to run (overrides \$SLURM_ARRAY_TASK_ID)
   -- ARGS     passed on to pacs-numba train (e.g. -- --workers 4 --mem-budget 12G)
@@ -73,10 +79,17 @@ MODE=run
 TASK_ID=${SLURM_ARRAY_TASK_ID:-}
 TASK_SOURCE=SLURM_ARRAY_TASK_ID
 CONFIG=${PACS_CONFIG:-}
+LIST_CPUS=''
 EXTRA=()
 while (($#)); do
     case $1 in
         --list) MODE=list ;;
+        --cpus)
+            (($# >= 2)) || die 2 "--cpus needs a CPU count"
+            LIST_CPUS=$2
+            shift
+            ;;
+        --cpus=*) LIST_CPUS=${1#--cpus=} ;;
         --dry-run) MODE=dry-run ;;
         --diagnose) MODE=diagnose ;;
         --task)
@@ -94,6 +107,10 @@ while (($#)); do
 done
 [[ -n $CONFIG ]] || { usage >&2; die 2 "no config: pass CONFIG or set PACS_CONFIG"; }
 [[ -f $CONFIG ]] || die 2 "config '$CONFIG' does not exist (working directory $PWD)"
+if [[ -n $LIST_CPUS ]]; then
+    [[ $MODE == list ]] || die 2 "--cpus goes with --list (to sbatch, pass --cpus-per-task)"
+    [[ $LIST_CPUS =~ ^[1-9][0-9]*$ ]] || die 2 "--cpus $LIST_CPUS is not a CPU count >= 1"
+fi
 CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
 
 # ------------------------------------------------------------------ Python and pacs-numba
@@ -111,6 +128,9 @@ if [[ -z ${PACS_PYTHON:-} ]] && command -v pacs-numba >/dev/null 2>&1; then
 else
     PACS=("$PY" -m pacs_numba)
 fi
+# pacs_numba's node check and memory plan, through the same entry point as train: the one
+# place that says how diagnose is run
+DIAGNOSE=("${PACS[@]}" diagnose)
 
 # ------------------------------------------------------------------ the task table
 # Spacings, pulses and the fold count come from the config (and the manifest once it exists:
@@ -142,20 +162,21 @@ print(f"FOLDS_SOURCE={q(source)}")
 print(f"MANIFEST={q(manifest)}")
 print("SPACINGS=(" + " ".join(q(s) for s in cfg.data.spacings) + ")")
 print("PULSES=(" + " ".join(q(p) for p in cfg.data.pulses) + ")")
+print(f"NUM_WORKERS={q(str(cfg.pacs_sr.num_workers or ''))}")
 PY
 }
-TABLE=$(read_tasks) || die 2 "cannot read the tasks of $CONFIG (see above)"
-NFOLDS=0
-FOLDS_SOURCE=''
-MANIFEST=''
-SPACINGS=()
-PULSES=()
-eval "$TABLE"
-NS=${#SPACINGS[@]}
-NP=${#PULSES[@]}
-NTASKS=$((NFOLDS * NS * NP))
-LAST=$((NTASKS - 1))
-SHAPE="$NFOLDS folds x $NS spacings (${SPACINGS[*]}) x $NP pulses (${PULSES[*]}) = $NTASKS tasks"
+load_table() {
+    local table
+    table=$(read_tasks) || die 2 "cannot read the tasks of $CONFIG (see above)"
+    NFOLDS=0 FOLDS_SOURCE='' MANIFEST='' SPACINGS=() PULSES=() NUM_WORKERS=''
+    eval "$table"
+    NS=${#SPACINGS[@]}
+    NP=${#PULSES[@]}
+    NTASKS=$((NFOLDS * NS * NP))
+    LAST=$((NTASKS - 1))
+    SHAPE="$NFOLDS folds x $NS spacings (${SPACINGS[*]}) x $NP pulses (${PULSES[*]}) = $NTASKS tasks"
+}
+load_table
 
 task_of() {  # task_of ID: sets FOLD SPACING PULSE (fold-major, like pacs-numba train)
     local id=$1
@@ -163,17 +184,6 @@ task_of() {  # task_of ID: sets FOLD SPACING PULSE (fold-major, like pacs-numba 
     SPACING=${SPACINGS[$(((id / NP) % NS))]}
     PULSE=${PULSES[$((id % NP))]}
 }
-
-if [[ $MODE == list ]]; then
-    echo "$CONFIG: $SHAPE (fold count from $FOLDS_SOURCE)"
-    printf '%6s %5s  %-10s %s\n' task fold spacing pulse
-    for ((i = 0; i < NTASKS; i++)); do
-        task_of "$i"
-        printf '%6d %5d  %-10s %s\n' "$i" "$FOLD" "$SPACING" "$PULSE"
-    done
-    echo "submit with: sbatch --array=0-$LAST $0 $CONFIG"
-    exit 0
-fi
 
 # ------------------------------------------------------------------ threads and caches
 # Numba runs the kernels on every CPU of the task; the engine splits them between the
@@ -300,12 +310,210 @@ ensure_manifest() {
     exec 9>&-  # releases the lock
 }
 
+# ------------------------------------------------------------------ --list: tasks and resources
+# What one task needs comes from pacs_numba's own memory plan (`diagnose --json`: the volume
+# shape of the manifest's first HR, the expert count, bytes per patient in flight and the
+# fixed part, per stage).  It is evaluated here for the width the task will run at on the CPUs
+# it asks for, not for this (login) node's limits.  The figures follow the planner's documented
+# rule: width = floor((limit - fixed - margin) / per_patient), margin = max(10% of the limit,
+# 256 MiB), so the limit a width needs is the smallest one for which that holds.
+PLAN_RESOURCES=$(cat <<'PY'
+import json, math, os, shlex, shutil, subprocess, sys, time
+
+MIB = 1 << 20
+MIN_MARGIN, MARGIN_FRACTION = 256 * MIB, 0.10
+# The baseline in the plan is diagnose's own RSS after its imports; a task measures its own,
+# which can be some tens of MiB larger (more modules and kernels loaded when it plans).
+HEADROOM = 100 * MIB
+plan_file, script, config, last, cpus_arg, num_workers, *extra = sys.argv[1:]
+
+
+def warn(msg):  # in the script's log format
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} WARNING slurm_array: {msg}", file=sys.stderr)
+
+
+def option(args, name):
+    """Value of the last `name V` / `name=V` in args, or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def needed_bytes(stage, width):
+    """Smallest job memory limit with which `stage` runs `width` patients at once."""
+    if int(stage.get("width", 0)) == width and stage.get("needed_bytes"):
+        return int(stage["needed_bytes"])  # the planner's own figure
+    # From the width-1 figure: its limit minus its margin is fixed + one patient.
+    one = int(stage["needed_bytes_one"])
+    used = min(one - MIN_MARGIN, int(one * (1 - MARGIN_FRACTION)))  # fixed + one patient
+    used += (width - 1) * int(stage["per_patient_bytes"])
+    return max(used + MIN_MARGIN, math.ceil(used / (1 - MARGIN_FRACTION)))
+
+
+def sbatch_mem(n_bytes):
+    """--mem value: rounded up to 100M below 4G, to whole G above."""
+    mib = math.ceil(n_bytes / MIB)
+    if mib < 4096:
+        return f"{math.ceil(mib / 100) * 100}M", math.ceil(mib / 100) * 100
+    return f"{math.ceil(mib / 1024)}G", math.ceil(mib / 1024) * 1024
+
+
+def gib(n_bytes):
+    if n_bytes < 2**30:
+        return f"{n_bytes / MIB:.1f} MiB"
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def sinfo_nodes():
+    """[(node, cpus, memory MiB)] from sinfo, or None when it cannot be asked."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        res = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %c %m"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    nodes = []
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].rstrip("+").isdigit():
+            nodes.append((parts[0], int(parts[1]), int(parts[2].rstrip("+"))))
+    return nodes
+
+
+doc = None
+try:
+    with open(plan_file) as fh:
+        doc = json.load(fh)
+    plan = doc["plan"]
+    stages = plan["stages"]
+    shape = "x".join(str(int(n)) for n in plan["shape"])
+    n_experts = int(plan["n_experts"])
+    names = [name for name in ("fit", "evaluate") if name in stages]  # a stage may be absent
+    if not names:
+        raise KeyError("no fit or evaluate stage")
+    for name in names:
+        for key in ("n_patients", "per_patient_bytes", "needed_bytes_one"):
+            int(stages[name][key])
+except (OSError, ValueError, KeyError, TypeError) as exc:
+    problems = ""
+    if isinstance(doc, dict):
+        problems = "; ".join(c.get("message", "") for c in doc.get("checks", [])
+                             if c.get("level") == "fail")
+    warn(f"cannot size a task: diagnose --json gave no usable memory plan ({exc!r}"
+         f"{'; ' + problems if problems else ''}); add --mem yourself "
+         f"(run the --diagnose mode inside an allocation to see what one patient needs)")
+    cpus = int(cpus_arg or 2)
+    print(f"submit with: sbatch --array=0-{last} --cpus-per-task={cpus} "
+          + " ".join(shlex.quote(a) for a in (script, config, *(["--", *extra] if extra else []))))
+    sys.exit(0)
+
+nodes = sinfo_nodes()
+most = max((n for _, n, _ in nodes), default=None) if nodes else None
+def count(value, what):
+    """A worker count >= 1, or None (with a warning: pacs-numba train will refuse it)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        warn(f"{what}={value!r} is not a worker count >= 1; planning without it")
+        return None
+    return n
+
+
+workers = option(extra, "--workers")
+request = None  # the width asked for, as pacs-numba train reads it
+if workers is not None:
+    request = workers = count(workers, "--workers")
+if workers is None:
+    for name in ("PACS_NUMBA_MAX_WORKERS", "PACS_SR_MAX_WORKERS"):
+        if os.environ.get(name, "").strip():
+            request = count(os.environ[name], name)
+            break
+    if num_workers and int(num_workers) > 0:
+        request = min(request or int(num_workers), int(num_workers))
+widest = max(int(stages[name]["n_patients"]) for name in names)
+if cpus_arg:
+    cpus, why = int(cpus_arg), "--cpus"
+else:
+    cpus, why = max(1, min(8, widest, request or widest)), "patients at once, at most 8"
+    if most is not None and most < cpus:
+        cpus, why = most, f"the largest node in sinfo has {most}"
+
+rows, need = [], 0
+for name in names:
+    st = stages[name]
+    n = max(1, int(st["n_patients"]))
+    width = min(cpus, n)
+    if request is not None:
+        width = min(width, request)
+    if num_workers and int(num_workers) < 0 and workers is None:
+        width = min(width, max(1, cpus + 1 + int(num_workers)))
+    b = needed_bytes(st, width)
+    need = max(need, b)
+    rows.append(f"  {name:9s} {int(st['n_patients']):3d} patients, {width} at once x "
+                f"{max(1, cpus // width)} numba thread(s): needs {gib(b)} "
+                f"({gib(int(st['per_patient_bytes']))} per patient)")
+mem, mem_mib = sbatch_mem(need + HEADROOM)
+print(f"one task: volumes {shape}, {n_experts} experts, {cpus} CPU(s) ({why})")
+print("\n".join(rows))
+line = ["sbatch", f"--array=0-{last}", f"--cpus-per-task={cpus}", f"--mem={mem}", script,
+        config, *(["--", *extra] if extra else [])]
+print("submit with: " + " ".join(shlex.quote(a) for a in line))
+if nodes is None:
+    print("(sinfo not available here: cannot check that a node can take such a task)")
+elif not any(c >= cpus and m >= mem_mib for _, c, m in nodes):
+    biggest = ", ".join(sorted({f"{c} CPUs {m}M" for _, c, m in nodes})) or "none"
+    warn(f"no node in sinfo can take --cpus-per-task={cpus} --mem={mem} (nodes: {biggest}); "
+         "such a job would stay pending: ask for fewer CPUs (--cpus N; memory is per patient "
+         "at once, not per CPU) or use smaller volumes or fewer experts")
+PY
+)
+
+if [[ $MODE == list ]]; then
+    if [[ ! -f $MANIFEST ]]; then  # the volume shape and the fold count come from it
+        ensure_manifest
+        load_table
+    fi
+    echo "$CONFIG: $SHAPE (fold count from $FOLDS_SOURCE)"
+    printf '%6s %5s  %-10s %s\n' task fold spacing pulse
+    for ((i = 0; i < NTASKS; i++)); do
+        task_of "$i"
+        printf '%6d %5d  %-10s %s\n' "$i" "$FOLD" "$SPACING" "$PULSE"
+    done
+    plan_json=$(mktemp "${TMPDIR:-/tmp}/pacs_numba_plan.XXXXXX")
+    DIAG=("${DIAGNOSE[@]}" --config "$CONFIG" --json)
+    workers=''
+    for ((i = 0; i < ${#EXTRA[@]}; i++)); do  # --workers of the train args sizes the plan too
+        case ${EXTRA[i]} in
+            --workers) workers=${EXTRA[i + 1]:-} ;;
+            --workers=*) workers=${EXTRA[i]#--workers=} ;;
+        esac
+    done
+    if [[ -n $workers ]]; then DIAG+=(--workers "$workers"); fi
+    # diagnose plans on this node's limits: with --cpus, no more CPUs than the task will have
+    if [[ -n $LIST_CPUS ]]; then export SLURM_CPUS_PER_TASK=$LIST_CPUS; fi
+    "${DIAG[@]}" >"$plan_json" || true  # a failed check still prints JSON; judged below
+    rc=0
+    "$PY" -c "$PLAN_RESOURCES" "$plan_json" "$0" "$CONFIG" "$LAST" "$LIST_CPUS" \
+        "$NUM_WORKERS" "${EXTRA[@]}" || rc=$?
+    rm -f "$plan_json"
+    exit "$rc"
+fi
+
 if [[ $MODE == diagnose ]]; then  # the manifest too, so that diagnose can size a patient
     describe_env
     ensure_manifest
-    log INFO "running: ${SRUN[*]} ${PACS[*]} diagnose --config $CONFIG --warmup"
+    log INFO "running: ${SRUN[*]}${SRUN[*]:+ }${DIAGNOSE[*]} --config $CONFIG --warmup"
     rc=0
-    "${SRUN[@]}" "${PACS[@]}" diagnose --config "$CONFIG" --warmup || rc=$?
+    "${SRUN[@]}" "${DIAGNOSE[@]}" --config "$CONFIG" --warmup || rc=$?
     exit "$rc"
 fi
 
@@ -319,12 +527,19 @@ if ((TASK_ID > LAST)); then
     die 2 "$TASK_SOURCE=$TASK_ID is out of range: $CONFIG has $SHAPE, ids 0-$LAST" \
         "(they count from 0, not 1 as in the published array script); submit with --array=0-$LAST"
 fi
+# The job as SLURM shows it: ARRAYJOB_TASK (5_0) for an array task, else the job id.
+if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    JOB_NAME=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
+else
+    JOB_NAME=${SLURM_JOB_ID:-none}
+fi
+
 task_of "$TASK_ID"
 CMD=("${PACS[@]}" train --config "$CONFIG" --fold "$FOLD" --spacing "$SPACING" --pulse "$PULSE"
     --resume --no-progress "${EXTRA[@]}")
 
 log INFO "task $TASK_ID of 0-$LAST: fold=$FOLD spacing=$SPACING pulse=$PULSE" \
-    "($SHAPE, fold-major; job ${SLURM_JOB_ID:-none}, host ${HOSTNAME:-$(uname -n)})"
+    "($SHAPE, fold-major; job $JOB_NAME, host ${HOSTNAME:-$(uname -n)})"
 describe_env
 if [[ $MODE == dry-run ]]; then
     echo "task=$TASK_ID fold=$FOLD spacing=$SPACING pulse=$PULSE"
@@ -360,12 +575,14 @@ explain_rc() {
 
 gib() { awk -v b="$1" 'BEGIN { printf "%.2f GiB", b / 1073741824 }'; }
 
-# Largest MaxRSS, in bytes, of this job's steps in sacct (of step $1 when known).
+# Largest MaxRSS, in bytes, of this job's steps in sacct (of step $1 when known).  Rows are
+# matched on JobIDRaw: SLURM_JOB_ID is the raw id, and sacct prints an array task's steps
+# as ARRAYJOB_TASK.STEP (5_0.0) in JobID but as JOBID.STEP (6.0) in JobIDRaw.
 sacct_peak() {
     local step=$1 out tries
     for tries in 1 2 3; do
-        out=$(sacct -j "$SLURM_JOB_ID" --noheader --parsable2 --format=JobID,MaxRSS 2>/dev/null) ||
-            return 1
+        out=$(sacct -j "$SLURM_JOB_ID" --noheader --parsable2 --format=JobIDRaw,MaxRSS \
+            2>/dev/null) || return 1
         out=$(awk -F'|' -v want="${step:+$SLURM_JOB_ID.$step}" '
             function bytes(v,   n, u) {
                 n = v + 0; u = toupper(substr(v, length(v)))
@@ -394,23 +611,27 @@ PY
 }
 
 summary() {
-    local rc=$RC wall=$((SECONDS - T0)) peak='' maxrss_kib='' step='' b cg
+    local rc=$RC wall=$((SECONDS - T0)) peak='' maxrss_kib='' step='' b cg sacct_b=''
     set +e  # a summary is always printed; the traps above keep a second SIGTERM from cutting it
     if [[ -s $MAXRSS_FILE ]]; then
         read -r maxrss_kib step <"$MAXRSS_FILE"
     fi
     if [[ -n ${SLURM_JOB_ID:-} ]] && command -v sacct >/dev/null 2>&1 && [[ $STAGE == train ]]; then
-        if b=$(sacct_peak "$step"); then
-            peak="$(gib "$b") (sacct MaxRSS, job ${SLURM_JOB_ID}${step:+ step $step})"
-            PEAK_B=$b PEAK_SRC=sacct
-        fi
+        if b=$(sacct_peak "$step"); then sacct_b=$b; fi
     fi
+    # The exact figure first: the kernel's high-water mark of pacs-numba's RSS (getrusage).
+    # sacct's MaxRSS is sampled every JobAcctGatherFrequency seconds and misses short peaks.
     if [[ -n $maxrss_kib ]]; then
+        peak="$(gib $((maxrss_kib * 1024))) exact (max RSS of pacs-numba, getrusage)"
+        PEAK_B=$((maxrss_kib * 1024)) PEAK_SRC=maxrss
+    fi
+    if [[ -n $sacct_b ]]; then
+        local what
+        what="$(gib "$sacct_b") sampled (sacct MaxRSS, job $JOB_NAME${step:+ step $step})"
         if [[ -n $peak ]]; then
-            peak+="; max RSS of pacs-numba $(gib $((maxrss_kib * 1024)))"
+            peak+="; $what"
         else
-            peak="$(gib $((maxrss_kib * 1024))) (max RSS of pacs-numba)"
-            PEAK_B=$((maxrss_kib * 1024)) PEAK_SRC=maxrss
+            peak=$what PEAK_B=$sacct_b PEAK_SRC=sacct
         fi
     fi
     # last resort, and only where pacs-numba ran in this shell's cgroup: the batch step
@@ -431,7 +652,9 @@ summary() {
     echo "summary task=$TASK_ID fold=$FOLD spacing=$SPACING pulse=$PULSE exit=$rc wall_s=$wall" \
         "train_s=${T_TRAIN:-NA} peak_mem_gib=$([[ -n ${PEAK_B:-} ]] &&
             awk -v b="$PEAK_B" 'BEGIN { printf "%.3f", b / 1073741824 }' || echo NA)" \
-        "peak_source=${PEAK_SRC:-none} job=${SLURM_JOB_ID:-none} host=${HOSTNAME:-$(uname -n)}"
+        "peak_source=${PEAK_SRC:-none} sacct_maxrss_gib=$([[ -n $sacct_b ]] &&
+            awk -v b="$sacct_b" 'BEGIN { printf "%.3f", b / 1073741824 }' || echo NA)" \
+        "job=$JOB_NAME host=${HOSTNAME:-$(uname -n)}"
     rm -rf "$RUN_DIR"
 }
 on_exit() {
@@ -450,7 +673,7 @@ case ${PACS_NUMBA_DIAGNOSE:-0} in
     0 | '') ;;
     *)
         STAGE=diagnose
-        DIAG=("${PACS[@]}" diagnose --config "$CONFIG")  # the same entry point as train
+        DIAG=("${DIAGNOSE[@]}" --config "$CONFIG")
         if [[ $PACS_NUMBA_DIAGNOSE == warmup ]]; then DIAG+=(--warmup); fi
         log INFO "running: ${DIAG[*]}"
         # a failed check is reported, not fatal: train gives the authoritative error

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,11 +46,34 @@ exec "$@"
 """
 
 FAKE_SACCT = r"""#!/usr/bin/env bash
-# fake sacct: accounting answers only when FAKE_SACCT is set (as if it were enabled)
+# fake sacct: accounting answers only when FAKE_SACCT is set (as if it were enabled).  Like
+# the real one, it names an array task's rows ARRAYJOB_TASK.STEP in JobID and JOBID.STEP in
+# JobIDRaw (SLURM 22.05: job 4242 = array task 4240_1 prints its step as 4240_1.0).
 echo "$*" >> "${FAKE_SACCT_LOG:-/dev/null}"
 [[ -n ${FAKE_SACCT:-} ]] || { echo "sacct: accounting storage is disabled" >&2; exit 1; }
 j=$SLURM_JOB_ID
+if [[ " $* " != *JobIDRaw* && -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
+    j=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
+fi
 printf '%s|\n%s.batch|10240K\n%s.extern|0\n%s.0|1572864K\n' "$j" "$j" "$j" "$j"
+"""
+
+FAKE_SINFO = r"""#!/usr/bin/env bash
+# fake sinfo: the nodes of $FAKE_SINFO_NODES ("name cpus memMB;..."), one per line
+echo "$*" >> "${FAKE_SINFO_LOG:-/dev/null}"
+tr ';' '\n' <<<"${FAKE_SINFO_NODES:?}"
+"""
+
+# PACS_PYTHON for --list: the real Python, except that pacs_numba's diagnose (however the
+# script calls it) prints $FAKE_PLAN_JSON, as diagnose --json does, and records its arguments
+SHIM_PYTHON = r"""#!/usr/bin/env bash
+if [[ $1 == -m && ($2 == pacs_numba.diagnose || ($2 == pacs_numba && $3 == diagnose)) ]]; then
+    printf '%s\0' "$@" > "${FAKE_DIAG_LOG:?}"
+    echo "SLURM_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-}" > "$FAKE_DIAG_LOG.env"
+    cat "${FAKE_PLAN_JSON:?}"
+    exit "${FAKE_DIAG_RC:-0}"
+fi
+exec "${REAL_PYTHON:?}" "$@"
 """
 
 
@@ -148,20 +172,168 @@ def _after(args: list[str], word: str) -> list[str]:
     return args[args.index(word):]
 
 
-# --------------------------------------------------------------------------- cheap checks
-def test_list_prints_mapping_and_array_range(config: Path, tmp_path: Path) -> None:
-    res = _run(["--list", str(config)], _env(tmp_path, None))
+# --------------------------------------------------------------------------- --list
+MIB = 2**20
+
+
+def _width_at(limit: int, fixed: int, per: int) -> int:
+    """Patients a job with ``limit`` bytes runs at once: the planner's documented rule."""
+    margin = max(256 * MIB, int(0.10 * limit))
+    return (limit - fixed - margin) // per
+
+
+def _needed(fixed: int, per: int, width: int) -> int:
+    """Smallest limit for ``width`` patients at once, by bisection on `_width_at`."""
+    lo, hi = 0, 1 << 50
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _width_at(mid, fixed, per) >= width:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _plan_doc(fixed: int, per: int, widths: dict[str, int]) -> dict:
+    """What ``diagnose --config C --json`` prints for the test cohort (2 train + 2 test)."""
+    stages = {
+        stage: {"n_patients": n, "per_patient_bytes": per, "fixed_bytes": fixed + 256 * MIB,
+                "width": widths[stage], "threads": 1,
+                "needed_bytes": _needed(fixed, per, widths[stage]),
+                "needed_bytes_one": _needed(fixed, per, 1)}
+        for stage, n in (("fit", 2), ("evaluate", 4))
+    }
+    return {"ok": True, "checks": [], "plan": {"shape": [20, 22, 18], "n_experts": 4,
+                                                "stages": stages}}
+
+
+def _sbatch_mem(n_bytes: int) -> int:
+    """MiB of the --mem --list should print: 100 MiB of headroom, rounded up to 100M."""
+    return -(-(n_bytes + 100 * MIB) // (100 * MIB)) * 100
+
+
+@pytest.fixture
+def list_env(tmp_path: Path, shims: Path):
+    """Run --list with a recorded diagnose answer and a fake sinfo."""
+    (shims / "python-shim").write_text(SHIM_PYTHON)
+    (shims / "sinfo").write_text(FAKE_SINFO)
+    for name in ("python-shim", "sinfo"):
+        (shims / name).chmod(0o755)
+
+    def make(doc: dict, nodes: str = "vm 2 24105", **extra: str) -> dict[str, str]:
+        plan = tmp_path / "plan.json"
+        plan.write_text(json.dumps(doc))
+        return _env(tmp_path, shims, PACS_PYTHON=str(shims / "python-shim"),
+                    REAL_PYTHON=sys.executable, FAKE_PLAN_JSON=str(plan),
+                    FAKE_DIAG_LOG=str(tmp_path / "diag.args"), FAKE_SINFO_NODES=nodes,
+                    **extra)
+    return make
+
+
+def _submit_line(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("submit with: "))
+
+
+def test_list_prints_tasks_and_a_sized_sbatch_line(config: Path, tmp_path: Path,
+                                                   list_env) -> None:
+    fixed, per = 500 * MIB, 300 * MIB
+    res = _run(["--list", str(config)], list_env(_plan_doc(fixed, per, {"fit": 2, "evaluate": 2})))
     assert res.returncode == 0, res.stderr
     rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] and
             line.split()[0].isdigit()]
     assert rows == [["0", "1", "3mm", "t1c"], ["1", "1", "3mm", "t2w"],
                     ["2", "2", "3mm", "t1c"], ["3", "2", "3mm", "t2w"]]
     assert "2 folds x 1 spacings (3mm) x 2 pulses (t1c t2w) = 4 tasks" in res.stdout
-    assert "data.kfolds" in res.stdout  # no manifest yet
-    assert f"sbatch --array=0-3 {SCRIPT} {config}" in res.stdout
-    assert not (tmp_path / "run" / "manifest.json").exists()
+    # the shape comes from the cohort's volumes, so --list builds the manifest first
+    manifest = tmp_path / "run" / "manifest.json"
+    assert f"fold count from the manifest {manifest}" in res.stdout
+    assert len(json.loads(manifest.read_text())["folds"]) == 2
+    args = _srun_args(tmp_path / "diag.args")
+    assert args[:2] == ["-m", "pacs_numba.diagnose"] or args[:3] == ["-m", "pacs_numba",
+                                                                       "diagnose"]
+    assert args[-3:] == ["--config", str(config), "--json"]
+    # 2 CPUs (the only node has 2), 2 patients at once in both stages: the plan's own figure
+    mem = _sbatch_mem(_needed(fixed, per, 2))
+    assert mem == 1500
+    assert _submit_line(res.stdout) == (
+        f"submit with: sbatch --array=0-3 --cpus-per-task=2 --mem={mem}M {SCRIPT} {config}")
+    assert "one task: volumes 20x22x18, 4 experts, 2 CPU(s)" in res.stdout
+    assert "evaluate    4 patients, 2 at once x 1 numba thread(s)" in res.stdout
+    assert "WARNING" not in res.stderr
 
 
+@pytest.mark.parametrize(("fixed", "per", "mem"), [
+    (500 * MIB, 300 * MIB, "2100M"),   # the 256 MiB floor of the margin applies
+    (2**30, 2**30, "6G"),              # 10% of the limit applies; whole G above 4G
+])
+def test_list_plans_for_the_task_cpus_not_this_node(config: Path, tmp_path: Path, list_env,
+                                                    fixed: int, per: int, mem: str) -> None:
+    """The plan came from a 1-CPU login node; the task asks 4 CPUs; no node can take it."""
+    doc = yaml.safe_load(config.read_text())
+    doc["pacs_sr"]["num_workers"] = 8  # the cohort's config asks for 2
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = list_env(_plan_doc(fixed, per, {"fit": 1, "evaluate": 1}),
+                   nodes="small 2 64000;big 4 1500")
+    res = _run(["--list", "--cpus", "4", str(config)], env)
+    assert res.returncode == 0, res.stderr
+    assert _submit_line(res.stdout) == (
+        f"submit with: sbatch --array=0-3 --cpus-per-task=4 --mem={mem} {SCRIPT} {config}")
+    assert "fit         2 patients, 2 at once x 2 numba thread(s)" in res.stdout
+    assert "evaluate    4 patients, 4 at once x 1 numba thread(s)" in res.stdout
+    # a job with that limit runs 4 patients at once, with room to spare for the baseline the
+    # task measures itself; 100 MiB less than the exact need would not
+    limit = int(mem[:-1]) * (1024 if mem.endswith("G") else 1) * MIB
+    assert _width_at(limit - 100 * MIB, fixed, per) >= 4
+    assert _width_at(_needed(fixed, per, 4) - 1, fixed, per) == 3
+    assert (tmp_path / "diag.args.env").read_text().strip() == "SLURM_CPUS_PER_TASK=4"
+    assert f"no node in sinfo can take --cpus-per-task=4 --mem={mem}" in res.stderr
+
+
+def test_list_honours_workers_after_the_double_dash(config: Path, tmp_path: Path,
+                                                    list_env) -> None:
+    fixed, per = 500 * MIB, 300 * MIB
+    env = list_env(_plan_doc(fixed, per, {"fit": 1, "evaluate": 1}), nodes="vm 8 24105")
+    res = _run(["--list", str(config), "--", "--workers", "1"], env)
+    assert res.returncode == 0, res.stderr
+    assert _srun_args(tmp_path / "diag.args")[-2:] == ["--workers", "1"]
+    mem = _sbatch_mem(_needed(fixed, per, 1))
+    assert _submit_line(res.stdout) == (
+        f"submit with: sbatch --array=0-3 --cpus-per-task=1 --mem={mem}M {SCRIPT} {config} "
+        "-- --workers 1")
+
+
+def test_list_without_a_plan_warns_and_still_prints_the_tasks(config: Path, tmp_path: Path,
+                                                              list_env) -> None:
+    doc = {"ok": False, "checks": [{"level": "fail", "check": "plan:fit",
+                                    "message": "not even one patient fits in memory"}]}
+    res = _run(["--list", str(config)], list_env(doc, FAKE_DIAG_RC="1"))
+    assert res.returncode == 0, res.stderr
+    assert "cannot size a task: diagnose --json gave no usable memory plan" in res.stderr
+    assert "not even one patient fits in memory" in res.stderr
+    assert _submit_line(res.stdout) == (
+        f"submit with: sbatch --array=0-3 --cpus-per-task=2 {SCRIPT} {config}")
+
+
+def test_list_with_the_real_diagnose(config: Path, tmp_path: Path) -> None:
+    res = _run(["--list", "--cpus", "1", str(config)], _env(tmp_path, None))
+    assert res.returncode == 0, res.stderr
+    if "KeyError('plan')" in res.stderr:
+        pytest.skip("this diagnose --json has no 'plan' yet")
+    line = _submit_line(res.stdout)
+    assert line.startswith("submit with: sbatch --array=0-3 --cpus-per-task=1 --mem=")
+    assert "x 1 numba thread(s)" in res.stdout
+
+
+def test_list_cpus_is_checked(config: Path, tmp_path: Path) -> None:
+    res = _run(["--list", "--cpus", "0", str(config)], _env(tmp_path, None))
+    assert res.returncode == 2
+    assert "--cpus 0 is not a CPU count >= 1" in res.stderr
+    res = _run(["--dry-run", "--cpus", "2", "--task", "0", str(config)], _env(tmp_path, None))
+    assert res.returncode == 2
+    assert "--cpus goes with --list" in res.stderr
+
+
+# --------------------------------------------------------------------------- cheap checks
 @pytest.mark.parametrize(("task", "message"), [
     ("4", "SLURM_ARRAY_TASK_ID=4 is out of range"),
     ("-1", "is not a task id"),
@@ -287,7 +459,7 @@ def test_sigterm_stops_the_task_and_still_prints_the_summary(
     assert proc.returncode == 143, err
     assert "fake train: got SIGTERM" in err
     assert "exit code:   143, stopped by SIGTERM" in out
-    assert "(max RSS of pacs-numba)" in out
+    assert "exact (max RSS of pacs-numba, getrusage)" in out
     assert "summary task=3 fold=2 spacing=3mm pulse=t2w exit=143" in out
     assert not list((tmp_path / "scratch").glob("pacs_numba_slurm.*"))
 
@@ -300,6 +472,7 @@ def test_two_array_tasks_end_to_end(config: Path, tmp_path: Path, shims: Path) -
     logs = {t: tmp_path / f"srun-{t}.args" for t in (1, 2)}
     envs = {t: _env(tmp_path, shims, **_slurm(t), FAKE_SRUN_LOG=str(logs[t]),
                     FAKE_SACCT_LOG=str(tmp_path / f"sacct-{t}.log")) for t in (1, 2)}
+    envs[1]["SLURM_ARRAY_JOB_ID"] = "4240"  # task 1 is array task 4240_1 (raw job id 4242)
     envs[1]["FAKE_SACCT"] = "1"  # task 1 has accounting, task 2 falls back to its own figure
     procs = {t: subprocess.Popen(["bash", str(SCRIPT), str(config)], env=envs[t],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -346,9 +519,15 @@ def test_two_array_tasks_end_to_end(config: Path, tmp_path: Path, shims: Path) -
     assert list(scratch_cache.glob("*.npy"))  # the volumes were cached on the scratch
     assert not list((tmp_path / "scratch").glob("pacs_numba_slurm.*"))  # temp dirs removed
 
-    # peak memory: sacct's MaxRSS of the step when accounting answers, else the measured RSS
-    assert "peak memory: 1.50 GiB (sacct MaxRSS, job 4242 step 0)" in res[1][0]
-    assert "peak_source=sacct" in res[1][0]
-    assert f"-j {JOB_ID}" in (tmp_path / "sacct-1.log").read_text()
-    assert "(max RSS of pacs-numba)" in res[2][0]
-    assert "peak_source=maxrss" in res[2][0]
+    # peak memory: the exact peak RSS of pacs-numba; beside it, labelled, the sampled MaxRSS
+    # of the step in sacct when accounting answers, found by JobIDRaw (4242.0, not 4240_1.0)
+    peak = re.search(r"^peak memory: ([0-9.]+) GiB exact \(max RSS of pacs-numba, getrusage\)"
+                     r"; 1\.50 GiB sampled \(sacct MaxRSS, job 4240_1 step 0\)$",
+                     res[1][0], re.M)
+    assert peak, res[1][0]
+    assert 0 < float(peak.group(1)) < 1.5
+    assert "peak_source=maxrss sacct_maxrss_gib=1.500 job=4240_1 " in res[1][0]
+    assert f"-j {JOB_ID} " in (tmp_path / "sacct-1.log").read_text()
+    assert "--format=JobIDRaw,MaxRSS" in (tmp_path / "sacct-1.log").read_text()
+    assert "exact (max RSS of pacs-numba, getrusage)\n" in res[2][0]
+    assert f"peak_source=maxrss sacct_maxrss_gib=NA job={JOB_ID} " in res[2][0]
