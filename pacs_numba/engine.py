@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__
 from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
+from .cellstats import StatsCache, combine, fit_stats_key
 from .config import FullConfig, config_to_dict
 from .errors import BudgetError, ConfigError, InputError, Interrupted
 from .io import (
@@ -59,7 +60,6 @@ from .model import (
 from .progress import progress
 from .record import RunRecord, fingerprints, model_digest, result_settings
 from .solve import fit_weights, laplacian_smooth
-from .statistics import patient_statistics
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,8 @@ class Engine:
             )
         self.models = tuple(config.data.models)
         self.store = VolumeStore(self.options.cache_dir)
+        # Per-patient fit statistics, shared by every fold, lambda and process on the node.
+        self.stats_cache = StatsCache(self.store.directory / "cellstats")
         self.limits = limits if limits is not None else detect_limits()
         self.stop_event = threading.Event()
         self.stop_signal: int | None = None
@@ -576,29 +578,33 @@ class Engine:
         log.info("fit %s: %s", task, _describe_plan(plan))
         p = self.pacs
 
+        key = fit_stats_key(p)
+
         def fit_one(pid: str):
-            hr, experts = self._load(pid, train[pid], clock, skipped, nonfinite)
-            self._check_grid(pid, train[pid]["HR"], hr.data.shape, grid)
+            paths = train[pid]
+
+            def load():  # only when the patient's statistics are not cached yet
+                hr, experts = self._load(pid, paths, clock, skipped, nonfinite)
+                self._check_grid(pid, paths["HR"], hr.data.shape, grid)
+                return hr.data, [e.data for e in experts]
+
             t0 = time.perf_counter()
             with clock("statistics"):
-                st = patient_statistics(
-                    hr.data,
-                    [e.data for e in experts],
-                    grid,
-                    lambda_edge=p.lambda_edge,
-                    edge_power=p.edge_power,
-                    lambda_grad=p.lambda_grad,
-                    grad_operator=p.grad_operator,
+                st = self.stats_cache.get(
+                    [paths["HR"], *paths["experts"]], key, load,
+                    edge_power=p.edge_power, grad_operator=p.grad_operator,
                 )
+            self._check_grid(pid, paths["HR"], st.shape, grid)
             if st.n_mask == 0:
-                msg = f"HR '{train[pid]['HR']}' has no voxel > 0 (empty mask)"
+                msg = f"HR '{paths['HR']}' has no voxel > 0 (empty mask)"
                 log.warning("skipping patient %s: %s", pid, msg)
                 skipped[pid] = msg
                 raise _Skip(pid)
             log.debug(
                 "patient=%s stage=fit secs=%.3f mask=%d", pid, time.perf_counter() - t0, st.n_mask
             )
-            return st.Q, st.B, st.counts
+            q, b = combine(st, lambda_edge=p.lambda_edge, lambda_grad=p.lambda_grad)
+            return q, b, st.counts
 
         stats = self._map_patients(f"fit {task}", pids, fit_one, plan)
         used = [pid for pid in pids if pid in stats]  # manifest order: deterministic sums
