@@ -237,7 +237,7 @@ class CellStats:
 
 
 def fit_stats_key(pacs: PacsConfig) -> StatsKey:
-    """The statistics a config's fit needs (only the parts its lambdas use)."""
+    """Return the statistics key a config's fit needs (only the parts its lambdas use)."""
     return StatsKey.make(
         region=pacs.fit_region, stride=pacs.stride, patch_size=pacs.patch_size,
         window=pacs.mixing_window, edge_power=pacs.edge_power,
@@ -444,7 +444,7 @@ class StatsCache:
         edge_power: float | None = None,
         grad_operator: str | None = None,
     ) -> CellStats | None:
-        """An entry that can serve ``want``, brought to its cell size; None if there is none.
+        """Return an entry that can serve ``want`` at its cell size, or None if there is none.
 
         Tries the key itself, then keys with more parts (when ``edge_power`` /
         ``grad_operator`` say which ones would fit), then, for ``first_block``, cell sizes
@@ -494,7 +494,7 @@ class StatsCache:
         edge_power: float | None = None,
         grad_operator: str | None = None,
     ) -> CellStats:
-        """Cached statistics for ``files`` and ``key``; computed and stored if missing.
+        """Return the statistics for ``files`` and ``key``, computed and stored if missing.
 
         Parameters
         ----------

@@ -194,6 +194,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixing window where tiles overlap (default hann)",
     )
 
+    p = sub.add_parser(
+        "tune",
+        parents=[run_common],
+        help="K-fold cross-validated sweep of the fit settings",
+        description="Fit every combination of a grid of pacs_sr settings on each fold's "
+        "training patients and score it on the held-out patients without their HR "
+        "(normalisation and brain mask from the experts), against each single expert. "
+        "Writes a ranked table (CSV and markdown) and the best config; reruns resume.",
+    )
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--grid",
+        type=Path,
+        required=True,
+        help="YAML mapping of pacs_sr keys to lists of values: patch_size, stride, "
+        "lambda_ridge, lambda_edge, lambda_grad, laplacian_tau, fit_region, mixing_window",
+    )
+    p.add_argument(
+        "--folds", type=int, nargs="+", default=None, help="1-based folds (default: all)"
+    )
+    p.add_argument("--spacing", nargs="+", default=None, help="default: all of data.spacings")
+    p.add_argument("--pulse", nargs="+", default=None, help="default: all of data.pulses")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: {out_root}/{experiment_name}/tune)",
+    )
+
     p = sub.add_parser("cache", parents=[plain_common], help="inspect or empty the volume cache")
     p.add_argument("action", choices=["info", "clear"])
     return parser
@@ -398,6 +427,30 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .layout import ExperimentLayout
+    from .tune import load_grid, run_tune
+
+    config = load_config(args.config)
+    candidates = load_grid(args.grid, config)
+    out = args.out or ExperimentLayout(
+        Path(config.pacs_sr.out_root), config.pacs_sr.experiment_name
+    ).tune_dir
+    res = run_tune(
+        config, candidates, out, folds=args.folds, spacings=args.spacing, pulses=args.pulse,
+        cache_dir=args.cache_dir, no_progress=args.no_progress,
+    )
+    b = res.table[0]
+    print(
+        f"{len(res.table)} settings; best: held-out PSNR {b['psnr']:.4f} dB "
+        f"({b['gain_psnr']:+.4f} dB vs {res.experts['_best']['name']}) -> "
+        f"{res.out_dir / 'best_config.yaml'}",
+        flush=True,
+    )
+    return EXIT_OK
+
+
 def _cache(args: argparse.Namespace) -> int:
     from .io import VolumeStore
 
@@ -471,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": _cache,
         "predict": _predict,
         "demo": _demo,
+        "tune": _tune,
     }
     try:
         return commands[args.command](args)

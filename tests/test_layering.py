@@ -13,8 +13,8 @@ LAYERS = {
     "kernels": 1,
     "tiling": 2, "memory": 2, "io": 2, "_arrays": 2, "_checks": 2, "config": 2, "manifest": 2,
     "statistics": 2, "solve": 2, "blending": 2, "metrics": 2, "cohort": 2,
-    "progress": 2, "logsetup": 2, "model": 2, "record": 2,
-    "engine": 3, "demo": 3, "predict": 3,
+    "progress": 2, "logsetup": 2, "model": 2, "record": 2, "cellstats": 2,
+    "engine": 3, "demo": 3, "predict": 3, "tune": 3,
     "cli": 4, "diagnose": 4, "__main__": 5, "__init__": 5,
 }
 

@@ -715,7 +715,7 @@ def _tile_statistics(
 # The fit's normal equations are linear in lambda_edge and lambda_grad once the edge map's
 # shape (edge_power, the HR's own Sobel maximum) and the gradient operator are fixed:
 #     omega (v + lambda_grad g) = mask (1 + lambda_edge t^p) (v + lambda_grad g)
-#         = mask v + lambda_edge mask t^p v + lambda_grad mask g + lambda_edge lambda_grad mask t^p g
+#       = mask v + lambda_edge mask t^p v + lambda_grad (mask g + lambda_edge mask t^p g)
 # with v a value product and g a gradient product.  The kernel below stores those four parts
 # per tile (algorithm A4 decomposed), so any lambda_edge, lambda_grad follow without a volume.
 
