@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def test_tune_scores_held_out_patients_without_hr_and_resumes(cohort, tmp_path, 
                                                               capsys):
     cfg, cache = cohort
     grid = _grid(tmp_path / "g.yaml", patch_size=[8], stride=[4, 8], lambda_edge=[0.0, 0.7],
-                 lambda_ridge=[1e-3], fit_region=["first_block", "window"],
+                 lambda_grad=[0.0, 0.3], lambda_ridge=[1e-3], fit_region=["first_block", "window"],
                  mixing_window=["hann"])
     out = tmp_path / "tune"
     rc = cli.main(["tune", "--config", str(cfg), "--grid", str(grid), "--out", str(out),
@@ -122,7 +123,7 @@ def test_tune_scores_held_out_patients_without_hr_and_resumes(cohort, tmp_path, 
     assert "best: held-out PSNR" in printed
     config = load_config(cfg)
     cands = load_grid(grid, config)
-    rows = list(csv.DictReader((out / "tune_results.csv").open()))
+    rows = list(csv.DictReader(io.StringIO((out / "tune_results.csv").read_text())))
     assert len(rows) == len(cands)
     psnr = [float(r["psnr"]) for r in rows]
     assert psnr == sorted(psnr, reverse=True) and all(np.isfinite(psnr))
@@ -133,7 +134,7 @@ def test_tune_scores_held_out_patients_without_hr_and_resumes(cohort, tmp_path, 
 
     # An independent recomputation of one unit: direct statistics of the fold's training
     # patients, exact QP, blend of a held-out patient with expert-derived statistics.
-    c = Candidate(patch_size=8, stride=8, lambda_ridge=1e-3, lambda_edge=0.7, lambda_grad=0.0,
+    c = Candidate(patch_size=8, stride=8, lambda_ridge=1e-3, lambda_edge=0.7, lambda_grad=0.3,
                   laplacian_tau=config.pacs_sr.laplacian_tau, fit_region="first_block",
                   mixing_window="hann")
     assert c in cands
@@ -150,7 +151,7 @@ def test_tune_scores_held_out_patients_without_hr_and_resumes(cohort, tmp_path, 
         st = patient_statistics(store.get(paths["HR"]).data,
                                 [store.get(p).data for p in paths["experts"]], grid8,
                                 lambda_edge=0.7, edge_power=config.pacs_sr.edge_power,
-                                lambda_grad=0.0)
+                                lambda_grad=0.3, grad_operator=config.pacs_sr.grad_operator)
         Q, B, n = Q + st.Q, B + st.B, n + st.counts
     from pacs_numba.solve import laplacian_smooth
 
