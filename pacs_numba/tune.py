@@ -124,7 +124,9 @@ def load_grid(path: str | os.PathLike[str], config: FullConfig) -> list[Candidat
     path : path-like
         YAML mapping of swept keys (:data:`SWEPT`) to a value or a list of values, e.g.
         ``{stride: [8, 16], lambda_edge: [0, 0.5]}``; keys left out keep the config's value.
-        Combinations with ``stride > patch_size`` are dropped.
+        Combinations with ``stride > patch_size`` are dropped.  Without overlap
+        (``stride == patch_size``) the window and the fit region make no difference, so
+        such combinations count once.
     config : FullConfig
         Supplies the values of keys the grid leaves out.
 
@@ -164,7 +166,9 @@ def load_grid(path: str | os.PathLike[str], config: FullConfig) -> list[Candidat
         raise ConfigError(f"{file}: every combination has stride > patch_size")
     seen: dict[tuple, Candidate] = {}
     for c in [own, *valid]:
-        ident = (*dataclasses.astuple(c)[:-1], c.window)
+        # Without overlap a box is its label cell and the window is flat: one fit, one blend.
+        region = "first_block" if c.stride == c.patch_size else c.fit_region
+        ident = (*dataclasses.astuple(c)[:-2], region, c.window)
         seen.setdefault(ident, c)
     cands = list(seen.values())
     return cands

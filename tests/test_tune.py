@@ -102,11 +102,16 @@ def test_grid_errors_name_the_file_and_key(cohort, tmp_path):
 def test_grid_is_the_config_then_the_product_without_duplicates(cohort, tmp_path):
     config = load_config(cohort[0])
     cands = load_grid(_grid(tmp_path / "g.yaml", patch_size=[8], stride=[4, 8],
-                            mixing_window=["flat", "hann"]), config)
+                            mixing_window=["flat", "hann"], fit_region=["first_block"]), config)
     own = Candidate(**{k: getattr(config.pacs_sr, k) for k in Candidate.__dataclass_fields__})
     assert cands[0] == own
     # stride 8 = patch 8: no overlap, so flat and hann are one candidate
     assert sorted((c.stride, c.window) for c in cands) == [(4, "flat"), (4, "hann"), (8, "flat")]
+    # Without overlap the window-weighted box is the label cell: one candidate too.
+    cands = load_grid(_grid(tmp_path / "g.yaml", patch_size=[8], stride=[4, 8],
+                            fit_region=["first_block", "window"]), config)
+    assert sorted((c.stride, c.fit_region) for c in cands) == [
+        (4, "first_block"), (4, "window"), (8, "first_block")]
 
 
 def test_tune_scores_held_out_patients_without_hr_and_resumes(cohort, tmp_path, monkeypatch,
