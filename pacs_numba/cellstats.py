@@ -409,6 +409,25 @@ class StatsCache:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
 
+    def clear(self) -> int:
+        """Remove every entry and lock file; return the number of entries removed.
+
+        Temporary files of writers in flight are left alone (their rename would fail).
+        """
+        n = 0
+        for p in self.directory.glob("*.npz"):
+            try:
+                p.unlink()
+                n += 1
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", p, exc.strerror or exc)
+        for p in self.directory.glob(".*.lock"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        return n
+
     def entry(self, files: Sequence[str | os.PathLike[str]], key: StatsKey) -> Path:
         """Path of the entry for these input files (HR first, then experts) and ``key``."""
         doc = {"format": FORMAT, "files": [file_fingerprint(f) for f in files], **key.as_dict()}

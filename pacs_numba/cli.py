@@ -456,8 +456,13 @@ def _cache(args: argparse.Namespace) -> int:
 
     store = VolumeStore(args.cache_dir)
     if args.action == "clear":
+        from .cellstats import StatsCache
+
         n = store.clear()
-        print(f"removed {n} cache entries from {store.directory}")
+        stats_dir = store.directory / "cellstats"
+        n_stats = StatsCache(stats_dir).clear() if stats_dir.is_dir() else 0
+        print(f"removed {n} cache entries from {store.directory} and {n_stats} statistics "
+              f"entries from {stats_dir}")
     else:
         info = store.info()
         for k, v in info.items():

@@ -206,3 +206,14 @@ def test_key_checks_settings():
     assert key(region="first_block", stride=2, patch=8, window="hann") == key(stride=2, patch=2)
     assert key(region="window", stride=4, patch=4, window="hann").window == "flat"
     assert key(edge=False, power=3.0) == key(edge=False, power=1.0)
+
+
+def test_cache_clear_removes_statistics_entries(tmp_path, rng, capsys):
+    from pacs_numba import cli
+
+    files, vols = _files(tmp_path, rng)
+    cache = StatsCache(tmp_path / "vols" / "cellstats")
+    cache.get(files, key(edge=False, grad=False), lambda: vols)
+    assert cli.main(["cache", "clear", "--cache-dir", str(tmp_path / "vols")]) == 0
+    assert "1 statistics entries" in capsys.readouterr().out
+    assert not list((tmp_path / "vols" / "cellstats").glob("*.npz"))
