@@ -217,3 +217,28 @@ def test_cache_clear_removes_statistics_entries(tmp_path, rng, capsys):
     assert cli.main(["cache", "clear", "--cache-dir", str(tmp_path / "vols")]) == 0
     assert "1 statistics entries" in capsys.readouterr().out
     assert not list((tmp_path / "vols" / "cellstats").glob("*.npz"))
+
+
+def test_concurrent_requests_compute_an_entry_once(tmp_path, rng):
+    """Threads of one process (and, through the node lock, processes) share one computation."""
+    import threading
+
+    files, vols = _files(tmp_path, rng)
+    calls = []
+    caches = [StatsCache(tmp_path / "c") for _ in range(2)]  # like two processes
+    barrier = threading.Barrier(4)
+    out = []
+
+    def work(i):
+        barrier.wait()
+        out.append(caches[i % 2].get(files, key(edge=True, grad=False),
+                                     lambda: calls.append(1) or vols))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 4
+    for st in out[1:]:
+        assert_array_equal(st.parts, out[0].parts)
