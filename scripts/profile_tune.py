@@ -64,6 +64,8 @@ SPACING, PULSE = "3mm", "t1c"
 
 
 def cohort(root: Path, shape, patients: int, kfolds: int, seed: int) -> Path:
+    if (root / "config.yaml").exists() and (root / "manifest.json").exists():
+        return root / "config.yaml"  # made by an earlier run with the same --work
     cfg = make_cohort(root, patients=patients, shape=tuple(shape), spacings=(SPACING,),
                       pulses=(PULSE,), seed=seed, kfolds=kfolds, patch_size=32, stride=16)
     config = load_config(cfg)
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gain-grid", type=Path, default=None,
                     help="grid YAML for the gain run (default: a built-in 50-setting grid)")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--parts", nargs="+", choices=["sweep", "kfold", "gain"],
+                    default=["sweep", "kfold", "gain"], help="measurements to run")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "profiling")
     args = ap.parse_args(argv)
@@ -185,105 +189,119 @@ def main(argv=None) -> int:
             cohorts[shape] = cohort(work / name, shape, args.patients, args.kfolds, args.seed)
         return cohorts[shape]
 
-    t0 = time.perf_counter()
-    cfg = cohort_of(args.shape)
-    log(f"cohort {args.shape} x {args.patients}: {time.perf_counter() - t0:.0f} s")
-    config = load_config(cfg)
-    store = VolumeStore(cache)
-    manifest = json.loads(Path(config.data.out).read_text())
-    train, test = select_task(manifest, 1, SPACING, PULSE, config.data.models)
-    report["train_patients_fold1"] = len(train)
-    # Warm-up: compile/load kernels, fill the volume cache (not measured).
-    direct_fit(config, store, dict(list(train.items())[:1]))
-    sweep_fit(config, store, dict(list(train.items())[:1]), sweep_grid(2), work / "warm")
-    settings = sweep_grid(args.configs)
-    direct, sweep = [], []
-    for r in range(args.repeats):
-        direct.append(direct_fit(config, store, train))
-        shutil.rmtree(work / f"sc{r}", ignore_errors=True)
-        sweep.append(sweep_fit(config, store, train, settings, work / f"sc{r}"))
-        log(f"repeat {r}: direct fit {direct[-1]:.1f} s; sweep of {len(settings)}: "
-            f"{sweep[-1][0]:.1f} s (statistics {sweep[-1][1]:.1f} s, solves {sweep[-1][2]:.1f} s)")
-    report["direct_fit_s"] = direct
-    report["sweep_fit_s"] = [s[0] for s in sweep]
-    report["sweep_statistics_s"] = [s[1] for s in sweep]
-    report["sweep_solves_s"] = [s[2] for s in sweep]
-    report["sweep_over_direct_median"] = statistics.median(
-        s[0] / d for s, d in zip(sweep, direct, strict=True))
     stamp = dt.date.today().isoformat()
     args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"{stamp}-tune-{socket.gethostname()}"
+    base = args.out / f"{stamp}-tune-{socket.gethostname()}-{'-'.join(args.parts)}"
 
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    kcfg = cohort_of(args.kfold_shape or args.shape)
-    report["kfold_shape"] = list(args.kfold_shape or args.shape)
-    # Unmeasured: fill the volume cache with this cohort (both runs then map, not decode).
-    kfold_train(kcfg, work / "kwarm", cache, set(range(1, args.kfolds + 1)))
-    one, all_ = [], []
-    for r in range(max(1, args.repeats)):
-        one.append(kfold_train(kcfg, work / "o1", cache, {1}))
-        all_.append(kfold_train(kcfg, work / "ok", cache, set(range(1, args.kfolds + 1))))
-        log(f"repeat {r}: fit of fold 1 {one[-1]:.1f} s; of all {args.kfolds} folds "
-            f"{all_[-1]:.1f} s")
-    report["train_fold1_fit_s"] = one
-    report["train_allfolds_fit_s"] = all_
-    report["kfold_over_one_median"] = statistics.median(
-        a / o for a, o in zip(all_, one, strict=True))
+    def save() -> None:
+        base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
 
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    gcfg = cohort_of(args.gain_shape or args.shape)
-    gconfig = load_config(gcfg)
-    grid_path = args.gain_grid
-    if grid_path is None:
-        grid_path = work / "grid.yaml"
-        grid_path.write_text(yaml.safe_dump({
-            "patch_size": [16, 32], "stride": [8, 16], "lambda_ridge": [0.0],
-            "lambda_edge": [0.0, 0.25], "lambda_grad": [0.0, 0.2],
-            "fit_region": ["first_block", "window"], "laplacian_tau": [0.0, 0.05],
-            "mixing_window": ["hann"]}))
-    cands = load_grid(grid_path, gconfig)
-    t0 = time.perf_counter()
-    res = run_tune(gconfig, cands, work / "tune", cache_dir=cache, no_progress=True)
-    report["tune_wall_s"] = time.perf_counter() - t0
-    report["tune_timings_s"] = res.timings_s
-    report["tune_candidates"] = len(cands)
-    report["gain_shape"] = list(args.gain_shape or args.shape)
-    own = next(r for r in res.table if r["config_default"])
-    report["experts"] = res.experts
-    report["best"] = res.table[0]
-    report["published_row"] = own
-    report["table_md"] = (work / "tune" / "tune_results.md").read_text()
-    report["loadavg_end"] = os.getloadavg()
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     md = [
         f"# decomposed statistics and tune ({stamp}, {socket.gethostname()}, "
         f"{os.cpu_count()} CPUs, load average {report['loadavg_start'][0]:.1f} at start: "
-        "shared with other jobs, timings noisy)",
-        "",
-        f"Cohort {args.shape[0]}x{args.shape[1]}x{args.shape[2]}, {args.patients} patients, "
-        f"K={args.kfolds}, 4 experts; fold 1 trains on {len(train)} patients.",
+        "the machine was shared with other jobs, timings are noisy)",
         "",
         "| measurement | median s | ratio |",
         "|---|---:|---:|",
-        f"| direct fit (fused pass + QP), published settings | "
-        f"{statistics.median(direct):.1f} | 1 |",
-        f"| sweep of {len(settings)} settings (one decomposed pass + {len(settings)} QPs) | "
-        f"{statistics.median(report['sweep_fit_s']):.1f} | "
-        f"{report['sweep_over_direct_median']:.2f} |",
-        f"| train fit, fold 1 (cohort {report['kfold_shape']}) | "
-        f"{statistics.median(one):.1f} | 1 |",
-        f"| train fit, all {args.kfolds} folds | {statistics.median(all_):.1f} | "
-        f"{report['kfold_over_one_median']:.2f} |",
-        "",
-        f"Tune ({len(cands)} settings, every fold, cohort {report['gain_shape']}): wall "
-        f"{report['tune_wall_s']:.0f} s; best gain {res.table[0]['gain_psnr']:+.4f} dB PSNR over "
-        f"the best expert {res.experts['_best']['name']} vs the published settings' "
-        f"{own['gain_psnr']:+.4f} dB (rank {own['rank']}).",
-        "",
-        report["table_md"],
-        "",
-        f"Command: `python scripts/profile_tune.py {' '.join(argv or sys.argv[1:])}`",
     ]
+    if "sweep" in args.parts:
+        t0 = time.perf_counter()
+        cfg = cohort_of(args.shape)
+        log(f"cohort {args.shape} x {args.patients}: {time.perf_counter() - t0:.0f} s")
+        config = load_config(cfg)
+        store = VolumeStore(cache)
+        manifest = json.loads(Path(config.data.out).read_text())
+        train, _ = select_task(manifest, 1, SPACING, PULSE, config.data.models)
+        report["train_patients_fold1"] = len(train)
+        # Warm-up (not measured): compile/load the kernels, and decompress every training
+        # patient into the volume cache so both measured fits map their volumes.
+        for paths in train.values():
+            for f in [paths["HR"], *paths["experts"]]:
+                store.get(f)
+        direct_fit(config, store, dict(list(train.items())[:1]))
+        sweep_fit(config, store, dict(list(train.items())[:1]), sweep_grid(2), work / "warm")
+        settings = sweep_grid(args.configs)
+        direct, sweep = [], []
+        for r in range(args.repeats):
+            direct.append(direct_fit(config, store, train))
+            shutil.rmtree(work / f"sc{r}", ignore_errors=True)
+            sweep.append(sweep_fit(config, store, train, settings, work / f"sc{r}"))
+            log(f"repeat {r}: direct fit {direct[-1]:.1f} s; sweep of {len(settings)}: "
+                f"{sweep[-1][0]:.1f} s (statistics {sweep[-1][1]:.1f} s, solves "
+                f"{sweep[-1][2]:.1f} s)")
+        report["direct_fit_s"] = direct
+        report["sweep_fit_s"] = [s[0] for s in sweep]
+        report["sweep_statistics_s"] = [s[1] for s in sweep]
+        report["sweep_solves_s"] = [s[2] for s in sweep]
+        report["sweep_over_direct_median"] = statistics.median(
+            s[0] / d for s, d in zip(sweep, direct, strict=True))
+        save()
+        md += [
+            f"| direct fit of fold 1 ({len(train)} patients, {args.shape}; fused pass + QP, "
+            f"published settings) | {statistics.median(direct):.1f} | 1 |",
+            f"| sweep of {len(settings)} settings over the same patients (one decomposed pass "
+            f"+ {len(settings)} QPs) | {statistics.median(report['sweep_fit_s']):.1f} | "
+            f"{report['sweep_over_direct_median']:.2f} |",
+        ]
+    if "kfold" in args.parts:
+        kcfg = cohort_of(args.kfold_shape or args.shape)
+        report["kfold_shape"] = list(args.kfold_shape or args.shape)
+        # Unmeasured: fill the volume cache with this cohort (both runs then map, not decode).
+        kfold_train(kcfg, work / "kwarm", cache, set(range(1, args.kfolds + 1)))
+        one, all_ = [], []
+        for r in range(max(1, args.repeats)):
+            one.append(kfold_train(kcfg, work / "o1", cache, {1}))
+            all_.append(kfold_train(kcfg, work / "ok", cache, set(range(1, args.kfolds + 1))))
+            log(f"repeat {r}: fit of fold 1 {one[-1]:.1f} s; of all {args.kfolds} folds "
+                f"{all_[-1]:.1f} s")
+        report["train_fold1_fit_s"] = one
+        report["train_allfolds_fit_s"] = all_
+        report["kfold_over_one_median"] = statistics.median(
+            a / o for a, o in zip(all_, one, strict=True))
+        save()
+        md += [
+            f"| train fit, fold 1 (cohort {report['kfold_shape']}, {args.patients} patients) | "
+            f"{statistics.median(one):.1f} | 1 |",
+            f"| train fit, all {args.kfolds} folds | {statistics.median(all_):.1f} | "
+            f"{report['kfold_over_one_median']:.2f} |",
+        ]
+    if "gain" in args.parts:
+        gcfg = cohort_of(args.gain_shape or args.shape)
+        gconfig = load_config(gcfg)
+        grid_path = args.gain_grid
+        if grid_path is None:
+            grid_path = work / "grid.yaml"
+            grid_path.write_text(yaml.safe_dump({
+                "patch_size": [16, 32], "stride": [8, 16], "lambda_ridge": [0.0],
+                "lambda_edge": [0.0, 0.25], "lambda_grad": [0.0, 0.2],
+                "fit_region": ["first_block", "window"], "laplacian_tau": [0.0, 0.05],
+                "mixing_window": ["hann"]}))
+        cands = load_grid(grid_path, gconfig)
+        t0 = time.perf_counter()
+        res = run_tune(gconfig, cands, work / "tune", cache_dir=cache, no_progress=True)
+        report["tune_wall_s"] = time.perf_counter() - t0
+        report["tune_timings_s"] = res.timings_s
+        report["tune_candidates"] = len(cands)
+        report["gain_shape"] = list(args.gain_shape or args.shape)
+        own = next(r for r in res.table if r["config_default"])
+        report["experts"] = res.experts
+        report["best"] = res.table[0]
+        report["published_row"] = own
+        report["table_md"] = (work / "tune" / "tune_results.md").read_text()
+        save()
+        md += [
+            "",
+            f"Tune ({len(cands)} settings, all {args.kfolds} folds, cohort "
+            f"{report['gain_shape']}, {args.patients} patients): wall "
+            f"{report['tune_wall_s']:.0f} s; best gain {res.table[0]['gain_psnr']:+.4f} dB "
+            f"PSNR over the best expert {res.experts['_best']['name']} vs the published "
+            f"settings' {own['gain_psnr']:+.4f} dB (rank {own['rank']} of {len(cands)}).",
+            "",
+            report["table_md"],
+        ]
+    report["loadavg_end"] = os.getloadavg()
+    save()
+    md += ["", f"Command: `python scripts/profile_tune.py {' '.join(argv or sys.argv[1:])}`"]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
     log(f"wrote {base}.json and .md")
     return 0

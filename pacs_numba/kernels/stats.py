@@ -791,24 +791,34 @@ def _add_term_one(val, grad, wp, we, a, c, t, use_edge, use_grad, acc):
 
     Notes
     -----
-    Serial; writes only ``acc``.  One branch-free element-wise loop per part, so each
-    vectorises.
+    Serial; writes only ``acc``.
     """
     n2 = val.shape[1]
-    for k in range(n2):
-        acc[0, t, k] += wp[k] * (val[a, k] * val[c, k])
-    if use_edge:
+    # One loop per combination of parts: each product is formed once per voxel and feeds
+    # every part that uses it; no branch inside a loop, so each vectorises.
+    if use_grad and use_edge:
         for k in range(n2):
-            acc[1, t, k] += we[k] * (val[a, k] * val[c, k])
-    if use_grad:
+            pv = val[a, k] * val[c, k]
+            pg = grad[0, a, k] * grad[0, c, k] + grad[1, a, k] * grad[1, c, k] \
+                + grad[2, a, k] * grad[2, c, k]
+            acc[0, t, k] += wp[k] * pv
+            acc[1, t, k] += we[k] * pv
+            acc[2, t, k] += wp[k] * pg
+            acc[3, t, k] += we[k] * pg
+    elif use_grad:
         for k in range(n2):
-            acc[2, t, k] += wp[k] * (grad[0, a, k] * grad[0, c, k] + grad[1, a, k] * grad[1, c, k]
+            acc[0, t, k] += wp[k] * (val[a, k] * val[c, k])
+            acc[2, t, k] += wp[k] * (grad[0, a, k] * grad[0, c, k]
+                                     + grad[1, a, k] * grad[1, c, k]
                                      + grad[2, a, k] * grad[2, c, k])
-        if use_edge:
-            for k in range(n2):
-                acc[3, t, k] += we[k] * (
-                    grad[0, a, k] * grad[0, c, k] + grad[1, a, k] * grad[1, c, k]
-                    + grad[2, a, k] * grad[2, c, k])
+    elif use_edge:
+        for k in range(n2):
+            pv = val[a, k] * val[c, k]
+            acc[0, t, k] += wp[k] * pv
+            acc[1, t, k] += we[k] * pv
+    else:
+        for k in range(n2):
+            acc[0, t, k] += wp[k] * (val[a, k] * val[c, k])
 
 
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
