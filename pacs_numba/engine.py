@@ -141,9 +141,12 @@ class StageClock:
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
-            with self._lock:
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to ``stage`` (for time measured around nested stages)."""
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
 class _Skip(Exception):
@@ -582,18 +585,22 @@ class Engine:
 
         def fit_one(pid: str):
             paths = train[pid]
+            load_s = 0.0
 
             def load():  # only when the patient's statistics are not cached yet
-                hr, experts = self._load(pid, paths, clock, skipped, nonfinite)
+                nonlocal load_s
+                t = time.perf_counter()
+                hr, experts = self._load(pid, paths, clock, skipped, nonfinite)  # clocks "load"
                 self._check_grid(pid, paths["HR"], hr.data.shape, grid)
+                load_s = time.perf_counter() - t
                 return hr.data, [e.data for e in experts]
 
             t0 = time.perf_counter()
-            with clock("statistics"):
-                st = self.stats_cache.get(
-                    [paths["HR"], *paths["experts"]], key, load,
-                    edge_power=p.edge_power, grad_operator=p.grad_operator,
-                )
+            st = self.stats_cache.get(
+                [paths["HR"], *paths["experts"]], key, load,
+                edge_power=p.edge_power, grad_operator=p.grad_operator,
+            )
+            clock.add("statistics", time.perf_counter() - t0 - load_s)
             self._check_grid(pid, paths["HR"], st.shape, grid)
             if st.n_mask == 0:
                 msg = f"HR '{paths['HR']}' has no voxel > 0 (empty mask)"
