@@ -301,6 +301,14 @@ def main(argv=None) -> int:
         ]
     report["loadavg_end"] = os.getloadavg()
     save()
+    md += [
+        "",
+        "Ratios are medians of per-repeat ratios (both runs of a repeat back to back). Direct "
+        "and sweep fits are wall seconds on a warm volume cache; the sweep starts from an "
+        "empty statistics cache. Train fit is the engine's fit-stage seconds "
+        "(load + statistics + solve + smoothing, summed over its pool threads; evaluation "
+        "excluded), each run from an empty statistics cache.",
+    ]
     md += ["", f"Command: `python scripts/profile_tune.py {' '.join(argv or sys.argv[1:])}`"]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
     log(f"wrote {base}.json and .md")
