@@ -191,7 +191,10 @@ def main(argv=None) -> int:
 
     stamp = dt.date.today().isoformat()
     args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"{stamp}-tune-{socket.gethostname()}-{'-'.join(args.parts)}"
+    name = f"{stamp}-tune-{socket.gethostname()}-{'-'.join(args.parts)}"
+    if "gain" in args.parts:  # one file per gain cohort: runs at other sizes do not overwrite
+        name += "-" + "x".join(map(str, args.gain_shape or args.shape))
+    base = args.out / name
 
     def save() -> None:
         base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
@@ -201,9 +204,9 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} CPUs, load average {report['loadavg_start'][0]:.1f} at start: "
         "the machine was shared with other jobs, timings are noisy)",
         "",
-        "| measurement | median s | ratio |",
-        "|---|---:|---:|",
     ]
+    if {"sweep", "kfold"} & set(args.parts):
+        md += ["| measurement | median s | ratio |", "|---|---:|---:|"]
     if "sweep" in args.parts:
         t0 = time.perf_counter()
         cfg = cohort_of(args.shape)
@@ -301,14 +304,15 @@ def main(argv=None) -> int:
         ]
     report["loadavg_end"] = os.getloadavg()
     save()
-    md += [
-        "",
-        "Ratios are medians of per-repeat ratios (both runs of a repeat back to back). Direct "
-        "and sweep fits are wall seconds on a warm volume cache; the sweep starts from an "
-        "empty statistics cache. Train fit is the engine's fit-stage seconds "
-        "(load + statistics + solve + smoothing, summed over its pool threads; evaluation "
-        "excluded), each run from an empty statistics cache.",
-    ]
+    if {"sweep", "kfold"} & set(args.parts):
+        md += [
+            "",
+                "Ratios are medians of per-repeat ratios (both runs of a repeat back to back). "
+            "Direct and sweep fits are wall seconds on a warm volume cache; the sweep starts "
+            "from an empty statistics cache. Train fit is the engine's fit-stage seconds "
+            "(load + statistics + solve + smoothing, summed over its pool threads; evaluation "
+            "excluded), each run from an empty statistics cache.",
+        ]
     md += ["", f"Command: `python scripts/profile_tune.py {' '.join(argv or sys.argv[1:])}`"]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
     log(f"wrote {base}.json and .md")
