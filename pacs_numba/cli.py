@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "tune",
-        parents=[run_common],
+        parents=[plain_common],
         help="K-fold cross-validated sweep of the fit settings",
         description="Fit every combination of a grid of pacs_sr settings on each fold's "
         "training patients and score it on the held-out patients without their HR "
@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes a ranked table (CSV and markdown) and the best config; reruns resume.",
     )
     p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="log progress lines instead of drawing a progress bar",
+    )
     p.add_argument(
         "--grid",
         type=Path,
