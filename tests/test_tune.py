@@ -182,6 +182,10 @@ def test_tune_scores_held_out_patients_without_hr_and_resumes(cohort, tmp_path, 
         res = run_tune(config, cands, out, folds=[1, 2], cache_dir=cache, no_progress=True)
     assert res.units_done == 0 and res.units_resumed == 2 * len(cands)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == before
+    res = run_tune(config, cands, out, cache_dir=cache, no_progress=True)  # all 3 folds
+    assert res.units_done == len(cands) and res.units_resumed == 2 * len(cands)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")
+            if p.name in before} == before
 
 
 def test_tune_rejects_a_fold_outside_the_manifest(cohort, tmp_path, capsys):
