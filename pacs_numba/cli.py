@@ -397,6 +397,45 @@ def _add_report(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: AN
                    help="test patients to show (default: all)")
 
 
+def _add_tune(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "tune",
+        parents=[plain_common],
+        help="K-fold cross-validated sweep of the fit settings",
+        description="Fit every combination of a grid of pacs_sr settings on each fold's "
+        "training patients and score it on the held-out patients without their HR "
+        "(normalisation and brain mask from the experts), against each single expert. "
+        "Writes a ranked table (CSV and markdown) and the best config; reruns resume.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--config", type=Path, required=True, help="the PaCS-SR YAML config")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="log progress lines instead of drawing a progress bar (default: a bar on a "
+        "terminal)",
+    )
+    p.add_argument(
+        "--grid",
+        type=Path,
+        required=True,
+        help="YAML mapping of pacs_sr keys to lists of values: patch_size, stride, "
+        "lambda_ridge, lambda_edge, lambda_grad, laplacian_tau, fit_region, mixing_window",
+    )
+    p.add_argument(
+        "--folds", type=int, nargs="+", default=None, help="1-based folds (default: all)"
+    )
+    p.add_argument("--spacing", nargs="+", default=None,
+                   help="spacings (default: all of data.spacings)")
+    p.add_argument("--pulse", nargs="+", default=None, help="pulses (default: all of data.pulses)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: {out_root}/{experiment_name}/tune)",
+    )
+
+
 def _add_cache(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p = sub.add_parser(
         "cache",
@@ -442,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub, plain_common)
     _add_summarize(sub, plain_common)
     _add_report(sub, plain_common)
+    _add_tune(sub, plain_common)
     _add_cache(sub, plain_common)
     _add_diagnose(sub, plain_common)
     parser.subparsers = dict(sub.choices)
@@ -811,17 +851,69 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .layout import ExperimentLayout
+    from .tune import load_grid, run_tune
+
+    config = load_config(args.config)
+    candidates = load_grid(args.grid, config)
+    out = args.out or ExperimentLayout(
+        Path(config.pacs_sr.out_root), config.pacs_sr.experiment_name
+    ).tune_dir
+    res = run_tune(
+        config, candidates, out, folds=args.folds, spacings=args.spacing, pulses=args.pulse,
+        cache_dir=args.cache_dir, no_progress=args.no_progress,
+    )
+    b = res.table[0]
+    print(
+        f"{len(res.table)} settings; best: held-out PSNR {b['psnr']:.4f} dB "
+        f"({b['gain_psnr']:+.4f} dB vs {res.experts['_best']['name']}) -> "
+        f"{res.out_dir / 'best_config.yaml'}",
+        flush=True,
+    )
+    return EXIT_OK
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .layout import ExperimentLayout
+    from .tune import load_grid, run_tune
+
+    config = load_config(args.config)
+    candidates = load_grid(args.grid, config)
+    out = args.out or ExperimentLayout(
+        Path(config.pacs_sr.out_root), config.pacs_sr.experiment_name
+    ).tune_dir
+    res = run_tune(
+        config, candidates, out, folds=args.folds, spacings=args.spacing, pulses=args.pulse,
+        cache_dir=args.cache_dir, no_progress=args.no_progress,
+    )
+    b = res.table[0]
+    print(
+        f"{len(res.table)} settings; best: held-out PSNR {b['psnr']:.4f} dB "
+        f"({b['gain_psnr']:+.4f} dB vs {res.experts['_best']['name']}) -> "
+        f"{res.out_dir / 'best_config.yaml'}",
+        flush=True,
+    )
+    return EXIT_OK
+
+
 def _cache(args: argparse.Namespace) -> int:
     from .io import VolumeStore
 
     store = VolumeStore(args.cache_dir)
     if args.action == "clear":
+        from .cellstats import StatsCache
         from .registration import clear_registered
 
         n = store.clear()
         n_reg = clear_registered(store)
+        stats_dir = store.directory / "cellstats"
+        n_stats = StatsCache(stats_dir).clear() if stats_dir.is_dir() else 0
         print(f"removed {n} cache entries from {store.directory}"
-              + (f" and {n_reg} registration entries" if n_reg else ""))
+              + (f", {n_reg} registration entries" if n_reg else "")
+              + (f" and {n_stats} statistics entries" if n_stats else ""))
     else:
         from .logsetup import human_size
 
@@ -906,6 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _report,
         "demo": _demo,
         "diagnose": _diagnose,
+        "tune": _tune,
     }
     try:
         return commands[args.command](args)

@@ -43,6 +43,9 @@ MIXING_WINDOWS = tuple(WINDOWS)
 GRAD_OPERATOR_NAMES = tuple(GRAD_OPERATORS)
 SSIM_AXIS_NAMES = tuple(SSIM_AXES)
 NORMALIZATIONS = ("zscore",)
+# Where each tile is fitted: the published label cell, or its whole box weighted by the
+# blending window (pacs_numba only; see cellstats.py).
+FIT_REGIONS = ("first_block", "window")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PARALLEL_BACKENDS = ("loky", "threading", "multiprocessing", "sequential")
 #: ``registration.mode`` and ``registration.settings`` (pacs_numba's own keys); first = default.
@@ -124,6 +127,7 @@ class PacsConfig:
     edge_power: float
     lambda_grad: float = 0.0
     grad_operator: str = "sobel"
+    fit_region: str = "first_block"
     normalize: str
     use_registration: bool = False
     num_workers: int
@@ -506,6 +510,7 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         edge_power=s.number("edge_power", low=0.0, low_open=True),
         lambda_grad=s.number("lambda_grad", 0.0, low=0.0),
         grad_operator=s.choice("grad_operator", GRAD_OPERATOR_NAMES, "sobel", case="lower"),
+        fit_region=s.choice("fit_region", FIT_REGIONS, "first_block", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
         num_workers=s.integer(

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import __version__
 from .blending import Normalisation, blend_patient, brain_mask, weight_analysis, weight_maps
+from .cellstats import StatsCache, combine, fit_stats_key
 from .config import FullConfig, config_to_dict
 from .errors import ConfigError, InputError, Interrupted
 from .integrity import require_regular_file, strict_json, sweep_temp_files
@@ -37,6 +38,7 @@ from .io import (
     atomic_write_json,
     atomic_write_text,
     npz_bytes,
+    read_affine,
     read_shape,
     write_nifti,
 )
@@ -60,7 +62,7 @@ from .record import RunRecord, fingerprints, model_digest, result_settings
 from .registration import Registrar, ants_import_bytes, ants_imported
 from .scoring import extras_summary, split_extras, test_extras
 from .solve import fit_weights, laplacian_smooth
-from .statistics import hr_is_flat, patient_statistics
+from .statistics import hr_is_flat
 from .tiling import TileGrid
 from .weightmaps import BlendWeightMaps, map_paths
 
@@ -150,9 +152,12 @@ class StageClock:
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
-            with self._lock:
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to ``stage`` (for time measured around nested stages)."""
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
 class _Skip(Exception):
@@ -217,6 +222,8 @@ class Engine:
         self.pacs = config.pacs_sr
         self.models = tuple(config.data.models)
         self.store = VolumeStore(self.options.cache_dir)
+        # Per-patient fit statistics, shared by every fold, lambda and process on the node.
+        self.stats_cache = StatsCache(self.store.directory / "cellstats")
         self.limits = limits if limits is not None else detect_limits()
         # Registration hooks (algorithm A7.5 with registration): None when it is off.
         self.registrar: Registrar | None = None
@@ -702,22 +709,40 @@ class Engine:
         log.info("fit %s: %s", task, _describe_plan(plan))
         p = self.pacs
 
+        key = fit_stats_key(p)
+
         def fit_one(pid: str):
-            hr, experts = self._load(pid, train[pid], clock, skipped, nonfinite)
-            self._check_grid(pid, train[pid]["HR"], hr.data.shape, grid)
+            paths = train[pid]
+            load_s = 0.0
+
+            def load():  # only when the patient's statistics are not cached yet
+                nonlocal load_s
+                t = time.perf_counter()
+                hr, experts = self._load(pid, paths, clock, skipped, nonfinite)  # clocks "load"
+                self._check_grid(pid, paths["HR"], hr.data.shape, grid)
+                load_s = time.perf_counter() - t
+                return hr.data, [e.data for e in experts]
+
             t0 = time.perf_counter()
-            with clock("statistics"):
-                st = patient_statistics(
-                    hr.data,
-                    [e.data for e in experts],
-                    grid,
-                    lambda_edge=p.lambda_edge,
-                    edge_power=p.edge_power,
-                    lambda_grad=p.lambda_grad,
-                    grad_operator=p.grad_operator,
-                )
+            if self.registrar is not None:
+                # atlas-space statistics: name the entry by the registered volumes, whose
+                # cache entries are keyed by the inputs, the atlas and the transform settings
+                try:
+                    hr_r, exp_r = self._registered_volumes(pid)
+                except InputError as exc:
+                    log.warning("skipping patient %s: %s", pid, exc)
+                    skipped[pid] = str(exc)
+                    raise _Skip(pid) from exc
+                files = [hr_r.entry, *(e.entry for e in exp_r)]
+            else:
+                files = [paths["HR"], *paths["experts"]]
+            st = self.stats_cache.get(
+                files, key, load, edge_power=p.edge_power, grad_operator=p.grad_operator,
+            )
+            clock.add("statistics", time.perf_counter() - t0 - load_s)
+            self._check_grid(pid, paths["HR"], st.shape, grid)
             if st.n_mask == 0:
-                msg = f"HR '{train[pid]['HR']}' has no voxel > 0 (empty mask)"
+                msg = f"HR '{paths['HR']}' has no voxel > 0 (empty mask)"
                 log.warning("skipping patient %s: %s", pid, msg)
                 skipped[pid] = msg
                 raise _Skip(pid)
@@ -732,7 +757,8 @@ class Engine:
             log.debug(
                 "patient=%s stage=fit secs=%.3f mask=%d", pid, time.perf_counter() - t0, st.n_mask
             )
-            return st.Q, st.B, st.counts
+            q, b = combine(st, lambda_edge=p.lambda_edge, lambda_grad=p.lambda_grad)
+            return q, b, st.counts
 
         stats = self._map_patients(f"fit {task}", pids, fit_one, plan)
         used = [pid for pid in pids if pid in stats]  # manifest order: deterministic sums
@@ -782,8 +808,8 @@ class Engine:
         # maps of the model alone carry it
         if self.registrar is not None:
             affine = self._registered_volumes(used[0])[0].meta.affine
-        else:
-            affine = self.store.get(train[used[0]]["HR"]).meta.affine
+        else:  # the header only: a fit from cached statistics reads no volume
+            affine = read_affine(train[used[0]]["HR"])
         model = StackingModel(
             weights, learned, grid, self.models, settings,
             window=p.mixing_window, affine=np.asarray(affine, np.float64),

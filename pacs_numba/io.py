@@ -420,6 +420,24 @@ def read_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
         raise InputError(f"input '{p}' is not a readable NIfTI header: {exc}") from None
 
 
+def read_affine(path: str | os.PathLike[str]) -> NDArray[np.float64]:
+    """Affine of a NIfTI volume from its header alone (as nibabel chooses it: sform, qform).
+
+    Raises
+    ------
+    InputError
+        If the file is missing or is not a NIfTI image.
+    """
+    p = Path(path)
+    require_regular_file(p)
+    try:
+        return np.asarray(nib.load(str(p)).affine, dtype=np.float64)
+    except FileNotFoundError:
+        raise InputError(f"input '{p}' does not exist") from None
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise InputError(f"input '{p}' is not a readable NIfTI header: {exc}") from None
+
+
 def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Identify a file's current version for resume records.
 

@@ -92,6 +92,11 @@ class ExperimentLayout:
         """Folder of the report's figures and tables."""
         return self.root / _REPORT
 
+    @property
+    def tune_dir(self) -> Path:
+        """Default folder of ``pacs-numba tune``'s results, tables and best config."""
+        return self.root / "tune"
+
     def log_file(self, command: str, stamp: str, host: str, pid: int) -> Path:
         """Log file of one process: ``logs/pacs_numba-{command}-{stamp}-{host}-{pid}.log``."""
         return self.logs_dir / f"pacs_numba-{command}-{stamp}-{host}-{pid}.log"

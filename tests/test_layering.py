@@ -15,8 +15,9 @@ LAYERS = {
     "io": 2, "_arrays": 2, "_checks": 2, "config": 2, "manifest": 2,
     "statistics": 2, "solve": 2, "blending": 2, "metrics": 2, "cohort": 2,
     "progress": 2, "logsetup": 2, "model": 2, "record": 2, "locking": 2, "weightmaps": 2,
+    "cellstats": 2,
     "registration": 2,
-    "engine": 3, "demo": 3, "predict": 3, "scoring": 3, "report": 3, "summarize": 3,
+    "engine": 3, "demo": 3, "predict": 3, "scoring": 3, "report": 3, "summarize": 3, "tune": 3,
     "cli": 4, "diagnose": 4, "predict_cli": 4, "__main__": 5, "__init__": 5,
 }
 

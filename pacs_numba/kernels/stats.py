@@ -710,3 +710,316 @@ def _tile_statistics(
                     _accumulate_line_one(val, grad, wt, lambda_grad, use_grad, acc)
             _flush_row_one(acc, cnt, _tile_id_one(j0, j1, 0, t1, t2), stride, q, b, counts)
     return q, b, counts
+
+
+# --------------------------------------------------------------------------- decomposed moments
+#
+# The fit's normal equations are linear in lambda_edge and lambda_grad once the edge map's
+# shape (edge_power, the HR's own Sobel maximum) and the gradient operator are fixed:
+#     omega (v + lambda_grad g) = mask (1 + lambda_edge t^p) (v + lambda_grad g)
+#       = mask v + lambda_edge mask t^p v + lambda_grad (mask g + lambda_edge mask t^p g)
+# with v a value product and g a gradient product.  The kernel below stores those four parts
+# per tile (algorithm A4 decomposed), so any lambda_edge, lambda_grad follow without a volume.
+
+PART_VALUE = 0       # sum win mask x_a x_c (and x_a y)
+PART_VALUE_EDGE = 1  # sum win mask t^p x_a x_c
+PART_GRAD = 2        # sum win mask sum_d G_d,a G_d,c
+PART_GRAD_EDGE = 3   # sum win mask t^p sum_d G_d,a G_d,c
+N_PARTS = 4
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _line_edge_one(mask, v0, v1, grad, edge_power, inv_edge, et):
+    """Write the edge term ``t^p`` of one line, 0 outside the mask (algorithm A3.4).
+
+    Parameters
+    ----------
+    mask : (N0, N1, N2) uint8
+        Valid mask; line ``mask[v0, v1]`` is used.
+    v0, v1 : int
+        Line index.
+    grad : (3, K, N2) float64
+        ``grad[d, 0]`` holds the Sobel derivative of the z-scored HR along axis ``d``.
+    edge_power : float64
+        Exponent ``p``.
+    inv_edge : float64
+        ``1 / (max(g) + 1e-6)`` over the whole volume.
+    et : (N2,) float64
+        Output: ``(g * inv_edge) ** p`` where the mask is set, else 0, so that the edge
+        weight of :func:`_line_weights_one` is ``1 + lambda_edge * et``.
+
+    Notes
+    -----
+    Serial; writes only ``et``.  Same special cases of ``p`` as :func:`_line_weights_one`.
+    """
+    for k in range(et.shape[0]):
+        if mask[v0, v1, k] != 0:
+            g0 = grad[0, 0, k]
+            g1 = grad[1, 0, k]
+            g2 = grad[2, 0, k]
+            t = math.sqrt(g0 * g0 + g1 * g1 + g2 * g2) * inv_edge
+            if edge_power == 1.0:
+                et[k] = t
+            elif edge_power == 2.0:
+                et[k] = t * t
+            elif edge_power == 0.5:
+                et[k] = math.sqrt(t)
+            else:
+                et[k] = t**edge_power
+        else:
+            et[k] = 0.0
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _add_term_one(val, grad, wp, we, a, c, t, use_edge, use_grad, acc):
+    """Add the products of volumes ``a`` and ``c`` of one line to term ``t`` of every part.
+
+    Parameters
+    ----------
+    val : (M + 1, N2) float64
+        z-scored values of the line (row 0 HR).
+    grad : (3, M + 1, N2) float64
+        Their derivatives (read only if ``use_grad``).
+    wp, we : (N2,) float64
+        Plain weight ``win * mask`` and edge weight ``win * mask * t^p``.
+    a, c : int
+        Rows of ``val`` to multiply.
+    t : int
+        Term index.
+    use_edge, use_grad : bool
+        Which of the parts ``PART_VALUE_EDGE``, ``PART_GRAD``, ``PART_GRAD_EDGE`` to fill.
+    acc : (4, n_terms, N2) float64
+        Updated in place.
+
+    Notes
+    -----
+    Serial; writes only ``acc``.
+    """
+    n2 = val.shape[1]
+    # One loop per combination of parts: each product is formed once per voxel and feeds
+    # every part that uses it; no branch inside a loop, so each vectorises.
+    if use_grad and use_edge:
+        for k in range(n2):
+            pv = val[a, k] * val[c, k]
+            pg = grad[0, a, k] * grad[0, c, k] + grad[1, a, k] * grad[1, c, k] \
+                + grad[2, a, k] * grad[2, c, k]
+            acc[0, t, k] += wp[k] * pv
+            acc[1, t, k] += we[k] * pv
+            acc[2, t, k] += wp[k] * pg
+            acc[3, t, k] += we[k] * pg
+    elif use_grad:
+        for k in range(n2):
+            acc[0, t, k] += wp[k] * (val[a, k] * val[c, k])
+            acc[2, t, k] += wp[k] * (grad[0, a, k] * grad[0, c, k]
+                                     + grad[1, a, k] * grad[1, c, k]
+                                     + grad[2, a, k] * grad[2, c, k])
+    elif use_edge:
+        for k in range(n2):
+            pv = val[a, k] * val[c, k]
+            acc[0, t, k] += wp[k] * pv
+            acc[1, t, k] += we[k] * pv
+    else:
+        for k in range(n2):
+            acc[0, t, k] += wp[k] * (val[a, k] * val[c, k])
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _flush_box_row_one(acc, cnt, r_base, t2, patch, stride, win2, out, counts):
+    """Reduce a tile row's per-position accumulators into its tiles' parts and counts.
+
+    Parameters
+    ----------
+    acc : (4, n_terms, N2) float64
+        Accumulators summed over the row's lines; zeroed on return.
+    cnt : (N2,) int64
+        Mask voxels per position (of lines with a non-zero window); zeroed on return.
+    r_base : int
+        Id of the row's first tile.
+    t2 : int
+        Number of tiles along axis 2.
+    patch, stride : int
+        Box edge and anchor spacing along axis 2.
+    win2 : (t2, patch) float32
+        Window of every tile along axis 2 (zeros past the clipped box).
+    out : (n_tiles, 4, n_terms) float64
+        Written for the row's tiles.
+    counts : (n_tiles,) int64
+        Written for the row's tiles: mask voxels with a non-zero window weight.
+
+    Notes
+    -----
+    Serial; the caller guarantees one thread owns the row's tiles.  With ``patch ==
+    stride`` and a flat window every position belongs to one tile with weight 1, which
+    is exactly the label partition of algorithm A2.  Sums run in a fixed order.
+    """
+    n_parts = acc.shape[0]
+    n_terms = acc.shape[1]
+    n2 = acc.shape[2]
+    for j2 in range(t2):
+        lo = j2 * stride
+        hi = min(lo + patch, n2)
+        r = r_base + j2
+        n = 0
+        for k in range(lo, hi):
+            if win2[j2, k - lo] != 0:
+                n += cnt[k]
+        counts[r] = n
+        for p in range(n_parts):
+            for t in range(n_terms):
+                s = 0.0
+                for k in range(lo, hi):
+                    s += np.float64(win2[j2, k - lo]) * acc[p, t, k]
+                out[r, p, t] = s
+    for k in range(n2):
+        cnt[k] = 0
+        for p in range(n_parts):
+            for t in range(n_terms):
+                acc[p, t, k] = 0.0
+
+
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _box_moments(
+    hr, experts, mask, patch, stride, win0, win1, win2, mus, sds, edge_power, gmax,
+    use_edge, use_grad, grad_op, n_chunks,
+):
+    """Per-tile decomposed normal equations over window-weighted boxes (algorithm A4).
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) float32
+        Raw HR volume.
+    experts : numba.typed.List of M (N0, N1, N2) float32
+        Raw expert volumes.
+    mask : (N0, N1, N2) uint8
+        Valid mask (see :func:`_valid_mask`).
+    patch, stride : int
+        Tile box edge and anchor spacing.  ``patch == stride`` with flat windows gives the
+        label cells of algorithm A2 (the published "first stride block" fit).
+    win0, win1, win2 : (n_d, patch) float32
+        Window of every tile along each axis (``kernels.blend._window_table``); the
+        voxel weight is the product of the three.
+    mus, sds : (M + 1,) float64
+        Mean and floored std of the HR (index 0) and each expert over the mask.
+    edge_power : float64
+        Exponent ``p`` of the edge term.
+    gmax : float64
+        :func:`_sobel_magnitude_max` of the HR (unused unless ``use_edge``).
+    use_edge, use_grad : bool
+        Whether to fill the edge parts and the gradient parts (others stay 0).
+    grad_op : int
+        Operator code (``_config.GRAD_OPERATORS``) of the gradient parts.
+    n_chunks : int
+        Number of work blocks (normally the Numba thread count); the result does not
+        depend on it.
+
+    Returns
+    -------
+    parts : (n_tiles, 4, M + M (M + 1) / 2) float64
+        Per tile and part (``PART_VALUE``, ``PART_VALUE_EDGE``, ``PART_GRAD``,
+        ``PART_GRAD_EDGE``), term ``a < M`` is the cross term with the HR of expert ``a``
+        and the following terms the upper triangle ``a <= c`` of the expert products,
+        row-major.  The value parts weigh ``win * mask`` (times ``t^p`` for the edge
+        part) the products of z-scored values, the gradient parts the summed products of
+        the three derivatives.  So ``Q = P0 + le P1 + lg (P2 + le P3)`` for the weight
+        ``omega = (1 + le t^p) mask`` of algorithm A3.4.
+    counts : (n_tiles,) int64
+        Mask voxels with a non-zero window weight per tile.
+
+    Notes
+    -----
+    Parallel over the rows ``(j0, j1)`` of the tile grid, round-robin over ``n_chunks``
+    blocks; each tile is written by one thread in a fixed order.  Overlapping boxes
+    recompute the lines they share (a direct pass: at most ``ceil(patch/stride)^2``
+    times the work of the cell pass).  Lines whose window weight is 0 (the first voxel
+    of a Hann box) or that have no mask voxel are skipped.  Non-finite values are read
+    as 0 and are never in the mask.  Writes only the arrays it returns; safe to run
+    concurrently.
+    """
+    n0, n1, n2 = hr.shape
+    m = len(experts)
+    t0 = _n_anchors_one(n0, stride)
+    t1 = _n_anchors_one(n1, stride)
+    t2 = _n_anchors_one(n2, stride)
+    n_tiles = t0 * t1 * t2
+    n_terms = m + m * (m + 1) // 2
+    out = np.zeros((n_tiles, N_PARTS, n_terms))
+    counts = np.zeros(n_tiles, np.int64)
+
+    w_side, w_mid = _smoothing_weights(grad_op)
+    reuse_hr = use_grad and grad_op == _SOBEL
+    inv_edge = 1.0 / (gmax + EDGE_EPS)
+    inv_sds = 1.0 / sds
+
+    n_rows = t0 * t1
+    n_chunks = max(1, min(n_chunks, n_rows))
+    vals = np.empty((n_chunks, m + 1, n2))
+    grads = np.empty((n_chunks, 3, m + 1, n2 if use_grad else 0))
+    sobs = np.empty((n_chunks, 3, 1, n2 if (use_edge and not reuse_hr) else 0))
+    tmps = np.empty((n_chunks, 3, n2 + 2), np.float32)
+    ets = np.zeros((n_chunks, n2))
+    wps = np.empty((n_chunks, n2))
+    wes = np.zeros((n_chunks, n2))
+    accs = np.zeros((n_chunks, N_PARTS, n_terms, n2))
+    cnts = np.zeros((n_chunks, n2), np.int64)
+
+    for c in prange(n_chunks):
+        val = vals[c]
+        grad = grads[c]
+        sob = sobs[c]
+        tmp = tmps[c]
+        et = ets[c]
+        wp = wps[c]
+        we = wes[c]
+        acc = accs[c]
+        cnt = cnts[c]
+        for row in range(c, n_rows, n_chunks):
+            j0 = row // t1
+            j1 = row - j0 * t1
+            a0 = j0 * stride
+            a1 = j1 * stride
+            for v0 in range(a0, min(a0 + patch, n0)):
+                w0 = np.float64(win0[j0, v0 - a0])
+                if w0 == 0.0:
+                    continue
+                for v1 in range(a1, min(a1 + patch, n1)):
+                    w01 = w0 * np.float64(win1[j1, v1 - a1])
+                    if w01 == 0.0:
+                        continue
+                    n_in = 0
+                    for k in range(n2):
+                        inside = mask[v0, v1, k] != 0
+                        n_in += inside
+                        cnt[k] += inside
+                    if n_in == 0:
+                        continue
+                    if use_grad:
+                        _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], w_side, w_mid,
+                                            val, grad, 0, tmp)
+                        for e in range(m):
+                            _line_gradients_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
+                                                w_side, w_mid, val, grad, e + 1, tmp)
+                    else:
+                        _line_values_one(hr, v0, v1, mus[0], inv_sds[0], val, 0)
+                        for e in range(m):
+                            _line_values_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
+                                             val, e + 1)
+                    if use_edge:
+                        if reuse_hr:
+                            _line_edge_one(mask, v0, v1, grad, edge_power, inv_edge, et)
+                        else:
+                            _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], 1.0, 2.0,
+                                                val, sob, 0, tmp)
+                            _line_edge_one(mask, v0, v1, sob, edge_power, inv_edge, et)
+                        for k in range(n2):
+                            we[k] = w01 * et[k]
+                    for k in range(n2):
+                        wp[k] = w01 if mask[v0, v1, k] != 0 else 0.0
+                    t = m
+                    for a in range(1, m + 1):
+                        _add_term_one(val, grad, wp, we, a, 0, a - 1, use_edge, use_grad, acc)
+                        for cc in range(a, m + 1):
+                            _add_term_one(val, grad, wp, we, a, cc, t, use_edge, use_grad, acc)
+                            t += 1
+            _flush_box_row_one(acc, cnt, _tile_id_one(j0, j1, 0, t1, t2), t2, patch, stride,
+                               win2, out, counts)
+    return out, counts

@@ -127,3 +127,75 @@ def patient_statistics(
         "mu_hr": mu_hr, "sd_hr": sd_hr,
         "mus": np.array([mu for mu, _ in mom]), "sds": np.array([sd for _, sd in mom]),
     }
+
+
+def hann_profile(length: int, window: str) -> np.ndarray:
+    """Per-axis window of a clipped box (A7.2): periodic Hann of its length, or ones."""
+    if window == "flat" or length == 1:
+        return np.ones(length)
+    k = np.arange(length)
+    return (0.5 - 0.5 * np.cos(2 * np.pi * k / length)).astype(np.float32).astype(np.float64)
+
+
+def box_moments(
+    hr: np.ndarray,
+    experts: Sequence[np.ndarray],
+    *,
+    patch_size: int,
+    stride: int,
+    window: str,
+    edge_power: float,
+    grad_operator: str,
+) -> dict[str, np.ndarray]:
+    """Decomposed per-tile statistics over window-weighted boxes, the slow obvious way.
+
+    Returns ``parts`` (n_tiles, 4, n_terms) -- value, value * t^p, gradient, gradient * t^p,
+    each with terms ``x_a y`` (a < M) then ``x_a x_c`` (a <= c, row-major) -- and ``counts``
+    (mask voxels with a non-zero window weight).  ``window`` is the effective window
+    (flat when ``stride >= patch_size``); ``patch_size == stride`` with "flat" is the label
+    partition of A2.
+    """
+    m = len(experts)
+    mask, _ = valid_mask(hr, experts)
+    mu_hr, sd_hr = moments(hr, mask)
+    mom = [moments(x, mask) for x in experts]
+    hr_n = zscore(hr, mu_hr, sd_hr)
+    xs_n = [zscore(x, mu, sd) for x, (mu, sd) in zip(experts, mom, strict=True)]
+    s = [ndimage.sobel(hr_n, axis=d, mode="nearest") for d in range(3)]
+    g = np.sqrt(s[0] ** 2 + s[1] ** 2 + s[2] ** 2)
+    tp = (g / (g.max() + EDGE_EPS)) ** edge_power * mask
+    vols = [hr_n, *xs_n]
+    grads = [[gradient(v, d, grad_operator) for d in range(3)] for v in vols]
+    pairs = [(a, 0) for a in range(1, m + 1)]
+    pairs += [(a, c) for a in range(1, m + 1) for c in range(a, m + 1)]
+    counts_axes = [-(-n // stride) for n in hr.shape]
+    n_tiles = int(np.prod(counts_axes))
+    parts = np.zeros((n_tiles, 4, len(pairs)))
+    counts = np.zeros(n_tiles, np.int64)
+    r = 0
+    for i0 in range(counts_axes[0]):
+        for i1 in range(counts_axes[1]):
+            for i2 in range(counts_axes[2]):
+                box = tuple(
+                    slice(i * stride, min(i * stride + patch_size, n))
+                    for i, n in zip((i0, i1, i2), hr.shape, strict=True)
+                )
+                h = [hann_profile(sl.stop - sl.start, window) for sl in box]
+                win = h[0][:, None, None] * h[1][None, :, None] * h[2][None, None, :]
+                wp = (win * mask[box]).ravel()
+                we = (win * tp[box]).ravel()
+                counts[r] = np.count_nonzero(mask[box] & (win > 0))
+                for t, (a, c) in enumerate(pairs):
+                    va = vols[a][box].ravel().astype(np.float64)
+                    vc = vols[c][box].ravel().astype(np.float64)
+                    gg = sum(
+                        grads[a][d][box].ravel().astype(np.float64)
+                        * grads[c][d][box].ravel().astype(np.float64)
+                        for d in range(3)
+                    )
+                    parts[r, 0, t] = np.dot(wp, va * vc)
+                    parts[r, 1, t] = np.dot(we, va * vc)
+                    parts[r, 2, t] = np.dot(wp, gg)
+                    parts[r, 3, t] = np.dot(we, gg)
+                r += 1
+    return {"parts": parts, "counts": counts}
