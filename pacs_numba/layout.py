@@ -8,13 +8,19 @@ The tree under ``out_root`` (the published tool's layout, plus our own files)::
 
     {out_root}/{experiment}/
         logs/                                      per-process log files
-        report/                                    figures and tables of ``pacs-numba report``
         {spacing}/output_volumes/{pid}-{pulse}.nii.gz       test blends
         {spacing}/model_data/fold_{N}/{pulse}/
             weights.json  metrics.json                      published files
             {pid}_blend_train.nii.gz                        train blends
             {pid}_weights_test.npz  {pid}_weight_analysis_test.npz
             pacs_model.npz  patients.json  pacs_numba_run.json    ours
+            weight_maps_model_*  {pid}_weight_maps_test_*   ours: NIfTI weight maps
+            report/                 ``pacs-numba report``'s default output folder
+
+(The NIfTI weight-map names come from :func:`pacs_numba.weightmaps.map_paths`, the report's
+folder from :mod:`pacs_numba.report`, and ``pacs-numba summarize`` writes ``summary.csv`` and
+``summary.md`` into the out_root or its ``--out``; :attr:`ExperimentLayout.report_dir` is not
+used by them yet.)
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ Here a registration is done once and kept in the volume cache:
   of a voxel of ANTs' defaults (``profiling/registration-*.md``); ``settings: published`` is
   exactly the published call (ANTs' defaults).
 * Transforms (``<key>.mat``) and registered, masked float32 volumes (``<key>.npy``) are entries
-  of ``<volume cache>/registered/``, keyed by the source file (path, size, mtime), the atlas
-  template file, the settings and the seed; a volume's key adds the transform that resampled it
-  and the brain mask.  Entries are installed by atomic rename and built under the same per-node
+  of ``<volume cache>/registered/``, keyed by the source file's fingerprint (path, size, mtime,
+  ctime, content sample: :func:`pacs_numba.io.file_fingerprint`), the atlas template file's,
+  the settings and the seed; a volume's key adds the transform that resampled it and the
+  brain mask.  Entries are installed by atomic rename and built under the same per-node
   ``flock`` as the volume cache, so folds, tasks, reruns and SLURM tasks on a node share them.
 * ANTs samples the metric at jittered points: the seed is pinned (``REGISTRATION_SEED``).  A
   seeded registration is reproducible only with ONE ITK thread (with 2 threads, ITK's default

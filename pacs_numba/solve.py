@@ -157,11 +157,15 @@ def solve_simplex_qp(
     For up to ``_ENUMERATION_MAX_EXPERTS`` experts, enumerates every support of each
     tile and solves its KKT system; the minimiser is the feasible candidate with the
     smallest objective (see :func:`pacs_numba.kernels.qp._simplex_qp_one` for why this
-    is exact).  For more experts, a primal active-set method finds the same minimiser
+    is exact).  For more experts, a primal active-set method finds a minimiser too
     (:func:`pacs_numba.kernels.qp._active_set_qp_one`); any number of experts works.  The
-    minimiser is unique when ``Q + lambda_ridge I`` is positive definite; with
-    ``lambda_ridge = 0`` and a singular Q (duplicated experts, one expert) a minimiser
-    with the smallest support is returned.  Parallel over tiles.
+    minimiser is unique when ``Q + lambda_ridge I`` is positive definite, and then both
+    methods return it (to rounding).  With ``lambda_ridge = 0`` and a singular Q
+    (duplicated or collinear experts) several weight vectors are optimal: the enumeration
+    returns the first optimal candidate in increasing support-bitmask order (bit ``i`` is
+    expert ``i``; objectives equal to rounding may resolve either way), which is not
+    necessarily the one with the smallest support, and the active-set method may return
+    another optimal vector.  Both are deterministic (algorithm A5).  Parallel over tiles.
 
     Examples
     --------
