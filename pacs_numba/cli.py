@@ -875,30 +875,6 @@ def _tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _tune(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .layout import ExperimentLayout
-    from .tune import load_grid, run_tune
-
-    config = load_config(args.config)
-    candidates = load_grid(args.grid, config)
-    out = args.out or ExperimentLayout(
-        Path(config.pacs_sr.out_root), config.pacs_sr.experiment_name
-    ).tune_dir
-    res = run_tune(
-        config, candidates, out, folds=args.folds, spacings=args.spacing, pulses=args.pulse,
-        cache_dir=args.cache_dir, no_progress=args.no_progress,
-    )
-    b = res.table[0]
-    print(
-        f"{len(res.table)} settings; best: held-out PSNR {b['psnr']:.4f} dB "
-        f"({b['gain_psnr']:+.4f} dB vs {res.experts['_best']['name']}) -> "
-        f"{res.out_dir / 'best_config.yaml'}",
-        flush=True,
-    )
-    return EXIT_OK
-
-
 def _cache(args: argparse.Namespace) -> int:
     from .io import VolumeStore
 

@@ -17,10 +17,9 @@ The tree under ``out_root`` (the published tool's layout, plus our own files)::
             weight_maps_model_*  {pid}_weight_maps_test_*   ours: NIfTI weight maps
             report/                 ``pacs-numba report``'s default output folder
 
-(The NIfTI weight-map names come from :func:`pacs_numba.weightmaps.map_paths`, the report's
-folder from :mod:`pacs_numba.report`, and ``pacs-numba summarize`` writes ``summary.csv`` and
-``summary.md`` into the out_root or its ``--out``; :attr:`ExperimentLayout.report_dir` is not
-used by them yet.)
+(The NIfTI weight-map names come from :func:`pacs_numba.weightmaps.map_paths`; ``pacs-numba
+summarize`` writes :data:`SUMMARY_CSV` and :data:`SUMMARY_MD` into the out_root or its
+``--out``; ``pacs-numba tune`` writes under :attr:`ExperimentLayout.tune_dir`.)
 """
 
 from __future__ import annotations
@@ -36,10 +35,13 @@ __all__ = [
     "MODEL_FILE",
     "PATIENTS_FILE",
     "RECORD_FILE",
+    "SUMMARY_CSV",
+    "SUMMARY_MD",
     "WEIGHTS_FILE",
     "ExperimentLayout",
     "TaskLayout",
     "find_task_dirs",
+    "report_dir_of",
 ]
 
 #: The published tool's tile weights of a task (``{"<tile id>": [w_1..w_M]}``).
@@ -50,6 +52,9 @@ METRICS_FILE = "metrics.json"
 MODEL_FILE = "pacs_model.npz"
 #: Per-patient metrics, skipped patients and stage timings of a task.
 PATIENTS_FILE = "patients.json"
+#: ``pacs-numba summarize``'s tables.
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
 #: The run record that ``--resume`` trusts (settings, fingerprints, finished patients).
 RECORD_FILE = "pacs_numba_run.json"
 
@@ -76,8 +81,8 @@ class ExperimentLayout:
     Examples
     --------
     >>> lay = ExperimentLayout(Path("out"), "exp")
-    >>> lay.logs_dir.as_posix(), lay.report_dir.as_posix()
-    ('out/exp/logs', 'out/exp/report')
+    >>> lay.logs_dir.as_posix(), lay.tune_dir.as_posix()
+    ('out/exp/logs', 'out/exp/tune')
     """
 
     out_root: Path
@@ -92,11 +97,6 @@ class ExperimentLayout:
     def logs_dir(self) -> Path:
         """Folder of the per-process log files (``pacs_sr.log_to_file``)."""
         return self.root / _LOGS
-
-    @property
-    def report_dir(self) -> Path:
-        """Folder of the report's figures and tables."""
-        return self.root / _REPORT
 
     @property
     def tune_dir(self) -> Path:
@@ -209,6 +209,11 @@ class TaskLayout:
         """``model_dir/{pid}_weight_analysis_{split}.npz`` (entropy, dominant expert, stats)."""
         return output_under(self.model_dir, f"{pid}_weight_analysis_{split}.npz")
 
+    @property
+    def report_dir(self) -> Path:
+        """``model_dir/report``: ``pacs-numba report``'s default folder."""
+        return report_dir_of(self.model_dir)
+
     def existing_weights(self) -> Path | None:
         """Return the weights ``evaluate`` reads back: the model file, else ``weights.json``."""
         for path in (self.model_file, self.weights_json):
@@ -232,6 +237,11 @@ class TaskLayout:
             raise ValueError(f"'{d}' is not a task folder ({TASK_DIR_PATTERN})")
         return cls(d.parents[4], d.parents[3].name, int(fold.group(1)), d.parents[2].name,
                    d.name)
+
+
+def report_dir_of(model_dir: str | Path) -> Path:
+    """``pacs-numba report``'s default folder for a task folder, wherever that folder lies."""
+    return Path(model_dir) / _REPORT
 
 
 def find_task_dirs(out_root: str | Path) -> list[TaskLayout]:

@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 from .blending import brain_mask
 from .errors import ConfigError, InputError
 from .io import VolumeStore, atomic_write_bytes, atomic_write_text
-from .layout import TASK_DIR_PATTERN
+from .layout import TASK_DIR_PATTERN, report_dir_of
 from .metrics import volume_metrics
 from .model import MODEL_FILE, StackingModel, describe_model, load_model
 from .predict import predict_volume
@@ -313,7 +313,7 @@ def make_report(
         if unknown:
             raise InputError(f"--patients {unknown}: the task's test patients are {list(test)}")
         test = {p: test[p] for p in patients}
-    out = Path(out_dir or run_dir / "report")
+    out = Path(out_dir or report_dir_of(run_dir))
     out.mkdir(parents=True, exist_ok=True)
     s = model.settings
     title = " ".join(str(s[k]) for k in ("spacing", "pulse") if k in s)

@@ -24,11 +24,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .blending import Normalisation, blend_patient, brain_mask
-from .metrics import aggregate, volume_metrics
+from .metrics import METRIC_KEYS, aggregate, volume_metrics
 from .model import StackingModel
 from .predict import predict_volume
 
-METRIC_KEYS = ("mse", "mae", "psnr", "ssim")
 HR_FREE_PROTOCOL = (
     "HR-free: expert z-score statistics over mean(experts) > 0, blend mapped back with the "
     "mean of the experts' means and stds, brain mask from mean(experts) >= 0.1 (as predict); "

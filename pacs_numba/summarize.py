@@ -29,7 +29,14 @@ import numpy as np
 
 from .errors import InputError
 from .io import atomic_write_text
-from .layout import METRICS_FILE, TASK_DIR_PATTERN, TaskLayout, find_task_dirs
+from .layout import (
+    METRICS_FILE,
+    SUMMARY_CSV,
+    SUMMARY_MD,
+    TASK_DIR_PATTERN,
+    TaskLayout,
+    find_task_dirs,
+)
 from .model import load_model
 
 log = logging.getLogger(__name__)
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 PACS = "PaCS-SR"
 PACS_HR_FREE = "PaCS-SR (HR-free)"
 METRICS = ("psnr", "ssim", "mae")
-CSV_FILE, MD_FILE = "summary.csv", "summary.md"
+CSV_FILE, MD_FILE = SUMMARY_CSV, SUMMARY_MD
 
 
 @dataclass
