@@ -26,8 +26,9 @@ lambdas.
 Cache
 -----
 Entries live in ``<volume cache dir>/cellstats/<key>.npz``; ``key`` hashes the format
-version, every input file's absolute path, size and ``mtime_ns`` (a rewritten input gets a
-new key) and the settings above.  An entry is written under a unique temporary name and
+version, every input file's :func:`pacs_numba.io.file_fingerprint` (absolute path, size,
+``mtime_ns``, ``ctime_ns`` and a content sample: a rewritten input gets a new key) and the
+settings above.  An entry is written under a unique temporary name and
 renamed into place (:func:`pacs_numba.io.atomic_savez`), under an advisory node lock so that
 SLURM tasks on one node compute it once; an unreadable entry is recomputed with a WARNING.
 """
