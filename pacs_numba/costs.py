@@ -128,14 +128,14 @@ def moments_bytes(n0: int, n_volumes: int) -> int:
     return 8 * n0 * (2 * n_volumes + 1)
 
 
-def tile_statistics_thread_bytes(n2: int, n_experts: int, *, lambda_grad: float,
-                                 lambda_edge: float, grad_operator: str) -> int:
-    """Per-thread scratch of ``kernels.stats._tile_statistics`` (and ``_sobel_magnitude_max``).
+def box_moments_thread_bytes(n2: int, n_experts: int, *, lambda_grad: float,
+                             lambda_edge: float, grad_operator: str) -> int:
+    """Per-thread scratch of ``kernels.stats._box_moments`` (the fit's statistics pass).
 
     ``vals (M+1, N2)``, ``grads (3, M+1, N2)`` with gradients, ``sobs (3, 1, N2)`` when the
-    edge map cannot reuse the HR's sobel gradients, ``wts``, ``cnts`` ``(N2,)`` and
-    ``accs (M + M(M+1)/2, N2)`` in 8 bytes, ``tmps (3, N2 + 2)`` float32.  The edge
-    maximum's scratch (``vals``, ``ders (3, 1, N2)``, ``tmps``) comes before and is smaller.
+    edge map cannot reuse the HR's sobel gradients, ``ets``, ``wps``, ``wes``, ``cnts``
+    ``(N2,)`` and ``accs (4, M + M(M+1)/2, N2)`` in 8 bytes, ``tmps (3, N2 + 2)`` float32.
+    The edge maximum's scratch (``_sobel_magnitude_max``) comes before and is smaller.
     """
     m = int(n_experts)
     use_grad = lambda_grad > 0
@@ -143,10 +143,14 @@ def tile_statistics_thread_bytes(n2: int, n_experts: int, *, lambda_grad: float,
     reuse_hr = use_grad and grad_operator == "sobel"
     n_terms = m + m * (m + 1) // 2
     rows = (m + 1) + (3 * (m + 1) if use_grad else 0) + (3 if use_edge and not reuse_hr else 0)
-    rows += 2 + n_terms                                   # wts, cnts, accs
-    tile = 8 * n2 * rows + 12 * (n2 + 2)
-    edge_max = 8 * n2 * 4 + 12 * (n2 + 2) if use_edge else 0
-    return max(tile, edge_max)
+    rows += 4 + 4 * n_terms                               # ets, wps, wes, cnts, accs
+    return 8 * n2 * rows + 12 * (n2 + 2)
+
+
+def box_parts_bytes(n_tiles: int, n_experts: int) -> int:
+    """One patient's decomposed statistics (``cellstats.CellStats``): parts and counts."""
+    m = int(n_experts)
+    return 8 * int(n_tiles) * (4 * (m + m * (m + 1) // 2) + 1)
 
 
 def statistics_bytes(n_tiles: int, n_experts: int) -> int:
@@ -291,7 +295,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     -----
     fit
         per patient: the mapped HR and experts ``4N(M+1)`` + the valid mask (alive
-        for the whole call) + the moments; per thread: `tile_statistics_thread_bytes`;
+        for the whole call) + the moments + the decomposed parts (`box_parts_bytes`); per
+        thread: `box_moments_thread_bytes`;
         per task: every patient's Q, B, counts + their sums + `solve_bytes`.
     evaluate
         per patient: the mapped HR and experts + the largest of: the valid mask; the
@@ -329,11 +334,13 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     load = load_bytes(n)
 
     if stage == "fit":
-        steps = {"statistics": valid_mask_bytes(n, n0, m) + moments_bytes(n0, m + 1)}
+        # cellstats.box_statistics: the valid mask and moments, then _box_moments' parts;
+        # then combine() makes the patient's Q, B (the per-task term)
+        steps = {"statistics": valid_mask_bytes(n, n0, m) + moments_bytes(n0, m + 1)
+                 + box_parts_bytes(n_tiles, m)}
         per = max(load, mapped_bytes(n, m + 1) + steps["statistics"])
-        thread = tile_statistics_thread_bytes(n2, m, lambda_grad=lambda_grad,
-                                              lambda_edge=lambda_edge,
-                                              grad_operator=grad_operator)
+        thread = box_moments_thread_bytes(n2, m, lambda_grad=lambda_grad,
+                                          lambda_edge=lambda_edge, grad_operator=grad_operator)
         task = (statistics_bytes(n_tiles, m) * (max(1, int(n_patients)) + 1)
                 + solve_bytes(n_tiles, m))
         return StageCost(stage, int(per), int(thread), int(task), 0, steps)

@@ -358,6 +358,14 @@ def _warm_kernels() -> dict[str, float]:
             grad_operator="sobel",
         ),
     )
+    from .cellstats import StatsKey, box_statistics
+
+    timed(  # the engine's fit pass (the statistics cache computes entries with it)
+        "box statistics",
+        lambda: box_statistics(hr, experts, StatsKey.make(
+            region="first_block", stride=2, patch_size=4, window="hann", edge_power=2.0,
+            grad_operator="sobel", with_edge=True, with_grad=True)),
+    )
     w, learned = timed(
         "solve",
         lambda: fit_weights(

@@ -517,10 +517,14 @@ def test_fit_cost_terms():
     n, m = n0 * n1 * n2, 4
     t = 5 * 6 * 7  # stride 2
     c = _cost("fit", shape, m, n_patients=3)
-    # mapped HR + experts, the uint8 valid mask + per-plane counts, the moments
-    assert c.per_patient_bytes == 4 * n * (m + 1) + n + 8 * n0 * (m + 1) + 8 * n0 * (2 * m + 3)
     n_terms = m + m * (m + 1) // 2
-    assert c.per_thread_bytes == 8 * n2 * ((m + 1) + 2 + n_terms) + 12 * (n2 + 2)
+    # mapped HR + experts, the uint8 valid mask + per-plane counts, the moments, and the
+    # patient's decomposed statistics (4 parts of n_terms per cell, float64, + counts)
+    parts = 8 * t * (4 * n_terms + 1)
+    assert c.per_patient_bytes == (4 * n * (m + 1) + n + 8 * n0 * (m + 1) + 8 * n0 * (2 * m + 3)
+                                   + parts)
+    # _box_moments' rows: values, then ets/wps/wes/cnts and the 4-part accumulators
+    assert c.per_thread_bytes == 8 * n2 * ((m + 1) + 4 + 4 * n_terms) + 12 * (n2 + 2)
     # every patient's Q, B, counts + their sums + the solver's T x M arrays
     stats = 8 * t * (m * m + m + 1)
     assert c.per_task_bytes == 4 * stats + t * (m * m + m) + 24 * t * m

@@ -214,7 +214,7 @@ from pacs_numba.metrics import volume_metrics
 from pacs_numba.model import StackingModel
 from pacs_numba.predict import predict_volume
 from pacs_numba.scoring import test_extras
-from pacs_numba.statistics import patient_statistics
+from pacs_numba.cellstats import StatsKey, box_statistics, combine
 from pacs_numba.tiling import TileGrid
 
 _warm_kernels()
@@ -268,12 +268,17 @@ for shape, m in cases:
     names = tuple(f"e{i}" for i in range(m))
     model = StackingModel(w, np.ones(grid.n_tiles, bool), grid, names, {})
     out = {"shape": list(shape), "m": m}
-    with Growth() as g:
+    key = StatsKey.make(region="first_block", stride=stride, patch_size=patch, window="hann",
+                        edge_power=2.0, grad_operator=fit_opts["grad_operator"],
+                        with_edge=fit_opts["lambda_edge"] > 0,
+                        with_grad=fit_opts["lambda_grad"] > 0)
+    with Growth() as g:  # as engine._fit: the decomposed statistics, then this fold's Q, B
         hr, *ex = mapped(paths)
-        st = patient_statistics(hr, ex, grid, edge_power=2.0, **fit_opts)
+        cs = box_statistics(hr, ex, key)
+        st = combine(cs, lambda_edge=fit_opts["lambda_edge"], lambda_grad=fit_opts["lambda_grad"])
         del hr, ex
     out["fit"] = g.bytes
-    del st
+    del st, cs
     with Growth() as g:
         hr, *ex = mapped(paths)
         # a test patient as engine.eval_one runs it (no weight volumes): the blend, its
