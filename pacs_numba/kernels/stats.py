@@ -229,6 +229,27 @@ def _line_gradients_one(vol, v0, v1, mu, inv_sd, w_side, w_mid, val, grad, row, 
 
 
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, val, grad, tmp):
+    """Write one line's z-scored values (row 0 the HR, row ``e + 1`` expert ``e``).
+
+    With ``use_grad`` also the three axis derivatives of every volume
+    (:func:`_line_gradients_one`); otherwise the values only (:func:`_line_values_one`).
+    Serial; writes ``val``, ``grad`` and ``tmp``.  Shared by both statistics kernels, so the
+    direct and the decomposed fit read the volumes the same way.
+    """
+    m = len(experts)
+    if use_grad:
+        _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], w_side, w_mid, val, grad, 0, tmp)
+        for e in range(m):
+            _line_gradients_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
+                                w_side, w_mid, val, grad, e + 1, tmp)
+    else:
+        _line_values_one(hr, v0, v1, mus[0], inv_sds[0], val, 0)
+        for e in range(m):
+            _line_values_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1], val, e + 1)
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _line_weights_one(mask, v0, v1, grad, lambda_edge, edge_power, inv_edge, wt):
     """Write the voxel weights ``omega = e * mask`` of one line (algorithm A3.4).
 
@@ -683,17 +704,8 @@ def _tile_statistics(
                         cnt[k] += inside
                     if n_in == 0:
                         continue
-                    if use_grad:
-                        _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], w_side, w_mid,
-                                            val, grad, 0, tmp)
-                        for e in range(m):
-                            _line_gradients_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
-                                                w_side, w_mid, val, grad, e + 1, tmp)
-                    else:
-                        _line_values_one(hr, v0, v1, mus[0], inv_sds[0], val, 0)
-                        for e in range(m):
-                            _line_values_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
-                                             val, e + 1)
+                    _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, val,
+                                  grad, tmp)
                     if use_edge:
                         if reuse_hr:
                             _line_weights_one(mask, v0, v1, grad, lambda_edge, edge_power,
@@ -992,17 +1004,8 @@ def _box_moments(
                         cnt[k] += inside
                     if n_in == 0:
                         continue
-                    if use_grad:
-                        _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], w_side, w_mid,
-                                            val, grad, 0, tmp)
-                        for e in range(m):
-                            _line_gradients_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
-                                                w_side, w_mid, val, grad, e + 1, tmp)
-                    else:
-                        _line_values_one(hr, v0, v1, mus[0], inv_sds[0], val, 0)
-                        for e in range(m):
-                            _line_values_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
-                                             val, e + 1)
+                    _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, val,
+                                  grad, tmp)
                     if use_edge:
                         if reuse_hr:
                             _line_edge_one(mask, v0, v1, grad, edge_power, inv_edge, et)
