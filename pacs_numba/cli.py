@@ -24,6 +24,7 @@ log = logging.getLogger("pacs_numba.cli")
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_BUDGET = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
 
 
 # --------------------------------------------------------------------------------------
@@ -983,6 +984,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_SIGINT
+    except BrokenPipeError:
+        # stdout's reader left (``pacs-numba inspect M | head``): not an error of ours.  Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_SIGPIPE
     except BudgetError as exc:
         log.error("%s", exc, exc_info=args.debug)
         return EXIT_BUDGET

@@ -187,3 +187,18 @@ def test_an_unknown_on_off_value_warns_and_keeps_the_default():
                          text=True, env={**os.environ, "PACS_FASTMATH": "maybe"})
     assert res.returncode == 0 and res.stdout.strip() == "True"
     assert "PACS_FASTMATH='maybe' is not one of" in res.stderr
+
+
+def test_a_reader_that_leaves_early_is_not_a_traceback(tmp_path):
+    # `pacs-numba --help | head -1` once head has left: stdout is a pipe with no reader,
+    # so the first write fails with EPIPE; the answer is exit 141, no traceback
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run([sys.executable, "-m", "pacs_numba", "cache", "info", "--cache-dir",
+                              str(tmp_path / "cache")], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr, res.stderr
+    assert res.returncode == 141, (res.returncode, res.stderr)
