@@ -1,6 +1,6 @@
 """Boundary checks of the kernel wrappers: read-only views, masks, shapes, tile weights.
 
-Kernels take checked, C-contiguous arrays of fixed dtypes and never raise (STYLE.md §3, §6).
+Kernels take checked, C-contiguous arrays of fixed dtypes and never raise.
 The wrappers in statistics, solve, blending and metrics bring their inputs into that form
 with these helpers, so a wrong shape is reported the same way everywhere: as an
 :class:`~pacs_numba.errors.InputError`, which the CLI turns into one ERROR line and exit 2

@@ -1,7 +1,8 @@
-"""The ``pacs-numba`` command line (STYLE.md §6, §9).
+"""The ``pacs-numba`` command line.
 
 Exit codes: 0 success; 2 usage, config or input error; 3 memory budget; 1 unexpected
-error (a bug: logged with its traceback); 130 SIGINT; 143 SIGTERM (SLURM's time limit).
+error (a bug: logged with its traceback); 130 SIGINT; 143 SIGTERM (SLURM's time limit);
+141 the reader of stdout left early.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """NIfTI input/output, the shared volume cache, and atomic writers.
 
-This is the only module that imports nibabel (STYLE.md §1).
+This is the only module that imports nibabel.
 
 Reading (algorithm B1)
     :func:`read_nifti` returns a volume exactly as
@@ -16,7 +16,7 @@ Caching (algorithm B1)
     ``np.load(mmap_mode="r")``.  Every thread and every process on the node that
     points at the same directory then shares one copy in the page cache.
 
-Writing (algorithm A8, STYLE.md §9)
+Writing (algorithm A8)
     Every writer writes a temporary file in the destination folder and moves it
     into place with :func:`os.replace`, so a reader never sees a partial file
     under the final name, and the temporary file is removed on failure.

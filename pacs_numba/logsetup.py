@@ -1,4 +1,4 @@
-"""Logging handlers for the command line (STYLE.md §7).  Only ``cli`` and ``diagnose`` call this."""
+"""Logging handlers for the command line.  Only ``cli`` and ``diagnose`` call this."""
 
 from __future__ import annotations
 

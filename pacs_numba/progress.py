@@ -1,4 +1,4 @@
-"""One progress reporter for terminals and for SLURM logs (STYLE.md §8).
+"""One progress reporter for terminals and for SLURM logs.
 
 On a terminal it draws a tqdm bar on stderr; otherwise (a batch job's log file,
 ``disable_tqdm: true`` or ``--no-progress``) it writes one INFO line every

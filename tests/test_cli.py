@@ -1,6 +1,6 @@
 """The command line a person expects: one ERROR line per mistake, help that helps, runs go on.
 
-CLI tests call ``cli.main([...])`` and check the exit code and stderr (STYLE.md §5).
+CLI tests call ``cli.main([...])`` and check the exit code and stderr.
 """
 
 from __future__ import annotations

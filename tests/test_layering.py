@@ -1,4 +1,4 @@
-"""Import direction and Numba-option rules of STYLE.md §1 and §3, checked with ``ast``."""
+"""Import direction and Numba-option rules (docs/architecture.md), checked with ``ast``."""
 
 from __future__ import annotations
 
