@@ -402,6 +402,24 @@ def _zooms3(zooms: Any) -> tuple[float, float, float]:
     return (a, b, c)
 
 
+def _header_image(path: str | os.PathLike[str]) -> Any:
+    """Open a NIfTI file for its header only (nibabel reads no voxel data until asked).
+
+    Raises
+    ------
+    InputError
+        If the file is missing, not a regular file, or not a readable NIfTI header.
+    """
+    p = Path(path)
+    require_regular_file(p)  # nibabel would block for ever opening a FIFO
+    try:
+        return nib.load(str(p))
+    except FileNotFoundError:
+        raise InputError(f"input '{p}' does not exist") from None
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise InputError(f"input '{p}' is not a readable NIfTI header: {exc}") from None
+
+
 def read_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     """Shape of a NIfTI volume from its header alone (cheap: no voxel data is read).
 
@@ -410,14 +428,7 @@ def read_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     InputError
         If the file is missing or is not a NIfTI image.
     """
-    p = Path(path)
-    require_regular_file(p)  # nibabel would block for ever opening a FIFO
-    try:
-        return tuple(int(n) for n in nib.load(str(p)).shape)
-    except FileNotFoundError:
-        raise InputError(f"input '{p}' does not exist") from None
-    except Exception as exc:  # nibabel raises many types for a bad header
-        raise InputError(f"input '{p}' is not a readable NIfTI header: {exc}") from None
+    return tuple(int(n) for n in _header_image(path).shape)
 
 
 def read_affine(path: str | os.PathLike[str]) -> NDArray[np.float64]:
@@ -428,14 +439,7 @@ def read_affine(path: str | os.PathLike[str]) -> NDArray[np.float64]:
     InputError
         If the file is missing or is not a NIfTI image.
     """
-    p = Path(path)
-    require_regular_file(p)
-    try:
-        return np.asarray(nib.load(str(p)).affine, dtype=np.float64)
-    except FileNotFoundError:
-        raise InputError(f"input '{p}' does not exist") from None
-    except Exception as exc:  # nibabel raises many types for a bad header
-        raise InputError(f"input '{p}' is not a readable NIfTI header: {exc}") from None
+    return np.asarray(_header_image(path).affine, dtype=np.float64)
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
