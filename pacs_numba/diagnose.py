@@ -329,7 +329,7 @@ def _warm_kernels() -> dict[str, float]:
     from .engine import ensure_threading_layer
     from .metrics import volume_metrics
     from .solve import fit_weights, laplacian_smooth, solve_simplex_qp
-    from .statistics import normalisation, patient_statistics, valid_mask
+    from .statistics import normalisation, valid_mask
     from .tiling import TileGrid
 
     ensure_threading_layer()
@@ -346,36 +346,27 @@ def _warm_kernels() -> dict[str, float]:
         times[name] = time.perf_counter() - t0
         return res
 
+    from .cellstats import StatsKey, box_statistics, combine
+
+    # the engine's fit pass: the statistics cache computes its entries with box_statistics
     st = timed(
         "statistics",
-        lambda: patient_statistics(
-            hr,
-            experts,
-            grid,
-            lambda_edge=0.25,
-            edge_power=2.0,
-            lambda_grad=0.2,
-            grad_operator="sobel",
-        ),
-    )
-    from .cellstats import StatsKey, box_statistics
-
-    timed(  # the engine's fit pass (the statistics cache computes entries with it)
-        "box statistics",
         lambda: box_statistics(hr, experts, StatsKey.make(
-            region="first_block", stride=2, patch_size=4, window="hann", edge_power=2.0,
-            grad_operator="sobel", with_edge=True, with_grad=True)),
+            region="first_block", stride=grid.stride, patch_size=grid.patch_size,
+            window="hann", edge_power=2.0, grad_operator="sobel", with_edge=True,
+            with_grad=True)),
     )
+    q, b = combine(st, lambda_edge=0.25, lambda_grad=0.2)
     w, learned = timed(
         "solve",
         lambda: fit_weights(
-            st.Q, st.B, st.counts, grid.counts, simplex=True, lambda_ridge=1e-4, laplacian_tau=0.0
+            q, b, st.counts, grid.counts, simplex=True, lambda_ridge=1e-4, laplacian_tau=0.0
         ),
     )
     timed(
         "solve_unconstrained",
         lambda: fit_weights(
-            st.Q, st.B, st.counts, grid.counts, simplex=False, lambda_ridge=1e-4, laplacian_tau=0.0
+            q, b, st.counts, grid.counts, simplex=False, lambda_ridge=1e-4, laplacian_tau=0.0
         ),
     )
     # more experts than the support enumeration takes: the active-set solver
