@@ -1,10 +1,12 @@
 """Atlas registration with antspyx (issue 9): recovery, caching, seeds, errors, the whole path.
 
 Volumes are small generated phantoms: the atlas is a phantom, and the patients of the recovery
-tests are that head (with fresh noise) moved by a known rotation and translation (64x72x60: the
-``fast`` preset stops at half resolution with a coarsest level of 1/6, which needs a head of at
-least this size; at 40x48x40 it misses by several degrees, so below ``FAST_MIN_AXIS`` the
-published schedule is used).  The whole-path tests use a 40x48x40 cohort.
+tests are that head (with fresh noise) moved by a known rotation and translation.  At 64x72x60
+the ``fast`` preset falls back to the published schedule (``FAST_MIN_AXIS``); ``fast`` itself is
+checked at 96x112x96, the smallest grid it runs on.  A single seeded registration of so small a
+head lands anywhere within a few tenths of a degree, and where depends on the numpy/scipy build
+that made the phantom, so recovery is asserted over several sampling seeds, each within the
+limits.  The whole-path tests use a 40x48x40 cohort.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ SHAPE = (64, 72, 60)
 COHORT_SHAPE = (40, 48, 40)
 ROT_DEG = (4.0, -3.0, 3.0)  # 5.9 degrees in all
 SHIFT_VOX = np.array([2.5, -1.5, 2.0])
-# Measured at this size: fast 0.13 voxel mean error, 0.26 degree (published 0.08, 0.28).
+# Measured over seeds 1-5 (numpy 2.3.5, scipy 1.15.3, antspyx 0.6.3): at 64x72x60 (published
+# schedule) 0.03-0.15 voxel mean error and 0.12-0.58 degree; at 96x112x96 with fast 0.09-0.29
+# voxel and 0.18-0.65 degree.
 MEAN_ERR_VOX = 0.5
 ROT_ERR_DEG = 1.0
+SEEDS = (1, 2, 3)
 
 
 def _rotation(deg):
@@ -51,18 +56,16 @@ def _affine(shape):
     return aff
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    """An atlas folder, and the atlas head moved by a known rigid motion."""
-    d = tmp_path_factory.mktemp("reg")
-    anat = _anatomy(np.random.default_rng([3, 0]), SHAPE)
-    atlas = _hr_volume(np.random.default_rng([3, 0, 1]), anat, "t1c", SHAPE)
-    other = _hr_volume(np.random.default_rng([3, 0, 2]), anat, "t1c", SHAPE)
-    aff = _affine(SHAPE)
+def _make_phantom(d: Path, shape: tuple[int, int, int]) -> dict:
+    """An atlas folder in ``d``, and the atlas head moved by a known rigid motion."""
+    anat = _anatomy(np.random.default_rng([3, 0]), shape)
+    atlas = _hr_volume(np.random.default_rng([3, 0, 1]), anat, "t1c", shape)
+    other = _hr_volume(np.random.default_rng([3, 0, 2]), anat, "t1c", shape)
+    aff = _affine(shape)
     (d / "atlas").mkdir()
     write_nifti(d / "atlas" / "T1_brain.nii", atlas, aff)
     R = _rotation(ROT_DEG)
-    c = (np.asarray(SHAPE, float) - 1) / 2
+    c = (np.asarray(shape, float) - 1) / 2
     # moving[y] = other[x] where y = R (x - c) + c + t
     moved = ndimage.affine_transform(
         other, R.T, offset=c - R.T @ (c + SHIFT_VOX), order=1
@@ -70,6 +73,11 @@ def phantom(tmp_path_factory):
     write_nifti(d / "hr.nii.gz", moved, aff)
     write_nifti(d / "twice.nii.gz", 2 * moved, aff)  # an "expert": the HR times 2
     return {"dir": d, "atlas": atlas, "affine": aff, "R": R, "c": c}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return _make_phantom(tmp_path_factory.mktemp("reg"), SHAPE)
 
 
 def _config(d: Path, **kw) -> RegistrationConfig:
@@ -142,14 +150,17 @@ def test_registration_bytes_and_pool_width(tmp_path, phantom):
 
 
 # ------------------------------------------------------------------------- registration
-def test_recovers_the_motion_and_experts_follow_the_hr(phantom, tmp_path):
+def test_recovers_the_motion_and_experts_follow_the_hr(phantom, tmp_path, monkeypatch):
     d = phantom["dir"]
-    r = reg.Registrar(_config(d), VolumeStore(tmp_path / "cache"), processes=1)
-    hr, (twice,) = r.register_patient("t1c", d / "hr.nii.gz", [d / "twice.nii.gz"])
-    assert (r.registrations, r.resamplings) == (1, 2)  # one registration per patient
-    (tx,) = _transforms(r.directory)
-    mean_err, rot_err = _transform_errors(tx, phantom)
-    assert mean_err < MEAN_ERR_VOX and rot_err < ROT_ERR_DEG, (mean_err, rot_err)
+    assert reg.ants_kwargs("fast", SHAPE) == reg.SETTINGS["published"]
+    for seed in SEEDS:
+        monkeypatch.setattr(reg, "REGISTRATION_SEED", seed)
+        r = reg.Registrar(_config(d), VolumeStore(tmp_path / f"cache{seed}"), processes=1)
+        hr, (twice,) = r.register_patient("t1c", d / "hr.nii.gz", [d / "twice.nii.gz"])
+        assert (r.registrations, r.resamplings) == (1, 2)  # one registration per patient
+        (tx,) = _transforms(r.directory)
+        mean_err, rot_err = _transform_errors(tx, phantom)
+        assert mean_err < MEAN_ERR_VOX and rot_err < ROT_ERR_DEG, (seed, mean_err, rot_err)
     # atlas grid, atlas affine, the HR's header; masked by atlas > 0 (no mask file)
     assert hr.data.shape == SHAPE and np.allclose(hr.meta.affine, phantom["affine"])
     assert not np.any(hr.data[phantom["atlas"] <= 0])
@@ -157,6 +168,19 @@ def test_recovers_the_motion_and_experts_follow_the_hr(phantom, tmp_path):
     assert np.corrcoef(hr.data[m], phantom["atlas"][m])[0, 1] > 0.8
     # per_patient: the expert went through exactly the HR's transform (linear resampling)
     np.testing.assert_allclose(twice.data, 2 * hr.data, rtol=1e-6, atol=1e-4)
+
+
+def test_fast_preset_recovers_the_motion_where_it_runs(tmp_path, monkeypatch):
+    shape = (reg.FAST_MIN_AXIS, reg.FAST_MIN_AXIS + 16, reg.FAST_MIN_AXIS)
+    assert reg.ants_kwargs("fast", shape) == reg.SETTINGS["fast"]
+    ph = _make_phantom(tmp_path, shape)
+    for seed in SEEDS:
+        monkeypatch.setattr(reg, "REGISTRATION_SEED", seed)
+        r = reg.Registrar(_config(tmp_path), VolumeStore(tmp_path / f"c{seed}"), processes=1)
+        r.register_patient("t1c", tmp_path / "hr.nii.gz", [])
+        (tx,) = _transforms(r.directory)
+        mean_err, rot_err = _transform_errors(tx, ph)
+        assert mean_err < MEAN_ERR_VOX and rot_err < ROT_ERR_DEG, (seed, mean_err, rot_err)
 
 
 def test_seeded_runs_are_identical_and_a_rerun_calls_ants_zero_times(
