@@ -18,6 +18,7 @@ from typing import Any
 import llvmlite
 import numba
 import numpy as np
+from numba.misc.appdirs import AppDirs  # where Numba itself falls back to
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -98,6 +99,23 @@ def _kernel_settings(namespace: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def kernels_source_digest(folder: Path) -> str:
+    """Return a digest of every ``*.py`` source in ``folder`` (the kernels), by name and bytes.
+
+    Numba's own cache key covers a kernel's own file but not the helpers it calls from a
+    sibling file: editing ``kernels/grid.py`` would leave every kernel that inlines its tile
+    arithmetic running stale machine code.  Any edit to any kernel file changes this digest,
+    and with it the compile-cache folder, so everything is compiled afresh.
+    """
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.py")):
+        h.update(path.name.encode())
+        h.update(b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def kernel_cache_key(namespace: Mapping[str, Any]) -> dict[str, Any]:
     """Return what the compiled kernels depend on besides their own source.
 
@@ -111,11 +129,13 @@ def kernel_cache_key(namespace: Mapping[str, Any]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``settings`` (name -> repr), and the versions of Python, Numba, llvmlite and
+        ``settings`` (name -> repr), the digest of the kernels' sources
+        (:func:`kernels_source_digest`), and the versions of Python, Numba, llvmlite and
         NumPy.
     """
     return {
         "settings": _kernel_settings(namespace),
+        "kernels_source": kernels_source_digest(Path(__file__).resolve().parent / "kernels"),
         "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
         "numba": numba.__version__,
         "llvmlite": llvmlite.__version__,
@@ -144,7 +164,6 @@ def _kernel_cache_base() -> Path:
     in_tree = Path(__file__).resolve().parent / "kernels" / "__pycache__"
     if _writable_dir(in_tree):
         return in_tree
-    from numba.misc.appdirs import AppDirs  # where Numba itself falls back to
 
     return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
 

@@ -145,8 +145,8 @@ def _child_engine(spec: dict, t_start: float) -> dict:
     import numba
 
     from pacs_numba.config import load_config
-    from pacs_numba.engine import Engine, RunOptions, Task
-    from pacs_numba.limits import Figure, detect_limits
+    from pacs_numba.resources.limits import Figure, detect_limits
+    from pacs_numba.runs.engine import Engine, RunOptions, Task
 
     t_imported = time.perf_counter()
     width, threads = int(spec["width"]), int(spec["threads"])
@@ -291,7 +291,7 @@ class TreeSampler:
 
 
 def _cgroup() -> dict | None:
-    from pacs_numba.limits import cgroup_memory_usage
+    from pacs_numba.resources.limits import cgroup_memory_usage
 
     try:
         u = cgroup_memory_usage()
@@ -471,9 +471,9 @@ def _kfolds(n: int, n_test: int) -> int:
 def make_benchmark_cohort(root: Path, shape: tuple[int, int, int], n_train: int, n_test: int,
                           n_experts: int, seed: int) -> Path:
     """Generate the cohort, set the benchmark's pacs_sr values, write the manifest."""
-    from pacs_numba.cohort import make_cohort
     from pacs_numba.config import dump_config, load_config
-    from pacs_numba.manifest import build_manifest, write_manifest
+    from pacs_numba.store.cohort import make_cohort
+    from pacs_numba.store.manifest import build_manifest, write_manifest
 
     n = n_train + n_test
     k = _kfolds(n, n_test)
@@ -678,7 +678,7 @@ def _git() -> dict[str, Any]:
 
 
 def environment() -> dict:
-    from pacs_numba.limits import detect_limits
+    from pacs_numba.resources.limits import detect_limits
 
     limits = detect_limits()
     try:

@@ -45,7 +45,7 @@ def make_pair(shape, folder: Path) -> dict:
     """Write atlas.npy and moving.npy; return the true fixed->moving map (voxel units)."""
     from scipy import ndimage
 
-    from pacs_numba.cohort import _anatomy, _hr_volume
+    from pacs_numba.store.cohort import _anatomy, _hr_volume
 
     anat = _anatomy(np.random.default_rng([7, 0]), shape)
     atlas = _hr_volume(np.random.default_rng([7, 0, 1]), anat, "t1c", shape)

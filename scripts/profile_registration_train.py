@@ -1,7 +1,7 @@
 """A registration-enabled train on a generated cohort: first run, rerun, and registration off.
 
-Writes a cohort (``pacs_numba.cohort.make_cohort``) and an atlas (another generated head with a
-brain mask), then times ``pacs-numba train --fold 1`` in child processes:
+Writes a cohort (``pacs_numba.store.cohort.make_cohort``) and an atlas (another generated head
+with a brain mask), then times ``pacs-numba train --fold 1`` in child processes:
 
 * ``off``: ``use_registration: false``;
 * ``first``: registration on, empty registration cache (every patient registered);
@@ -53,8 +53,8 @@ def _run(argv: list[str]) -> dict:
         sys.stderr.write(p.stderr[-3000:])
         raise SystemExit(f"run failed: {argv}")
     _, rc, secs, me, kids = line[-1].split()
-    regs = [x.split("pacs_numba.registration: ")[-1] for x in p.stderr.splitlines()
-            if "pacs_numba.registration: registration " in x]
+    regs = [x.split("pacs_numba.store.registration: ")[-1] for x in p.stderr.splitlines()
+            if "pacs_numba.store.registration: registration " in x]
     return {"argv": argv, "wall_s": wall, "main_s": float(secs), "peak_rss_main": int(me),
             "peak_rss_largest_child": int(kids), "registration_log": regs}
 
@@ -69,8 +69,8 @@ def main() -> int:
     shape = tuple(int(v) for v in args.shape.split(","))
     from scipy import ndimage
 
-    from pacs_numba.cohort import _anatomy, _hr_volume, make_cohort
-    from pacs_numba.io import write_nifti
+    from pacs_numba.store.cohort import _anatomy, _hr_volume, make_cohort
+    from pacs_numba.store.nifti import write_nifti
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="pacs_regtrain_"))
     if work.exists():

@@ -47,16 +47,17 @@ import numba
 import numpy as np
 import yaml
 
-from pacs_numba.cellstats import StatsCache, StatsKey, combine, sum_stats
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import dump_config, load_config
-from pacs_numba.engine import Engine, RunOptions
-from pacs_numba.io import VolumeStore
-from pacs_numba.manifest import build_manifest, select_task, write_manifest
-from pacs_numba.solve import fit_weights, laplacian_smooth
-from pacs_numba.statistics import patient_statistics
-from pacs_numba.tiling import TileGrid
-from pacs_numba.tune import load_grid, run_tune
+from pacs_numba.core.cellstats import StatsKey, combine, sum_stats
+from pacs_numba.core.solve import fit_weights, laplacian_smooth
+from pacs_numba.core.statistics import patient_statistics
+from pacs_numba.core.tiling import TileGrid
+from pacs_numba.runs.engine import Engine, RunOptions
+from pacs_numba.runs.tune import load_grid, run_tune
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, select_task, write_manifest
+from pacs_numba.store.statscache import StatsCache
+from pacs_numba.store.volumes import VolumeStore
 
 PUBLISHED = dict(patch_size=32, stride=16, lambda_grad=0.2, lambda_edge=0.25, edge_power=1.0,
                  mixing_window="hann", laplacian_tau=0.05, lambda_ridge=0.0, simplex=True)

@@ -143,7 +143,7 @@ warnings.simplefilter("ignore")  # unknown-key warnings: pacs-numba train prints
 try:
     from pacs_numba.config import load_config
     from pacs_numba.errors import PacsError
-    from pacs_numba.manifest import load_manifest
+    from pacs_numba.store.manifest import load_manifest
 except ImportError as exc:
     sys.exit(f"cannot import pacs_numba with {sys.executable} ({exc}): activate the "
              "environment where it is installed before sbatch, or set PACS_VENV or PACS_PYTHON")
@@ -603,7 +603,7 @@ sacct_peak() {
 
 cgroup_peak() {  # peak memory of this shell's cgroup (the batch step's), bytes
     "$PY" - <<'PY' 2>/dev/null
-from pacs_numba.limits import cgroup_memory_usage
+from pacs_numba.resources.limits import cgroup_memory_usage
 u = cgroup_memory_usage()
 if u is not None and u.peak_bytes:
     print(u.peak_bytes, u.source)

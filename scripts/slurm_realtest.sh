@@ -327,7 +327,7 @@ state_of() {  # state_of JOB_TASK: "STATE EXITCODE" as slurmctld reports them
 out_of() { echo "$WORK/out/pacs-numba-$1.out"; }
 same_outputs() {  # same_outputs DIR_A DIR_B [SUBDIR]: every output file byte-identical
     "$PY" - "$@" <<'PY'
-import filecmp, os, sys
+import filecmp, gzip, os, sys
 a, b, sub = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else "")
 # the run record, the per-patient timings and logs hold times and paths, not results
 skip = {"patients.json", "pacs_numba_run.json"}
@@ -344,8 +344,18 @@ if not fa or fa != fb:
     print(f"different file sets: only in {a}: {sorted(fa - fb)[:5]}, only in {b}: "
           f"{sorted(fb - fa)[:5]}", file=sys.stderr)
     sys.exit(1)
-bad = [f for f in sorted(fa) if not filecmp.cmp(os.path.join(a, f), os.path.join(b, f),
-                                                 shallow=False)]
+def same(f):
+    # .gz outputs are compared by content.  On a fresh machine a resumed --workers 1 job and
+    # the plain 2-worker run wrote two dominant-expert maps whose decompressed bytes were
+    # identical but whose ISA-L streams differed (not reproduced in isolation: ISA-L gives no
+    # byte-for-byte guarantee across writers); what a user reads is the content.  Everything
+    # else is compared byte for byte.
+    pa, pb = os.path.join(a, f), os.path.join(b, f)
+    if f.endswith(".gz"):
+        with gzip.open(pa) as x, gzip.open(pb) as y:
+            return x.read() == y.read()
+    return filecmp.cmp(pa, pb, shallow=False)
+bad = [f for f in sorted(fa) if not same(f)]
 if bad:
     print(f"{len(bad)} of {len(fa)} files differ: {bad[:5]}", file=sys.stderr)
     sys.exit(1)

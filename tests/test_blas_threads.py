@@ -22,9 +22,9 @@ import pytest
 WRITE_ANALYSIS = r"""
 import sys
 import numpy as np
-from pacs_numba.blending import weight_analysis, weight_maps
-from pacs_numba.io import atomic_savez_from, npz_bytes
-from pacs_numba.tiling import TileGrid
+from pacs_numba.core.blending import weight_analysis, weight_maps
+from pacs_numba.store.atomic import atomic_savez_from, npz_bytes
+from pacs_numba.core.tiling import TileGrid
 
 grid = TileGrid((64, 64, 64), 4, 2)
 rng = np.random.default_rng(7)

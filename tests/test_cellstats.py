@@ -17,11 +17,17 @@ from numpy.testing import assert_allclose, assert_array_equal
 from reference import stats as ref
 from test_kernels_stats import make_patient
 
-from pacs_numba.cellstats import StatsCache, StatsKey, box_statistics, combine, sum_stats
+from pacs_numba.core.cellstats import (
+    StatsKey,
+    box_statistics,
+    combine,
+    patient_statistics,
+    sum_stats,
+)
+from pacs_numba.core.solve import fit_weights, objective
+from pacs_numba.core.tiling import TileGrid
 from pacs_numba.errors import ConfigError
-from pacs_numba.solve import fit_weights, objective
-from pacs_numba.statistics import patient_statistics
-from pacs_numba.tiling import TileGrid
+from pacs_numba.store.statscache import StatsCache
 
 # Same bound as test_kernels_stats.STATS_RTOL: the twin z-scores and filters in float32,
 # the kernel in float64 with float32 stencils, so each product differs by ~1e-7 of the
@@ -190,7 +196,7 @@ def test_unreadable_entry_is_recomputed(tmp_path, rng, caplog):
     k = key(edge=False, grad=False)
     good = cache.get(files, k, lambda: vols)
     cache.entry(files, k).write_bytes(b"not a zip")
-    with caplog.at_level(logging.WARNING, logger="pacs_numba.cellstats"):
+    with caplog.at_level(logging.WARNING, logger="pacs_numba.core.cellstats"):
         again = cache.get(files, k, lambda: vols)
     assert "unreadable" in caplog.text and cache.computed == 2
     assert_array_equal(again.parts, good.parts)

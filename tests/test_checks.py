@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pacs_numba._checks import (
+from pacs_numba.core.blending import blend_volume, weight_maps
+from pacs_numba.core.checks import (
     as_mask_u8,
     as_tile_weights,
     check_grid_counts,
     check_shape,
     readonly,
 )
-from pacs_numba.blending import blend_volume, weight_maps
+from pacs_numba.core.metrics import ssim_slices, volume_metrics
+from pacs_numba.core.solve import laplacian_smooth, solve_unconstrained
+from pacs_numba.core.statistics import normalisation
+from pacs_numba.core.tiling import TileGrid
 from pacs_numba.errors import InputError, PacsError
-from pacs_numba.metrics import ssim_slices, volume_metrics
-from pacs_numba.solve import laplacian_smooth, solve_unconstrained
-from pacs_numba.statistics import normalisation
-from pacs_numba.tiling import TileGrid
 
 
 def test_readonly_is_a_view_and_leaves_the_caller_writable():

@@ -17,10 +17,11 @@ import pytest
 import yaml
 
 import pacs_numba
-from pacs_numba import cli, diagnose
-from pacs_numba.cohort import make_cohort
+from pacs_numba import cli
 from pacs_numba.errors import InputError
-from pacs_numba.model import read_weights_json
+from pacs_numba.runs import checks
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.modelfile import read_weights_json
 
 SHAPE = (20, 22, 18)
 
@@ -106,7 +107,7 @@ def _root_logging():
 def _log_through_a_failing_file(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     import logging
 
-    from pacs_numba.logsetup import add_file_log, setup_logging
+    from pacs_numba.cli.logsetup import add_file_log, setup_logging
 
     setup_logging(logging.INFO)
     assert add_file_log(path) is not None
@@ -177,7 +178,7 @@ def test_log_file_that_cannot_be_created_is_one_warning(
 ) -> None:
     import logging
 
-    from pacs_numba.logsetup import add_file_log, setup_logging
+    from pacs_numba.cli.logsetup import add_file_log, setup_logging
 
     setup_logging(logging.INFO)
     (tmp_path / "file").write_text("")
@@ -356,10 +357,10 @@ def test_diagnose_warns_when_the_command_imports_another_copy(tmp_path: Path) ->
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     env = _env(PYTHONPATH=str(fake.parent))
-    [(level, name, msg)] = diagnose.check_package(env)
+    [(level, name, msg)] = checks.check_package(env)
     assert (level, name) == ("warn", "package")
     assert str(fake) in msg and "compile the kernels again" in msg
-    [(level, _, msg)] = diagnose.check_package(_env())
+    [(level, _, msg)] = checks.check_package(_env())
     assert level == "ok" and str(Path(pacs_numba.__file__).parent.resolve()) in msg
 
 
@@ -393,7 +394,7 @@ def test_log_lines_are_written_above_an_open_bar(_root_logging: None, capsys) ->
 
     from tqdm import tqdm
 
-    from pacs_numba.logsetup import setup_logging
+    from pacs_numba.cli.logsetup import setup_logging
 
     setup_logging(logging.INFO)
     bar = tqdm(total=4, desc="fit", unit="patients", file=sys.stderr, leave=False)
@@ -413,7 +414,7 @@ def test_log_lines_are_written_above_an_open_bar(_root_logging: None, capsys) ->
 
 
 def test_sizes_are_human_readable(tmp_path: Path, capsys) -> None:
-    from pacs_numba.logsetup import human_size
+    from pacs_numba.resources.units import human_size
 
     assert human_size(3632128033) == "3.4 GiB"
     assert human_size(0) == "0 B" and human_size(1023) == "1023 B"

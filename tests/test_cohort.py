@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pacs_numba.cohort import _expert_specs, make_cohort, parse_spacing, upsample_expert
 from pacs_numba.config import load_config
 from pacs_numba.errors import ConfigError
-from pacs_numba.manifest import build_manifest, select_task
+from pacs_numba.store.cohort import _expert_specs, make_cohort, parse_spacing, upsample_expert
+from pacs_numba.store.manifest import build_manifest, select_task
 
 SHAPE = (24, 28, 20)
 SPACINGS = ("3mm", "4mm")  # 20 slices: 3mm leaves a 2-slice last block, 4mm divides evenly

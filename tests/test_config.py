@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import (
     DataConfig,
     FullConfig,
@@ -21,6 +20,7 @@ from pacs_numba.config import (
     load_config,
 )
 from pacs_numba.errors import ConfigError
+from pacs_numba.store.cohort import make_cohort
 
 # A config in the style users of the published tool have: every section, comments,
 # quoted strings, an exponent-only float, and the sections we do not use.

@@ -12,10 +12,11 @@ from conftest import write_tree as _tree
 
 # Imported before any test patches limits.detect_limits: modules that bind the name at
 # import time must keep the real function.
-from pacs_numba import diagnose, engine, limits  # noqa: F401
-from pacs_numba.cohort import make_cohort
+from pacs_numba import diagnose
 from pacs_numba.config import load_config
-from pacs_numba.manifest import build_manifest, write_manifest
+from pacs_numba.resources import limits
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, write_manifest
 
 GiB = 1 << 30
 TASK = "/slurm/uid_1/job_7/step_0/task_0"

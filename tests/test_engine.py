@@ -17,11 +17,11 @@ import pytest
 import yaml
 
 from pacs_numba import cli
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
-from pacs_numba.manifest import build_manifest, select_task, write_manifest
-from pacs_numba.solve import objective
-from pacs_numba.tiling import TileGrid
+from pacs_numba.core.solve import objective
+from pacs_numba.core.tiling import TileGrid
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, select_task, write_manifest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 if str(SCRIPTS) not in sys.path:
@@ -305,7 +305,7 @@ def test_build_manifest_make_cohort_cache_and_version_commands(tmp_path, capsys)
 
 
 def test_demo_prints_the_table(tmp_path, capsys):
-    from pacs_numba.demo import run_demo
+    from pacs_numba.runs.demo import run_demo
 
     text = run_demo(tmp_path, patients=4, shape=(28, 30, 26), cache_dir=tmp_path / "cache",
                     no_progress=True)
@@ -355,7 +355,7 @@ def test_train_metrics_equal_an_independent_exact_implementation(tmp_path):
 
 def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
     """algorithm B6: statistics and brain mask from the experts, against A7's HR-based blend."""
-    from pacs_numba.predict import predict_volume
+    from pacs_numba.core.predict import predict_volume
 
     _, config, mdir, cache = trained
     manifest = json.loads(Path(config.data.out).read_text())
@@ -379,7 +379,7 @@ def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
     assert m_pred["psnr"] > m_eval["psnr"] - 1.5
     assert m_pred["ssim"] > m_eval["ssim"] - 0.02
     # and the same function on in-memory arrays gives the same volume
-    from pacs_numba.model import load_model
+    from pacs_numba.store.modelfile import load_model
 
     experts = [nib.load(e).get_fdata(dtype=np.float32) for e in paths["experts"]]
     np.testing.assert_allclose(
@@ -389,10 +389,10 @@ def test_predict_without_hr_is_close_to_the_evaluate_blend(trained, tmp_path):
 
 def test_predict_path_equals_the_evaluate_path_given_the_same_source(trained):
     """One blend path (issue 7): predict with the HR as its source is evaluate's blend."""
-    from pacs_numba.blending import Normalisation, brain_mask
-    from pacs_numba.io import VolumeStore
-    from pacs_numba.model import load_model
-    from pacs_numba.predict import predict_volume
+    from pacs_numba.core.blending import Normalisation, brain_mask
+    from pacs_numba.core.predict import predict_volume
+    from pacs_numba.store.modelfile import load_model
+    from pacs_numba.store.volumes import VolumeStore
 
     _, config, mdir, cache = trained
     manifest = json.loads(Path(config.data.out).read_text())
@@ -444,10 +444,10 @@ def test_a_job_too_small_for_one_patient_exits_3_before_reading_any_volume(train
 CONCURRENT = r"""
 import sys, threading
 import numpy as np
-from pacs_numba.engine import ensure_threading_layer
-from pacs_numba.statistics import patient_statistics
-from pacs_numba.blending import Normalisation, blend_patient, brain_mask
-from pacs_numba.tiling import TileGrid
+from pacs_numba.resources.threads import ensure_threading_layer
+from pacs_numba.core.cellstats import patient_statistics
+from pacs_numba.core.blending import Normalisation, blend_patient, brain_mask
+from pacs_numba.core.tiling import TileGrid
 
 layer = ensure_threading_layer()
 rng = np.random.default_rng(0)

@@ -24,9 +24,9 @@ import pytest
 import yaml
 
 from pacs_numba import cli
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
-from pacs_numba.manifest import build_manifest, select_task, write_manifest
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, select_task, write_manifest
 
 SHAPE = (20, 22, 18)
 SPACING, PULSE = "3mm", "t1c"

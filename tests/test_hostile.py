@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from pacs_numba import cli
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
 from pacs_numba.errors import ConfigError
-from pacs_numba.locking import TaskLock
-from pacs_numba.manifest import build_manifest, load_manifest, write_manifest
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.locks import TaskLock
+from pacs_numba.store.manifest import build_manifest, load_manifest, write_manifest
 
 SPACING = "3mm"
 

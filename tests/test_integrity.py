@@ -20,10 +20,14 @@ import pytest
 import yaml
 
 from pacs_numba import cli
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
+from pacs_numba.core.model import StackingModel
+from pacs_numba.core.predict import predict_volume
+from pacs_numba.core.tiling import TileGrid
 from pacs_numba.errors import ConfigError, InputError
-from pacs_numba.integrity import (
+from pacs_numba.store.atomic import atomic_write_json
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.integrity import (
     check_patient_id,
     content_sample,
     file_digest,
@@ -32,12 +36,11 @@ from pacs_numba.integrity import (
     temp_writer,
     verify_file,
 )
-from pacs_numba.io import VolumeStore, atomic_write_json, read_nifti
-from pacs_numba.locking import LOCK_FILE, TaskBusy, TaskLock
-from pacs_numba.manifest import build_manifest, load_manifest, select_task, write_manifest
-from pacs_numba.model import StackingModel, load_model, save_model
-from pacs_numba.predict import predict_volume
-from pacs_numba.tiling import TileGrid
+from pacs_numba.store.locks import LOCK_FILE, TaskBusy, TaskLock
+from pacs_numba.store.manifest import build_manifest, load_manifest, select_task, write_manifest
+from pacs_numba.store.modelfile import load_model, save_model
+from pacs_numba.store.nifti import read_nifti
+from pacs_numba.store.volumes import VolumeStore
 
 SPACING, PULSE = "3mm", "t1c"
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +96,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 _HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pacs_numba.locking import TaskLock
+    from pacs_numba.store.locks import TaskLock
     lock = TaskLock(Path(sys.argv[1]), "holder").acquire()
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -260,13 +263,13 @@ def _dead_pid() -> int:
 
 
 def test_cache_temp_files_of_dead_writers_are_reported_and_swept(tmp_path, capsys):
-    from pacs_numba.io import _host_tag
+    from pacs_numba.store.atomic import host_tag
 
     cache = tmp_path / "cache"
     store = VolumeStore(cache)
     key = "0" * 32
-    dead = cache / f".{key}.npy.tmp-{_host_tag()}-{_dead_pid()}-123-abcd"
-    live = cache / f".{key}.npy.tmp-{_host_tag()}-{os.getpid()}-123-abcd"
+    dead = cache / f".{key}.npy.tmp-{host_tag()}-{_dead_pid()}-123-abcd"
+    live = cache / f".{key}.npy.tmp-{host_tag()}-{os.getpid()}-123-abcd"
     other_host = cache / f".{key}.json.tmp-elsewhere-{_dead_pid()}-1-ab"
     for p in (dead, live, other_host):
         p.write_bytes(b"x" * 10)
@@ -542,17 +545,18 @@ def _no_constant(name: str):
 
 def test_an_exact_blend_writes_null_psnr(trained, tmp_path, monkeypatch):
     """PSNR is infinite when the blend equals the HR: metrics.json says null, not Infinity."""
-    from pacs_numba import engine as engine_mod
+    from pacs_numba.runs import engine as engine_mod
+    from pacs_numba.runs import evaluate as evaluate_mod
 
     cfg, out0, cache, base = trained
     engine = engine_mod.Engine(
         load_config(cfg), engine_mod.RunOptions(cache_dir=cache, out_root=tmp_path / "o"))
-    real = engine_mod.volume_metrics
+    real = evaluate_mod.volume_metrics
 
     def exact(hr, blend, **kw):  # as if the blend were the HR itself
         return {**real(hr, blend, **kw), "psnr": float("inf"), "mse": 0.0}
 
-    monkeypatch.setattr(engine_mod, "volume_metrics", exact)
+    monkeypatch.setattr(evaluate_mod, "volume_metrics", exact)
     engine.train(engine.tasks(1)[0])
     mdir = engine.model_dir(engine.tasks(1)[0])
     metrics = json.loads((mdir / "metrics.json").read_text(), parse_constant=_no_constant)

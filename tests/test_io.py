@@ -17,19 +17,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from isal import igzip
 
-import pacs_numba.io as pio
+import pacs_numba.store.volumes as pio
 from pacs_numba.errors import InputError, PacsError
-from pacs_numba.io import (
-    VolumeStore,
+from pacs_numba.store.atomic import (
     atomic_savez,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    file_fingerprint,
-    read_nifti,
-    write_nifti,
 )
+from pacs_numba.store.nifti import read_nifti, write_nifti
+from pacs_numba.store.volumes import VolumeStore, file_fingerprint
 
 SHAPE = (7, 6, 5)  # odd, unequal sizes catch any axis or order mix-up
 AFFINE = np.array(
@@ -255,7 +254,7 @@ def test_store_detects_and_rebuilds_damaged_entry(vol_gz, tmp_path, caplog, dama
     VolumeStore(cache).get(vol_gz)
     damage(cache)
     store = VolumeStore(cache)
-    with caplog.at_level(logging.WARNING, logger="pacs_numba.io"):
+    with caplog.at_level(logging.WARNING, logger="pacs_numba.store.volumes"):
         cv = store.get(vol_gz)
     assert store.read_count == 1
     np.testing.assert_array_equal(cv.data, _vol())
@@ -383,7 +382,7 @@ def test_store_without_flock_still_builds_whole_entries(vol_gz, tmp_path, monkey
 _CHILD = """
 import sys, time
 from pathlib import Path
-from pacs_numba.io import VolumeStore
+from pacs_numba.store.volumes import VolumeStore
 cache, src, go = sys.argv[1:4]
 store = VolumeStore(cache)
 while not Path(go).exists():
@@ -485,11 +484,11 @@ def test_write_nifti_failure_leaves_nothing(tmp_path, monkeypatch, where):
     path = tmp_path / "out" / "blend.nii.gz"
     enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if where == "gzip-write":
-        class Full(pio.igzip.IGzipFile):
+        class Full(igzip.IGzipFile):
             def write(self, data):
                 raise enospc
 
-        monkeypatch.setattr(pio.igzip, "IGzipFile", Full)
+        monkeypatch.setattr(igzip, "IGzipFile", Full)
     else:
         def replace(src, dst):
             raise enospc
@@ -530,7 +529,7 @@ def test_atomic_text_json_bytes(tmp_path):
 
 
 def test_savez_from_template_appends_members_and_loads_like_any_npz(tmp_path):
-    from pacs_numba.io import atomic_savez_from, npz_bytes
+    from pacs_numba.store.atomic import atomic_savez_from, npz_bytes
 
     big = np.arange(4000, dtype=np.float32).reshape(10, 20, 20)
     stats = np.empty((), dtype=object)

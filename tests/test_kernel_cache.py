@@ -92,7 +92,7 @@ def test_numba_saves_kernels_in_the_keyed_folder():
 
 
 def test_diagnose_reports_the_folder_in_use(tmp_path):
-    from pacs_numba.diagnose import check_caches
+    from pacs_numba.runs.checks import check_caches
 
     checks = {name: (level, msg) for level, name, msg in check_caches(tmp_path / "vol")}
     level, msg = checks["compile cache"]
@@ -100,3 +100,24 @@ def test_diagnose_reports_the_folder_in_use(tmp_path):
         assert "off" in msg
     else:
         assert str(_config.KERNEL_CACHE_DIR) in msg
+
+
+def test_editing_a_sibling_kernel_file_changes_the_compile_cache_key(tmp_path):
+    # Numba keys a cached kernel by its own file only: a change to a helper in kernels/grid.py
+    # must still move every kernel to a fresh cache folder.
+    import shutil
+
+    kernels = Path(_config.__file__).resolve().parent / "kernels"
+    copy = tmp_path / "kernels"
+    shutil.copytree(kernels, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _config.kernels_source_digest(copy)
+    assert before == _config.kernels_source_digest(kernels)
+    assert _config.KERNEL_CACHE_KEY["kernels_source"] == before
+    grid = copy / "grid.py"
+    grid.write_text(grid.read_text() + "\n# an edit to a helper only\n")
+    after = _config.kernels_source_digest(copy)
+    assert after != before
+    key = {**_config.KERNEL_CACHE_KEY, "kernels_source": after}
+    assert _config.kernel_cache_digest(key) != _config.KERNEL_CACHE_DIGEST
+    (copy / "new_kernel.py").write_text("X = 1\n")  # a new file counts too
+    assert _config.kernels_source_digest(copy) != after

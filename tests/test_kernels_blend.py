@@ -13,11 +13,11 @@ from reference import blend as ref
 from scipy import ndimage
 from scipy.signal import windows
 
-from pacs_numba._arrays import as_volume, as_volume_list
 from pacs_numba._config import BLEND_EPS, WINDOWS
-from pacs_numba.blending import blend_volume, brain_mask, weight_analysis, weight_maps
+from pacs_numba.core.blending import blend_volume, brain_mask, weight_analysis, weight_maps
+from pacs_numba.core.checks import as_volume, as_volume_list
+from pacs_numba.core.tiling import TileGrid
 from pacs_numba.kernels.blend import _blend_volume, _brain_mask, _window_table
-from pacs_numba.tiling import TileGrid
 
 # (shape, patch_size, stride, n_experts, window): odd shapes that the stride does not
 # divide, stride == patch (flat forced), stride < patch, stride 1, M = 1..5 (M = 5 takes
@@ -435,8 +435,8 @@ def _twin_on_block(experts, grid, w, mus, sds, mu_hr, sd_hr, mask, lo, hi):
                                                   ((10, 7, 16), 5, 5), ((1, 9, 3), 2, 1)])
 def test_weight_statistics_from_tiles_equal_numpy_over_the_voxels(shape, patch, stride):
     """The tile-count shortcut picks NumPy's order statistics and agrees on mean/std."""
-    from pacs_numba.blending import weight_analysis, weight_maps
-    from pacs_numba.tiling import TileGrid
+    from pacs_numba.core.blending import weight_analysis, weight_maps
+    from pacs_numba.core.tiling import TileGrid
 
     grid = TileGrid(shape, patch, stride)
     rng = np.random.default_rng(sum(shape))

@@ -12,10 +12,10 @@ from numpy.testing import assert_allclose, assert_array_equal
 from reference import metrics as ref
 from scipy import ndimage
 
-from pacs_numba._arrays import as_volume
 from pacs_numba._config import SSIM_MIN_RANGE
+from pacs_numba.core.checks import as_volume
+from pacs_numba.core.metrics import METRIC_KEYS, aggregate, ssim_slices, volume_metrics
 from pacs_numba.kernels.metrics import _ssim_slices
-from pacs_numba.metrics import METRIC_KEYS, aggregate, ssim_slices, volume_metrics
 
 # The algorithm asks for 1e-4 per slice mean.  The kernel evaluates skimage's float32 formula
 # in the same order, so the only differences are fused multiply-adds under FASTMATH

@@ -9,20 +9,20 @@ from conftest import ATOL32, RTOL32
 from numpy.testing import assert_allclose, assert_array_equal
 from reference import qp as ref
 
-from pacs_numba.errors import ConfigError
-from pacs_numba.kernels.qp import (
-    _laplacian_smooth,
-    _solve_simplex_qp,
-    _solve_simplex_qp_active_set,
-    _solve_unconstrained,
-)
-from pacs_numba.solve import (
+from pacs_numba.core.solve import (
     fit_weights,
     laplacian_smooth,
     objective,
     slsqp_reference_weights,
     solve_simplex_qp,
     solve_unconstrained,
+)
+from pacs_numba.errors import ConfigError
+from pacs_numba.kernels.qp import (
+    _laplacian_smooth,
+    _solve_simplex_qp,
+    _solve_simplex_qp_active_set,
+    _solve_unconstrained,
 )
 
 # Exact solver vs brute-force twin: both are exact, so only rounding separates them.

@@ -1,6 +1,6 @@
 """Statistics kernels (algorithm A3-A4) against the slow twins in ``tests/reference/stats.py``.
 
-All calls go through ``pacs_numba.statistics`` with the same dtypes and layouts,
+All calls go through ``pacs_numba.core.statistics`` with the same dtypes and layouts,
 so every kernel compiles once for the whole file.
 """
 
@@ -13,15 +13,15 @@ from conftest import ATOL32, RTOL32, RTOL64
 from numpy.testing import assert_allclose, assert_array_equal
 from reference import stats as ref
 
-from pacs_numba.errors import ConfigError, InputError
-from pacs_numba.statistics import (
+from pacs_numba.core.cellstats import patient_statistics
+from pacs_numba.core.statistics import (
     PatientStats,
     normalisation,
-    patient_statistics,
     valid_mask,
     volume_moments,
 )
-from pacs_numba.tiling import TileGrid
+from pacs_numba.core.tiling import TileGrid
+from pacs_numba.errors import ConfigError, InputError
 
 # Tolerance for Q and B, relative to the size of each tile's normal equations.
 # The twin z-scores into float32 (relative rounding 2**-24 ~ 6e-8 per value) and

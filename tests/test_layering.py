@@ -1,4 +1,9 @@
-"""Import direction and Numba-option rules (docs/architecture.md), checked with ``ast``."""
+"""The folders state the layers (docs/architecture.md), checked with ``ast``.
+
+kernels < core, resources < store < runs < cli.  A module imports only from its own layer or
+lower ones, never another module's private names, and the import graph has no circle.  Only
+the heavy optional libraries (ants, matplotlib, h5py) may be imported inside functions.
+"""
 
 from __future__ import annotations
 
@@ -7,71 +12,164 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "pacs_numba"
 
-# Lower number = lower layer.  A module may import only from its own or lower layers.
+# Lower number = lower layer.  Top-level modules are named by their stem, the rest by folder.
 LAYERS = {
-    "_config": 0, "errors": 0, "layout": 0, "integrity": 0,
-    "kernels": 1,
-    "tiling": 2, "limits": 2, "process": 2, "costs": 2, "planning": 2,
-    "io": 2, "_arrays": 2, "_checks": 2, "config": 2, "manifest": 2,
-    "statistics": 2, "solve": 2, "blending": 2, "metrics": 2, "cohort": 2,
-    "progress": 2, "logsetup": 2, "model": 2, "record": 2, "locking": 2, "weightmaps": 2,
-    "cellstats": 2,
-    "registration": 2,
-    "engine": 3, "demo": 3, "predict": 3, "scoring": 3, "report": 3, "summarize": 3, "tune": 3,
-    "cli": 4, "diagnose": 4, "predict_cli": 4, "__main__": 5, "__init__": 5,
+    "_version": 0, "_config": 0, "errors": 0,
+    "kernels": 1, "config": 1,
+    "core": 2, "resources": 2,
+    "store": 3,
+    "runs": 4,
+    "cli": 5, "diagnose": 5, "__main__": 5,
+    "__init__": 6,
 }
+#: Libraries that cost a lot to import, or are optional: the only lazy imports allowed.
+HEAVY = {"ants", "matplotlib", "h5py"}
+#: Kernel modules may import only these (and each other).
+KERNEL_IMPORTS = {"numpy", "numba", "math", "_config", "__future__"}
 
 
-def _top(module: Path) -> str:
-    rel = module.relative_to(PKG)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
-
-
-def _imported(tree: ast.AST, module: Path) -> set[str]:
-    out: set[str] = set()
-    depth_pkg = len(module.relative_to(PKG).parts) - 1
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                if node.module and node.module.startswith("pacs_numba"):
-                    parts = node.module.split(".")[1:]
-                    out.add(parts[0] if parts else "__init__")
-                continue
-            up = node.level - 1
-            if up > depth_pkg:
-                continue
-            base = list(module.relative_to(PKG).parts[:-1])[: depth_pkg - up]
-            target = base + (node.module.split(".") if node.module else [])
-            if target:
-                out.add(target[0])
-            else:
-                out.update(a.name for a in node.names)
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("pacs_numba."):
-                    out.add(a.name.split(".")[1])
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        rel = p.relative_to(PKG).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        out[".".join(parts)] = p
     return out
 
 
+def _layer(mod: str) -> str:
+    return mod.split(".")[0]
+
+
+def _resolve(node: ast.ImportFrom, mod: str, path: Path) -> str | None:
+    """The package-relative module an ``ImportFrom`` names, or None when not ours."""
+    if node.level == 0:
+        m = node.module or ""
+        if m == "pacs_numba":
+            return "__init__"
+        return m[len("pacs_numba."):] if m.startswith("pacs_numba.") else None
+    base = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    if mod == "__init__":
+        base = []
+    base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+    target = ".".join([*base, *([node.module] if node.module else [])])
+    return target or "__init__"
+
+
+def _imports(path: Path, mod: str) -> list[tuple[str, list[str], ast.ImportFrom]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(node, mod, path)
+            if target is not None:
+                out.append((target, [a.name for a in node.names], node))
+    return out
+
+
+def _module_of(target: str, name: str, modules: dict[str, Path]) -> str:
+    """``from target import name``: the module imported (``name`` may be a submodule)."""
+    sub = f"{target}.{name}" if target != "__init__" else name
+    return sub if sub in modules else target
+
+
 def test_every_module_has_a_layer():
-    missing = sorted({_top(p) for p in PKG.rglob("*.py")} - set(LAYERS))
-    assert not missing, f"add these modules to LAYERS in test_layering.py: {missing}"
+    missing = sorted({_layer(m) for m in _modules()} - set(LAYERS))
+    assert not missing, f"add these to LAYERS in test_layering.py: {missing}"
 
 
 def test_imports_point_downwards():
+    modules = _modules()
     bad = []
-    for path in PKG.rglob("*.py"):
-        me = _top(path)
-        for dep in _imported(ast.parse(path.read_text()), path):
-            if dep in LAYERS and dep != me and LAYERS[dep] > LAYERS[me]:
-                bad.append(f"{path.relative_to(PKG)} imports {dep}")
-    assert not bad, "upward imports: " + "; ".join(bad)
+    for mod, path in modules.items():
+        for target, names, _ in _imports(path, mod):
+            for name in names:
+                dep = _module_of(target, name, modules)
+                if dep == "__init__" or _layer(dep) == _layer(mod):
+                    continue
+                if LAYERS[_layer(dep)] > LAYERS[_layer(mod)]:
+                    bad.append(f"{mod} imports {dep}")
+    assert not bad, "upward imports: " + "; ".join(sorted(set(bad)))
+
+
+def test_no_module_imports_the_package_root():
+    # the root's lazy attributes import everything: a module importing it would import all
+    modules = _modules()
+    bad = [mod for mod, path in modules.items() if mod != "__main__"
+           for target, names, _ in _imports(path, mod) if target == "__init__"
+           for name in names if _module_of(target, name, modules) == "__init__"]
+    assert not bad, f"these import pacs_numba itself (use pacs_numba._version): {bad}"
+
+
+def test_no_private_names_across_modules():
+    modules = _modules()
+    bad = []
+    for mod, path in modules.items():
+        for target, names, _ in _imports(path, mod):
+            for name in names:
+                dep = _module_of(target, name, modules)
+                if dep == target and name.startswith("_") and not name.startswith("__"):
+                    # kernels are private by convention (_solve -> solve) and _config is the
+                    # package's settings module: both are meant to be imported
+                    if _layer(target) == "kernels" or target == "_config":
+                        continue
+                    bad.append(f"{mod} imports {target}.{name}")
+    assert not bad, "private names imported across modules: " + "; ".join(bad)
+
+
+def test_no_import_cycle():
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        for target, names, _ in _imports(path, mod):
+            for name in names:
+                dep = _module_of(target, name, modules)
+                if dep in graph and dep != mod and not dep.endswith("__init__"):
+                    graph[mod].add(dep)
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(d):], d]))
+            elif d not in state:
+                visit(d, [*stack, d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(cycles)
+
+
+def test_lazy_imports_only_for_heavy_libraries():
+    bad = []
+    for mod, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = {(node.module or "").split(".")[0]}
+                elif isinstance(node, ast.ImportFrom):
+                    names = {"pacs_numba"}
+                else:
+                    continue
+                if not names <= HEAVY:
+                    bad.append(f"{mod}:{node.lineno} {sorted(names)}")
+    assert not bad, "imports inside functions (allowed only for " + ", ".join(sorted(HEAVY)) + \
+        "): " + "; ".join(bad)
 
 
 def test_kernels_import_only_numpy_numba_math_config():
-    # ... and each other: kernels/grid.py holds the tile-id arithmetic every kernel uses.
     siblings = {p.stem for p in (PKG / "kernels").glob("*.py")}
-    allowed = {"numpy", "numba", "math", "_config", "__future__"} | siblings
+    allowed = KERNEL_IMPORTS | siblings
     for path in (PKG / "kernels").glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -87,6 +185,15 @@ def test_kernels_import_only_numpy_numba_math_config():
             assert names <= allowed, f"{path.name} imports {names - allowed}"
 
 
+def test_njit_only_in_kernels():
+    for mod, path in _modules().items():
+        if _layer(mod) == "kernels":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name) and node.id in {"njit", "jit", "prange"}:
+                raise AssertionError(f"{mod} uses numba.{node.id}: kernels belong in kernels/")
+
+
 def test_fastmath_comes_from_config():
     for path in (PKG / "kernels").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -97,3 +204,23 @@ def test_fastmath_comes_from_config():
                 assert isinstance(node.value, ast.Name) and node.value.id == "CACHE", (
                     f"{path.name}:{node.value.lineno} sets cache to something other than CACHE"
                 )
+
+
+def test_modules_stay_readable():
+    """No module over ~600 lines of code (docstrings, comments and blank lines not counted)."""
+    long = {}
+    for mod, path in _modules().items():
+        src = path.read_text()
+        doc_lines: set[int] = set()
+        for node in ast.walk(ast.parse(src)):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                    and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                doc_lines.update(range(body[0].lineno, body[0].end_lineno + 1))
+        code = sum(1 for i, line in enumerate(src.splitlines(), 1)
+                   if line.strip() and not line.strip().startswith("#") and i not in doc_lines)
+        if code > 600:
+            long[mod] = code
+    assert not long, f"modules over 600 lines of code: {long}"

@@ -1,12 +1,12 @@
-"""The output layout has one home (issue 7): ``pacs_numba.layout`` names every output path."""
+"""The output layout has one home (issue 7): ``pacs_numba.store.layout`` names every output path."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from pacs_numba import layout
-from pacs_numba.layout import ExperimentLayout, TaskLayout
+from pacs_numba.store import layout
+from pacs_numba.store.layout import ExperimentLayout, TaskLayout
 
 PKG = Path(__file__).resolve().parents[1] / "pacs_numba"
 

@@ -11,7 +11,7 @@ import pytest
 
 from pacs_numba.config import DataConfig
 from pacs_numba.errors import ConfigError
-from pacs_numba.manifest import (
+from pacs_numba.store.manifest import (
     build_manifest,
     load_manifest,
     scan_patients,
@@ -124,7 +124,7 @@ def _expected_manifest(root: Path) -> dict:
 
 
 def test_scan_keeps_complete_and_explains_the_others(fake, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="pacs_numba.manifest"):
+    with caplog.at_level(logging.INFO, logger="pacs_numba.store.manifest"):
         complete, missing = scan_patients(fake)
     assert complete == COMPLETE
     assert sorted(missing) == ["X_empty", "X_noLR", "X_noSR"]

@@ -17,22 +17,22 @@ import pytest
 from conftest import write_tree as _tree
 from rss_sampler import RssSampler
 
-from pacs_numba import costs, planning, process
-from pacs_numba import limits as lim_mod
 from pacs_numba.errors import BudgetError, ConfigError
-from pacs_numba.limits import (
+from pacs_numba.resources import costs, planning, process
+from pacs_numba.resources import limits as lim_mod
+from pacs_numba.resources.limits import (
     Figure,
     Limits,
     cgroup_cpu_limit,
     cgroup_memory_limit,
     cgroup_memory_usage,
     detect_limits,
-    parse_size,
     read_cgroup_paths,
     slurm_cpus,
     slurm_memory_limit,
 )
-from pacs_numba.planning import plan_pool
+from pacs_numba.resources.planning import plan_pool
+from pacs_numba.resources.units import parse_size
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -766,7 +766,7 @@ def test_pin_mmap_threshold_returns_freed_volumes():
     # unless the threshold is pinned.
     code = (
         "import sys, numpy as np, psutil\n"
-        "from pacs_numba.process import pin_mmap_threshold\n"
+        "from pacs_numba.resources.process import pin_mmap_threshold\n"
         "ok = pin_mmap_threshold(env={}) if sys.argv[1] == 'pin' else None\n"
         "p = psutil.Process()\n"
         "a = np.ones(20 << 17); del a\n"

@@ -1,4 +1,4 @@
-"""The memory model (``pacs_numba.costs``, ``planning``) against the sampled RSS of real runs.
+"""The memory model (``resources.costs``, ``resources.planning``) against the sampled RSS of runs.
 
 See docs/algorithm.md, B5.
 
@@ -42,12 +42,12 @@ from pathlib import Path
 import pytest
 from rss_sampler import RssSampler
 
-from pacs_numba import costs
 from pacs_numba._config import CACHE
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
-from pacs_numba.limits import detect_limits
-from pacs_numba.manifest import build_manifest, write_manifest
+from pacs_numba.resources import costs
+from pacs_numba.resources.limits import detect_limits
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, write_manifest
 
 MiB = 1 << 20
 SHAPE = (160, 192, 160)
@@ -61,11 +61,12 @@ SAMPLE_S = 0.01
 # done, Engine started), then warm the volume cache (and the kernel cache if it is cold).
 PREPARE = r"""
 import json, sys
-from pacs_numba import process
+from pacs_numba.resources import process
 from pacs_numba._config import CACHE
 from pacs_numba.config import load_config
-from pacs_numba.engine import Engine, RunOptions, thread_safe_layer
-from pacs_numba.manifest import select_task
+from pacs_numba.resources.threads import thread_safe_layer
+from pacs_numba.runs.engine import Engine, RunOptions
+from pacs_numba.store.manifest import select_task
 
 engine = Engine(load_config(sys.argv[1]), RunOptions(cache_dir=sys.argv[2], force=True,
                                                      no_progress=True))
@@ -205,19 +206,19 @@ STAGES = r"""
 import gc, json, sys, threading
 from pathlib import Path
 import numpy as np, numba, psutil
-from pacs_numba.process import pin_mmap_threshold
+from pacs_numba.resources.process import pin_mmap_threshold
 pin_mmap_threshold()
-from pacs_numba.blending import Normalisation, blend_patient, brain_mask
-from pacs_numba.diagnose import _warm_kernels
-from pacs_numba.io import write_nifti
-from pacs_numba.metrics import volume_metrics
-from pacs_numba.model import StackingModel
-from pacs_numba.predict import predict_volume
-from pacs_numba.scoring import test_extras
-from pacs_numba.cellstats import StatsKey, box_statistics, combine
-from pacs_numba.tiling import TileGrid
+from pacs_numba.core.blending import Normalisation, blend_patient, brain_mask
+from pacs_numba.runs.warmup import warm_kernels
+from pacs_numba.store.nifti import write_nifti
+from pacs_numba.core.metrics import volume_metrics
+from pacs_numba.core.model import StackingModel
+from pacs_numba.core.predict import predict_volume
+from pacs_numba.core.scoring import test_extras
+from pacs_numba.core.cellstats import StatsKey, box_statistics, combine
+from pacs_numba.core.tiling import TileGrid
 
-_warm_kernels()
+warm_kernels()
 work, cases, patch, stride = Path(sys.argv[1]), json.loads(sys.argv[2]), *map(int, sys.argv[3:5])
 fit_opts = json.loads(sys.argv[5])
 proc = psutil.Process()

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pacs_numba import cli, diagnose, engine, limits
-from pacs_numba.cohort import make_cohort
+from pacs_numba import cli, diagnose
 from pacs_numba.config import load_config
-from pacs_numba.engine import Engine, RunOptions
-from pacs_numba.locking import LOCK_FILE
-from pacs_numba.manifest import build_manifest, write_manifest
-from pacs_numba.planning import plans_json
+from pacs_numba.resources import limits
+from pacs_numba.resources.planning import plans_json
+from pacs_numba.runs import engine
+from pacs_numba.runs.engine import Engine, RunOptions
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.locks import LOCK_FILE
+from pacs_numba.store.manifest import build_manifest, write_manifest
 
 MiB = 1 << 20
 BASELINE = 120 * MiB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from pacs_numba.config import PacsConfig
-from pacs_numba.record import NON_RESULT_SETTINGS, RESULT_SETTINGS, result_settings
+from pacs_numba.store.record import NON_RESULT_SETTINGS, RESULT_SETTINGS, result_settings
 
 FIELDS = [f.name for f in dataclasses.fields(PacsConfig)]
 

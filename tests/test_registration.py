@@ -21,12 +21,13 @@ import pytest
 import yaml
 from scipy import ndimage
 
-from pacs_numba import registration as reg
 from pacs_numba.cli import main
-from pacs_numba.cohort import _anatomy, _hr_volume, make_cohort
 from pacs_numba.config import RegistrationConfig, load_config
 from pacs_numba.errors import BudgetError, ConfigError, InputError
-from pacs_numba.io import VolumeStore, write_nifti
+from pacs_numba.store import registration as reg
+from pacs_numba.store.cohort import _anatomy, _hr_volume, make_cohort
+from pacs_numba.store.nifti import write_nifti
+from pacs_numba.store.volumes import VolumeStore
 
 ants = pytest.importorskip("ants")
 
@@ -241,7 +242,7 @@ def test_brain_mask_file_and_mask_of_another_shape(phantom, tmp_path, caplog):
     aff2[:3, :3] *= 2
     write_nifti(d / "atlas" / "brain_mask.nii", half, aff2)
     r = reg.Registrar(_config(d), VolumeStore(tmp_path / "c2"), processes=1)
-    with caplog.at_level(logging.WARNING, logger="pacs_numba.registration"):
+    with caplog.at_level(logging.WARNING, logger="pacs_numba.store.registration"):
         mask = r.brain_mask("t1c")
     assert "has shape (32, 36, 30)" in caplog.text and "nearest-neighbour" in caplog.text
     assert mask.shape == SHAPE and set(np.unique(mask)) == {0, 1}
@@ -278,7 +279,7 @@ def test_train_evaluate_predict_with_registration(reg_cohort, tmp_path, monkeypa
     cache = tmp_path / "cache"
     base = ["--config", str(cfg_path), "--cache-dir", str(cache), "--no-progress"]
     assert main(["build-manifest", "--config", str(cfg_path)]) == 0
-    caplog.set_level(logging.INFO, logger="pacs_numba.registration")
+    caplog.set_level(logging.INFO, logger="pacs_numba.store.registration")
     assert main(["train", *base, "--fold", "1"]) == 0
     # 4 patients (train + test), one registration each, in a pool of spawned processes
     (line,) = _registered_lines(caplog)
@@ -342,7 +343,7 @@ def test_engine_missing_atlas_is_an_input_error(reg_cohort, tmp_path, capsys):
 
 
 def test_engine_refuses_a_pulse_without_template(reg_cohort, tmp_path):
-    from pacs_numba.engine import Engine, RunOptions
+    from pacs_numba.runs.engine import Engine, RunOptions
 
     _, cfg_path, _ = reg_cohort
     doc = yaml.safe_load(cfg_path.read_text())
@@ -354,7 +355,7 @@ def test_engine_refuses_a_pulse_without_template(reg_cohort, tmp_path):
 
 
 def test_diagnose_reports_antspyx_atlas_and_cost(reg_cohort, tmp_path):
-    from pacs_numba.diagnose import check_registration
+    from pacs_numba.runs.checks import check_registration
 
     root, cfg_path, _ = reg_cohort
     checks = {name: (level, msg) for level, name, msg in check_registration(cfg_path)}

@@ -16,11 +16,12 @@ import pytest
 import yaml
 
 from pacs_numba import cli
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
+from pacs_numba.core.model import FORMAT_VERSION
 from pacs_numba.errors import InputError
-from pacs_numba.manifest import build_manifest, select_task, write_manifest
-from pacs_numba.model import FORMAT_VERSION, load_model, save_model
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, select_task, write_manifest
+from pacs_numba.store.modelfile import load_model, save_model
 
 SHAPE = (29, 34, 27)
 SPACING, PULSE = "3mm", "t1c"
@@ -134,7 +135,7 @@ def _named(paths):
 
 
 def test_predict_with_the_hr_as_normalisation_source_equals_the_train_time_blend(run):
-    from pacs_numba.predict import predict_volume
+    from pacs_numba.core.predict import predict_volume
 
     model = load_model(run["mdir"] / "pacs_model.npz")
     for pid, paths in _test_patients(run).items():
@@ -264,7 +265,7 @@ def test_batch_predict_over_manifest_folder_and_csv_is_resumable(run, tmp_path, 
 # NIfTI weight maps and HR-free metrics
 # --------------------------------------------------------------------------------------
 def test_nifti_weight_maps_per_model_and_per_test_patient(run):
-    from pacs_numba.blending import brain_mask
+    from pacs_numba.core.blending import brain_mask
 
     mdir = run["mdir"]
     model = load_model(mdir / "pacs_model.npz")
@@ -292,8 +293,8 @@ def test_nifti_weight_maps_per_model_and_per_test_patient(run):
 
 
 def test_metrics_json_keeps_published_keys_and_adds_the_hr_free_protocol(run):
-    from pacs_numba.metrics import volume_metrics
-    from pacs_numba.predict import predict_volume
+    from pacs_numba.core.metrics import volume_metrics
+    from pacs_numba.core.predict import predict_volume
 
     mdir = run["mdir"]
     metrics = json.loads((mdir / "metrics.json").read_text())
@@ -366,7 +367,7 @@ def test_summarize_matches_the_per_task_metrics(run, tmp_path, capsys):
 
 
 def test_paired_test_is_honest_about_small_and_null_samples():
-    from pacs_numba.summarize import paired_test
+    from pacs_numba.runs.summarize import paired_test
 
     p, note = paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
     assert np.isnan(p) and "all differences are zero" in note
@@ -473,7 +474,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 def test_summarize_reads_published_outputs_as_fold_means(run, tmp_path):
     """The published tool writes no patients.json or model file: one unit per fold."""
-    from pacs_numba.summarize import summarize
+    from pacs_numba.runs.summarize import summarize
 
     copy = tmp_path / "published"
     shutil.copytree(run["base"] / "model_data", copy / "PaCS_SR" / SPACING / "model_data",

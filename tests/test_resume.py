@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -16,9 +17,9 @@ import pytest
 import yaml
 
 from pacs_numba import cli
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
-from pacs_numba.manifest import build_manifest, write_manifest
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, write_manifest
 
 SPACING = "3mm"
 
@@ -40,12 +41,18 @@ def _task_dir(root: Path, fold: int = 1, pulse: str = "t1c") -> Path:
 
 
 def _outputs(root: Path) -> dict[str, bytes]:
-    """Every output file under an out_root (logs and run records aside), by relative path."""
+    """Every output file under an out_root (logs and run records aside), by relative path.
+
+    ``.gz`` files are compared by content: ISA-L's deflate output for equal data is not
+    guaranteed to be the same byte stream from one writer to another (seen with concurrent
+    tasks), while the volumes, headers and every other file must be identical.
+    """
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and "logs" not in p.parts and p.name not in {"patients.json",
                                                                       "pacs_numba_run.json"}:
-            out[str(p.relative_to(root))] = p.read_bytes()
+            data = p.read_bytes()
+            out[str(p.relative_to(root))] = gzip.decompress(data) if p.suffix == ".gz" else data
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pacs_numba.cohort import make_cohort
+from pacs_numba.store.cohort import make_cohort
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_array.sh"
 USER = "pacs-tester"
@@ -385,7 +385,7 @@ def test_waits_for_the_manifest_lock_and_reuses_the_manifest(
         config: Path, tmp_path: Path, shims: Path) -> None:
     """A task that finds the lock taken waits, then uses the manifest the holder built."""
     from pacs_numba.config import load_config
-    from pacs_numba.manifest import build_manifest, write_manifest
+    from pacs_numba.store.manifest import build_manifest, write_manifest
 
     manifest = tmp_path / "run" / "manifest.json"
     manifest.parent.mkdir(parents=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pacs_numba.core.tiling import TileGrid
 from pacs_numba.kernels.grid import _n_anchors_one, _tile_id_one, _tile_index_one
-from pacs_numba.tiling import TileGrid
 
 
 @pytest.mark.parametrize(

@@ -13,18 +13,18 @@ import yaml
 from numpy.testing import assert_allclose
 
 from pacs_numba import cli
-from pacs_numba.blending import Normalisation, blend_patient, brain_mask, expert_mean
-from pacs_numba.cohort import make_cohort
 from pacs_numba.config import load_config
-from pacs_numba.engine import Engine, RunOptions
+from pacs_numba.core.blending import Normalisation, blend_patient, brain_mask, expert_mean
+from pacs_numba.core.cellstats import patient_statistics
+from pacs_numba.core.metrics import volume_metrics
+from pacs_numba.core.solve import fit_weights
+from pacs_numba.core.tiling import TileGrid
 from pacs_numba.errors import ConfigError
-from pacs_numba.io import VolumeStore
-from pacs_numba.manifest import build_manifest, select_task, write_manifest
-from pacs_numba.metrics import volume_metrics
-from pacs_numba.solve import fit_weights
-from pacs_numba.statistics import patient_statistics
-from pacs_numba.tiling import TileGrid
-from pacs_numba.tune import Candidate, load_grid, run_tune
+from pacs_numba.runs.engine import Engine, RunOptions
+from pacs_numba.runs.tune import Candidate, load_grid, run_tune
+from pacs_numba.store.cohort import make_cohort
+from pacs_numba.store.manifest import build_manifest, select_task, write_manifest
+from pacs_numba.store.volumes import VolumeStore
 
 SHAPE = (22, 25, 21)  # no axis divisible by 4
 SPACING, PULSE = "3mm", "t1c"
@@ -77,7 +77,7 @@ def test_kfold_train_computes_each_patients_statistics_once(cohort, monkeypatch,
         config.pacs_sr, lambda_edge=config.pacs_sr.lambda_edge * 2 + 0.1, lambda_ridge=0.5))
     engine2 = Engine(config2, RunOptions(cache_dir=tmp_path / "c", out_root=tmp_path / "o2"))
     train, _ = select_task(engine2.manifest(), 1, SPACING, PULSE, config.data.models)
-    from pacs_numba.engine import StageClock
+    from pacs_numba.runs.engine import StageClock
 
     task = engine2.tasks()[0]
     plan = engine2.plan(task)["fit"]  # volume headers only
@@ -160,7 +160,7 @@ def test_tune_scores_held_out_patients_without_hr_and_resumes(cohort, tmp_path, 
                                 lambda_edge=0.7, edge_power=config.pacs_sr.edge_power,
                                 lambda_grad=0.3, grad_operator=config.pacs_sr.grad_operator)
         Q, B, n = Q + st.Q, B + st.B, n + st.counts
-    from pacs_numba.solve import laplacian_smooth
+    from pacs_numba.core.solve import laplacian_smooth
 
     w, learned = fit_weights(Q, B, n, grid8.counts, simplex=config.pacs_sr.simplex,
                              lambda_ridge=1e-3, laplacian_tau=0.0)
@@ -203,8 +203,8 @@ def test_window_fit_region_fits_each_box_with_the_blend_window(tmp_path):
     """Engine train with ``fit_region: window`` against the slow twin of the box statistics."""
     from reference import stats as ref
 
-    from pacs_numba.engine import StageClock
-    from pacs_numba.solve import objective
+    from pacs_numba.core.solve import objective
+    from pacs_numba.runs.engine import StageClock
 
     cfg = _cohort(tmp_path / "c", fit_region="window", mixing_window="hann", lambda_edge=0.4,
                   lambda_grad=0.3, laplacian_tau=0.0)

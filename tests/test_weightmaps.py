@@ -1,4 +1,4 @@
-"""Blend-weight maps (pacs_numba.weightmaps) against their slow twin and the blend itself."""
+"""Blend-weight maps (pacs_numba.core.weightmaps) against their slow twin and the blend itself."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pacs_numba.blending import blend_volume
-from pacs_numba.tiling import TileGrid
-from pacs_numba.weightmaps import (
-    blend_weight_maps,
-    dominant_labels,
-    entropy_map,
-    write_weight_niftis,
-)
+from pacs_numba.core.blending import blend_volume
+from pacs_numba.core.tiling import TileGrid
+from pacs_numba.core.weightmaps import blend_weight_maps, dominant_labels, entropy_map
+from pacs_numba.store.mapfiles import write_weight_niftis
 from tests.reference import weightmaps as ref
 
 CASES = [((9, 7, 5), 4, 2), ((11, 6, 9), 4, 3), ((5, 5, 5), 3, 3), ((8, 9, 10), 5, 1)]
@@ -100,7 +96,8 @@ def test_written_niftis_carry_the_affine_mask_and_legend(rng, tmp_path):
 
 @pytest.mark.parametrize(("shape", "patch", "stride"), CASES)
 def test_the_lean_maps_equal_the_whole_ones(rng, shape, patch, stride, tmp_path):
-    from pacs_numba.weightmaps import BlendWeightMaps
+    from pacs_numba.core.weightmaps import BlendWeightMaps
+    from pacs_numba.store.mapfiles import write_blend_weight_maps
 
     grid = TileGrid(shape, patch, stride)
     w = _weights(rng, grid.n_tiles, 3)
@@ -110,7 +107,7 @@ def test_the_lean_maps_equal_the_whole_ones(rng, shape, patch, stride, tmp_path)
     np.testing.assert_allclose(lean.entropy, entropy_map(whole), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(lean.labels, dominant_labels(whole))
     mask = rng.random(shape) > 0.3
-    lean.write(tmp_path / "a", "x", ["A", "B", "C"], None, mask=mask)
+    write_blend_weight_maps(lean, tmp_path / "a", "x", ["A", "B", "C"], None, mask=mask)
     write_weight_niftis(tmp_path / "b", "x", whole, ["A", "B", "C"], None, mask=mask)
     for name in ("x_weights.nii.gz", "x_dominant.nii.gz", "x_entropy.nii.gz"):
         a = nib.load(tmp_path / "a" / name).get_fdata()

@@ -2,7 +2,7 @@
 
 algorithm A7.2-A7.5 (blend, window, brain mask) and A8 (weight, entropy and
 dominant-model maps).  Every function here is ``@njit``; the wrappers that check
-inputs live in :mod:`pacs_numba.blending`.
+inputs live in :mod:`pacs_numba.core.blending`.
 
 Float32 on purpose: the reference blends in float32 numpy arrays (z-scored
 copies, ``tensordot`` per tile, a float32 ``accum``/``weight`` pair, float32

@@ -1,6 +1,6 @@
 """Tile-grid arithmetic of the kernels (algorithm A2): anchors per axis and tile ids.
 
-The one place kernels spell the tile-id formula; :class:`pacs_numba.tiling.TileGrid` is its
+The one place kernels spell the tile-id formula; :class:`pacs_numba.core.tiling.TileGrid` is its
 Python side and a test checks that both agree.  Tile ids are axis-0-major,
 ``r = (i0 * c1 + i1) * c2 + i2`` for grid index ``(i0, i1, i2)`` on a grid of
 ``(c0, c1, c2)`` tiles.  Integer arithmetic only; serial helpers meant to be inlined

@@ -1,6 +1,6 @@
 """Metric kernels: masked error sums and slice-wise SSIM (algorithm A7.6).
 
-The wrappers in :mod:`pacs_numba.metrics` turn these sums into mse, mae, psnr and
+The wrappers in :mod:`pacs_numba.core.metrics` turn these sums into mse, mae, psnr and
 ssim.  SSIM reproduces ``skimage.metrics.structural_similarity`` with its
 defaults on float32 slices: scipy's ``uniform_filter`` is separable, runs along
 image axis 0 then axis 1, sums each line in float64 and stores every pass in the

@@ -1,4 +1,4 @@
-"""Slow twin of the blend-weight maps (pacs_numba.weightmaps), written from algorithm A7.2.
+"""Slow twin of the blend-weight maps (pacs_numba.core.weightmaps), written from algorithm A7.2.
 
 Tile by tile in float64: add ``win * w_t`` and ``win`` over every tile box, then divide, the
 way the blend overlap-adds its z-scored experts.

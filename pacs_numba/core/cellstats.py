@@ -1,0 +1,475 @@
+"""Decomposed per-tile statistics, computed once per patient and cached (algorithm A4).
+
+The fit of algorithm A4-A5 needs, per tile, ``Q = sum omega (x x^T + lambda_grad sum_d G_d G_d^T)``
+and ``B = sum omega (x y + lambda_grad sum_d G_d H_d)`` with ``omega = mask (1 + lambda_edge t^p)``.
+Both are linear in ``lambda_edge``, ``lambda_grad`` and their product, so a patient is reduced
+once to four *parts* per tile (:class:`CellStats`)::
+
+    Q = P_value + lambda_edge P_value_edge + lambda_grad (P_grad + lambda_edge P_grad_edge)
+
+and any lambda, any fold (a sum over its training patients) and, for the published
+``first_block`` fit, any stride that is a multiple of the stored cell size (coarse cells are
+unions of fine cells; the published fit uses only each tile's label cell, so the patch size
+does not enter) follow by sums.  What does change the parts is part of the cache key: the
+input files, the cell size, ``edge_power`` (the shape of the edge map), ``grad_operator``,
+and which parts were computed.
+
+The ``window`` fit region (:data:`FIT_REGIONS`) fits each tile on its whole box, weighted by the
+blending window.  A Hann box weight is the product of three per-axis profiles *relative to
+the tile's own anchor*, so a voxel has a different weight in each of the (up to
+``ceil(p/s)^3``) boxes that cover it, and per-cell sums do not compose into box sums.
+Storing per-(cell, position-in-tile) sums would be exact, but it is as large as the box
+statistics themselves and depends on the patch size and the window anyway; so this mode
+makes a direct pass per (patch, stride, window) and caches that, still decomposed in the
+lambdas.
+
+Cache
+-----
+Entries live in ``<volume cache dir>/cellstats/<key>.npz``; ``key`` hashes the format
+version, every input file's :func:`pacs_numba.store.volumes.file_fingerprint` (absolute path, size,
+``mtime_ns``, ``ctime_ns`` and a content sample: a rewritten input gets a new key) and the
+settings above.  An entry is written under a unique temporary name and
+renamed into place (:func:`pacs_numba.store.atomic.atomic_savez`), under an advisory node lock
+so that SLURM tasks on one node compute it once; an unreadable entry is recomputed with a WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from .._config import GRAD_OPERATORS, WINDOWS
+from ..config import FIT_REGIONS, PacsConfig
+from ..errors import ConfigError, InputError
+from ..kernels.blend import _window_table
+from ..kernels.stats import (
+    N_PARTS,
+    _box_moments,
+    _sobel_magnitude_max,
+    _valid_mask,
+    _volume_moments,
+)
+from .checks import as_volume_list
+from .statistics import PatientStats, check_option, check_volumes
+from .tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+
+#: Bumped whenever the meaning or layout of a stored entry changes.
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    """The settings a patient's decomposed statistics depend on.
+
+    Attributes
+    ----------
+    region : {"first_block", "window"}
+        ``first_block``: label cells of edge ``stride`` (algorithm A2); ``window``: whole
+        boxes weighted by the blending window.
+    stride : int
+        Cell size (``first_block``) or anchor spacing (``window``).
+    patch_size : int
+        Box edge (``window`` only; equal to ``stride`` for ``first_block``).
+    window : {"flat", "hann"}
+        Effective box window (``window`` only; ``flat`` for ``first_block`` and whenever
+        ``stride >= patch_size``, as the blend does).
+    edge_power : float
+        Exponent of the edge term (ignored, stored as 0, when ``with_edge`` is false).
+    grad_operator : str
+        Gradient operator (ignored, stored as ``""``, when ``with_grad`` is false).
+    with_edge, with_grad : bool
+        Which parts were computed (a ``False`` part is all zero).
+    """
+
+    region: str
+    stride: int
+    patch_size: int
+    window: str
+    edge_power: float
+    grad_operator: str
+    with_edge: bool
+    with_grad: bool
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        region: str,
+        stride: int,
+        patch_size: int,
+        window: str,
+        edge_power: float,
+        grad_operator: str,
+        with_edge: bool,
+        with_grad: bool,
+    ) -> StatsKey:
+        """Normalise the settings (drop those that cannot matter) and check them.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown region, window or operator, a bad stride/patch pair or a
+            non-positive ``edge_power``.
+        """
+        if region not in FIT_REGIONS:
+            raise ConfigError(f"fit_region {region!r}: expected one of {list(FIT_REGIONS)}")
+        if window not in WINDOWS:
+            raise ConfigError(f"mixing_window {window!r}: expected one of {sorted(WINDOWS)}")
+        if grad_operator not in GRAD_OPERATORS:
+            raise ConfigError(
+                f"grad_operator {grad_operator!r}: expected one of {sorted(GRAD_OPERATORS)}"
+            )
+        stride, patch_size = int(stride), int(patch_size)
+        if not 1 <= stride <= patch_size:
+            raise ConfigError(f"stride {stride} must be in [1, patch_size={patch_size}]")
+        if with_edge and not (math.isfinite(edge_power) and edge_power > 0):
+            raise ConfigError(f"edge_power must be a finite number > 0, got {edge_power!r}")
+        if region == "first_block":
+            patch_size, window = stride, "flat"
+        elif stride >= patch_size:
+            window = "flat"
+        return cls(
+            region, stride, patch_size, window,
+            float(edge_power) if with_edge else 0.0,
+            grad_operator if with_grad else "",
+            bool(with_edge), bool(with_grad),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for hashing and the entry's metadata)."""
+        return {
+            "region": self.region, "stride": self.stride, "patch_size": self.patch_size,
+            "window": self.window, "edge_power": self.edge_power,
+            "grad_operator": self.grad_operator, "with_edge": self.with_edge,
+            "with_grad": self.with_grad,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class CellStats:
+    """One patient's (or a sum of patients') decomposed per-tile statistics.
+
+    Attributes
+    ----------
+    parts : (T, 4, M + M (M + 1) / 2) float64
+        Per tile: the value, value-edge, gradient and gradient-edge parts
+        (``kernels.stats.PART_*``); in each, terms ``0..M-1`` are the cross terms with the
+        HR and the rest the upper triangle of the expert products, row-major.
+    counts : (T,) int64
+        Mask voxels per tile (with a non-zero window weight).
+    shape : tuple of 3 int
+        Volume shape.
+    key : StatsKey
+        Settings the parts were computed with.
+    n_experts : int
+    mu_hr, sd_hr : float
+        The HR's mean and floored std over its mask (algorithm A3.2), so a patient whose HR
+        has no variance can be left out of the fit without reading it again; NaN for a sum
+        over patients.
+    """
+
+    parts: NDArray[np.float64]
+    counts: NDArray[np.int64]
+    shape: tuple[int, int, int]
+    key: StatsKey
+    n_experts: int
+    mu_hr: float = math.nan
+    sd_hr: float = math.nan
+
+    @property
+    def n_mask(self) -> int:
+        """Mask voxels in all tiles (for ``first_block``: the mask size)."""
+        return int(self.counts.sum())
+
+    def coarsen(self, stride: int) -> CellStats:
+        """Statistics of the ``first_block`` cells of ``stride``, a multiple of the cell size.
+
+        Coarse cell ``(i0, i1, i2)`` is the union of the fine cells ``(i0 f + a, ...)``,
+        ``f = stride // cell``, clipped to the grid, so sums are exact.
+
+        Raises
+        ------
+        ConfigError
+            If this is not ``first_block`` data or ``stride`` is not a multiple of the
+            cell size.
+        """
+        cell = self.key.stride
+        if self.key.region != "first_block" or stride % cell:
+            raise ConfigError(
+                f"stride {stride} cannot be built from {self.key.region} statistics of "
+                f"cell size {cell} (it must be a multiple)"
+            )
+        if stride == cell:
+            return self
+        f = stride // cell
+        fine = tuple(math.ceil(n / cell) for n in self.shape)
+        coarse = tuple(math.ceil(n / f) for n in fine)
+        pad = [(0, c * f - n) for c, n in zip(coarse, fine, strict=True)]
+        p = self.parts.reshape(*fine, -1)
+        p = np.pad(p, [*pad, (0, 0)])
+        p = p.reshape(coarse[0], f, coarse[1], f, coarse[2], f, -1).sum(axis=(1, 3, 5))
+        c = np.pad(self.counts.reshape(fine), pad)
+        c = c.reshape(coarse[0], f, coarse[1], f, coarse[2], f).sum(axis=(1, 3, 5))
+        key = StatsKey(**{**self.key.as_dict(), "stride": stride, "patch_size": stride})
+        return CellStats(
+            p.reshape(-1, N_PARTS, self.parts.shape[-1]), c.reshape(-1).astype(np.int64),
+            self.shape, key, self.n_experts, self.mu_hr, self.sd_hr,
+        )
+
+
+def fit_stats_key(pacs: PacsConfig) -> StatsKey:
+    """Return the statistics key a config's fit needs (only the parts its lambdas use)."""
+    return StatsKey.make(
+        region=pacs.fit_region, stride=pacs.stride, patch_size=pacs.patch_size,
+        window=pacs.mixing_window, edge_power=pacs.edge_power,
+        grad_operator=pacs.grad_operator, with_edge=pacs.lambda_edge > 0,
+        with_grad=pacs.lambda_grad > 0,
+    )
+
+
+def _term_index(m: int) -> NDArray[np.int64]:
+    """``(M, M)`` index of each expert-product term in a part (upper triangle, symmetric)."""
+    idx = np.empty((m, m), np.int64)
+    t = m
+    for a in range(m):
+        for c in range(a, m):
+            idx[a, c] = idx[c, a] = t
+            t += 1
+    return idx
+
+
+def combine(
+    stats: CellStats, *, lambda_edge: float, lambda_grad: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-tile ``Q`` and ``B`` of algorithm A4 for given lambdas.
+
+    Parameters
+    ----------
+    stats : CellStats
+        Decomposed statistics (one patient or a sum).
+    lambda_edge, lambda_grad : float
+        Edge and gradient weights (>= 0).
+
+    Returns
+    -------
+    Q : (T, M, M) float64
+    B : (T, M) float64
+
+    Raises
+    ------
+    ConfigError
+        If a lambda is negative, or non-zero while its parts were not computed.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> hr = rng.random((6, 5, 4), np.float32) + 0.5
+    >>> st = box_statistics(hr, [hr, 2 * hr], StatsKey.make(
+    ...     region="first_block", stride=4, patch_size=4, window="flat", edge_power=1.0,
+    ...     grad_operator="sobel", with_edge=True, with_grad=False))
+    >>> Q, B = combine(st, lambda_edge=0.0, lambda_grad=0.0)
+    >>> Q.shape, bool(np.isclose(Q.sum(axis=0)[0, 0], 120.0))
+    ((4, 2, 2), True)
+    """
+    for name, lam, have in (
+        ("lambda_edge", lambda_edge, stats.key.with_edge),
+        ("lambda_grad", lambda_grad, stats.key.with_grad),
+    ):
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {lam!r}")
+        if lam > 0 and not have:
+            raise ConfigError(f"{name}={lam} but these statistics have no {name[7:]} parts")
+    p = stats.parts
+    terms = p[:, 0] + lambda_edge * p[:, 1] + lambda_grad * (p[:, 2] + lambda_edge * p[:, 3])
+    m = stats.n_experts
+    return terms[:, _term_index(m)], terms[:, :m].copy()
+
+
+def sum_stats(items: Sequence[CellStats]) -> CellStats:
+    """Sum several patients' statistics (in the order given: deterministic).
+
+    Raises
+    ------
+    InputError
+        If the shapes, keys or expert counts differ, or ``items`` is empty.
+    """
+    if not items:
+        raise InputError("no statistics to sum")
+    first = items[0]
+    parts = first.parts.copy()
+    counts = first.counts.copy()
+    for s in items[1:]:
+        if s.shape != first.shape or s.key != first.key or s.n_experts != first.n_experts:
+            raise InputError(
+                f"cannot sum statistics of shape {s.shape} / {s.key} with {first.shape} / "
+                f"{first.key}"
+            )
+        parts += s.parts
+        counts += s.counts
+    return CellStats(parts, counts, first.shape, first.key, first.n_experts)
+
+
+def box_statistics(
+    hr: ArrayLike, experts: Sequence[ArrayLike], key: StatsKey
+) -> CellStats:
+    """Compute one patient's decomposed statistics (one fused pass over the volumes).
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) array_like
+        HR volume (float32 memmaps are used in place).
+    experts : sequence of M (N0, N1, N2) array_like
+        Expert volumes, in model order.
+    key : StatsKey
+        Region, cell/box geometry and which parts to compute.
+
+    Returns
+    -------
+    CellStats
+
+    Raises
+    ------
+    InputError
+        If a volume is not 3-D, there is no expert, or the shapes differ.
+
+    Notes
+    -----
+    Mask, z-scoring and the edge map are those of
+    :func:`patient_statistics`; with ``first_block`` the result
+    recombined by :func:`combine` equals its Q and B up to float64 rounding.
+    """
+    hr_v, ex = check_volumes(hr, experts)
+    mask, _ = _valid_mask(hr_v, ex)
+    mask.flags.writeable = False
+    mom = _volume_moments(as_volume_list([hr_v, *ex]), mask)
+    mus = np.ascontiguousarray(mom[:, 0])
+    sds = np.ascontiguousarray(mom[:, 1])
+    n_chunks = numba.get_num_threads()
+    gmax = 0.0
+    if key.with_edge:
+        gmax = float(_sobel_magnitude_max(hr_v, float(mus[0]), float(sds[0]), n_chunks))
+    code = WINDOWS[key.window]
+    wins = [
+        _window_table(-(-n // key.stride), n, key.patch_size, key.stride, code)
+        for n in hr_v.shape
+    ]
+    parts, counts = _box_moments(
+        hr_v, ex, mask, key.patch_size, key.stride, wins[0], wins[1], wins[2], mus, sds,
+        float(key.edge_power) if key.with_edge else 1.0, gmax, key.with_edge, key.with_grad,
+        int(GRAD_OPERATORS[key.grad_operator or "sobel"]), n_chunks,
+    )
+    return CellStats(parts, counts, tuple(hr_v.shape), key, len(ex),  # type: ignore[arg-type]
+                     float(mus[0]), float(sds[0]))
+
+
+def patient_statistics(
+    hr: ArrayLike,
+    experts: Sequence[ArrayLike],
+    grid: TileGrid,
+    *,
+    lambda_edge: float,
+    edge_power: float,
+    lambda_grad: float,
+    grad_operator: str = "sobel",
+) -> PatientStats:
+    """One patient's per-tile normal equations, the whole pipeline (algorithm A3-A4).
+
+    The fit's own path: the decomposed per-cell moments of :func:`box_statistics` over
+    the label cells (``first_block``, algorithm A2), recombined by :func:`combine` for
+    these lambdas, plus the normalisation statistics and non-finite counts of the valid
+    mask.  (The engine caches the decomposed moments and recombines them per setting.)
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) array_like
+        HR volume (float32 memmaps are used in place).
+    experts : sequence of M (N0, N1, N2) array_like
+        Expert volumes, in model order.
+    grid : TileGrid
+        Tile grid of the volume shape.  Only ``grid.stride`` enters the fit (voxel
+        labels, algorithm A2); ``patch_size`` does not.
+    lambda_edge : float
+        Edge weight strength; 0 turns edge weighting off.
+    edge_power : float
+        Exponent of the normalised gradient magnitude in the edge weight.
+    lambda_grad : float
+        Weight of the gradient-matching terms; 0 turns them off.
+    grad_operator : {"sobel", "prewitt", "scharr"}
+        Gradient operator of the gradient terms (the edge map always uses sobel).
+
+    Returns
+    -------
+    PatientStats
+        ``Q (T, M, M)``, ``B (T, M)``, ``counts (T,)`` with ``T = grid.n_tiles``, the
+        normalisation statistics, non-finite counts and the mask size.  An empty mask
+        is not an error: counts, Q and B are then all zero.
+
+    Raises
+    ------
+    InputError
+        If a volume is not 3-D, there is no expert, the shapes differ, or ``grid``
+        was built for another shape.
+    ConfigError
+        If ``grad_operator`` is unknown, or a lambda or ``edge_power`` is negative or
+        not finite.
+
+    Notes
+    -----
+    Voxels with a non-finite HR or expert value are excluded and counted (see the
+    module docstring).  Thread-safe: kernels write only their own outputs, so
+    several patients may be processed concurrently from a thread pool (with a
+    thread-safe Numba threading layer).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> hr = rng.random((6, 5, 4), np.float32) + 0.5
+    >>> st = patient_statistics(hr, [hr, hr + 1], TileGrid(hr.shape, 4, 4),
+    ...                         lambda_edge=0.0, edge_power=1.0, lambda_grad=0.0)
+    >>> st.Q.shape, int(st.counts.sum()), np.allclose(st.Q.sum(0), 120.0)
+    ((4, 2, 2), 120, True)
+    """
+    if grad_operator not in GRAD_OPERATORS:
+        raise ConfigError(
+            f"unknown grad_operator {grad_operator!r}; expected one of {sorted(GRAD_OPERATORS)}"
+        )
+    lambda_edge = check_option("lambda_edge", lambda_edge)
+    edge_power = check_option("edge_power", edge_power)
+    lambda_grad = check_option("lambda_grad", lambda_grad)
+    hr_v, ex = check_volumes(hr, experts)
+    if tuple(grid.shape) != hr_v.shape:
+        raise InputError(
+            f"tile grid was built for shape {tuple(grid.shape)}; the HR volume has shape "
+            f"{hr_v.shape}"
+        )
+    mask, nonfinite = _valid_mask(hr_v, ex)
+    mask.flags.writeable = False  # same compiled signature as masks from as_mask_u8
+    mom = _volume_moments(as_volume_list([hr_v, *ex]), mask)
+    key = StatsKey.make(
+        region="first_block", stride=grid.stride, patch_size=grid.stride, window="flat",
+        edge_power=edge_power if edge_power > 0 else 1.0, grad_operator=grad_operator,
+        with_edge=lambda_edge > 0, with_grad=lambda_grad > 0,
+    )
+    cells = box_statistics(hr_v, ex, key)
+    q, b = combine(cells, lambda_edge=lambda_edge, lambda_grad=lambda_grad)
+    return PatientStats(
+        Q=q,
+        B=b,
+        counts=cells.counts,
+        mu_hr=float(mom[0, 0]),
+        sd_hr=float(mom[0, 1]),
+        mus=mom[1:, 0].copy(),
+        sds=mom[1:, 1].copy(),
+        nonfinite=nonfinite,
+        n_mask=int(cells.counts.sum()),
+    )

@@ -1,0 +1,420 @@
+"""What one patient, one Numba thread and one task of each stage allocate (algorithm B5).
+
+One function per allocating step, named after the code that allocates, each term
+commented with the array it stands for; :func:`stage_cost` combines them the way the
+steps follow each other in the engine, and :mod:`pacs_numba.resources.planning` turns a
+`StageCost` into a pool width.  Pure arithmetic: nothing here looks at a volume.
+
+Notation: ``N`` voxels ``N0 x N1 x N2``, ``M`` experts, ``T`` tiles, ``p`` patch size,
+``s`` stride, ``c_d = ceil(N_d / s)`` tiles along axis ``d``.
+
+Four kinds of memory, because they add up differently:
+
+per patient
+    What one patient in flight holds at its peak, apart from thread scratch: the
+    ``io.VolumeStore`` pages of its inputs (every page of every input is touched by
+    the kernels, so they are resident while the patient holds its memory maps) plus
+    the largest step.  ``w`` patients in flight hold ``w`` times this.
+per thread
+    Scratch that each Numba thread of a kernel allocates (line and slice buffers).
+    A pool of ``w`` workers runs ``threads = CPUs // w`` Numba threads each, so all
+    patients together never hold more than ``CPUs`` times this, whatever ``w``: the
+    planner charges it once, for every CPU.
+per task
+    Held once while the pool runs, whatever its width (the fit's per-patient
+    statistics kept for the ordered sum, the evaluate stage's compressed npz
+    templates).
+setup
+    Held once before the pool starts, with no patient in flight (the per-voxel
+    weight maps the npz templates are made from).
+
+Calibrated against the sampled RSS of real runs in tests/test_memory_calibration.py.
+Not counted: freed blocks glibc keeps in its malloc arenas (up to ~40 MiB per process
+measured; none once ``process.pin_mmap_threshold`` is called), and sources other than
+float32 NIfTI when the volume cache is cold (an int32 or float64 file decodes through a
+float64 copy, up to ``20N`` for one volume instead of ``8N``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .._config import SSIM_AXES
+
+STAGES = ("fit", "evaluate", "predict")
+
+
+_MIB = 1 << 20
+
+
+#: ``numpy.lib.format.write_array`` writes an array to a file object that is not a real
+#: file (the zip member of ``io.npz_bytes``) through ``nditer(buffersize=16 MiB)``
+#: chunks, one ``bytes`` copy at a time.
+SAVEZ_CHUNK_BYTES = 16 * _MIB
+
+
+#: Compressed size of the weight-map npz members relative to their raw size.  The maps
+#: are constant over each tile's ``s^3`` label block and deflate to a few percent
+#: (measured 3% at 200x230x190x4); 5% is a generous bound.
+NPZ_RATIO = 0.05
+
+
+#: SSIM's 7x7 window, skimage's default (kernels.metrics): slices with a smaller side
+#: are skipped without scratch.
+_SSIM_WIN = 7
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """The memory terms of one stage (see the module docstring for how they add up).
+
+    Parameters
+    ----------
+    stage : {"fit", "evaluate", "predict"}
+        The pass.
+    per_patient_bytes : int
+        One patient in flight, without thread scratch.
+    per_thread_bytes : int
+        Scratch of one Numba thread.
+    per_task_bytes : int
+        Held once while the pool runs.
+    setup_bytes : int
+        Held once before the pool starts.
+    steps : dict of str to int
+        The per-patient steps above the mapped pages, for the log and the tests.
+    """
+
+    stage: str
+    per_patient_bytes: int
+    per_thread_bytes: int
+    per_task_bytes: int
+    setup_bytes: int
+    steps: dict[str, int] = field(default_factory=dict)
+
+
+def _voxels(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    if len(shape) != 3 or min(int(s) for s in shape) < 1:
+        raise ValueError(f"shape must be three positive lengths, got {tuple(shape)}")
+    n0, n1, n2 = (int(s) for s in shape)
+    return n0 * n1 * n2, n0, n1, n2
+
+
+def _tiles_per_axis(shape: Sequence[int], stride: int) -> tuple[int, int, int]:
+    return tuple(math.ceil(int(n) / stride) for n in shape)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ io
+def mapped_bytes(n_voxels: int, n_volumes: int) -> int:
+    """``io.VolumeStore`` pages of ``n_volumes`` float32 volumes, all touched: ``4N`` each."""
+    return 4 * n_voxels * n_volumes
+
+
+def load_bytes(n_voxels: int) -> int:
+    """Bytes of decoding one float32 NIfTI on a cold cache (``io._load``): ``8N``.
+
+    The file's bytes (compressed, then decompressed: ``4N``) and the C-order copy
+    (``4N``).  A patient decodes one input at a time, before any kernel touches its
+    mapped pages, so this is an alternative to the mapped pages, not an addition.
+    """
+    return 8 * n_voxels
+
+
+# ------------------------------------------------------------------ statistics (fit)
+def valid_mask_bytes(n_voxels: int, n0: int, n_experts: int) -> int:
+    """``kernels.stats._valid_mask``: the uint8 mask ``N`` and per-plane counts."""
+    return n_voxels + 8 * n0 * (n_experts + 1)
+
+
+def moments_bytes(n0: int, n_volumes: int) -> int:
+    """``kernels.stats._volume_moments``: per-plane count, sums and squares (float64)."""
+    return 8 * n0 * (2 * n_volumes + 1)
+
+
+def box_moments_thread_bytes(n2: int, n_experts: int, *, lambda_grad: float,
+                             lambda_edge: float, grad_operator: str) -> int:
+    """Per-thread scratch of ``kernels.stats._box_moments`` (the fit's statistics pass).
+
+    ``vals (M+1, N2)``, ``grads (3, M+1, N2)`` with gradients, ``sobs (3, 1, N2)`` when the
+    edge map cannot reuse the HR's sobel gradients, ``ets``, ``wps``, ``wes``, ``cnts``
+    ``(N2,)`` and ``accs (4, M + M(M+1)/2, N2)`` in 8 bytes, ``tmps (3, N2 + 2)`` float32.
+    The edge maximum's scratch (``_sobel_magnitude_max``) comes before and is smaller.
+    """
+    m = int(n_experts)
+    use_grad = lambda_grad > 0
+    use_edge = lambda_edge > 0
+    reuse_hr = use_grad and grad_operator == "sobel"
+    n_terms = m + m * (m + 1) // 2
+    rows = (m + 1) + (3 * (m + 1) if use_grad else 0) + (3 if use_edge and not reuse_hr else 0)
+    rows += 4 + 4 * n_terms                               # ets, wps, wes, cnts, accs
+    return 8 * n2 * rows + 12 * (n2 + 2)
+
+
+def box_parts_bytes(n_tiles: int, n_experts: int) -> int:
+    """One patient's decomposed statistics (``cellstats.CellStats``): parts and counts."""
+    m = int(n_experts)
+    return 8 * int(n_tiles) * (4 * (m + m * (m + 1) // 2) + 1)
+
+
+def statistics_bytes(n_tiles: int, n_experts: int) -> int:
+    """One patient's ``Q (T, M, M)``, ``B (T, M)`` float64 and ``counts (T,)`` int64."""
+    m = int(n_experts)
+    return 8 * int(n_tiles) * (m * m + m + 1)
+
+
+def solve_bytes(n_tiles: int, n_experts: int) -> int:
+    """``solve.fit_weights`` and ``laplacian_smooth`` on ``T x M`` arrays.
+
+    The finiteness check's boolean arrays ``T(M*M + M)``, the float64 solution ``8TM``,
+    its float32 copy ``4TM`` and smoothing's float32 output and float64 rows ``12TM``.
+    """
+    t, m = int(n_tiles), int(n_experts)
+    return t * (m * m + m) + 8 * t * m + 4 * t * m + 12 * t * m
+
+
+# ------------------------------------------------------------------ blending
+def brain_mask_bytes(n_voxels: int) -> int:
+    """``blending.brain_mask``: union-find labels, the uint8 mask and component sizes.
+
+    Labels are int32 (int64 from 2**31 voxels); the sizes are int64 per component, and
+    26-connected components that touch no other are at least two voxels apart on each
+    axis, so there are at most ``N/8`` of them: ``N`` bytes at most.
+    """
+    label = 4 if n_voxels < 2**31 - 1 else 8
+    return label * n_voxels + n_voxels + n_voxels
+
+
+def window_table_bytes(shape: Sequence[int], patch_size: int, stride: int) -> int:
+    """``kernels.blend._window_table``: one ``(c_d, p)`` float32 table per axis."""
+    return 4 * int(patch_size) * sum(_tiles_per_axis(shape, stride))
+
+
+def blend_bytes(n_voxels: int, shape: Sequence[int], patch_size: int, stride: int) -> int:
+    """``blending.blend_volume`` given a uint8 brain mask (``N``).
+
+    ``mask != 0`` is a second uint8 mask ``N``; the float32 blend ``4N``; the window tables.
+    """
+    return n_voxels + n_voxels + 4 * n_voxels + window_table_bytes(shape, patch_size, stride)
+
+
+def blend_thread_bytes(n2: int, n_experts: int) -> int:
+    """``kernels.blend._blend_volume`` per thread: 4 chunks of float32 rows.
+
+    Each chunk has ``xn (M, N2)``, ``tmp``, ``acc`` and ``den (N2,)``.
+    """
+    return 4 * 4 * n2 * (int(n_experts) + 3)
+
+
+# ------------------------------------------------------------------ metrics
+def ssim_slice_shape(shape: Sequence[int], ssim_axis: str | int) -> tuple[int, int]:
+    """In-plane shape of the SSIM slices along ``ssim_axis`` (``kernels.metrics._ssim_slices``)."""
+    axis = SSIM_AXES[ssim_axis] if isinstance(ssim_axis, str) else int(ssim_axis)
+    n0, n1, n2 = (int(s) for s in shape)
+    return ((n1, n2), (n0, n2), (n0, n1))[axis]
+
+
+def metrics_bytes(n_voxels: int) -> int:
+    """``metrics.volume_metrics``: the ``hr > 0`` boolean mask ``N`` (the blend apart)."""
+    return n_voxels
+
+
+def ssim_thread_bytes(shape: Sequence[int], ssim_axis: str | int) -> int:
+    """``kernels.metrics._ssim_slices`` per thread: slice buffers.
+
+    Two float32 slices, five float32 filtered slices and five float64 columns.
+    """
+    n_a, n_b = ssim_slice_shape(shape, ssim_axis)
+    if n_a < _SSIM_WIN or n_b < _SSIM_WIN:
+        return 0
+    return 28 * n_a * n_b + 40 * n_b + 40
+
+
+# ------------------------------------------------------------------ writes
+def nifti_write_bytes(n0: int, n1: int) -> int:
+    """``io.write_nifti`` of a C-order float32 volume: one ``N0 x N1`` slice.
+
+    nibabel writes the Fortran-order file slice by slice (python-isal keeps only a
+    small window).
+    """
+    return 4 * n0 * n1
+
+
+def weight_maps_bytes(n_voxels: int, n_experts: int) -> int:
+    """``blending.weight_maps`` and ``weight_analysis``: ``4NM + 8N``.
+
+    The per-voxel weights (float32), the entropy (float32) and dominant (int32) maps.
+    """
+    return 4 * n_voxels * int(n_experts) + 8 * n_voxels
+
+
+def npz_template_bytes(n_voxels: int, n_experts: int) -> int:
+    """``engine._WeightNpz``: both compressed npz templates.
+
+    The maps ``4NM`` twice, entropy and dominant ``8N``, compressed to `NPZ_RATIO`.
+    """
+    return int(NPZ_RATIO * (8 * n_voxels * int(n_experts) + 8 * n_voxels))
+
+
+# ------------------------------------------------------------------ stages
+def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: int,
+               stride: int, lambda_grad: float = 0.0, lambda_edge: float = 0.0,
+               grad_operator: str = "sobel", ssim_axis: str | int = "axial",
+               save_weight_volumes: bool = True, n_patients: int = 1) -> StageCost:
+    """Cost ``stage`` for volumes of ``shape`` and ``n_experts`` experts.
+
+    Parameters
+    ----------
+    stage : {"fit", "evaluate", "predict"}
+        ``fit``: ``engine.Engine._fit``; ``evaluate``: ``Engine._evaluate_split``;
+        ``predict``: ``predict.predict_files`` (one patient, no pool).
+    shape : sequence of 3 int
+        Volume shape.
+    n_experts : int
+        ``M``.
+    patch_size, stride : int
+        Tile geometry (``stride`` sets ``T``; both set the blend's window tables).
+    lambda_grad, lambda_edge : float, optional
+        Fit options: gradient terms and edge weights add per-line scratch only.
+    grad_operator : str, optional
+        With ``"sobel"`` and gradient terms on, the edge map reuses the HR's gradients.
+    ssim_axis : str or int, optional
+        Slice axis of the SSIM (its per-thread slice buffers).
+    save_weight_volumes : bool, optional
+        Whether evaluate writes the weight npz files of algorithm A8.
+    n_patients : int, optional
+        Patients of the stage (the fit keeps every patient's statistics until the
+        ordered sum).
+
+    Returns
+    -------
+    StageCost
+
+    Raises
+    ------
+    ValueError
+        On a bad stage, shape, expert count or tile geometry.
+
+    Notes
+    -----
+    fit
+        per patient: the mapped HR and experts ``4N(M+1)`` + the valid mask (alive
+        for the whole call) + the moments + the decomposed parts (`box_parts_bytes`); per
+        thread: `box_moments_thread_bytes`;
+        per task: every patient's Q, B, counts + their sums + `solve_bytes`.
+    evaluate
+        per patient: the mapped HR and experts + the largest of: the valid mask; the
+        brain mask; the blend (brain mask, its ``!= 0`` copy, the output, the window
+        tables); the metrics (blend + ``hr > 0`` mask); the writes (blend + one
+        slice, or after the blend is freed a copy of the npz templates).
+        Per thread: the larger of the blend's and the SSIM's scratch.  Per task: the
+        npz templates; setup: the maps they are compressed from and one savez chunk
+        (the templates made from them are the per-task term, already alive then).
+    predict
+        per patient: the mapped experts ``4NM`` + the largest of: the HR proxy
+        ``4N`` with one ``np.where`` copy and its ``isfinite`` mask ``5N`` while it
+        is summed; the proxy and the valid mask; the proxy and the brain mask; the
+        blend; the write.
+
+    Every stage also has the cold-cache decode `load_bytes` as an alternative peak.
+
+    Examples
+    --------
+    >>> c = stage_cost("evaluate", (160, 192, 160), 4, patch_size=32, stride=16)
+    >>> c.per_patient_bytes // 2**20, c.setup_bytes // 2**20
+    (154, 135)
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
+    n, n0, n1, n2 = _voxels(shape)
+    m = int(n_experts)
+    if m < 1:
+        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+    if int(patch_size) < 1 or not 1 <= int(stride) <= int(patch_size):
+        raise ValueError(f"need 1 <= stride <= patch_size, got patch_size={patch_size}, "
+                         f"stride={stride}")
+    c0, c1, c2 = _tiles_per_axis(shape, int(stride))
+    n_tiles = c0 * c1 * c2
+    load = load_bytes(n)
+
+    if stage == "fit":
+        # cellstats.box_statistics: the valid mask and moments, then _box_moments' parts;
+        # then combine() makes the patient's Q, B (the per-task term)
+        steps = {"statistics": valid_mask_bytes(n, n0, m) + moments_bytes(n0, m + 1)
+                 + box_parts_bytes(n_tiles, m)}
+        per = max(load, mapped_bytes(n, m + 1) + steps["statistics"])
+        thread = box_moments_thread_bytes(n2, m, lambda_grad=lambda_grad,
+                                          lambda_edge=lambda_edge, grad_operator=grad_operator)
+        task = (statistics_bytes(n_tiles, m) * (max(1, int(n_patients)) + 1)
+                + solve_bytes(n_tiles, m))
+        return StageCost(stage, int(per), int(thread), int(task), 0, steps)
+
+    blend = blend_bytes(n, shape, patch_size, stride)
+    hr_free = _hr_free_steps(n, n0, n1, m, blend)
+    if stage == "predict":
+        steps = hr_free
+        per = max(load, mapped_bytes(n, m) + max(steps.values()))
+        thread = blend_thread_bytes(n2, m)
+        return StageCost(stage, int(per), int(thread), 0, 0, steps)
+
+    template = npz_template_bytes(n, m) if save_weight_volumes else 0
+    steps = {
+        "valid mask": valid_mask_bytes(n, n0, m) + moments_bytes(n0, m + 1),
+        "brain mask": brain_mask_bytes(n),
+        "blend": blend,
+        "metrics": 4 * n + metrics_bytes(n),
+        "writes": max(4 * n + nifti_write_bytes(n0, n1), template),
+        # test split, after the blend is freed: each expert alone and the HR-free blend
+        # (scoring.test_extras), the largest predict step without the mapped pages
+        "scores": max(hr_free.values()),
+    }
+    task = template
+    setup = 0
+    if save_weight_volumes:
+        # the patient's NIfTI weight maps (mapfiles.write_blend_weight_maps): its brain
+        # mask N + one expert's float64 map and its float32 copy 12N
+        steps["weight maps"] = nifti_weight_maps_bytes(n)
+        task += nifti_weight_maps_task_bytes(n)
+        setup = max(weight_maps_bytes(n, m) + min(SAVEZ_CHUNK_BYTES, 4 * n * m),
+                    nifti_weight_maps_setup_bytes(n))
+    per = max(load, mapped_bytes(n, m + 1) + max(steps.values()))
+    thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis))
+    return StageCost(stage, int(per), int(thread), int(task), int(setup), steps)
+
+
+def _hr_free_steps(n: int, n0: int, n1: int, m: int, blend: int) -> dict[str, int]:
+    """Return the steps of one HR-free blend (``predict.predict_volume``) beside its experts.
+
+    The float32 HR proxy ``4N`` with one ``np.where`` copy and its ``isfinite`` mask
+    ``5N`` while it is summed; the proxy and the valid mask; the proxy and the brain mask;
+    the blend; the write.
+    """
+    proxy = 4 * n
+    return {
+        "proxy": proxy + 5 * n,
+        "valid mask": proxy + valid_mask_bytes(n, n0, m),
+        "brain mask": proxy + brain_mask_bytes(n),
+        "blend": blend,
+        "write": 4 * n + nifti_write_bytes(n0, n1),
+    }
+
+
+def nifti_weight_maps_bytes(n_voxels: int) -> int:
+    """One patient's NIfTI weight maps (``mapfiles.write_blend_weight_maps``).
+
+    Its brain mask ``N`` and one expert's float64 map with its float32 copy ``12N``.
+    """
+    return 13 * n_voxels
+
+
+def nifti_weight_maps_task_bytes(n_voxels: int) -> int:
+    """Return what ``engine._WeightNifti`` keeps for a task.
+
+    Float32 ``1/den`` and entropy maps and a uint8 label map.
+    """
+    return 9 * n_voxels
+
+
+def nifti_weight_maps_setup_bytes(n_voxels: int) -> int:
+    """Return the peak of ``weightmaps.BlendWeightMaps`` while it is built (``29N``)."""
+    return 29 * n_voxels

@@ -1,0 +1,176 @@
+"""The evaluate stage of a task: blend, score and write each patient of a split.
+
+:class:`EvaluateStage` is a part of :class:`~pacs_numba.runs.engine.Engine`; it uses the
+engine's config, caches, registration hooks and patient pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..core.blending import Normalisation, blend_patient
+from ..core.metrics import volume_metrics
+from ..core.model import StackingModel
+from ..core.scoring import test_extras
+from ..core.tiling import TileGrid
+from ..errors import InputError
+from ..resources.planning import StagePlan, check_tile_settings
+from ..store.layout import MODEL_FILE
+from ..store.mapfiles import WeightNifti, WeightNpz
+from ..store.modelfile import load_model, read_weights_json
+from ..store.nifti import write_nifti
+from ..store.record import RunRecord, fingerprints
+from .pool import PatientSkipped, describe_plan, join_reasons
+from .tasks import StageClock, Task
+
+log = logging.getLogger(__name__)
+
+
+class EvaluateStage:
+    """Blending, scoring and writing the patients of a split with a model (algorithm A7-A8)."""
+
+    def _load_weights(self, task: Task, path: Path, train: Mapping, test: Mapping) -> StackingModel:
+        shape = self._reference_shape(task, {**test, **train}, {})
+        check_tile_settings(self.pacs.patch_size, self.pacs.stride, shape, str(self.config.path))
+        grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
+        if path.suffix == ".npz":
+            model = load_model(path)
+            if model.grid != grid or model.model_names != self.models:
+                raise InputError(
+                    f"model '{path}' was made for grid {model.grid} and experts "
+                    f"{list(model.model_names)}; this task has {grid} and {list(self.models)}"
+                )
+            return model
+        weights, learned = read_weights_json(path, grid.n_tiles, len(self.models))
+        self._check_neighbour_model(path, grid)
+        log.info("evaluate %s: %d tiles from '%s'", task, int(learned.sum()), path)
+        return StackingModel(weights, learned, grid, self.models, {"weights_from": str(path)})
+
+    def _check_neighbour_model(self, path: Path, grid: TileGrid) -> None:
+        """Check that a weights.json next to our model file belongs to this task's grid.
+
+        The published weights.json names tile ids only; ids of another patch size or stride
+        can all be in range and still mean other tiles.  When the file sits next to the
+        ``pacs_model.npz`` it was written with, that file knows the grid: use it.
+        """
+        neighbour = Path(path).parent / MODEL_FILE
+        if not neighbour.is_file():
+            return
+        try:
+            other = load_model(neighbour)
+        except InputError:
+            return  # the weights.json stands on its own
+        if other.grid != grid or len(other.model_names) != len(self.models):
+            raise InputError(
+                f"weights file '{path}' was written with the model '{neighbour}' for grid "
+                f"{other.grid} and {len(other.model_names)} experts; this task has {grid} and "
+                f"{len(self.models)} experts (another patch_size, stride or volume shape)"
+            )
+
+    # ---------------------------------------------------------------- evaluate
+    def _evaluate_split(
+        self,
+        task: Task,
+        split: str,
+        patients: Mapping[str, Mapping[str, Any]],
+        model: StackingModel,
+        clock: StageClock,
+        skipped: dict[str, str],
+        nonfinite: dict[str, dict[str, int]],
+        record: RunRecord,
+        stage_plan: StagePlan | None,
+    ):
+        if not patients or stage_plan is None:
+            return {}, None
+        p = self.pacs
+        grid = model.grid
+        plan = stage_plan.pool.for_patients(len(patients))
+        log.info("evaluate %s %s: %s", task, split, describe_plan(plan))
+        lay = self.layout(task)
+        npz: WeightNpz | None = None
+        nifti_maps: WeightNifti | None = None
+        if p.save_weight_volumes and split == "test":
+            with clock("writes"):  # before the pool: the maps never meet a patient in flight
+                npz = WeightNpz(model, task.spacing, task.pulse)
+                nifti_maps = WeightNifti(model, p.mixing_window)
+                nifti_maps.write_model(lay.model_dir)
+
+        def eval_one(pid: str):
+            paths = patients[pid]
+            inputs = fingerprints([paths["HR"], *paths["experts"]])
+            kept = record.reusable_patient(split, pid, inputs)
+            if kept is not None:
+                log.info("patient=%s split=%s resumed (outputs complete)", pid, split)
+                return kept
+            outputs: list[Path] = []
+            hr, experts = self._load(pid, paths, clock, skipped, nonfinite)
+            self._check_grid(pid, paths["HR"], hr.data.shape, grid)
+            t0 = time.perf_counter()
+            exp = [e.data for e in experts]
+            with clock("blend"):
+                try:  # algorithm A7: statistics from the HR; brain mask from the HR or atlas
+                    norm = Normalisation.from_hr(hr.data, exp)
+                    bmask = self._brain_mask(task, hr.data)
+                    blend = blend_patient(
+                        exp, grid, model.weights, window=p.mixing_window, norm=norm,
+                        brain_mask=bmask,
+                    )
+                except InputError as exc:
+                    msg = f"HR '{paths['HR']}': {exc}"
+                    log.warning("skipping patient %s: %s", pid, msg)
+                    skipped[pid] = msg
+                    raise PatientSkipped(pid) from exc
+            with clock("metrics"):
+                m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
+            with clock("writes"):
+                if p.save_blends:
+                    target = lay.blend(split, pid)
+                    write_nifti(target, blend, hr.meta.affine, hr.meta.header)
+                    outputs.append(target)
+                del blend  # before the extras below: their blend then replaces it in memory
+            extra: dict[str, Any] = {}
+            if split == "test":
+                with clock("metrics"):  # each expert alone, and the HR-free protocol
+                    # with registration every blend, the HR-free one too, takes the atlas mask
+                    extra = test_extras(
+                        hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
+                        mask=bmask if self.registrar is not None else None,
+                    )
+            if nifti_maps is None:
+                del bmask
+            affine = hr.meta.affine
+            with clock("writes"):
+                # The npz writes below are the slowest step: release this patient's mapped
+                # volumes first so they do not count against other patients.
+                del exp, experts, hr
+                if npz is not None:
+                    outputs += npz.write(lay, pid)
+                if nifti_maps is not None:
+                    outputs += nifti_maps.write_patient(lay.model_dir, pid, affine, bmask)
+                    del bmask
+            log.info(
+                "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
+                pid,
+                split,
+                time.perf_counter() - t0,
+                m["psnr"],
+                m["ssim"],
+                m["mse"],
+                m["mae"],
+            )
+            result: dict[str, Any] = {k: float(v) for k, v in m.items()}  # every metric made
+            result.update(extra)
+            record.add_patient(split, pid, inputs, outputs, result)
+            return result
+
+        res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
+        if not res:
+            raise InputError(
+                f"task {task}: every {split} patient was skipped: "
+                + join_reasons({pid: skipped.get(pid, "?") for pid in patients})
+            )
+        return {pid: res[pid] for pid in patients if pid in res}, plan

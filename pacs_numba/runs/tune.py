@@ -1,0 +1,518 @@
+"""K-fold cross-validated sweep over the fit settings (``pacs-numba tune``).
+
+Every candidate setting is fitted on each fold's training patients and scored on the fold's
+held-out patients with the HR-free protocol of ``predict`` (algorithm B6): the z-score
+statistics and the brain mask come from the experts, never from the target, so the score is
+what a user would get on a new patient.  Each single expert is scored the same way (its
+volume times the same experts' brain mask) for the baseline.
+
+Cost: a patient is read once per *statistics key* (:class:`pacs_numba.core.cellstats.StatsKey`),
+not once per candidate and fold.  All ``first_block`` candidates share one pass at the
+greatest common divisor of their strides (coarser strides are sums of cells), with the edge
+and gradient parts if any candidate uses them; ``window`` candidates need one pass per
+(patch, stride, window).  Every lambda, every fold and the ridge/smoothing then cost a sum
+and a small QP per tile.  Blending and scoring the held-out patients (one blend per
+candidate, fold and held-out patient) is what remains.
+
+Resume: each (candidate, fold, spacing, pulse) result is written atomically to
+``results/<id>.json`` as it finishes; the id hashes the candidate, the fixed settings and
+the fold's patient split, so a rerun skips finished units and a changed config starts anew.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..config import FIT_REGIONS, MIXING_WINDOWS, FullConfig, dump_config
+from ..core.blending import Normalisation, blend_patient, brain_mask, expert_mean
+from ..core.cellstats import CellStats, StatsKey, combine, sum_stats
+from ..core.metrics import volume_metrics
+from ..core.solve import fit_weights, laplacian_smooth
+from ..core.tiling import TileGrid
+from ..errors import ConfigError, InputError
+from ..store.atomic import atomic_write_json, atomic_write_text
+from ..store.manifest import load_manifest, select_task
+from ..store.statscache import StatsCache
+from ..store.volumes import VolumeStore, file_fingerprint
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+
+#: Swept keys, in table order, with their types.
+SWEPT = {
+    "patch_size": int,
+    "stride": int,
+    "lambda_ridge": float,
+    "lambda_edge": float,
+    "lambda_grad": float,
+    "laplacian_tau": float,
+    "fit_region": str,
+    "mixing_window": str,
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of the swept ``pacs_sr`` keys."""
+
+    patch_size: int
+    stride: int
+    lambda_ridge: float
+    lambda_edge: float
+    lambda_grad: float
+    laplacian_tau: float
+    fit_region: str
+    mixing_window: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the swept keys and their values."""
+        return dataclasses.asdict(self)
+
+    @property
+    def window(self) -> str:
+        """The window the blend really uses (flat without overlap, algorithm A7.2)."""
+        return "flat" if self.stride >= self.patch_size else self.mixing_window
+
+
+def _values(file: Path, grid: Mapping[str, Any], name: str, base: Any) -> list[Any]:
+    raw = grid.get(name, [base])
+    if not isinstance(raw, list):
+        raw = [raw]
+    if not raw:
+        raise ConfigError(f"{file}: {name}: expected a non-empty list of values")
+    kind = SWEPT[name]
+    out = []
+    for v in raw:
+        if kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            want = "integers >= 1"
+        elif kind is float:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
+                and v >= 0 and (name != "laplacian_tau" or v <= 1)
+            want = "numbers in [0, 1]" if name == "laplacian_tau" else "numbers >= 0"
+        else:
+            choices = FIT_REGIONS if name == "fit_region" else MIXING_WINDOWS
+            ok = isinstance(v, str) and v.lower() in choices
+            want = f"one of {list(choices)}"
+            v = v.lower() if ok else v
+        if not ok:
+            raise ConfigError(f"{file}: {name}: {v!r} is not valid; expected {want}")
+        out.append(kind(v))
+    return list(dict.fromkeys(out))
+
+
+def load_grid(path: str | os.PathLike[str], config: FullConfig) -> list[Candidate]:
+    """Read a sweep grid: the cartesian product of the listed values.
+
+    Parameters
+    ----------
+    path : path-like
+        YAML mapping of swept keys (:data:`SWEPT`) to a value or a list of values, e.g.
+        ``{stride: [8, 16], lambda_edge: [0, 0.5]}``; keys left out keep the config's value.
+        Combinations with ``stride > patch_size`` are dropped.  Without overlap
+        (``stride == patch_size``) the window and the fit region make no difference, so
+        such combinations count once.
+    config : FullConfig
+        Supplies the values of keys the grid leaves out.
+
+    Returns
+    -------
+    list of Candidate
+        The config's own setting first, then the grid in product order, without duplicates
+        (the window is ignored where tiles do not overlap).
+
+    Raises
+    ------
+    ConfigError
+        On an unreadable file, an unknown key or an invalid value (the message names the
+        file and key), or a grid without any valid combination.
+    """
+    file = Path(path)
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"grid file '{file}' does not exist") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"grid file '{file}' is not readable YAML: {exc}") from exc
+    if not isinstance(doc, dict) or not doc:
+        raise ConfigError(
+            f"{file}: expected a mapping of pacs_sr keys to lists of values, e.g. "
+            "'stride: [8, 16]'"
+        )
+    unknown = sorted(set(doc) - set(SWEPT))
+    if unknown:
+        raise ConfigError(f"{file}: cannot sweep {unknown}; sweepable keys: {list(SWEPT)}")
+    base = config.pacs_sr
+    lists = [_values(file, doc, k, getattr(base, k)) for k in SWEPT]
+    own = Candidate(*(getattr(base, k) for k in SWEPT))
+    valid = [c for c in (Candidate(*v) for v in itertools.product(*lists))
+             if c.stride <= c.patch_size]
+    if not valid:
+        raise ConfigError(f"{file}: every combination has stride > patch_size")
+    seen: dict[tuple, Candidate] = {}
+    for c in [own, *valid]:
+        # Without overlap a box is its label cell and the window is flat: one fit, one blend.
+        region = "first_block" if c.stride == c.patch_size else c.fit_region
+        ident = (*dataclasses.astuple(c)[:-2], region, c.window)
+        seen.setdefault(ident, c)
+    cands = list(seen.values())
+    return cands
+
+
+@dataclass
+class TuneResult:
+    """What :func:`run_tune` produced."""
+
+    table: list[dict[str, Any]]
+    experts: dict[str, dict[str, float]]
+    best: Candidate
+    out_dir: Path
+    units_done: int
+    units_resumed: int
+    timings_s: dict[str, float]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stats_key(c: Candidate, cell: int, pacs: Any, edge: bool, grad: bool) -> StatsKey:
+    if c.fit_region == "first_block":
+        return StatsKey.make(region="first_block", stride=cell, patch_size=cell, window="flat",
+                             edge_power=pacs.edge_power, grad_operator=pacs.grad_operator,
+                             with_edge=edge, with_grad=grad)
+    return StatsKey.make(region="window", stride=c.stride, patch_size=c.patch_size,
+                         window=c.mixing_window, edge_power=pacs.edge_power,
+                         grad_operator=pacs.grad_operator, with_edge=edge, with_grad=grad)
+
+
+class _Patients:
+    """Volumes, statistics and held-out preprocessing of one (spacing, pulse)."""
+
+    def __init__(self, store: VolumeStore, cache: StatsCache, paths: Mapping[str, Mapping]):
+        self.store = store
+        self.cache = cache
+        self.paths = paths
+        self.reads = 0
+        self._held: dict[str, tuple] = {}
+
+    def files(self, pid: str) -> list[str]:
+        return [self.paths[pid]["HR"], *self.paths[pid]["experts"]]
+
+    def load(self, pid: str) -> tuple[np.ndarray, list[np.ndarray]]:
+        self.reads += 1
+        hr = self.store.get(self.paths[pid]["HR"])
+        return hr.data, [self.store.get(p).data for p in self.paths[pid]["experts"]]
+
+    def stats(self, pid: str, key: StatsKey, pacs: Any) -> CellStats:
+        return self.cache.get(self.files(pid), key, lambda: self.load(pid),
+                              edge_power=pacs.edge_power, grad_operator=pacs.grad_operator)
+
+    def held_out(self, pid: str, ssim_axis: str) -> tuple:
+        """HR, experts, expert-derived normalisation and brain mask, single-expert scores."""
+        if pid not in self._held:
+            hr, experts = self.load(pid)
+            proxy = expert_mean(experts)
+            norm = Normalisation.from_experts(experts, proxy)
+            mask = brain_mask(proxy)
+            del proxy
+            single = [
+                volume_metrics(hr, (x * mask).astype(np.float32), ssim_axis=ssim_axis)
+                for x in experts
+            ]
+            self._held[pid] = (hr, experts, norm, mask, single)
+        return self._held[pid]
+
+
+def run_tune(
+    config: FullConfig,
+    candidates: Sequence[Candidate],
+    out_dir: str | os.PathLike[str],
+    *,
+    folds: Iterable[int] | None = None,
+    spacings: Sequence[str] | None = None,
+    pulses: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    no_progress: bool = False,
+) -> TuneResult:
+    """Cross-validate ``candidates`` and write the ranked table and the best config.
+
+    Parameters
+    ----------
+    config : FullConfig
+        The base config (data, manifest, fixed fit settings such as ``simplex``,
+        ``edge_power``, ``grad_operator``, ``ssim_axis``).
+    candidates : sequence of Candidate
+        Settings to compare (:func:`load_grid`).
+    out_dir : path-like
+        Receives ``results/`` (one JSON per finished unit), ``tune_results.csv``,
+        ``tune_results.md`` and ``best_config.yaml``.
+    folds : iterable of int, optional
+        1-based folds to use (default: all of the manifest's).
+    spacings, pulses : sequence of str, optional
+        Subsets of ``data.spacings`` / ``data.pulses`` (default: all).
+    cache_dir : path-like, optional
+        Volume cache (the statistics live in its ``cellstats`` folder).
+    no_progress : bool
+        Log progress lines instead of a tqdm bar.
+
+    Returns
+    -------
+    TuneResult
+        Ranked rows (best mean held-out PSNR first), per-expert baselines, the best
+        candidate and counts of units computed and resumed.
+
+    Raises
+    ------
+    ConfigError
+        On a bad fold, spacing or pulse, or no candidate.
+    InputError
+        If an input file cannot be read.
+    """
+    t_start = time.perf_counter()
+    if not candidates:
+        raise ConfigError("no candidate settings to tune")
+    out = Path(out_dir)
+    results_dir = out / "results"
+    pacs = config.pacs_sr
+    models = tuple(config.data.models)
+    manifest = load_manifest(config.data.out)
+    k = len(manifest["folds"])
+    fold_list = sorted(set(folds)) if folds is not None else list(range(1, k + 1))
+    for f in fold_list:
+        if not 1 <= f <= k:
+            raise ConfigError(f"--folds {f}: the manifest has folds 1..{k}")
+    for name, chosen, allowed in (("spacing", spacings, config.data.spacings),
+                                  ("pulse", pulses, config.data.pulses)):
+        for v in chosen or ():
+            if v not in allowed:
+                raise ConfigError(f"--{name} {v!r}: data.{name}s in the config has {list(allowed)}")
+    spacing_list = list(spacings or config.data.spacings)
+    pulse_list = list(pulses or config.data.pulses)
+    store = VolumeStore(cache_dir)
+    cache = StatsCache(store.directory / "cellstats")
+    fixed = {"simplex": pacs.simplex, "edge_power": pacs.edge_power,
+             "grad_operator": pacs.grad_operator, "ssim_axis": pacs.ssim_axis,
+             "models": list(models), "protocol": "hr-free-v1"}
+
+    # Shared statistics: one first_block pass per patient at the gcd of the strides.
+    fb = [c for c in candidates if c.fit_region == "first_block"]
+    cell = math.gcd(*(c.stride for c in fb)) if fb else 1
+    need_edge = any(c.lambda_edge > 0 for c in candidates)
+    need_grad = any(c.lambda_grad > 0 for c in candidates)
+
+    def group_of(c: Candidate) -> tuple:
+        if c.fit_region == "first_block":
+            return ("first_block", c.stride)
+        return ("window", c.stride, c.patch_size, c.window)
+
+    groups: dict[tuple, list[Candidate]] = {}
+    for c in candidates:
+        groups.setdefault(group_of(c), []).append(c)
+
+    splits = {
+        (f, s, p): select_task(manifest, f, s, p, models)
+        for f in fold_list for s in spacing_list for p in pulse_list
+    }
+    # Inputs by fingerprint (path, size, mtime): a rewritten file makes new units.
+    inputs = {
+        (s, p, pid): [file_fingerprint(x) for x in [v["HR"], *v["experts"]]]
+        for (_, s, p), (train, test) in splits.items() for pid, v in {**train, **test}.items()
+    }
+    unit_paths: dict[tuple, Path] = {}
+    for c in candidates:
+        for (f, s, p), (train, test) in splits.items():
+            ident = _digest({"c": c.as_dict(), "fixed": fixed, "spacing": s, "pulse": p,
+                             "train": {pid: inputs[(s, p, pid)] for pid in train},
+                             "test": {pid: inputs[(s, p, pid)] for pid in test}})
+            unit_paths[(c, f, s, p)] = results_dir / f"{ident}.json"
+    done = {u for u, path in unit_paths.items() if path.exists()}
+    n_units = len(unit_paths)
+    log.info("tune: %d candidates x %d folds x %d spacings x %d pulses = %d units, %d done "
+             "already; %d statistics groups (first_block cell %d)", len(candidates),
+             len(fold_list), len(spacing_list), len(pulse_list), n_units, len(done),
+             len(groups), cell)
+    timings = {"statistics": 0.0, "fit": 0.0, "blend_metrics": 0.0}
+    computed = 0
+    with progress(n_units, "tune", unit="fits", disabled=no_progress) as bar:
+        if done:
+            bar.update(len(done))
+        for s in spacing_list:
+            for p in pulse_list:
+                paths: dict[str, Mapping] = {}
+                for f in fold_list:
+                    train, test = splits[(f, s, p)]
+                    paths.update(train)
+                    paths.update(test)
+                pats = _Patients(store, cache, paths)
+                for gkey, members in groups.items():
+                    todo = [(c, f) for c in members for f in fold_list
+                            if (c, f, s, p) not in done]
+                    if not todo:
+                        continue
+                    skey = _stats_key(members[0], cell, pacs, need_edge, need_grad)
+                    for f in sorted({f for _, f in todo}):
+                        train, test = splits[(f, s, p)]
+                        if not train:
+                            raise InputError(f"fold {f} {s} {p}: the manifest has no training "
+                                             "patients")
+                        t0 = time.perf_counter()
+                        per = [pats.stats(pid, skey, pacs) for pid in train]
+                        st = sum_stats(per)
+                        del per
+                        if gkey[0] == "first_block":
+                            st = st.coarsen(gkey[1])
+                        timings["statistics"] += time.perf_counter() - t0
+                        for c in [c for c, ff in todo if ff == f]:
+                            unit = _fit_and_score(c, st, pats, test, pacs, models, timings)
+                            unit.update(candidate=c.as_dict(), fold=f, spacing=s, pulse=p)
+                            atomic_write_json(unit_paths[(c, f, s, p)], unit, indent=1)
+                            computed += 1
+                            bar.update(1)
+                log.debug("tune %s %s: %d volume reads", s, p, pats.reads)
+    table, experts = _rank(candidates, unit_paths)
+    best = Candidate(**table[0]["candidate"])
+    _write_outputs(out, config, table, experts, best)
+    timings["total"] = time.perf_counter() - t_start
+    log.info("tune: best %s: held-out PSNR %.4f dB (%+.4f dB vs the best expert %s); "
+             "%d units computed, %d resumed", _label(best), table[0]["psnr"],
+             table[0]["gain_psnr"], experts["_best"]["name"], computed, n_units - computed)
+    return TuneResult(table, experts, best, out, computed, n_units - computed, timings)
+
+
+def _fit_and_score(
+    c: Candidate, st: CellStats, pats: _Patients, test: Mapping[str, Mapping], pacs: Any,
+    models: Sequence[str], timings: dict[str, float],
+) -> dict[str, Any]:
+
+    t0 = time.perf_counter()
+    grid = TileGrid(st.shape, c.patch_size, c.stride)
+    Q, B = combine(st, lambda_edge=c.lambda_edge, lambda_grad=c.lambda_grad)
+    weights, learned = fit_weights(Q, B, st.counts, grid.counts, simplex=pacs.simplex,
+                                   lambda_ridge=c.lambda_ridge, laplacian_tau=0.0)
+    if c.laplacian_tau > 0:
+        weights = laplacian_smooth(weights, learned, grid.counts, c.laplacian_tau)
+    t1 = time.perf_counter()
+    timings["fit"] += t1 - t0
+    per: dict[str, Any] = {}
+    for pid in test:
+        hr, experts, norm, mask, single = pats.held_out(pid, pacs.ssim_axis)
+        if hr.shape != grid.shape:
+            raise InputError(f"patient {pid}: HR shape {hr.shape}; the training grid is "
+                             f"{grid.shape}")
+        blend = blend_patient(experts, grid, weights, window=c.mixing_window, norm=norm,
+                              brain_mask=mask)
+        m = volume_metrics(hr, blend, ssim_axis=pacs.ssim_axis)
+        per[pid] = {
+            "psnr": float(m["psnr"]), "ssim": float(m["ssim"]),
+            "experts": {name: {"psnr": float(e["psnr"]), "ssim": float(e["ssim"])}
+                        for name, e in zip(models, single, strict=True)},
+        }
+    timings["blend_metrics"] += time.perf_counter() - t1
+    return {"patients": per, "learned_tiles": int(learned.sum()), "fit_s": t1 - t0}
+
+
+def _label(c: Candidate) -> str:
+    return (f"patch={c.patch_size} stride={c.stride} ridge={c.lambda_ridge:g} "
+            f"edge={c.lambda_edge:g} grad={c.lambda_grad:g} tau={c.laplacian_tau:g} "
+            f"fit={c.fit_region} window={c.window}")
+
+
+def _rank(
+    candidates: Sequence[Candidate], unit_paths: Mapping[tuple, Path]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    rows = []
+    expert_scores: dict[str, dict[str, list[float]]] = {}
+    for i, c in enumerate(candidates):
+        psnr, ssim = [], []
+        for (cc, *_), path in unit_paths.items():
+            if cc != c:
+                continue
+            try:
+                unit = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"tune result '{path}' is unreadable ({exc}); delete it and "
+                                 "rerun") from exc
+            for _pid, r in sorted(unit["patients"].items()):
+                psnr.append(r["psnr"])
+                ssim.append(r["ssim"])
+                if i == 0:
+                    for name, e in r["experts"].items():
+                        d = expert_scores.setdefault(name, {"psnr": [], "ssim": []})
+                        d["psnr"].append(e["psnr"])
+                        d["ssim"].append(e["ssim"])
+        rows.append({"candidate": c.as_dict(), "config_default": i == 0,
+                     "psnr": float(np.mean(psnr)) if psnr else float("nan"),
+                     "ssim": float(np.mean(ssim)) if ssim else float("nan"),
+                     "n_eval": len(psnr)})
+    experts = {n: {"psnr": float(np.mean(d["psnr"])), "ssim": float(np.mean(d["ssim"]))}
+               for n, d in expert_scores.items()}
+    best_name = max(experts, key=lambda n: experts[n]["psnr"])
+    for r in rows:
+        r["gain_psnr"] = r["psnr"] - experts[best_name]["psnr"]
+        r["gain_ssim"] = r["ssim"] - experts[best_name]["ssim"]
+    rows.sort(key=lambda r: (-r["psnr"], -r["ssim"]))
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    experts["_best"] = {"name": best_name, **experts[best_name]}  # type: ignore[dict-item]
+    return rows, experts
+
+
+def _write_outputs(
+    out: Path, config: FullConfig, table: list[dict[str, Any]],
+    experts: Mapping[str, Any], best: Candidate,
+) -> None:
+    cols = ["rank", *SWEPT, "psnr", "ssim", "gain_psnr", "gain_ssim", "n_eval", "config_default"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in table:
+        flat = {**r["candidate"], **r}
+        w.writerow([flat[c] for c in cols])
+    atomic_write_text(out / "tune_results.csv", buf.getvalue())
+    best_name = experts["_best"]["name"]
+    lines = [
+        "# pacs-numba tune",
+        "",
+        "Held-out PSNR/SSIM, mean over every (fold, spacing, pulse, held-out patient); "
+        "normalisation and brain mask from the experts (no HR). Gains are against the best "
+        f"single expert, **{best_name}**.",
+        "",
+        "| expert | PSNR (dB) | SSIM |",
+        "|---|---:|---:|",
+        *(f"| {n} | {e['psnr']:.4f} | {e['ssim']:.4f} |" for n, e in experts.items()
+          if n != "_best"),
+        "",
+        "| rank | " + " | ".join(SWEPT) + " | PSNR (dB) | SSIM | gain PSNR | gain SSIM |",
+        "|" + "---:|" * (len(SWEPT) + 5),
+    ]
+    for r in table:
+        c = r["candidate"]
+        mark = " (config)" if r["config_default"] else ""
+        lines.append(
+            f"| {r['rank']}{mark} | " + " | ".join(f"{c[k]:g}" if isinstance(c[k], float)
+                                                   else str(c[k]) for k in SWEPT)
+            + f" | {r['psnr']:.4f} | {r['ssim']:.4f} | {r['gain_psnr']:+.4f} | "
+            f"{r['gain_ssim']:+.4f} |"
+        )
+    atomic_write_text(out / "tune_results.md", "\n".join(lines) + "\n")
+    best_cfg = dataclasses.replace(config, pacs_sr=dataclasses.replace(config.pacs_sr,
+                                                                       **best.as_dict()))
+    dump_config(best_cfg, out / "best_config.yaml")

@@ -1,0 +1,605 @@
+"""NIfTI input/output, the shared volume cache, and atomic writers.
+
+This is the only module that imports nibabel.
+
+Reading (algorithm B1)
+    :func:`read_nifti` returns a volume exactly as
+    ``nibabel.load(p).get_fdata(dtype=np.float32)`` would (scaling applied the
+    nibabel way, a trailing singleton 4th axis squeezed), but C-ordered.
+    ``.nii.gz`` files are decompressed with python-isal, about twice as fast as
+    nibabel's reader, and nibabel then parses the in-memory bytes.
+
+Caching (algorithm B1)
+    A ``.nii.gz`` cannot be memory-mapped and nibabel hands data back in Fortran
+    order, so :class:`VolumeStore` decompresses, scales and reorders each input
+    once into a float32 C-order ``.npy`` file and afterwards opens it with
+    ``np.load(mmap_mode="r")``.  Every thread and every process on the node that
+    points at the same directory then shares one copy in the page cache.
+
+Writing (algorithm A8)
+    Every writer writes a temporary file in the destination folder and moves it
+    into place with :func:`os.replace`, so a reader never sees a partial file
+    under the final name, and the temporary file is removed on failure.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import InputError, OutputError
+from .atomic import host_tag, install_file
+from .integrity import (
+    content_sample,
+    open_regular,
+    sweep_temp_files,
+    writer_gone,
+)
+from .locks import node_lock
+from .nifti import NiftiMeta, load_volume
+
+log = logging.getLogger(__name__)
+
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process lock, atomic renames still keep entries whole
+    fcntl = None  # type: ignore[assignment]
+
+
+#: Environment variable naming the volume cache directory.
+CACHE_DIR_ENV = "PACS_NUMBA_CACHE_DIR"
+
+
+#: Version of the cache entry layout; part of the key, so a new layout never reads an old entry.
+#: 2: the key also covers device, inode, ctime and a content sample of the source.
+CACHE_FORMAT = 2
+
+
+#: Temporary cache files untouched for this long belong to a killed process; ``clear`` removes them.
+STALE_TEMP_S = 3600.0
+
+
+
+
+
+
+
+
+_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+_ENTRY_RE = re.compile(r"^([0-9a-f]{32})\.(npy|json)$")
+
+
+_TEMP_RE = re.compile(r"^\.([0-9a-f]{32})\.(npy|json)\.tmp-.+$")
+
+
+_LOCK_RE = re.compile(r"^\.([0-9a-f]{32})\.lock$")
+
+
+_CHUNK_ELEMS = 1 << 22  # nonfinite counting in 16 MB float32 chunks keeps temporaries small
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Identify a file's current version for resume records.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    dict
+        ``{"path": absolute path (str), "size": bytes (int), "mtime_ns": int, "ctime_ns": int,
+        "sample": content sample (str)}`` (see :func:`integrity.content_sample`).
+
+    Raises
+    ------
+    InputError
+        If the file does not exist, cannot be examined or is not a regular file.
+    """
+    p = Path(os.path.abspath(path))
+    try:
+        fd = open_regular(p)
+    except FileNotFoundError:
+        raise InputError(f"input '{p}' does not exist") from None
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot examine input '{p}': {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        sample = content_sample(fd, st.st_size)
+    except OSError as exc:
+        raise InputError(f"cannot read input '{p}': {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),
+            "ctime_ns": int(st.st_ctime_ns), "sample": sample}
+
+
+@dataclass(frozen=True, eq=False)
+class CachedVolume:
+    """A volume served from the cache.
+
+    Attributes
+    ----------
+    data : (X, Y, Z) float32 ndarray
+        Read-only, C-contiguous view of a memory map of the cache entry: the layout every
+        kernel is compiled for (``_arrays.as_volume`` returns it unchanged, without a copy).
+    meta : NiftiMeta
+    source : pathlib.Path
+        Absolute path of the NIfTI file, as given (symlinks not resolved).
+    nonfinite : int
+        Number of NaN or infinite voxels, counted once when the entry was made.
+    entry : pathlib.Path
+        The ``.npy`` file mapped by ``data``.
+    """
+
+    data: NDArray[np.float32]
+    meta: NiftiMeta
+    source: Path
+    nonfinite: int
+    entry: Path
+
+
+class _BadEntry(Exception):
+    """A cache entry exists but cannot be used; the message says why."""
+
+
+class VolumeStore:
+    """Decompress each NIfTI input once into a shared cache of memory-mappable ``.npy`` files.
+
+    Parameters
+    ----------
+    cache_dir : str or path-like, optional
+        The cache directory.  Default: ``$PACS_NUMBA_CACHE_DIR`` if set, else
+        ``<tempfile.gettempdir()>/pacs_numba-<user>/volumes`` (created with mode 0o700).
+        The directory is created if needed and checked to be writable at construction.
+
+    Raises
+    ------
+    InputError
+        If the directory cannot be created or is not writable, or the default directory
+        belongs to another user.
+
+    Notes
+    -----
+    An entry is ``<key>.npy`` (float32, C order) plus ``<key>.json`` (source path, size and
+    mtime, shape, affine, zooms, header, nonfinite count, format version), where ``key`` hashes
+    the source's resolved absolute path, size and ``mtime_ns``: a rewritten source gets a new
+    key.  An entry is created under unique temporary names in the cache directory and moved
+    into place with :func:`os.replace`, the ``.npy`` first and the ``.json`` last, so the
+    ``.json`` marks a complete entry.  Within one process a per-key lock makes concurrent
+    ``get`` calls for one file decompress it once.  Across processes (SLURM array tasks on one
+    node) an advisory ``flock`` on ``.<key>.lock`` lets one process build while the others
+    wait and then map its entry; where locks do not work, two creators may both decompress,
+    but each rename installs a complete and identical file, so the last writer wins
+    harmlessly.  An entry whose sidecar does not match its source or cannot be parsed, or whose
+    ``.npy`` has the wrong header or size, is rebuilt with a WARNING.  Mappings already handed
+    out stay valid when an entry is replaced or removed (POSIX keeps the old inode alive).
+
+    On SLURM, ``tempfile.gettempdir()`` is often a per-job ``$TMPDIR`` that is wiped at the end
+    of the job; set ``PACS_NUMBA_CACHE_DIR`` (or ``--cache-dir``) to node-local or shared
+    scratch so that array tasks share one cache.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        default = False
+        if cache_dir is None:
+            env = os.environ.get(CACHE_DIR_ENV, "").strip()
+            if env:
+                cache_dir = env
+            else:
+                cache_dir = Path(tempfile.gettempdir()) / f"pacs_numba-{_user_tag()}" / "volumes"
+                default = True
+        self.directory = Path(os.path.abspath(os.path.expanduser(cache_dir)))
+        self.read_count = 0
+        self._guard = threading.Lock()  # protects _key_locks, _live and read_count
+        self._key_locks: dict[str, threading.Lock] = {}
+        # Entries handed out and still referenced: a second get() reuses the mapping.
+        self._live: weakref.WeakValueDictionary[str, CachedVolume] = weakref.WeakValueDictionary()
+        self._ensure_dir(default)
+
+    def __repr__(self) -> str:
+        return f"VolumeStore({str(self.directory)!r})"
+
+    # -- directory --------------------------------------------------------------------
+
+    def _ensure_dir(self, default: bool = False) -> None:
+        d = self.directory
+        hint = f"choose a writable directory with --cache-dir or {CACHE_DIR_ENV}"
+        try:
+            if default:
+                d.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                st = d.parent.lstat()
+                if not d.parent.is_dir() or d.parent.is_symlink() or st.st_uid != os.getuid():
+                    raise InputError(
+                        f"volume cache directory '{d.parent}' is not a directory owned by you; "
+                        f"{hint}"
+                    )
+                d.mkdir(mode=0o700, exist_ok=True)
+            else:
+                d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".probe-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except InputError:
+            raise
+        except OSError as exc:
+            raise InputError(
+                f"volume cache directory '{d}' is not writable ({exc.strerror or exc}); {hint}"
+            ) from exc
+
+    def info(self) -> dict[str, Any]:
+        """Describe the cache.
+
+        Returns
+        -------
+        dict
+            ``directory`` (str), ``entries`` (complete entries, int), ``total_bytes`` (bytes of
+            all cache files including temporaries, int), ``temp_files`` (int),
+            ``stale_temp_files`` (temporary files whose writer is gone, see
+            :meth:`sweep_temps`; int), ``stale_temp_bytes`` (int), ``writable`` (bool).
+        """
+        keys: set[str] = set()
+        npys: set[str] = set()
+        total = temps = stale = stale_bytes = 0
+        now_ns = time.time_ns()
+        for e in self._scan():
+            name = e.name
+            m = _ENTRY_RE.match(name)
+            try:
+                st = e.stat()
+            except OSError:
+                continue
+            total += st.st_size
+            if m:
+                (npys if m.group(2) == "npy" else keys).add(m.group(1))
+            elif _TEMP_RE.match(name):
+                temps += 1
+                if self._temp_gone(Path(e.path), st.st_mtime_ns, now_ns):
+                    stale += 1
+                    stale_bytes += st.st_size
+        return {
+            "directory": str(self.directory),
+            "entries": len(keys & npys),
+            "total_bytes": total,
+            "temp_files": temps,
+            "stale_temp_files": stale,
+            "stale_temp_bytes": stale_bytes,
+            "writable": os.access(self.directory, os.W_OK | os.X_OK),
+        }
+
+    @staticmethod
+    def _temp_gone(path: Path, mtime_ns: int, now_ns: int) -> bool:
+        """Tell whether a temporary cache file's writer is gone.
+
+        Gone: its pid is not alive on this host, or the file is untouched for
+        ``STALE_TEMP_S`` (a writer on another node sharing the cache).
+        """
+        return writer_gone(
+            path, host=host_tag(), older_than_ns=now_ns - int(STALE_TEMP_S * 1e9),
+            mtime_ns=mtime_ns,
+        )
+
+    def sweep_temps(self) -> list[Path]:
+        """Remove the temporary files of writers that are gone; return their paths.
+
+        Gone: the file names this host and a pid that no longer runs here, or it has not
+        been written to for ``STALE_TEMP_S`` seconds.  A writer that is alive (here) or
+        recent (possibly on another node sharing the cache) keeps its file.  Run at the
+        start of every task and by ``clear``.
+        """
+        cutoff = time.time_ns() - int(STALE_TEMP_S * 1e9)
+        temps = [Path(e.path) for e in self._scan() if _TEMP_RE.match(e.name)]
+        return sweep_temp_files(temps, host=host_tag(), older_than_ns=cutoff)
+
+    def clear(self) -> int:
+        """Remove every entry, lock files, and the temporary files of writers that are gone.
+
+        Only files named like cache files are touched.  Do not run it while another process
+        is filling the cache: a removed entry is simply rebuilt, and a temporary file of a
+        live writer (or a recent one from another node) is kept (:meth:`sweep_temps`).
+
+        Returns
+        -------
+        int
+            Number of entries (keys) of which a file was removed.
+        """
+        removed: set[str] = set()
+        self.sweep_temps()
+        for e in self._scan():
+            m = _ENTRY_RE.match(e.name)
+            try:
+                if _TEMP_RE.match(e.name):
+                    continue  # a live writer's (sweep_temps removed the dead ones)
+                os.unlink(e.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot remove cache file %s: %s", e.path, exc.strerror or exc)
+                continue
+            if m:
+                removed.add(m.group(1))
+        with self._guard:
+            self._live.clear()
+        return len(removed)
+
+    def _scan(self) -> Iterator[os.DirEntry[str]]:
+        try:
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    ours = any(r.match(e.name) for r in (_ENTRY_RE, _TEMP_RE, _LOCK_RE))
+                    if ours and e.is_file(follow_symlinks=False):
+                        yield e
+        except FileNotFoundError:
+            return
+
+    # -- entries ----------------------------------------------------------------------
+
+    def get(self, path: str | os.PathLike[str]) -> CachedVolume:
+        """Return the volume at ``path``, decompressing it into the cache on first use.
+
+        Parameters
+        ----------
+        path : str or path-like
+            A NIfTI file, as for :func:`read_nifti`.
+
+        Returns
+        -------
+        CachedVolume
+            ``data`` is a read-only, C-contiguous float32 memory map equal to
+            ``read_nifti(path)[0]``.
+
+        Raises
+        ------
+        InputError
+            As :func:`read_nifti` for a bad input file.
+        PacsError
+            If the cache entry cannot be written (disk full, permissions); the message names
+            the cache directory.
+
+        Notes
+        -----
+        Thread-safe.  Concurrent calls for the same file wait for one decompression.
+        """
+        source = Path(os.path.abspath(path))
+        for _ in range(3):
+            st, ident = _identity(source)
+            key = _entry_key(ident)
+            with self._lock_for(key):
+                with self._guard:
+                    cv = self._live.get(key)
+                if cv is not None:
+                    return cv
+                try:
+                    cv = self._open_entry(key, source, ident)
+                except _BadEntry:
+                    cv = None
+                if cv is None:
+                    # Missing or bad: let one process of the node build it while the others
+                    # wait, then look again, since a waiter usually finds it ready.
+                    with node_lock(self.directory / f".{key}.lock"):
+                        try:
+                            cv = self._open_entry(key, source, ident)
+                        except _BadEntry as why:
+                            log.warning(
+                                "volume cache entry %s for '%s' is invalid (%s); rebuilding it",
+                                self.directory / f"{key}.npy", source, why,
+                            )
+                        if cv is None:
+                            cv = self._build(key, source, ident, st)
+                if cv is not None:
+                    with self._guard:
+                        self._live[key] = cv
+                    return cv
+            # The source changed between stat and read: its key is stale, start again.
+        raise InputError(f"input '{source}' kept changing while it was read; is it being written?")
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._guard:
+            lock = self._key_locks.get(key)
+            if lock is None:
+                lock = self._key_locks[key] = threading.Lock()
+            return lock
+
+    def _open_entry(
+        self, key: str, source: Path, ident: dict[str, Any]
+    ) -> CachedVolume | None:
+        """Open an existing entry; None if there is none, ``_BadEntry`` if it is unusable."""
+        npy = self.directory / f"{key}.npy"
+        side = self.directory / f"{key}.json"
+        try:
+            text = side.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None  # never made, or a creator has not committed it yet
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _BadEntry(f"sidecar unreadable: {exc}") from exc
+        try:
+            rec = json.loads(text)
+            if rec.get("format") != CACHE_FORMAT:
+                raise _BadEntry(f"format {rec.get('format')!r}, expected {CACHE_FORMAT}")
+            seen = {k: rec.get(k) for k in ident}
+            if seen != ident:
+                diff = [k for k in ident if seen[k] != ident[k]]
+                raise _BadEntry(
+                    f"sidecar describes {rec.get('source')} "
+                    + " ".join(f"{k}={seen[k]}" for k in diff)
+                    + ", not the source "
+                    + " ".join(f"{k}={ident[k]}" for k in diff)
+                )
+            if rec["dtype"] != "<f4":
+                raise _BadEntry(f"dtype {rec['dtype']!r}, expected '<f4'")
+            meta = NiftiMeta._from_json(rec)
+            nonfinite = int(rec["nonfinite"])
+        except _BadEntry:
+            raise
+        except Exception as exc:  # json errors, missing keys, bad values, bad header bytes
+            raise _BadEntry(f"sidecar unparsable: {type(exc).__name__}: {exc}") from exc
+        data = map_npy(npy, meta.shape)
+        return CachedVolume(data, meta, source, nonfinite, npy)
+
+    def _build(
+        self, key: str, source: Path, ident: dict[str, Any], st: os.stat_result
+    ) -> CachedVolume | None:
+        """Decompress ``source`` into a new entry; None if the source changed since ``st``."""
+        t0 = time.perf_counter()
+        vol, meta, st_read = load_volume(source)
+        with self._guard:
+            self.read_count += 1
+        if _stat_id(st_read) != _stat_id(st):
+            return None
+        nonfinite = _count_nonfinite(vol)
+        rec = {
+            "format": CACHE_FORMAT,
+            **ident,
+            "dtype": "<f4",
+            "nonfinite": nonfinite,
+            **meta._to_json(),
+        }
+        side_text = json.dumps(rec, indent=1)
+        npy = self.directory / f"{key}.npy"
+        side = self.directory / f"{key}.json"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)  # survives a tmp cleaner
+            install_file(npy, partial(np.lib.format.write_array, array=vol, allow_pickle=False))
+            install_file(side, lambda f: f.write(side_text.encode("utf-8")))
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write volume cache entry {npy} for '{source}': "
+                f"{exc.strerror or exc}; free space or choose another directory with "
+                f"--cache-dir or {CACHE_DIR_ENV}"
+            ) from exc
+        data = map_npy(npy, meta.shape)  # the just-written pages are still in the page cache
+        log.debug(
+            "cached %s -> %s in %.0f ms (nonfinite=%d)",
+            source, npy.name, 1e3 * (time.perf_counter() - t0), nonfinite,
+        )
+        return CachedVolume(data, meta, source, nonfinite, npy)
+
+
+def _user_tag() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = ""
+    user = re.sub(r"[^A-Za-z0-9._-]", "_", user)
+    return user or str(os.getuid())
+
+
+def _stat_id(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _identity(source: Path) -> tuple[os.stat_result, dict[str, Any]]:
+    """Stat and content sample of ``source``: what a cache entry must match to be served.
+
+    Device and inode catch a file replaced by another one (a rename over it); size, mtime
+    and ctime catch writes (ctime cannot be set back by ``touch``/``os.utime``); the content
+    sample (:func:`integrity.content_sample`) catches a same-size rewrite even where times
+    are coarse or restored.
+    """
+    try:
+        fd = open_regular(source)
+    except FileNotFoundError:
+        raise InputError(
+            f"input '{source}' does not exist; expected a NIfTI volume (.nii or .nii.gz)"
+        ) from None
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot read input '{source}': {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        sample = content_sample(fd, st.st_size)
+    except OSError as exc:
+        raise InputError(f"cannot read input '{source}': {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    ident = {
+        "source": os.path.realpath(source),
+        "device": int(st.st_dev),
+        "inode": int(st.st_ino),
+        "size": int(st.st_size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "ctime_ns": int(st.st_ctime_ns),
+        "sample": sample,
+    }
+    return st, ident
+
+
+def _entry_key(ident: dict[str, Any]) -> str:
+    text = "\0".join(f"{k}={ident[k]}" for k in sorted(ident))
+    h = hashlib.sha256(f"v{CACHE_FORMAT}\0{text}".encode())
+    return h.hexdigest()[:32]
+
+
+def _count_nonfinite(vol: np.ndarray) -> int:
+    flat = vol.reshape(-1)
+    n = 0
+    for i in range(0, flat.size, _CHUNK_ELEMS):
+        n += int(np.count_nonzero(~np.isfinite(flat[i : i + _CHUNK_ELEMS])))
+    return n
+
+
+# numpy parses .npy headers with ``ast.literal_eval``.  On CPython 3.11.7 two threads in the
+# AST constructor at once can raise "SystemError: AST constructor recursion depth mismatch"
+# (CPython gh-106905, fixed in later releases); the engine's threads map volumes concurrently,
+# so header parsing is serialised.  It costs microseconds per volume.
+_HEADER_LOCK = threading.Lock()
+
+
+def map_npy(npy: Path, shape: tuple[int, int, int]) -> NDArray[np.float32]:
+    """Memory-map a cache ``.npy`` after checking its header and size; ``_BadEntry`` if wrong."""
+    try:
+        with open(npy, "rb") as f, _HEADER_LOCK:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                hshape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                hshape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise _BadEntry(f".npy version {version}")
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise _BadEntry(".npy file missing") from None
+    except _BadEntry:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _BadEntry(f".npy header unreadable: {exc}") from exc
+    if tuple(hshape) != shape or fortran or dtype != np.dtype("<f4"):
+        raise _BadEntry(
+            f".npy holds {dtype} {hshape} fortran_order={fortran}, expected <f4 {shape} C order"
+        )
+    want = offset + math.prod(shape) * 4
+    if size != want:
+        raise _BadEntry(f".npy is {size} bytes, expected {want} for shape {shape}")
+    try:
+        # The header was parsed above; map with it rather than letting np.load parse it again.
+        mm = np.memmap(npy, dtype="<f4", mode="r", offset=offset, shape=shape, order="C")
+    except (OSError, ValueError) as exc:
+        raise _BadEntry(f".npy cannot be mapped: {exc}") from exc
+    vol = mm.view(np.ndarray)  # as _arrays.as_volume does: a plain ndarray over the same map
+    vol.flags.writeable = False
+    return vol
