@@ -46,6 +46,10 @@ NORMALIZATIONS = ("zscore",)
 # Where each tile is fitted: the published label cell, or its whole box weighted by the
 # blending window (pacs_numba only; see cellstats.py).
 FIT_REGIONS = ("first_block", "window")
+# Weight models (pacs_numba only, algorithm A5.1-A5.2): a tile's weights shrunk toward its
+# parent tile's (multiscale), and one weight vector for edge and one for flat voxels (edge).
+PRIORS = ("none", "multiscale")
+GATINGS = ("none", "edge")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PARALLEL_BACKENDS = ("loky", "threading", "multiprocessing", "sequential")
 #: ``registration.mode`` and ``registration.settings`` (pacs_numba's own keys); first = default.
@@ -128,6 +132,9 @@ class PacsConfig:
     lambda_grad: float = 0.0
     grad_operator: str = "sobel"
     fit_region: str = "first_block"
+    prior: str = "none"
+    prior_strength: float = 1.0
+    gating: str = "none"
     normalize: str
     use_registration: bool = False
     num_workers: int
@@ -511,6 +518,9 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         lambda_grad=s.number("lambda_grad", 0.0, low=0.0),
         grad_operator=s.choice("grad_operator", GRAD_OPERATOR_NAMES, "sobel", case="lower"),
         fit_region=s.choice("fit_region", FIT_REGIONS, "first_block", case="lower"),
+        prior=s.choice("prior", PRIORS, "none", case="lower"),
+        prior_strength=s.number("prior_strength", 1.0, low=0.0, low_open=True),
+        gating=s.choice("gating", GATINGS, "none", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
         num_workers=s.integer(
@@ -534,8 +544,29 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         disable_tqdm=s.boolean("disable_tqdm", False),
         out_root=s.path("out_root"),
     )
+    why = weight_model_conflict(cfg)
+    if why:
+        raise s.fail(why[0], why[1])
     notes.extend(s.unknown())
     return cfg
+
+
+def weight_model_conflict(pacs: Any) -> tuple[str, str] | None:
+    """Say which key makes the weight model of ``pacs`` impossible, or return None.
+
+    ``prior: multiscale`` builds parent tiles from label cells, so it needs
+    ``fit_region: first_block``; ``gating: edge`` has value statistics only, so it needs
+    ``lambda_edge`` and ``lambda_grad`` 0 (algorithm A5.1, A5.2).  ``pacs`` is any object with
+    those attributes (a :class:`PacsConfig` or a tune candidate).
+    """
+    if pacs.prior == "multiscale" and pacs.fit_region != "first_block":
+        return "prior", (f"multiscale needs fit_region: first_block (the parents are unions "
+                         f"of label cells); got fit_region: {pacs.fit_region}")
+    if pacs.gating == "edge" and (pacs.lambda_edge > 0 or pacs.lambda_grad > 0):
+        return "gating", ("edge needs lambda_edge: 0 and lambda_grad: 0 (the gated fit has "
+                          f"value statistics only); got lambda_edge: {pacs.lambda_edge:g}, "
+                          f"lambda_grad: {pacs.lambda_grad:g}")
+    return None
 
 
 def load_config(path: str | os.PathLike[str]) -> FullConfig:
