@@ -8,6 +8,8 @@ edge-gated model, the edge gate come from the experts; the HR is used only for t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +25,18 @@ from ..core.weightfit import fit_model
 from ..errors import InputError
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore
+
+
+def digest(obj: Any) -> str:
+    """Return a short hash of a JSON-able object: the name of a unit's result file."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fixed_settings(pacs: Any, models: Sequence[str]) -> dict[str, Any]:
+    """Return the settings every unit of a sweep shares (part of each unit's id)."""
+    return {"simplex": pacs.simplex, "edge_power": pacs.edge_power,
+            "grad_operator": pacs.grad_operator, "ssim_axis": pacs.ssim_axis,
+            "models": list(models), "protocol": "hr-free-v1"}
 
 
 def stats_key(c: Any, cell: int, pacs: Any, edge: bool, grad: bool,

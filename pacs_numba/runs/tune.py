@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import itertools
 import json
@@ -55,7 +54,9 @@ from ..store.manifest import load_manifest, select_task
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, file_fingerprint
 from .cvunits import Patients as _Patients
+from .cvunits import digest as _digest
 from .cvunits import fit_and_score as _fit_and_score
+from .cvunits import fixed_settings
 from .cvunits import stats_key as _stats_key
 from .progress import progress
 
@@ -219,10 +220,6 @@ class TuneResult:
     timings_s: dict[str, float]
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def run_tune(
     config: FullConfig,
     candidates: Sequence[Candidate],
@@ -290,9 +287,7 @@ def run_tune(
     pulse_list = list(pulses or config.data.pulses)
     store = VolumeStore(cache_dir)
     cache = StatsCache(store.directory / "cellstats")
-    fixed = {"simplex": pacs.simplex, "edge_power": pacs.edge_power,
-             "grad_operator": pacs.grad_operator, "ssim_axis": pacs.ssim_axis,
-             "models": list(models), "protocol": "hr-free-v1"}
+    fixed = fixed_settings(pacs, models)
 
     # Shared statistics: one first_block pass per patient at the gcd of the strides.
     fb = [c for c in candidates if c.fit_region == "first_block"]
