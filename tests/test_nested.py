@@ -137,3 +137,27 @@ def test_grid_drops_weight_models_their_settings_exclude(cohort, tmp_path):
     path.write_text(yaml.safe_dump({"prior_strength": [0]}))
     with pytest.raises(ConfigError, match="prior_strength: 0 is not valid; expected numbers > 0"):
         load_grid(path, config)
+
+
+def test_complementary_cohort_has_experts_that_win_in_different_places(tmp_path):
+    from pacs_numba.store.cohort import complementary_expert, downsample_slices
+
+    cfg = make_cohort(tmp_path / "c", patients=2, shape=(20, 22, 18), spacings=("3mm",),
+                      pulses=("t1c",), models=("A", "B", "C"), kfolds=2, patch_size=8,
+                      stride=4, experts="complementary")
+    assert cfg.exists()
+    rng = np.random.default_rng(0)
+    hr = np.zeros((20, 22, 18), np.float32)
+    hr[4:16, 4:18, 3:15] = 100.0
+    lr = downsample_slices(hr, 3)
+    ex = {k: complementary_expert(lr, hr, 3, k, np.random.default_rng(1))
+          for k in ("sharp_noisy", "smooth", "edge_only")}
+    assert all(v.shape == hr.shape and v.min() >= 0 for v in ex.values())
+    flat = np.zeros(hr.shape, bool)
+    flat[8:12, 8:14, 7:11] = True  # deep inside the block
+    err = {k: np.abs(v - hr) for k, v in ex.items()}
+    assert err["smooth"][flat].mean() < err["sharp_noisy"][flat].mean()
+    with pytest.raises(ConfigError, match="experts must be one of"):
+        make_cohort(tmp_path / "d", patients=2, kfolds=2, experts="random")
+    with pytest.raises(ConfigError, match="complementary expert kind 'x'"):
+        complementary_expert(lr, hr, 3, "x", rng)
