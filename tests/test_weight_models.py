@@ -212,13 +212,19 @@ def test_gated_fit_with_equal_halves_is_never_worse_and_blend_is_convex(rng):
     assert (gn >= zs.min(0) - 1e-3).all() and (gn <= zs.max(0) + 1e-3).all()
 
 
-def test_gated_blend_needs_a_gate(rng):
-    hr, experts = make_patient(rng, (6, 6, 6), 2)
+def test_gated_blend_computes_its_gate_from_the_experts(rng):
+    hr, experts = make_patient(rng, (6, 7, 5), 2)
     grid = TileGrid(hr.shape, 3, 3)
-    w = np.full((grid.n_tiles, 4), 0.5, np.float32)
+    w = rng.dirichlet(np.ones(2), size=(grid.n_tiles, 2)).reshape(grid.n_tiles, 4)
+    w = w.astype(np.float32)
+    norm = Normalisation.from_hr(hr, experts)
+    got = blend_patient(experts, grid, w, window="flat", norm=norm, brain_mask=None)
+    want = blend_patient(experts, grid, w, window="flat", norm=norm, brain_mask=None,
+                         gate=edge_gate(experts))
+    assert np.array_equal(got, want)
     with pytest.raises(InputError, match="need an edge gate of the experts' shape"):
-        blend_patient(experts, grid, w, window="flat", norm=Normalisation.from_hr(hr, experts),
-                      brain_mask=None)
+        blend_patient(experts, grid, w, window="flat", norm=norm, brain_mask=None,
+                      gate=np.zeros((2, 2, 2), np.float32))
 
 
 def test_weight_model_errors_name_the_setting(rng):
@@ -232,3 +238,60 @@ def test_weight_model_errors_name_the_setting(rng):
         fit_model(st, simplex=True, lambda_ridge=0.0, prior="multiscale", prior_strength=0.0)
     with pytest.raises(ConfigError, match="gating: edge needs lambda_edge: 0"):
         fit_model(st, simplex=True, lambda_ridge=0.0, gating="edge", lambda_edge=0.1)
+
+
+def test_train_predict_and_maps_of_a_gated_multiscale_model(tmp_path, capsys):
+    """The engine fits, saves, evaluates, maps and predicts with the new weight models."""
+    import json
+
+    import nibabel as nib
+    import yaml
+
+    from pacs_numba import cli
+    from pacs_numba.config import load_config
+    from pacs_numba.core.predict import predict_volume
+    from pacs_numba.store.cohort import make_cohort
+    from pacs_numba.store.manifest import build_manifest, load_manifest, select_task, write_manifest
+    from pacs_numba.store.modelfile import load_model
+    from pacs_numba.store.nifti import read_nifti
+
+    cfg = make_cohort(tmp_path / "c", patients=3, shape=(14, 16, 13), spacings=("3mm",),
+                      pulses=("t1c",), models=("A", "B", "C"), kfolds=3, patch_size=8,
+                      stride=4, experts="complementary")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["pacs_sr"].update(num_workers=1, log_to_file=False, lambda_edge=0.0, lambda_grad=0.0,
+                          gating="edge", prior="multiscale", prior_strength=0.5)
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    config = load_config(cfg)
+    write_manifest(build_manifest(config.data), config.data.out)
+    out = tmp_path / "out"
+    cache = tmp_path / "cache"
+    assert cli.main(["train", "--config", str(cfg), "--fold", "1", "--out-root", str(out),
+                     "--cache-dir", str(cache), "--no-progress"]) == 0
+    mdir = out / "PaCS_SR" / "3mm" / "model_data" / "fold_1" / "t1c"
+    model = load_model(mdir / "pacs_model.npz")
+    assert model.gating == "edge" and model.weights.shape[1] == 6
+    learned = model.weights[model.learned]
+    assert np.allclose(learned[:, :3].sum(1), 1, atol=1e-6)
+    assert np.allclose(learned[:, 3:].sum(1), 1, atol=1e-6)
+    metrics = json.loads((mdir / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["psnr"]) and "test_hr_free" in metrics
+    maps = nib.load(next(mdir.glob("weight_maps_model*weights*")))
+    assert maps.shape[-1] == 6
+    legend = json.loads((mdir / "weight_maps_model_dominant.json").read_text())
+    assert "A (edge)" in json.dumps(legend) and "C (flat)" in json.dumps(legend)
+    with np.load(next(mdir.glob("*_weights_test.npz"))) as z:
+        assert z["weight_maps"].shape[-1] == 6
+    # predict: the CLI writes what predict_volume computes, gate from the experts alone
+    _, test = select_task(load_manifest(config.data.out), 1, "3mm", "t1c", ["A", "B", "C"])
+    pid, paths = next(iter(test.items()))
+    target = tmp_path / "p.nii.gz"
+    assert cli.main(["predict", "--model", str(mdir / "pacs_model.npz"), "--experts",
+                     *paths["experts"], "--out", str(target), "--cache-dir", str(cache)]) == 0
+    vols = [read_nifti(p)[0] for p in paths["experts"]]
+    want = predict_volume(vols, model)
+    assert np.allclose(read_nifti(target)[0], want, atol=1e-4)
+    capsys.readouterr()
+    assert cli.main(["inspect", str(mdir / "pacs_model.npz")]) == 0
+    text = capsys.readouterr().out
+    assert "dominant share edge" in text and "gating=edge" in text

@@ -20,7 +20,7 @@ from .._config import BRAIN_THRESHOLD, WINDOWS
 from ..errors import InputError
 from ..kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
 from .checks import as_mask_u8, as_tile_weights, as_volume, as_volume_list, check_shape, readonly
-from .gating import gated_mix
+from .gating import edge_gate, gated_mix
 from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
@@ -213,9 +213,10 @@ def blend_patient(
     brain_mask : (N0, N1, N2) array_like of bool or uint8, or None
         Multiplied into the blend (nonzero = inside); None = no masking.
     gate : (N0, N1, N2) float32, optional
-        Edge gate ``g`` (:func:`pacs_numba.core.gating.edge_gate`), required with ``2M``
-        weight columns: the blend is ``g blend(a) + (1 - g) blend(b)``, at every voxel a
-        convex combination of the experts with weights ``g W_a + (1 - g) W_b``.
+        Edge gate ``g`` of the experts, used with ``2M`` weight columns (default: computed
+        here by :func:`pacs_numba.core.gating.edge_gate`, from the experts alone): the
+        blend is ``g blend(a) + (1 - g) blend(b)``, at every voxel a convex combination
+        of the experts with weights ``g W_a + (1 - g) W_b``.
 
     Returns
     -------
@@ -225,7 +226,7 @@ def blend_patient(
     Raises
     ------
     InputError
-        If ``2M`` weight columns come without a gate of the experts' shape.
+        If a gate is given that does not have the experts' shape.
 
     Examples
     --------
@@ -241,11 +242,12 @@ def blend_patient(
     m = len(experts)
     w = np.asarray(weights)
     if w.ndim == 2 and w.shape[1] == 2 * m:
-        if gate is None or np.shape(gate) != np.shape(experts[0]):
+        if gate is None:
+            gate = edge_gate(experts)
+        if np.shape(gate) != np.shape(experts[0]):
             raise InputError(
                 f"edge-gated weights ({w.shape[1]} columns for {m} experts) need an edge gate "
-                f"of the experts' shape {np.shape(experts[0])}; got "
-                f"{None if gate is None else np.shape(gate)}"
+                f"of the experts' shape {np.shape(experts[0])}; got {np.shape(gate)}"
             )
         edge = blend_patient(experts, grid, w[:, :m], window=window, norm=norm,
                              brain_mask=brain_mask)

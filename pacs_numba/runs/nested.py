@@ -64,7 +64,9 @@ def default_grid(config: FullConfig) -> list[Candidate]:
       ``lambda_grad`` and ``laplacian_tau`` at 0 or the config's value (up to 8);
     - the multi-scale prior at ``prior_strength`` 0.25, 1 and 4, at the config's tiles and
       at tiles of half the size (6);
-    - the edge-gated model without and with the prior (strength 1) (2).
+    - the edge-gated model without the prior at the config's tiles, and with the prior at
+      strengths 1 and 4 at both tile sizes (5): the gated model has twice the unknowns,
+      so it is the one that needs the prior most.
 
     The options use the ``first_block`` fit with ``lambda_edge = lambda_grad = 0`` and no
     smoothing, which they need (gating) or replace (the prior smooths across scales).
@@ -88,8 +90,10 @@ def default_grid(config: FullConfig) -> list[Candidate]:
             out.append(dataclasses.replace(plain, patch_size=patch, stride=stride,
                                            prior="multiscale", prior_strength=strength))
     out.append(dataclasses.replace(plain, gating="edge"))
-    out.append(dataclasses.replace(plain, gating="edge", prior="multiscale",
-                                   prior_strength=1.0))
+    for patch, stride in sizes:
+        for strength in DEFAULT_PRIOR_STRENGTHS[1:]:
+            out.append(dataclasses.replace(plain, patch_size=patch, stride=stride, gating="edge",
+                                           prior="multiscale", prior_strength=strength))
     return unique_candidates(out)
 
 

@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from ..config import load_config
 from ..core.blending import brain_mask
 from ..core.metrics import volume_metrics
-from ..core.model import StackingModel, describe_model
+from ..core.model import StackingModel, column_names, describe_model
 from ..core.predict import predict_volume
 from ..core.scoring import expert_alone
 from ..core.weightmaps import EXPERT_COLOURS, blend_weight_maps, dominant_labels, entropy_map
@@ -204,7 +204,7 @@ def weights_figure(hr: NDArray, maps: NDArray, mask: NDArray, names: Sequence[st
 def region_figure(model: StackingModel, path: Path) -> Path:
     """Mean weight of each expert along each axis of the tile grid, and overall."""
     g = model.grid
-    names = model.model_names
+    names = column_names(model)  # with gating: each expert on edges, then on flat tissue
     w = model.weights.reshape(*g.counts, len(names)).astype(np.float64)
     learned = model.learned.reshape(g.counts)
     fig = _figure(13.0, 3.4)
@@ -341,7 +341,7 @@ def make_report(
             mean_rows.setdefault(n, []).append(m)
         f1 = slices_figure(hr, exp, blend, model.model_names, f"{pid} ({title})",
                            out / f"{pid}_slices.png")
-        f2 = weights_figure(hr, maps, mask, model.model_names, f"{pid} ({title})",
+        f2 = weights_figure(hr, maps, mask, column_names(model), f"{pid} ({title})",
                             out / f"{pid}_weights.png")
         sections.append(
             f"<h2>Test patient {html.escape(pid)}</h2>\n"

@@ -492,8 +492,9 @@ def complementary_expert(
         ``sharp_noisy``: B-spline with a strong unsharp mask plus white noise (2% of the
         HR's 99th percentile): crisp edges, noisy flat tissue.  ``smooth``: B-spline with a
         Gaussian in-plane blur: clean flat tissue, soft edges.  ``edge_only``: near the
-        HR's edges halfway between the B-spline and a lightly blurred HR, elsewhere the B-spline plus a hallucinated texture
-        (a smooth random field, 4%) and noise (2%): right on edges only.
+        HR's edges halfway between the B-spline and a lightly blurred HR, elsewhere the
+        B-spline plus a hallucinated texture (a smooth random field, 4%) and noise (2%):
+        right on edges only.
     rng : numpy.random.Generator
         Noise and texture source.
 
