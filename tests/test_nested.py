@@ -161,3 +161,13 @@ def test_complementary_cohort_has_experts_that_win_in_different_places(tmp_path)
         make_cohort(tmp_path / "d", patients=2, kfolds=2, experts="random")
     with pytest.raises(ConfigError, match="complementary expert kind 'x'"):
         complementary_expert(lr, hr, 3, "x", rng)
+
+
+def test_make_cohort_cli_writes_complementary_experts(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert cli.main(["make-cohort", "--out", str(out), "--patients", "2", "--shape", "12", "13",
+                     "12", "--kfolds", "2", "--models", "A", "B", "C", "--experts",
+                     "complementary"]) == 0
+    assert "cohort written" in capsys.readouterr().out
+    assert load_config(out / "config.yaml").data.models == ("A", "B", "C")
+    assert len(list((out / "models" / "C" / "3mm" / "output_volumes").glob("*.nii.gz"))) == 2

@@ -10,7 +10,7 @@ from ..config import load_config
 from ..errors import ConfigError
 from ..runs.demo import run_demo
 from ..runs.warmup import load_kernels
-from ..store.cohort import make_cohort
+from ..store.cohort import EXPERT_SETS, make_cohort
 from ..store.manifest import build_manifest, write_manifest
 from .common import EXIT_OK, HelpFormatter, StopOnSignals, common_options
 
@@ -54,6 +54,13 @@ def _add_make_cohort(sub, plain_common: argparse.ArgumentParser) -> None:  # noq
     p.add_argument("--patch-size", type=int, default=16, help="pacs_sr.patch_size of the config")
     p.add_argument("--stride", type=int, default=8, help="pacs_sr.stride of the config")
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="expert names (default: BSPLINE LINEAR NEAREST SHARPEN)")
+    p.add_argument(
+        "--experts", choices=EXPERT_SETS, default="methods",
+        help="methods: each expert up-samples with its named method; complementary: one "
+        "sharp and noisy, one smooth, one right on edges only, in turn",
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -122,6 +129,8 @@ def _make_cohort(args: argparse.Namespace) -> int:
         kfolds=args.kfolds,
         patch_size=args.patch_size,
         stride=args.stride,
+        experts=args.experts,
+        **({"models": tuple(args.models)} if args.models else {}),
     )
     print(f"cohort written; config: {cfg}")
     return EXIT_OK

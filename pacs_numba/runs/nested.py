@@ -62,6 +62,8 @@ def default_grid(config: FullConfig) -> list[Candidate]:
 
     - the config's own setting, and the published model with each of ``lambda_edge``,
       ``lambda_grad`` and ``laplacian_tau`` at 0 or the config's value (up to 8);
+    - the published model at tiles of half the size, without and with the config's
+      smoothing (up to 2): what the smaller tiles gain without the prior;
     - the multi-scale prior at ``prior_strength`` 0.25, 1 and 4, at the config's tiles and
       at tiles of half the size (6);
     - the edge-gated model without the prior at the config's tiles, and with the prior at
@@ -85,6 +87,10 @@ def default_grid(config: FullConfig) -> list[Candidate]:
     sizes = [(own.patch_size, own.stride)]
     if own.stride >= 2:
         sizes.append((max(1, own.patch_size // 2), own.stride // 2))
+    for patch, stride in sizes[1:]:
+        for tau in dict.fromkeys((0.0, own.laplacian_tau)):
+            out.append(dataclasses.replace(plain, patch_size=patch, stride=stride,
+                                           laplacian_tau=tau))
     for patch, stride in sizes:
         for strength in DEFAULT_PRIOR_STRENGTHS:
             out.append(dataclasses.replace(plain, patch_size=patch, stride=stride,
