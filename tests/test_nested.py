@@ -11,11 +11,15 @@ import yaml
 
 from pacs_numba import cli
 from pacs_numba.config import load_config
+from pacs_numba.core.blending import Normalisation, blend_patient, brain_mask, expert_mean
+from pacs_numba.core.metrics import volume_metrics
+from pacs_numba.core.tiling import TileGrid
 from pacs_numba.errors import ConfigError
 from pacs_numba.runs.nested import default_grid, family, run_nested
 from pacs_numba.runs.tune import load_grid, run_tune
 from pacs_numba.store.cohort import make_cohort
-from pacs_numba.store.manifest import build_manifest, load_manifest, write_manifest
+from pacs_numba.store.manifest import build_manifest, load_manifest, select_task, write_manifest
+from pacs_numba.store.volumes import VolumeStore
 
 SHAPE = (18, 21, 17)  # no axis divisible by 4
 
@@ -59,6 +63,7 @@ def test_nested_chooses_on_inner_folds_only_and_resumes(cohort, tmp_path, capsys
     assert set(summary["families"]) == {"published", "multiscale", "edge-gated",
                                         "multiscale+edge-gated"}
     assert "| chosen among all settings |" in (out / "nested.md").read_text()
+    assert isinstance(summary["gain_psnr_vs_expert_path"], float)
     # No peeking: an inner unit of outer fold f neither trains nor tests on test(f).
     n_inner = 0
     for path in (out / "results").glob("*.json"):
@@ -171,3 +176,27 @@ def test_make_cohort_cli_writes_complementary_experts(tmp_path, capsys):
     assert "cohort written" in capsys.readouterr().out
     assert load_config(out / "config.yaml").data.models == ("A", "B", "C")
     assert len(list((out / "models" / "C" / "3mm" / "output_volumes").glob("*.nii.gz"))) == 2
+
+
+def test_expert_through_the_blend_path_is_the_one_hot_blend(cohort, tmp_path):
+
+    cfg, cache = cohort
+    config = load_config(cfg)
+    cands = load_grid(_grid(tmp_path / "g.yaml"), config)[:1]
+    out = tmp_path / "out"
+    run_tune(config, cands, out, folds=[1], cache_dir=cache, no_progress=True)
+    unit = json.loads(next((out / "results").glob("*.json")).read_text())
+    pid, rec = sorted(unit["patients"].items())[0]
+    _, test = select_task(load_manifest(config.data.out), 1, "3mm", "t1c", config.data.models)
+    store = VolumeStore(cache)
+    hr = store.get(test[pid]["HR"]).data
+    ex = [store.get(p).data for p in test[pid]["experts"]]
+    proxy = expert_mean(ex)
+    norm = Normalisation.from_experts(ex, proxy)
+    grid = TileGrid(hr.shape, 8, 4)
+    for e, name in enumerate(config.data.models):
+        w = np.zeros((grid.n_tiles, len(ex)), np.float32)
+        w[:, e] = 1
+        blend = blend_patient(ex, grid, w, window="hann", norm=norm, brain_mask=brain_mask(proxy))
+        want = volume_metrics(hr, blend, ssim_axis="axial")["psnr"]
+        assert rec["experts_path"][name]["psnr"] == pytest.approx(want, abs=1e-3)

@@ -89,7 +89,17 @@ class Patients:
                 volume_metrics(hr, (x * mask).astype(np.float32), ssim_axis=ssim_axis)
                 for x in experts
             ]
-            self._held[pid] = (hr, experts, norm, mask, single)
+            # Each expert through the blend's own HR-free path (one-hot weights: z-scored,
+            # mapped back with the experts' mean statistics, masked), so a gain over it is
+            # the weights' alone.  A constant weight makes the overlap-add the identity (up
+            # to the blend's 1e-8 guard), so the volume is computed directly.
+            path = []
+            for e, x in enumerate(experts):
+                z = (np.where(np.isfinite(x), x, 0).astype(np.float64) - norm.mus[e]) / norm.sds[e]
+                vol = ((z * norm.sd_out + norm.mu_out) * mask).astype(np.float32)
+                path.append(volume_metrics(hr, vol, ssim_axis=ssim_axis))
+                del z, vol
+            self._held[pid] = (hr, experts, norm, mask, (single, path))
         return self._held[pid]
 
     def gate(self, pid: str) -> np.ndarray:
@@ -108,8 +118,9 @@ def fit_and_score(
     Returns
     -------
     dict
-        ``patients``: per held-out patient its ``psnr``, ``ssim`` and each expert's
-        (``experts``); ``learned_tiles``; ``fit_s``.
+        ``patients``: per held-out patient its ``psnr``, ``ssim``, each expert's raw volume
+        times the brain mask (``experts``) and each expert through the blend's HR-free path
+        (``experts_path``); ``learned_tiles``; ``fit_s``.
     """
     t0 = time.perf_counter()
     grid = TileGrid(st.shape, c.patch_size, c.stride)
@@ -123,7 +134,7 @@ def fit_and_score(
     timings["fit"] += t1 - t0
     per: dict[str, Any] = {}
     for pid in test:
-        hr, experts, norm, mask, single = pats.held_out(pid, pacs.ssim_axis)
+        hr, experts, norm, mask, (single, path) = pats.held_out(pid, pacs.ssim_axis)
         if hr.shape != grid.shape:
             raise InputError(f"patient {pid}: HR shape {hr.shape}; the training grid is "
                              f"{grid.shape}")
@@ -135,6 +146,8 @@ def fit_and_score(
             "psnr": float(m["psnr"]), "ssim": float(m["ssim"]),
             "experts": {name: {"psnr": float(e["psnr"]), "ssim": float(e["ssim"])}
                         for name, e in zip(models, single, strict=True)},
+            "experts_path": {name: {"psnr": float(e["psnr"]), "ssim": float(e["ssim"])}
+                             for name, e in zip(models, path, strict=True)},
         }
     timings["blend_metrics"] += time.perf_counter() - t1
     return {"patients": per, "learned_tiles": int(learned.sum()), "fit_s": t1 - t0}
