@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..config import load_config
+from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, PUBLISHED, STACKED, gain_over_best
 from ..store.atomic import atomic_write_text
 from ..store.cohort import make_cohort
 from ..store.manifest import build_manifest, write_manifest
@@ -22,28 +24,35 @@ log = logging.getLogger(__name__)
 
 def metrics_table(
     alone: dict[str, dict[str, float]], stacked: dict[str, float], n_test: int,
-    hr_free: dict[str, float] | None = None,
+    hr_free: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Lines of the per-expert vs PaCS-SR table (test PSNR/SSIM), as the demo prints it.
+    """Lines of the per-expert vs PaCS-SR table (test PSNR/SSIM), one block per protocol.
 
-    ``alone`` and ``hr_free`` are ``metrics.json``'s ``test_experts`` and ``test_hr_free``.
+    ``alone`` and ``hr_free`` are ``metrics.json``'s ``test_experts`` and ``test_hr_free``
+    (whose ``experts`` are each expert as it is, under the HR-free protocol).  Each block
+    names its protocol and ends with the gain over its own best single expert
+    (:func:`pacs_numba.core.scoring.gain_over_best`); the closing lines say why the blocks
+    differ and what compares across them.
     """
-    lines = [
-        f"test metrics, mean over {n_test} patients:",
-        f"  {'method':<18} {'PSNR (dB)':>10} {'SSIM':>8}",
-    ]
-    for name, m in alone.items():
-        lines.append(f"  {name:<18} {m['psnr']:>10.3f} {m['ssim']:>8.4f}")
-    lines.append(f"  {'PaCS-SR':<18} {stacked['psnr']:>10.3f} {stacked['ssim']:>8.4f}")
+    lines = [f"test metrics, mean over {n_test} patients:"]
+    blocks = [(PUBLISHED, alone, stacked)]
     if hr_free:
-        lines.append(
-            f"  {'PaCS-SR (HR-free)':<18} {hr_free['psnr']:>10.3f} {hr_free['ssim']:>8.4f}"
-        )
-    if alone:
-        best = max(alone.values(), key=lambda m: m["psnr"])
-        lines.append(
-            f"gain over the best single expert: {stacked['psnr'] - best['psnr']:+.3f} dB PSNR"
-        )
+        blocks.append((HR_FREE, hr_free.get("experts") or {}, hr_free))
+    for protocol, experts, blend in blocks:
+        lines.append(f"  {PROTOCOLS[protocol]}")
+        lines.append(f"    {'method':<18} {'PSNR (dB)':>10} {'SSIM':>8}")
+        for name, m in experts.items():
+            lines.append(f"    {name:<18} {m['psnr']:>10.3f} {m['ssim']:>8.4f}")
+        label = STACKED[protocol]
+        lines.append(f"    {label:<18} {blend['psnr']:>10.3f} {blend['ssim']:>8.4f}")
+        if experts:
+            g = gain_over_best(protocol, {"mean": blend},
+                               {n: {"mean": m} for n, m in experts.items()})
+            lines.append(f"    {g.describe().replace(' over 1 unit', '')}")
+        else:
+            lines.append("    (no per-expert scores under this protocol: an older run)")
+    if hr_free:
+        lines += ["  " + ln for ln in textwrap.wrap(PROTOCOL_NOTE, 92)]
     return lines
 
 
