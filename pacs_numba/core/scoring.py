@@ -9,16 +9,10 @@ a reader sees what the blend is worth in use, every test patient is also scored
   brain-masked), so that "PaCS-SR against the best expert" compares the weighting and
   nothing else, and
 * under the HR-free protocol: the blend ``predict`` makes (algorithm B6: normalisation
-  statistics and brain mask taken from the experts), scored against the HR, and each expert
-  as a user would have it without PaCS-SR: its own volume, masked with the same brain mask.
+  statistics and brain mask taken from the experts), scored against the HR.
 
-These numbers go under new keys (``test_experts``, ``test_hr_free`` with its ``experts``) so
-that the published keys of ``metrics.json`` stay as the published tool writes them.
-
-This module is also the one definition of the *best single expert* and of the *gain*, per
-protocol (:func:`gain_over_best`), which the demo, the ``train`` table, ``tune``,
-``summarize`` and ``report`` all call, and of the words that name each protocol
-(:data:`PROTOCOLS`, :data:`PROTOCOL_NOTE`).
+These numbers go under new keys (``test_experts``, ``test_hr_free``) so that the published
+keys of ``metrics.json`` stay as the published tool writes them.
 """
 
 from __future__ import annotations
@@ -35,31 +29,6 @@ from .blending import Normalisation, blend_patient, brain_mask, expert_mean
 from .metrics import METRIC_KEYS, aggregate, volume_metrics
 from .model import StackingModel
 from .predict import predict_volume
-
-#: Protocol keys.
-PUBLISHED, HR_FREE = "published", "hr_free"
-
-#: Each protocol in words, for every output that shows its numbers.
-PROTOCOLS = {
-    PUBLISHED: "published protocol: HR statistics and HR brain mask",
-    HR_FREE: "HR-free protocol: statistics and mask from the experts",
-}
-
-#: The label of the blend's row under each protocol.
-STACKED = {PUBLISHED: "PaCS-SR", HR_FREE: "PaCS-SR (HR-free)"}
-
-#: Why the two protocols' rows differ and what compares across them.
-PROTOCOL_NOTE = (
-    "The published protocol normalises and masks the blend (and each expert alone) with the "
-    "test HR's own mean, std and brain mask, which a new patient does not have; the HR-free "
-    "protocol takes them from the experts, as predict does, and scores each expert as it is, "
-    "masked the same way. Both score against the same HR over the same voxels (HR > 0), so "
-    "PSNR and SSIM are on one scale; the gap between the protocols is what the HR's "
-    "statistics and mask are worth, not a better method, so rows are compared within a "
-    "protocol, never across. MAE and MSE include each protocol's intensity mapping: compare "
-    "them within a protocol only. Each protocol's gain is over its own best single expert: "
-    "the expert with the highest mean PSNR over the same test patients."
-)
 
 HR_FREE_PROTOCOL = (
     "HR-free: expert z-score statistics over mean(experts) > 0, blend mapped back with the "
@@ -108,50 +77,6 @@ def test_extras(
     hr_free["experts"] = experts_as_they_are(hr, experts, model.model_names,
                                              ssim_axis=ssim_axis, mask=mask)
     return {"experts": per_expert, "hr_free": hr_free}
-
-
-def experts_as_they_are(
-    hr: NDArray[np.float32],
-    experts: Sequence[NDArray[np.float32]],
-    names: Sequence[str],
-    *,
-    ssim_axis: str,
-    mask: NDArray | None = None,
-) -> dict[str, dict[str, float]]:
-    """Metrics of each expert alone under the HR-free protocol: its volume times the brain mask.
-
-    What a user gets from that expert on a new patient without PaCS-SR: the expert's own
-    intensities, masked with the HR-free blend's brain mask (the largest component of the
-    experts' mean >= 0.1, or ``mask``), scored against the HR.
-
-    Parameters
-    ----------
-    hr : (N0, N1, N2) float32
-        The test HR (scoring only).
-    experts : sequence of (N0, N1, N2) float32
-        The expert volumes.
-    names : sequence of str
-        Their names.
-    ssim_axis : str
-        The SSIM slice axis.
-    mask : (N0, N1, N2) bool or uint8, optional
-        A fixed brain mask (the atlas mask with registration).
-
-    Returns
-    -------
-    dict
-        ``{name: {mse, mae, psnr, ssim}}``.
-    """
-    if mask is None:
-        proxy = expert_mean(experts)
-        mask = brain_mask(proxy)
-        del proxy
-    out = {}
-    for name, x in zip(names, experts, strict=True):
-        masked = (np.asarray(x, dtype=np.float32) * mask).astype(np.float32, copy=False)
-        out[name] = _floats(volume_metrics(hr, masked, ssim_axis=ssim_axis))
-        del masked
-    return out
 
 
 def expert_alone(
@@ -203,7 +128,7 @@ def split_extras(
         if "experts" in m:
             experts[pid] = dict(m["experts"])
         if "hr_free" in m:
-            hr_free[pid] = dict(m["hr_free"])  # its "experts": each expert as it is
+            hr_free[pid] = dict(m["hr_free"])
     return plain, experts, hr_free
 
 
@@ -227,6 +152,82 @@ def extras_summary(
             name: aggregate([e[name] for e in experts.values() if name in e])
             for name in model_names
         }
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The two protocols, the best single expert and the gain: one definition for every output
+# (the demo, the train table, tune, summarize, report).  Under the HR-free protocol each
+# expert alone is scored as a user would have it without PaCS-SR (experts_as_they_are).
+# ----------------------------------------------------------------------------------------
+
+#: Protocol keys.
+PUBLISHED, HR_FREE = "published", "hr_free"
+
+#: Each protocol in words, for every output that shows its numbers.
+PROTOCOLS = {
+    PUBLISHED: "published protocol: HR statistics and HR brain mask",
+    HR_FREE: "HR-free protocol: statistics and mask from the experts",
+}
+
+#: The label of the blend's row under each protocol.
+STACKED = {PUBLISHED: "PaCS-SR", HR_FREE: "PaCS-SR (HR-free)"}
+
+#: Why the two protocols' rows differ and what compares across them.
+PROTOCOL_NOTE = (
+    "The published protocol normalises and masks the blend (and each expert alone) with the "
+    "test HR's own mean, std and brain mask, which a new patient does not have; the HR-free "
+    "protocol takes them from the experts, as predict does, and scores each expert as it is, "
+    "masked the same way. Both score against the same HR over the same voxels (HR > 0), so "
+    "PSNR and SSIM are on one scale; the gap between the protocols is what the HR's "
+    "statistics and mask are worth, not a better method, so rows are compared within a "
+    "protocol, never across. MAE and MSE include each protocol's intensity mapping: compare "
+    "them within a protocol only. Each protocol's gain is over its own best single expert: "
+    "the expert with the highest mean PSNR over the same test patients."
+)
+
+
+def experts_as_they_are(
+    hr: NDArray[np.float32],
+    experts: Sequence[NDArray[np.float32]],
+    names: Sequence[str],
+    *,
+    ssim_axis: str,
+    mask: NDArray | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of each expert alone under the HR-free protocol: its volume times the brain mask.
+
+    What a user gets from that expert on a new patient without PaCS-SR: the expert's own
+    intensities, masked with the HR-free blend's brain mask (the largest component of the
+    experts' mean >= 0.1, or ``mask``), scored against the HR.
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) float32
+        The test HR (scoring only).
+    experts : sequence of (N0, N1, N2) float32
+        The expert volumes.
+    names : sequence of str
+        Their names.
+    ssim_axis : str
+        The SSIM slice axis.
+    mask : (N0, N1, N2) bool or uint8, optional
+        A fixed brain mask (the atlas mask with registration).
+
+    Returns
+    -------
+    dict
+        ``{name: {mse, mae, psnr, ssim}}``.
+    """
+    if mask is None:
+        proxy = expert_mean(experts)
+        mask = brain_mask(proxy)
+        del proxy
+    out = {}
+    for name, x in zip(names, experts, strict=True):
+        masked = (np.asarray(x, dtype=np.float32) * mask).astype(np.float32, copy=False)
+        out[name] = _floats(volume_metrics(hr, masked, ssim_axis=ssim_axis))
+        del masked
     return out
 
 
