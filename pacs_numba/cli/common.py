@@ -265,16 +265,17 @@ def file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
 class StopOnSignals:
     """SIGTERM/SIGINT ask the engine to stop; a second SIGINT interrupts at once."""
 
-    def __init__(self, engine) -> None:  # noqa: ANN001
+    def __init__(self, engine, what: str = "patients") -> None:  # noqa: ANN001
         self.engine = engine
+        self.what = what
         self._old: dict[int, object] = {}
 
     def _handler(self, signum: int, frame: object) -> None:
         if self.engine.stop_event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning(
-            "received %s: finishing patients in flight, starting no new one",
-            signal.Signals(signum).name,
+            "received %s: finishing %s in flight, starting no new one",
+            signal.Signals(signum).name, self.what,
         )
         self.engine.request_stop(signum)
 
