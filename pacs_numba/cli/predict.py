@@ -118,7 +118,7 @@ def _single(args: argparse.Namespace, path: Path) -> int:
     _check_single_output(args.out, [Path(path), *map(Path, experts)], args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), args.out)],
                         registration=args.registration, pulse=args.pulse,
-                        window=args.window, cache_dir=args.cache_dir, workers=1,
+                        window=args.window, cache_dir=args.cache_dir, workers=args.workers,
                         mem_budget_bytes=_budget(args), force=True,
                         no_progress=True, record_dir=None, use_record=False)
     if res.failed:
@@ -189,8 +189,9 @@ def _from_config(args: argparse.Namespace, cfg: Any) -> int:
     _check_single_output(out, experts, args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), out)], window=window,
                         registration=args.registration, pulse=args.pulse,
-                        cache_dir=args.cache_dir, workers=1, mem_budget_bytes=_budget(args),
-                        force=True, no_progress=True, use_record=False)
+                        cache_dir=args.cache_dir, workers=args.workers,
+                        mem_budget_bytes=_budget(args), force=True, no_progress=True,
+                        use_record=False)
     if res.failed:
         raise InputError(res.failed["patient"])
     print(f"prediction -> {out}")
