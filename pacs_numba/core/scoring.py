@@ -175,15 +175,17 @@ STACKED = {PUBLISHED: "PaCS-SR", HR_FREE: "PaCS-SR (HR-free)"}
 
 #: Why the two protocols' rows differ and what compares across them.
 PROTOCOL_NOTE = (
-    "The published protocol normalises and masks the blend (and each expert alone) with the "
-    "test HR's own mean, std and brain mask, which a new patient does not have; the HR-free "
-    "protocol takes them from the experts, as predict does, and scores each expert as it is, "
-    "masked the same way. Both score against the same HR over the same voxels (HR > 0), so "
-    "PSNR and SSIM are on one scale; the gap between the protocols is what the HR's "
-    "statistics and mask are worth, not a better method, so rows are compared within a "
-    "protocol, never across. MAE and MSE include each protocol's intensity mapping: compare "
-    "them within a protocol only. Each protocol's gain is over its own best single expert: "
-    "the expert with the highest mean PSNR over the same test patients."
+    "Two protocols, two ways of normalising and masking the same blend. Published: the blend "
+    "(and each expert alone) takes the test HR's own mean and std and the HR's brain mask "
+    "(largest component of HR >= 0.1), which a new patient does not have. HR-free: both come "
+    "from the experts, as predict does, and each expert is scored as it is, under the same "
+    "mask. Both are scored against the same HR over the same voxels (HR > 0), so PSNR and "
+    "SSIM are on one scale, but a gap between the protocols comes from their masks and "
+    "intensity mappings (the experts' mask is usually larger and keeps voxels the HR's mask "
+    "cuts), not from a better method: compare rows within a protocol, never across. MAE and "
+    "MSE carry each protocol's intensity mapping: compare them within a protocol only. Each "
+    "protocol's gain is over its own best single expert: the expert with the highest mean "
+    "PSNR over the same test patients."
 )
 
 

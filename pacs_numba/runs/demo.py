@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -34,7 +35,7 @@ def metrics_table(
     (:func:`pacs_numba.core.scoring.gain_over_best`); the closing lines say why the blocks
     differ and what compares across them.
     """
-    lines = [f"test metrics, mean over {n_test} patients:"]
+    lines = [f"test metrics, mean over {n_test} patient(s):"]
     blocks = [(PUBLISHED, alone, stacked)]
     if hr_free:
         blocks.append((HR_FREE, hr_free.get("experts") or {}, hr_free))
@@ -59,16 +60,21 @@ def metrics_table(
 _COHORT_STAMP = "demo_cohort.json"
 
 
-def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], seed: int) -> Path:
+def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], seed: int,
+                 atlas: bool = False) -> Path:
     """Return the config of the demo's cohort in ``folder``, generating it if needed.
 
     A cohort is reused when it is complete and was made with these settings.
     """
     settings = {"patients": patients, "shape": list(shape), "seed": seed, "version": 1}
+    if atlas:  # a cohort with an atlas serves a run without one, not the other way round
+        settings["atlas"] = True
     stamp = folder / _COHORT_STAMP
     config_path = folder / "config.yaml"
     try:
-        reusable = json.loads(stamp.read_text()) == settings and config_path.exists()
+        made = json.loads(stamp.read_text())
+        reusable = config_path.exists() and (
+            made == settings or (not atlas and made == {**settings, "atlas": True}))
     except (OSError, ValueError):
         reusable = False
     if reusable:
@@ -76,7 +82,7 @@ def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], se
         return config_path
     stamp.unlink(missing_ok=True)
     # Patients of an earlier cohort with other settings must not be scanned again.
-    for sub in ("hr", "lr", "models"):
+    for sub in ("hr", "lr", "models", "atlas"):
         shutil.rmtree(folder / sub, ignore_errors=True)
     config_path = make_cohort(
         folder,
@@ -88,6 +94,7 @@ def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], se
         kfolds=4,
         patch_size=16,
         stride=8,
+        atlas=atlas,
     )
     # A manifest of an earlier, different cohort would name the wrong patients.
     (folder / "manifest.json").unlink(missing_ok=True)
@@ -106,20 +113,27 @@ def run_demo(
     workers: int | None = None,
     no_progress: bool = False,
     on_engine: Callable[[Engine], Any] | None = None,
+    atlas: bool = False,
 ) -> str:
     """Train fold 1 on a generated cohort under ``out`` and return the results table as text.
 
     The cohort (``out/cohort``) is generated on the first run and reused by later runs
     with the same ``patients``, ``shape`` and ``seed``; the volume cache defaults to
     ``out/cache``, so a second run neither regenerates nor decompresses anything and
-    leaves nothing outside ``out``.
+    leaves nothing outside ``out``.  With ``atlas`` the cohort gets an atlas (the mean of
+    its HRs, :func:`~pacs_numba.store.cohort.make_cohort`) and the run registers every
+    patient to it (``use_registration: true``; needs antspyx).
     """
     t0 = time.perf_counter()
     out = Path(out).resolve()
     if cache_dir is None:
         cache_dir = out / "cache"
-    config_path = _demo_cohort(out / "cohort", patients=patients, shape=shape, seed=seed)
+    config_path = _demo_cohort(out / "cohort", patients=patients, shape=shape, seed=seed,
+                               atlas=atlas)
     config = load_config(config_path)
+    if atlas:
+        config = dataclasses.replace(
+            config, pacs_sr=dataclasses.replace(config.pacs_sr, use_registration=True))
     if not Path(config.data.out).exists():
         write_manifest(build_manifest(config.data), config.data.out)
     engine = Engine(
@@ -138,7 +152,8 @@ def run_demo(
     lines = [
         f"pacs-numba demo: {patients} generated patients {shape[0]}x{shape[1]}x{shape[2]}, "
         f"{len(engine.models)} experts, {task} ({n_train} train / {n_test} test), "
-        f"patch {p.patch_size}, stride {p.stride}",
+        f"patch {p.patch_size}, stride {p.stride}"
+        + (f", registered to the atlas {config.registration.atlas}" if atlas else ""),
     ]
     lines += metrics_table(result.extras.get("test_experts", {}), result.metrics["test"], n_test,
                            result.extras.get("test_hr_free"))
