@@ -26,7 +26,7 @@ from pacs_numba.store.layout import RECORD_FILE, TaskLayout
 from pacs_numba.store.modelfile import save_model
 
 EVIL_PID = 'x" onerror="alert(1)'
-EVIL_EXPERT = "A|B*<b>_`"
+EVIL_EXPERT = "A|B*<b>_`$\\frac$"  # bad mathtext too
 
 # Array axis 0 runs inferior -> superior, axis 1 anterior -> posterior, axis 2 left -> right.
 PERMUTED = np.array([[0.0, 0.0, 1.0, -10.0],

@@ -418,6 +418,16 @@ def make_report(
         If the folder has no model, or its test patients cannot be found or read.
     """
     _require_matplotlib()
+    from matplotlib import rc_context
+
+    # patient ids and expert names are text, never mathtext: "a$x$" stays "a$x$"
+    with rc_context({"text.parse_math": False}):
+        return _make_report(Path(run_dir), config_path, out_dir, patients, cache_dir)
+
+
+def _make_report(run_dir: Path, config_path: Path | None, out_dir: Path | None,
+                 patients: Sequence[str] | None, cache_dir: Path | None) -> Path:
+    """:func:`make_report` once matplotlib is known to be there."""
     run_dir = Path(run_dir)
     mpath = run_dir / MODEL_FILE
     if not mpath.exists():

@@ -207,13 +207,18 @@ def draw_group_figures(groups: Sequence[Any], folder: Path) -> list[Path]:
         log.warning("summarize: no figures drawn: matplotlib is not installed "
                     "(pip install 'pacs-numba[report]'); the tables are written")
         return []
+    from matplotlib import rc_context
+
     folder.mkdir(parents=True, exist_ok=True)
     drawers = {"gain": gain_figure, "experts": experts_figure, "dominance": dominance_figure}
     out = []
-    for g in groups:
-        for kind in FIGURE_KINDS:
-            f = drawers[kind](g, folder / figure_name(g.experiment, g.spacing, g.pulse, kind))
-            if f is not None:
-                out.append(f)
+    # names from folders and configs are text, never mathtext: "a$x$" stays "a$x$"
+    with rc_context({"text.parse_math": False}):
+        for g in groups:
+            for kind in FIGURE_KINDS:
+                f = drawers[kind](g, folder / figure_name(g.experiment, g.spacing, g.pulse,
+                                                          kind))
+                if f is not None:
+                    out.append(f)
     log.info("summarize: %d figure(s) in %s", len(out), folder)
     return out
