@@ -264,3 +264,22 @@ def test_report_links_the_summary_figures_of_its_task(task):
 
     linked = {(lay.report_dir / unquote(s)).resolve() for s in page.images}
     assert {f.resolve() for f in figs} <= linked
+
+
+def test_report_says_when_the_task_was_trained_with_registration(task, tmp_path, caplog):
+    pytest.importorskip("matplotlib")
+    import dataclasses
+    import shutil
+
+    from pacs_numba.store.modelfile import load_model
+
+    lay = task["lay"]
+    copy = TaskLayout(tmp_path / "out", "exp", 1, "3mm", "t1c")
+    shutil.copytree(lay.model_dir, copy.model_dir, ignore=shutil.ignore_patterns("report"))
+    model = load_model(copy.model_file)
+    settings = {**model.settings, "pacs_sr": {"use_registration": True}}
+    save_model(copy.model_file, dataclasses.replace(model, settings=settings))
+    assert cli.main(["report", str(copy.model_dir), "--cache-dir", str(task["cache"]),
+                     "--patients", "sub-01", "-q"]) == 0
+    text = (copy.report_dir / "index.html").read_text()
+    assert "trained with registration" in text and "unregistered" in text

@@ -493,11 +493,19 @@ def _make_report(run_dir: Path, config_path: Path | None, out_dir: Path | None,
         log.info("report: patient %s drawn", pid)
         del hr, exp, blend, hr_free, mask
     links = _summary_figures(run_dir, out)
+    notes = []
+    if (s.get("pacs_sr") or {}).get("use_registration"):
+        why = ("this task was trained with registration (use_registration: true), but the "
+               "report draws and scores the volumes as they are on disk, unregistered: its "
+               "numbers differ from metrics.json, which scores in atlas space")
+        log.warning("report: %s", why)
+        notes.append(f'<p class="note"><b>Note:</b> {html_text(why)}.</p>')
     page = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>PaCS-SR report: {html_text(title)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>PaCS-SR report: {html_text(title)}</h1>",
+        *notes,
         _metrics_table(_blocks(pooled, model.model_names),
                        f"mean over {len(test)} test patient(s)"),
         f'<p class="note">{html_text(PROTOCOL_NOTE)}</p>',
