@@ -223,7 +223,8 @@ def _add_predict(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN
                      "error)")
     one = p.add_argument_group("one patient")
     one.add_argument("--expert", action="append", default=[], metavar="NAME=PATH",
-                     help="one expert volume by model name; repeat for every expert")
+                     help="one expert volume by model name; repeat for every expert "
+                     "(default: none; one patient needs all of the model's experts)")
     one.add_argument("--experts", type=Path, nargs="+", default=None, metavar="PATH",
                      help="bare expert paths in the model's order (the order is logged; "
                      "prefer --expert)")

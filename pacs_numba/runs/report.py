@@ -509,14 +509,14 @@ def _make_report(run_dir: Path, config_path: Path | None, out_dir: Path | None,
         _metrics_table(_blocks(pooled, model.model_names),
                        f"mean over {len(test)} test patient(s)"),
         f'<p class="note">{html_text(PROTOCOL_NOTE)}</p>',
-        "<h2>Model</h2>",
-        f"<pre>{html_text(describe_model(model, mpath))}</pre>",
         *(f'<div><img src="{html_src(src)}" alt="{html_text(alt)}"></div>'
           for alt, src in images),
         *(["<h2>Across folds (pacs-numba summarize)</h2>"] if links else []),
         *(f'<div><img src="{html_text(quote(src))}" alt="{html_text(alt)}"></div>'
           for alt, src in links),
         *sections,
+        "<h2>Model</h2>",
+        f"<pre>{html_text(describe_model(model, mpath))}</pre>",
         "</body></html>",
     ]
     path = out / "index.html"
