@@ -423,17 +423,19 @@ def _section(file: Path, doc: dict, name: str, required: bool, why: str = "") ->
     return value
 
 
-def _read_yaml(file: Path) -> dict:
+def parse_yaml(text: str, file: Path) -> Any:
+    """Parse YAML the way every file of ours is read (the config, ``tune``'s grid).
+
+    ``1e-4`` is a float, and a key given twice in one mapping is refused (PyYAML would keep
+    the last one silently).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``file`` (and the line) on a repeated key or invalid YAML.
+    """
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{file}: is a directory; expected a YAML config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read config file ({exc})") from None
-    try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as dup:
         raise ConfigError(
             f"{file}: key {dup.key!r} is given twice in one section, at lines {dup.first} and "
@@ -446,6 +448,18 @@ def _read_yaml(file: Path) -> dict:
         raise ConfigError(f"{file}: invalid YAML{where}: {what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _read_yaml(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: is a directory; expected a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read config file ({exc})") from None
+    doc = parse_yaml(text, file)
     if doc is None:
         raise ConfigError(f"{file}: config file is empty; expected sections data and pacs_sr")
     if not isinstance(doc, dict):

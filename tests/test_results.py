@@ -334,8 +334,14 @@ def test_summarize_matches_the_per_task_metrics(run, tmp_path, capsys):
     assert "| PaCS-SR (HR-free) |" in md and "Wilcoxon" in md
     with (tmp_path / "summary.csv").open() as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {*MODELS, "PaCS-SR", "PaCS-SR (HR-free)"}
+    assert set(rows) == {*MODELS, *(f"{m} (HR-free)" for m in MODELS), "PaCS-SR",
+                         "PaCS-SR (HR-free)"}
+    assert {rows[m]["protocol"] for m in MODELS} == {"published"}
+    assert rows["PaCS-SR (HR-free)"]["protocol"] == "hr_free"
+    assert "Published protocol: HR statistics and HR brain mask" in md
+    assert "HR-free protocol: statistics and mask from the experts" in md
     per: dict[str, list[float]] = {}
+    free: dict[str, list[float]] = {}
     shares = {m: [] for m in MODELS}
     for fold in (1, 2, 3):
         mdir = run["base"] / "model_data" / f"fold_{fold}" / PULSE
@@ -347,6 +353,10 @@ def test_summarize_matches_the_per_task_metrics(run, tmp_path, capsys):
         for e in pj["test_experts"].values():
             for name in MODELS:
                 per.setdefault(name, []).append(e[name]["psnr"])
+        for m in pj["test_hr_free"].values():
+            free.setdefault("PaCS-SR (HR-free)", []).append(m["psnr"])
+            for name in MODELS:
+                free.setdefault(name, []).append(m["experts"][name]["psnr"])
         model = load_model(mdir / "pacs_model.npz")
         dom = np.argmax(model.weights[model.learned], 1)
         for i, name in enumerate(MODELS):
@@ -364,6 +374,11 @@ def test_summarize_matches_the_per_task_metrics(run, tmp_path, capsys):
     from scipy.stats import wilcoxon
 
     assert float(rows["PaCS-SR"]["p_psnr"]) == pytest.approx(wilcoxon(diffs).pvalue)
+    # the HR-free protocol has its own best expert: each expert as it is, experts' mask
+    best_free = max(MODELS, key=lambda n: np.mean(free[n]))
+    assert rows["PaCS-SR (HR-free)"]["best_expert"] == best_free
+    assert float(rows["PaCS-SR (HR-free)"]["gain_psnr"]) == pytest.approx(
+        np.mean(np.subtract(free["PaCS-SR (HR-free)"], free[best_free])))
 
 
 def test_paired_test_is_honest_about_small_and_null_samples():

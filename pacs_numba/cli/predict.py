@@ -118,7 +118,7 @@ def _single(args: argparse.Namespace, path: Path) -> int:
     _check_single_output(args.out, [Path(path), *map(Path, experts)], args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), args.out)],
                         registration=args.registration, pulse=args.pulse,
-                        window=args.window, cache_dir=args.cache_dir, workers=1,
+                        window=args.window, cache_dir=args.cache_dir, workers=args.workers,
                         mem_budget_bytes=_budget(args), force=True,
                         no_progress=True, record_dir=None, use_record=False)
     if res.failed:
@@ -189,8 +189,9 @@ def _from_config(args: argparse.Namespace, cfg: Any) -> int:
     _check_single_output(out, experts, args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), out)], window=window,
                         registration=args.registration, pulse=args.pulse,
-                        cache_dir=args.cache_dir, workers=1, mem_budget_bytes=_budget(args),
-                        force=True, no_progress=True, use_record=False)
+                        cache_dir=args.cache_dir, workers=args.workers,
+                        mem_budget_bytes=_budget(args), force=True, no_progress=True,
+                        use_record=False)
     if res.failed:
         raise InputError(res.failed["patient"])
     print(f"prediction -> {out}")
@@ -222,7 +223,8 @@ def _add_predict(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN
                      "error)")
     one = p.add_argument_group("one patient")
     one.add_argument("--expert", action="append", default=[], metavar="NAME=PATH",
-                     help="one expert volume by model name; repeat for every expert")
+                     help="one expert volume by model name; repeat for every expert "
+                     "(default: none; one patient needs all of the model's experts)")
     one.add_argument("--experts", type=Path, nargs="+", default=None, metavar="PATH",
                      help="bare expert paths in the model's order (the order is logged; "
                      "prefer --expert)")

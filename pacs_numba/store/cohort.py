@@ -34,8 +34,10 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from ..config import DataConfig, FullConfig, PacsConfig, RegistrationConfig, dump_config
+from ..core.blending import brain_mask
 from ..errors import ConfigError
 from .nifti import write_nifti
+from .registration import template_key
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +495,7 @@ def make_cohort(
     kfolds: int = 3,
     patch_size: int = 16,
     stride: int = 8,
+    atlas: bool = False,
 ) -> Path:
     """Write a synthetic cohort in the published layout and a config that runs on it.
 
@@ -519,6 +522,14 @@ def make_cohort(
         keyed by its name), so adding patients or pulses leaves the others as they were.
     kfolds, patch_size, stride : int
         Written into the config.
+    atlas : bool
+        Also write an atlas into ``out_dir/atlas`` with the registration section's file
+        names, so that ``use_registration: true`` runs on the cohort: per template
+        (``T1_brain.nii`` for t1c/t1n, ``T2_brain.nii`` for t2w/t2f, ...) the voxelwise
+        mean of every patient's HR of the first pulse that uses it, and
+        ``brain_mask.nii``, the largest connected component of that mean >= 0.1 (the rule
+        of algorithm A7.5).  The patients' heads are posed at random, so registering them
+        to their mean has work to do.
 
     Returns
     -------
@@ -529,7 +540,8 @@ def make_cohort(
     Raises
     ------
     ConfigError
-        An argument is invalid (e.g. fewer patients than folds).
+        An argument is invalid (e.g. fewer patients than folds), or ``atlas`` is asked for
+        with a pulse that has no atlas template.
 
     Notes
     -----
@@ -565,6 +577,22 @@ def make_cohort(
             f"stride must be an integer in [1, patch_size={patch_size}]; got {stride!r}"
         )
 
+    registration = RegistrationConfig(
+        atlas=out / "atlas",
+        t1="T1_brain.nii",
+        t2="T2_brain.nii",
+        epi="EPI_brain.nii",
+        pd="PD_brain.nii",
+        brain_mask="brain_mask.nii",
+    )
+    # template file name -> the pulse whose HRs make it (the first pulse that uses it)
+    atlas_pulses: dict[str, str] = {}
+    if atlas:
+        for pulse in pulses:
+            name = getattr(registration, template_key(pulse))
+            atlas_pulses.setdefault(name, pulse)
+    atlas_sums = {pulse: np.zeros(shape, np.float64) for pulse in atlas_pulses.values()}
+
     hr_root, lr_root, models_root = out / "hr", out / "lr", out / "models"
     specs = _expert_specs(models)
     affine = np.eye(4)
@@ -585,6 +613,8 @@ def make_cohort(
             # A stream per (patient, pulse name): independent of which other pulses exist.
             rng = np.random.default_rng([seed, i, zlib.crc32(pulse.encode())])
             hr = _hr_volume(rng, anat, pulse, shape)
+            if pulse in atlas_sums:
+                atlas_sums[pulse] += hr
             (hr_root / pid).mkdir(parents=True, exist_ok=True)
             write_nifti(hr_root / pid / f"{pid}-{pulse}.nii.gz", hr, affine)
             for spacing, f in zip(spacings, factors, strict=True):
@@ -599,6 +629,8 @@ def make_cohort(
                     write_nifti(folder / f"{pid}-{pulse}.nii.gz", sr, affine)
             del hr
         log.info("cohort patient=%s secs=%.2f", pid, time.perf_counter() - t0)
+    if atlas:
+        _write_atlas(registration, atlas_pulses, atlas_sums, patients, affine)
 
     cfg = FullConfig(
         data=DataConfig(
@@ -612,14 +644,7 @@ def make_cohort(
             seed=int(seed),
             out=out / "manifest.json",
         ),
-        registration=RegistrationConfig(
-            atlas=out / "atlas",
-            t1="T1_brain.nii",
-            t2="T2_brain.nii",
-            epi="EPI_brain.nii",
-            pd="PD_brain.nii",
-            brain_mask="brain_mask.nii",
-        ),
+        registration=registration,
         pacs_sr=PacsConfig(
             experiment_name="PaCS_SR",
             patch_size=patch_size,
@@ -655,3 +680,21 @@ def make_cohort(
     dump_config(cfg, cfg.path)
     log.info("cohort: wrote %s", cfg.path)
     return cfg.path
+
+
+def _write_atlas(registration: RegistrationConfig, atlas_pulses: dict[str, str],
+                 sums: dict[str, NDArray[np.float64]], n: int, affine: NDArray) -> None:
+    """Write each template (the population mean HR) and the brain mask of the first one."""
+    folder = Path(registration.atlas)
+    folder.mkdir(parents=True, exist_ok=True)
+    mask_written = False
+    for name, pulse in atlas_pulses.items():
+        mean = (sums[pulse] / n).astype(np.float32)
+        write_nifti(folder / name, mean, affine)
+        log.info("cohort atlas: %s = mean of %d %s HRs", folder / name, n, pulse)
+        if not mask_written:
+            write_nifti(folder / registration.brain_mask, brain_mask(mean), affine,
+                        dtype=np.uint8)
+            log.info("cohort atlas: %s = largest component of that mean >= 0.1",
+                     folder / registration.brain_mask)
+            mask_written = True

@@ -53,6 +53,10 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 
 
+#: ``pacs-numba summarize``'s figures: a folder beside the tables (``report`` links them).
+SUMMARY_FIGURES = "summary_figures"
+
+
 #: The run record that ``--resume`` trusts (settings, fingerprints, finished patients).
 RECORD_FILE = "pacs_numba_run.json"
 

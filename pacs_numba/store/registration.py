@@ -724,8 +724,13 @@ class Registrar:
         width = self.pool_width(len(pending), tpl.volume.data.shape, limit_bytes,
                                 baseline_bytes)
         made = self.registrations
+        tick = _Progress(pulse, len(pending))
+        if pending:
+            log.info("registering %s: %d of %d patient(s) to %s in %d process(es), %d from the "
+                     "cache; progress and an estimate follow each patient", pulse, len(pending),
+                     len(patients), tpl.path.name, width, len(patients) - len(pending))
         if width > 1:
-            self._run_pool(pulse, {pid: patients[pid] for pid in pending}, width, stop)
+            self._run_pool(pulse, {pid: patients[pid] for pid in pending}, width, stop, tick)
         for pid in pending:
             if stop is not None and stop.is_set():
                 break
@@ -734,6 +739,8 @@ class Registrar:
                                                  list(patients[pid]["experts"]))
             except InputError as exc:
                 out[pid] = exc
+            if width <= 1:
+                tick()
         log.info(
             "registration %s: %d patients to %s (mode=%s settings=%s): %d from the cache, "
             "%d registered by %d process(es) in %.1f s",
@@ -783,6 +790,7 @@ class Registrar:
         patients: Mapping[str, Mapping[str, Any]],
         width: int,
         stop: threading.Event | None,
+        tick: Any = None,
     ) -> None:
         """Register ``patients`` in ``width`` spawned processes; their entries land in the cache.
 
@@ -813,6 +821,24 @@ class Registrar:
                     ) from exc
                 self.registrations += regs
                 self.resamplings += res
+                if tick is not None:
+                    tick()
+
+
+class _Progress:
+    """One INFO line per registered patient: n/N, the time so far and an estimate of the rest."""
+
+    def __init__(self, pulse: str, total: int) -> None:
+        self.pulse, self.total, self.done = pulse, total, 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> None:
+        self.done += 1
+        secs = time.perf_counter() - self.t0
+        left = secs / self.done * (self.total - self.done)
+        log.info("registering %s: %d/%d patient(s) done in %.0f s%s", self.pulse, self.done,
+                 self.total, secs, f", about {left:.0f} s left" if self.done < self.total
+                 else "")
 
 
 def _worker_init() -> None:
