@@ -618,9 +618,9 @@ def test_costs_scale_with_voxels():
                 r"volumes \(shape \(40, 44, 36\)\); expected an integer in \[1, 44\]"),
     (45, 16, r"pacs_sr\.patch_size is 45, larger than the largest axis"),
     (0, 1, r"pacs_sr\.patch_size is 0, below 1"),
-    (8, 9, r"pacs_sr\.stride is 9; expected an integer in \[1, patch_size=8\] "
+    (8, 9, r"pacs_sr\.stride must be an integer in \[1, patch_size=8\]; got 9 "
            r"\(volume shape \(40, 44, 36\)\)"),
-    (8, 0, r"pacs_sr\.stride is 0"),
+    (8, 0, r"pacs_sr\.stride must be an integer in \[1, patch_size=8\]; got 0"),
     (1e30, 4, r"pacs_sr\.patch_size is 1e\+30; expected an integer"),
 ])
 def test_tile_settings_checked_against_the_shape(patch, stride, match):
