@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     ``thread_bytes``, ``setup_bytes``, ``margin_bytes``, plus ``limit_bytes``, the
     limit planned with, and ``by_width``: for each width from 1 to ``n_patients``, the
     ``needed_bytes`` at that width, the ``sbatch_mem`` to ask for and its
-    ``headroom_bytes`` over that need (``scripts/slurm_array.sh --list`` reads these).  The planner's condition for a limit ``L`` and ``w`` workers is
-    ``L - max(256 MiB, L / 10) >= baseline + per_task + max(setup, thread + w *
-    per_patient)``; ``needed_bytes`` is the smallest ``L`` that meets it.
+    ``headroom_bytes`` over that need (``scripts/slurm_array.sh --list`` reads these).
+    The planner's condition for a limit ``L`` and ``w`` workers is ``L - max(256 MiB,
+    L / 10) >= baseline + per_task + max(setup, thread + w * per_patient)``;
+    ``needed_bytes`` is the smallest ``L`` that meets it.
     """
     budget = parse_budget(getattr(args, "mem_budget", None))
     plan_doc: dict[str, Any] = {}
