@@ -132,21 +132,22 @@ class RssSampler:
         self.peak_by_phase[self.phase] = max(self.peak_by_phase.get(self.phase, 0), total)
         return total
 
+    def _sample_if_alive(self) -> bool:
+        try:
+            self.sample()
+        except psutil.Error:  # watched process gone: nothing more to see
+            return False
+        return True
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sample()
-            except psutil.Error:  # watched process gone: nothing more to see
-                return
+        while not self._stop.wait(self.interval_s) and self._sample_if_alive():
+            pass
 
     def start(self) -> RssSampler:
         """Take a first sample and start sampling in the background."""
         self._t0 = time.monotonic()
         self._stop.clear()
-        try:
-            self.sample()
-        except psutil.Error:
-            pass
+        self._sample_if_alive()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._thread.start()
         return self
@@ -156,10 +157,7 @@ class RssSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        try:
-            self.sample()
-        except psutil.Error:
-            pass
+        self._sample_if_alive()
 
     def __enter__(self) -> RssSampler:
         return self.start()

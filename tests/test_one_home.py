@@ -153,3 +153,39 @@ def test_generated_cohort_follows_the_layout(cohort_config: Path) -> None:
         assert lr_path(d, pid, "3mm", "t1c").is_file()
         for model in d.models:
             assert sr_path(d, model, pid, "3mm", "t1c").is_file()
+
+
+# ---------------------------------------------------------------- one RSS sampler
+def test_one_rss_sampler_for_tests_and_scripts() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    samplers = []
+    for f in [*(root / "tests").rglob("*.py"), *(root / "scripts").glob("*.py")]:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ClassDef) and "Sampler" in node.name:
+                samplers.append(f"{f.relative_to(root)}:{node.name}")
+    assert samplers == ["tests/rss_sampler.py:RssSampler"]
+
+
+def test_rss_sampler_follows_children_and_phases() -> None:
+    import subprocess
+    import sys
+
+    from rss_sampler import RssSampler
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); "
+                              "print('ready', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with RssSampler(0.01, include_children=True) as s:
+            s.phase = "child up"
+            s.sample()
+    finally:
+        child.kill()
+        child.communicate()  # reaps it and closes its stdout
+    assert s.peak_by_pid[child.pid] >= 64 << 20
+    assert s.peak_bytes >= s.peak_root_bytes + (64 << 20)
+    assert s.peak_by_phase["child up"] == s.peak_bytes
+    assert s.peak_anon_bytes > 0 and len(s.samples) >= 3
