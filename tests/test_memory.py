@@ -682,7 +682,16 @@ def test_needed_bytes_is_the_smallest_limit_for_the_width(stage, n):
         assert got == width - 1
     doc = sp.to_json()
     assert doc["needed_bytes"] == sp.needed_bytes and doc["width"] == 4
-    assert all(isinstance(v, int) for v in doc.values())
+    assert all(isinstance(v, int) for k, v in doc.items() if k != "by_width")
+    # by_width: the planner's figure for every width a script may plan (slurm_array.sh --list)
+    rows = doc["by_width"]
+    assert [r["width"] for r in rows] == list(range(1, n + 1))
+    assert rows[0]["needed_bytes"] == sp.needed_bytes_one
+    assert rows[3]["needed_bytes"] == sp.needed_bytes
+    for r in rows:
+        mem, headroom = planning.sbatch_request(r["needed_bytes"])
+        assert (r["sbatch_mem"], r["headroom_bytes"]) == (mem, headroom)
+        assert headroom >= planning.SBATCH_HEADROOM_BYTES
 
 
 def test_workqueue_layer_runs_one_worker():

@@ -546,7 +546,7 @@ class StagePlan:
         return limit_for(core)
 
     def to_json(self) -> dict[str, Any]:
-        """Return the stage's entry of ``diagnose --json``'s ``"plan"`` (integers only).
+        """Return the stage's entry of ``diagnose --json``'s ``"plan"``.
 
         Returns
         -------
