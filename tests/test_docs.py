@@ -206,3 +206,28 @@ def test_resolver_tells_names_from_files() -> None:
     assert _resolves("numpy.float32", by_stem) is None
     assert _resolves("registration.atlas", by_stem) is True  # a config key
     assert _resolves("registration.Registrar", by_stem) is True  # the module
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_docs_anchors_point_at_existing_headings() -> None:
+    bad = []
+    for f in _doc_files():
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", f.read_text()):
+            page = (f.parent / target) if target else f
+            if "://" in target or page.suffix != ".md":
+                continue
+            heads = {_slug(h) for h in re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)}
+            if anchor not in heads:
+                bad.append(f"{f.relative_to(ROOT)} -> {target or f.name}#{anchor}")
+    assert not bad, "links to headings that do not exist: " + "; ".join(bad)
+
+
+def test_slug_follows_github() -> None:
+    assert _slug("Atlas registration (`use_registration: true`)") == \
+        "atlas-registration-use_registration-true"
+    assert _slug("Reading the log, and `diagnose`") == "reading-the-log-and-diagnose"
