@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import os
 import re
 import tempfile
@@ -222,6 +223,70 @@ _MISSING = object()
 MAX_PATCH_SIZE = 4096
 #: Largest accepted |pacs_sr.num_workers|.
 MAX_WORKERS = 65536
+
+
+def stride_problem(patch_size: int, stride: Any) -> str | None:
+    """Say what is wrong with a ``stride`` for ``patch_size``, or None: the one home of that rule.
+
+    A stride is an integer in ``[1, patch_size]``: each tile's label cell (the first
+    ``stride^3`` block of its box, algorithm A2) must lie inside the tile.  The config, the
+    planner, the tile grid, the statistics key, the cost model, the generated cohort and
+    ``tune``'s grid all ask here.
+
+    Parameters
+    ----------
+    patch_size : int
+        The tile edge (already checked to be an integer >= 1).
+    stride : object
+        The value to check.
+
+    Returns
+    -------
+    str or None
+        ``"must be an integer in [1, patch_size=P]; got S"``, or None when ``stride`` is fine.
+
+    Examples
+    --------
+    >>> stride_problem(32, 16) is None
+    True
+    >>> stride_problem(4, 5)
+    'must be an integer in [1, patch_size=4]; got 5'
+    """
+    try:
+        value = None if isinstance(stride, bool) else operator.index(stride)
+    except TypeError:
+        value = None
+    if value is not None and 1 <= value <= patch_size:
+        return None
+    shown = stride if value is None else value
+    return f"must be an integer in [1, patch_size={patch_size}]; got {shown!r}"
+
+
+def check_stride(patch_size: int, stride: Any, *, name: str = "stride") -> int:
+    """Return ``stride`` as an int, or raise :class:`ConfigError` from :func:`stride_problem`.
+
+    Parameters
+    ----------
+    patch_size : int
+        The tile edge.
+    stride : object
+        The value to check.
+    name : str, optional
+        How the message names the value (``"stride"``, ``"pacs_sr.stride"``).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ConfigError
+        ``"<name> must be an integer in [1, patch_size=P]; got S"``.
+    """
+    problem = stride_problem(patch_size, stride)
+    if problem is not None:
+        raise ConfigError(f"{name} {problem}")
+    return int(stride)
 
 
 def _show(value: Any) -> str:
@@ -510,8 +575,9 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
     # larger than any MRI volume.
     patch_size = s.integer("patch_size", minimum=1, maximum=MAX_PATCH_SIZE)
     stride = s.integer("stride")
-    if not 1 <= stride <= patch_size:
-        raise s.fail("stride", f"must be an integer in [1, patch_size={patch_size}]; got {stride}")
+    problem = stride_problem(patch_size, stride)
+    if problem is not None:
+        raise s.fail("stride", problem)
     cfg = PacsConfig(
         experiment_name=s.string("experiment_name"),
         patch_size=patch_size,

@@ -24,7 +24,7 @@ import numba
 from .. import _config
 from .._version import __version__
 from ..errors import ConfigError
-from ..resources.units import parse_size
+from ..resources.units import parse_budget
 from ..runs.engine import Engine, RunOptions
 from ..store.layout import ExperimentLayout
 from .logsetup import add_file_log
@@ -245,12 +245,7 @@ def startup_log(engine) -> None:  # noqa: ANN001 - an Engine
 
 def make_engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
     """Build the :class:`~pacs_numba.runs.engine.Engine` of ``config`` with the CLI's options."""
-    budget = None
-    if getattr(args, "mem_budget", None):
-        try:
-            budget = parse_size(args.mem_budget)
-        except ValueError as exc:
-            raise ConfigError(f"--mem-budget: {exc}") from None
+    budget = parse_budget(getattr(args, "mem_budget", None))
     if getattr(args, "workers", None) is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     opts = RunOptions(

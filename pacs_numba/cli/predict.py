@@ -15,7 +15,7 @@ from typing import Any
 from ..config import load_config
 from ..core.model import StackingModel
 from ..errors import ConfigError, InputError
-from ..resources.units import parse_size
+from ..resources.units import parse_budget
 from ..runs.predict import (
     PUBLISHED_OUTPUT,
     PredictJob,
@@ -37,13 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _budget(args: argparse.Namespace) -> int | None:
-
-    if not getattr(args, "mem_budget", None):
-        return None
-    try:
-        return parse_size(args.mem_budget)
-    except ValueError as exc:
-        raise ConfigError(f"--mem-budget: {exc}") from None
+    return parse_budget(getattr(args, "mem_budget", None))
 
 
 def _model(args: argparse.Namespace, path: Path, names: list[str] | None,

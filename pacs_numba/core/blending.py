@@ -19,7 +19,14 @@ from numpy.typing import ArrayLike, NDArray
 from .._config import BRAIN_THRESHOLD, WINDOWS
 from ..errors import InputError
 from ..kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
-from .checks import as_mask_u8, as_tile_weights, as_volume, as_volume_list, check_shape, readonly
+from .checks import (
+    as_mask_u8,
+    as_tile_weights,
+    as_volume,
+    as_volume_list,
+    check_volume_list,
+    readonly,
+)
 from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
@@ -95,15 +102,10 @@ def expert_mean(experts: Sequence[ArrayLike]) -> NDArray[np.float32]:
     >>> expert_mean([a, 3 * np.ones_like(a)]).ravel().tolist()
     [2.0, 1.5]
     """
-    if len(experts) == 0:
-        raise InputError("need at least one expert volume, got none")
-    shape = np.shape(experts[0])
-    if len(shape) != 3:
-        raise InputError(f"expert 0 has shape {shape}; expected a 3-D volume")
+    shape = check_volume_list(experts)
     proxy = np.zeros(shape, dtype=np.float32)
-    for e, vol in enumerate(experts):  # one expert at a time: no list of converted copies
+    for vol in experts:  # one expert at a time: no list of converted copies
         vol = np.asarray(vol)
-        check_shape(vol.shape, shape, what=f"expert {e}", like="expert 0")
         proxy += np.where(np.isfinite(vol), vol, np.float32(0))
     proxy /= np.float32(len(experts))
     return proxy
@@ -313,7 +315,7 @@ def blend_volume(
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {sorted(WINDOWS)}, got {window!r}")
-    vols = as_volume_list(experts, grid.shape)
+    vols = as_volume_list(experts, grid.shape, like="the tile grid")
     n_exp = len(vols)
     w = as_tile_weights(weights, grid, n_exp)
     mus64 = readonly(np.ascontiguousarray(mus, dtype=np.float64).reshape(-1))

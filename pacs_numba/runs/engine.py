@@ -34,7 +34,7 @@ from ..store.atomic import atomic_write_json
 from ..store.integrity import require_regular_file, strict_json, sweep_temp_files
 from ..store.layout import TaskLayout
 from ..store.locks import TaskBusy, TaskLock
-from ..store.manifest import load_manifest, select_task
+from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
 from ..store.nifti import read_shape
 from ..store.record import RunRecord, fingerprints, model_digest, result_settings
@@ -116,20 +116,9 @@ class Engine(FitStage, EvaluateStage):
         self, fold: int | None = None, spacing: str | None = None, pulse: str | None = None
     ) -> list[Task]:
         """Every (fold, spacing, pulse) the published tool would run for these filters."""
-        n_folds = len(self.manifest()["folds"])
-        if fold is not None and not 1 <= fold <= n_folds:
-            raise ConfigError(f"--fold {fold}: the manifest has folds 1..{n_folds}")
-        for name, value, allowed in (
-            ("spacing", spacing, self.config.data.spacings),
-            ("pulse", pulse, self.config.data.pulses),
-        ):
-            if value is not None and value not in allowed:
-                raise ConfigError(
-                    f"--{name} {value!r}: data.{name}s in the config has {list(allowed)}"
-                )
-        folds = [fold] if fold is not None else list(range(1, n_folds + 1))
-        spacings = [spacing] if spacing is not None else list(self.config.data.spacings)
-        pulses = [pulse] if pulse is not None else list(self.config.data.pulses)
+        folds, spacings, pulses = filter_tasks(
+            self.manifest(), self.config.data, None if fold is None else [fold],
+            None if spacing is None else [spacing], None if pulse is None else [pulse])
         return [Task(f, s, p) for f in folds for s in spacings for p in pulses]
 
     def request_stop(self, signum: int) -> None:

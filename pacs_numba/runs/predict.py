@@ -54,6 +54,7 @@ from ..resources.planning import plan_stage
 from ..resources.process import baseline_bytes
 from ..resources.threads import thread_safe_layer
 from ..store.atomic import atomic_write_json
+from ..store.layout import EXPERT_FILE_PATTERN, expert_dir, volume_name
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import load_model, read_weights_json
 from ..store.nifti import read_shape, write_nifti
@@ -282,7 +283,7 @@ def jobs_from_manifest(
     if chosen is None:
         raise ConfigError(f"--split must be train or test, got {split!r}")
     return [PredictJob(pid, tuple(Path(p) for p in e["experts"]),
-                       Path(out_dir) / f"{pid}-{pulse}.nii.gz") for pid, e in chosen.items()]
+                       Path(out_dir) / volume_name(pid, pulse)) for pid, e in chosen.items()]
 
 
 def jobs_from_folder(
@@ -294,15 +295,14 @@ def jobs_from_folder(
     expert lacks is left out with a warning that names the missing expert.
     """
     root = Path(models_root)
-    suffix = f"-{pulse}.nii.gz"
+    suffix = volume_name("", pulse)
     found: dict[str, dict[str, Path]] = {}
     for name in model_names:
-        folder = root / name / spacing / "output_volumes"
+        folder = expert_dir(root, name, spacing)
         if not folder.is_dir():
             raise InputError(
                 f"'{folder}' does not exist: expected the published layout "
-                f"{{models_root}}/{{MODEL}}/{{spacing}}/output_volumes/{{pid}}-{{pulse}}.nii.gz "
-                f"for every expert of the model {list(model_names)}"
+                f"{EXPERT_FILE_PATTERN} for every expert of the model {list(model_names)}"
             )
         for f in sorted(folder.glob(f"*{suffix}")):
             found.setdefault(f.name[: -len(suffix)], {})[name] = f
@@ -313,7 +313,7 @@ def jobs_from_folder(
             log.warning("patient %s left out: no volume of %s under '%s'", pid, lacking, root)
             continue
         jobs.append(PredictJob(pid, tuple(found[pid][n] for n in model_names),
-                               Path(out_dir) / f"{pid}-{pulse}.nii.gz"))
+                               Path(out_dir) / volume_name(pid, pulse)))
     if not jobs:
         raise InputError(f"no patient with every expert's '*{suffix}' under '{root}' ({spacing})")
     return jobs

@@ -39,7 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from ..config import FIT_REGIONS, MIXING_WINDOWS, FullConfig, dump_config, parse_yaml
+from ..config import (
+    FIT_REGIONS,
+    MIXING_WINDOWS,
+    FullConfig,
+    dump_config,
+    parse_yaml,
+    stride_problem,
+)
 from ..core.blending import Normalisation, blend_patient, brain_mask, expert_mean
 from ..core.cellstats import CellStats, StatsKey, combine, sum_stats
 from ..core.metrics import volume_metrics
@@ -48,7 +55,7 @@ from ..core.solve import fit_weights, laplacian_smooth
 from ..core.tiling import TileGrid
 from ..errors import ConfigError, InputError, Interrupted
 from ..store.atomic import atomic_write_json, atomic_write_text
-from ..store.manifest import load_manifest, select_task
+from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, file_fingerprint
 from .escape import md_text
@@ -174,7 +181,7 @@ def load_grid(path: str | os.PathLike[str], config: FullConfig) -> list[Candidat
     lists = [_values(file, doc, k, getattr(base, k)) for k in SWEPT]
     own = Candidate(*(getattr(base, k) for k in SWEPT))
     valid = [c for c in (Candidate(*v) for v in itertools.product(*lists))
-             if c.stride <= c.patch_size]
+             if stride_problem(c.patch_size, c.stride) is None]
     if not valid:
         raise ConfigError(f"{file}: every combination has stride > patch_size")
     seen: dict[tuple, Candidate] = {}
@@ -318,18 +325,8 @@ def run_tune(
     pacs = config.pacs_sr
     models = tuple(config.data.models)
     manifest = load_manifest(config.data.out)
-    k = len(manifest["folds"])
-    fold_list = sorted(set(folds)) if folds is not None else list(range(1, k + 1))
-    for f in fold_list:
-        if not 1 <= f <= k:
-            raise ConfigError(f"--folds {f}: the manifest has folds 1..{k}")
-    for name, chosen, allowed in (("spacing", spacings, config.data.spacings),
-                                  ("pulse", pulses, config.data.pulses)):
-        for v in chosen or ():
-            if v not in allowed:
-                raise ConfigError(f"--{name} {v!r}: data.{name}s in the config has {list(allowed)}")
-    spacing_list = list(spacings or config.data.spacings)
-    pulse_list = list(pulses or config.data.pulses)
+    fold_list, spacing_list, pulse_list = filter_tasks(manifest, config.data, folds, spacings,
+                                                       pulses, fold_option="--folds")
     _check_grid_size(len(candidates), len(fold_list), len(spacing_list), len(pulse_list),
                      yes=yes, max_units=max_units)
     store = VolumeStore(cache_dir)

@@ -33,9 +33,17 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from ..config import DataConfig, FullConfig, PacsConfig, RegistrationConfig, dump_config
+from ..config import (
+    DataConfig,
+    FullConfig,
+    PacsConfig,
+    RegistrationConfig,
+    check_stride,
+    dump_config,
+)
 from ..core.blending import brain_mask
 from ..errors import ConfigError
+from .layout import expert_file, hr_file, lr_file
 from .nifti import write_nifti
 from .registration import template_key
 
@@ -572,10 +580,7 @@ def make_cohort(
     shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ConfigError(f"patch_size must be an integer >= 1; got {patch_size!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= patch_size:
-        raise ConfigError(
-            f"stride must be an integer in [1, patch_size={patch_size}]; got {stride!r}"
-        )
+    check_stride(patch_size, stride)
 
     registration = RegistrationConfig(
         atlas=out / "atlas",
@@ -615,18 +620,19 @@ def make_cohort(
             hr = _hr_volume(rng, anat, pulse, shape)
             if pulse in atlas_sums:
                 atlas_sums[pulse] += hr
-            (hr_root / pid).mkdir(parents=True, exist_ok=True)
-            write_nifti(hr_root / pid / f"{pid}-{pulse}.nii.gz", hr, affine)
+            hr_path = hr_file(hr_root, pid, pulse)
+            hr_path.parent.mkdir(parents=True, exist_ok=True)
+            write_nifti(hr_path, hr, affine)
             for spacing, f in zip(spacings, factors, strict=True):
                 lr = downsample_slices(hr, f)
-                (lr_root / spacing / pid).mkdir(parents=True, exist_ok=True)
-                lr_file = lr_root / spacing / pid / f"{pid}-{pulse}.nii.gz"
-                write_nifti(lr_file, lr, lr_affine(affine, f))
+                lr_path = lr_file(lr_root, spacing, pid, pulse)
+                lr_path.parent.mkdir(parents=True, exist_ok=True)
+                write_nifti(lr_path, lr, lr_affine(affine, f))
                 for model, (kind, strength) in zip(models, specs, strict=True):
                     sr = upsample_expert(lr, shape[2], f, kind, strength)
-                    folder = models_root / model / spacing / "output_volumes"
-                    folder.mkdir(parents=True, exist_ok=True)
-                    write_nifti(folder / f"{pid}-{pulse}.nii.gz", sr, affine)
+                    sr_path = expert_file(models_root, model, spacing, pid, pulse)
+                    sr_path.parent.mkdir(parents=True, exist_ok=True)
+                    write_nifti(sr_path, sr, affine)
             del hr
         log.info("cohort patient=%s secs=%.2f", pid, time.perf_counter() - t0)
     if atlas:

@@ -126,6 +126,72 @@ def content_sample(fd: int, size: int) -> str:
     return h.hexdigest()
 
 
+def file_identity(path: str | os.PathLike[str], *, what: str = "input",
+                  missing: str | None = None, context: str = "",
+                  open_verb: str = "read") -> tuple[os.stat_result, dict[str, Any]]:
+    """Stat a regular file and take its content sample: what a cached copy must match.
+
+    The one home of "open without blocking, refuse a non-regular file, fstat, sample" for
+    the volume cache, resume fingerprints and HDF5 sources.  Device and inode catch a file
+    replaced by another one (a rename over it); size, mtime and ctime catch writes (ctime
+    cannot be set back by ``touch``/``os.utime``); the content sample
+    (:func:`content_sample`) catches a same-size rewrite even where times are coarse or
+    restored.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    what : str, optional
+        What the file is, for messages (``"input"``, ``"HDF5 file"``).
+    missing : str, optional
+        The message for a file that does not exist (default: ``"<what> '<path>' does not
+        exist"``).
+    context : str, optional
+        Appended in parentheses to the message about a file that is not regular.
+    open_verb : str, optional
+        The verb of the message when the file cannot be opened (``"read"``, ``"examine"``).
+
+    Returns
+    -------
+    st : os.stat_result
+    identity : dict
+        ``source`` (the resolved path), ``device``, ``inode``, ``size``, ``mtime_ns``,
+        ``ctime_ns`` and ``sample``.
+
+    Raises
+    ------
+    InputError
+        The file does not exist, is not a regular file, or cannot be read.
+    """
+    try:
+        fd = open_regular(path, what=what)
+    except FileNotFoundError:
+        raise InputError(missing or f"{what} '{path}' does not exist") from None
+    except InputError as exc:
+        if context:
+            raise InputError(f"{exc} ({context})") from None
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot {open_verb} {what} '{path}': {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        sample = content_sample(fd, st.st_size)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} '{path}': {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return st, {
+        "source": os.path.realpath(path),
+        "device": int(st.st_dev),
+        "inode": int(st.st_ino),
+        "size": int(st.st_size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "ctime_ns": int(st.st_ctime_ns),
+        "sample": sample,
+    }
+
+
 def file_digest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return ``{"size": bytes, "sha256": hex}`` of a file.
 

@@ -57,6 +57,8 @@ from numpy.typing import NDArray
 
 from ..config import REGISTRATION_MODES, RegistrationConfig
 from ..errors import BudgetError, ConfigError, InputError, OutputError
+from ..resources.planning import limit_for, margin_bytes
+from ..resources.units import gib
 from .atomic import install_file
 from .locks import node_lock
 from .nifti import NiftiMeta
@@ -772,15 +774,15 @@ class Registrar:
         if limit_bytes is None:
             return width
         each = registration_bytes(shape, ITK_THREADS)
-        margin = max(256 << 20, limit_bytes // 10)
+        margin = margin_bytes(limit_bytes)  # the planner's safety-margin rule
         fits = (limit_bytes - baseline_bytes - margin) // each
         if fits < 1:
-            need = baseline_bytes + each + margin
+            need = limit_for(baseline_bytes + each)
             raise BudgetError(
-                f"one registration to the atlas {tuple(shape)} needs {each / 2**30:.2f} GiB on "
-                f"top of {baseline_bytes / 2**30:.2f} GiB baseline and a "
-                f"{margin / 2**30:.2f} GiB margin, but the job has {limit_bytes / 2**30:.2f} "
-                f"GiB; request at least {-(-need // 2**30)}G"
+                f"one registration to the atlas {tuple(shape)} needs {gib(each, 2)} on "
+                f"top of {gib(baseline_bytes, 2)} baseline and a "
+                f"{gib(margin, 2)} margin, but the job has {gib(limit_bytes, 2)}; "
+                f"request at least {-(-need // 2**30)}G"
             )
         return int(min(width, fits))
 

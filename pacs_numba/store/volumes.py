@@ -46,12 +46,7 @@ from numpy.typing import NDArray
 
 from ..errors import InputError, OutputError
 from .atomic import host_tag, install_file
-from .integrity import (
-    content_sample,
-    open_regular,
-    sweep_temp_files,
-    writer_gone,
-)
+from .integrity import file_identity, sweep_temp_files, writer_gone
 from .locks import node_lock
 from .nifti import NiftiMeta, load_volume
 
@@ -117,23 +112,8 @@ def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
         If the file does not exist, cannot be examined or is not a regular file.
     """
     p = Path(os.path.abspath(path))
-    try:
-        fd = open_regular(p)
-    except FileNotFoundError:
-        raise InputError(f"input '{p}' does not exist") from None
-    except InputError:
-        raise
-    except OSError as exc:
-        raise InputError(f"cannot examine input '{p}': {exc.strerror or exc}") from exc
-    try:
-        st = os.fstat(fd)
-        sample = content_sample(fd, st.st_size)
-    except OSError as exc:
-        raise InputError(f"cannot read input '{p}': {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
-    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),
-            "ctime_ns": int(st.st_ctime_ns), "sample": sample}
+    _, ident = file_identity(p, open_verb="examine")
+    return {"path": str(p), **{k: ident[k] for k in ("size", "mtime_ns", "ctime_ns", "sample")}}
 
 
 @dataclass(frozen=True, eq=False)
@@ -519,33 +499,9 @@ def _identity(source: Path) -> tuple[os.stat_result, dict[str, Any]]:
     sample (:func:`integrity.content_sample`) catches a same-size rewrite even where times
     are coarse or restored.
     """
-    try:
-        fd = open_regular(source)
-    except FileNotFoundError:
-        raise InputError(
-            f"input '{source}' does not exist; expected a NIfTI volume (.nii or .nii.gz)"
-        ) from None
-    except InputError:
-        raise
-    except OSError as exc:
-        raise InputError(f"cannot read input '{source}': {exc.strerror or exc}") from exc
-    try:
-        st = os.fstat(fd)
-        sample = content_sample(fd, st.st_size)
-    except OSError as exc:
-        raise InputError(f"cannot read input '{source}': {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
-    ident = {
-        "source": os.path.realpath(source),
-        "device": int(st.st_dev),
-        "inode": int(st.st_ino),
-        "size": int(st.st_size),
-        "mtime_ns": int(st.st_mtime_ns),
-        "ctime_ns": int(st.st_ctime_ns),
-        "sample": sample,
-    }
-    return st, ident
+    return file_identity(
+        source, missing=f"input '{source}' does not exist; expected a NIfTI volume (.nii or "
+        ".nii.gz)")
 
 
 def _entry_key(ident: dict[str, Any]) -> str:
