@@ -54,6 +54,7 @@ from ..resources.planning import plan_stage
 from ..resources.process import baseline_bytes
 from ..resources.threads import thread_safe_layer
 from ..store.atomic import atomic_write_json
+from ..store.integrity import check_patient_id, file_digest, verify_file
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import load_model, read_weights_json
 from ..store.nifti import read_shape, write_nifti
@@ -305,7 +306,8 @@ def jobs_from_folder(
                 f"for every expert of the model {list(model_names)}"
             )
         for f in sorted(folder.glob(f"*{suffix}")):
-            found.setdefault(f.name[: -len(suffix)], {})[name] = f
+            pid = check_patient_id(f.name[: -len(suffix)], f"'{f}'")
+            found.setdefault(pid, {})[name] = f
     jobs = []
     for pid in sorted(found):
         lacking = [n for n in model_names if n not in found[pid]]
@@ -329,12 +331,23 @@ def jobs_from_csv(csv_path: Path, model_names: Sequence[str], out_dir: Path) -> 
     path = Path(csv_path)
     try:
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-            header = list(rows[0].keys()) if rows else []
-    except OSError as exc:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"cannot read CSV '{path}': {exc}") from None
     if not rows:
         raise InputError(f"CSV '{path}' has no rows")
+    # DictReader keeps the last of two equal columns: one patient blended with another's
+    # expert.  A repeated column is refused, whichever it is.
+    seen_cols: set[str] = set()
+    for c in header:
+        if c in seen_cols:
+            raise InputError(
+                f"CSV '{path}': column {c!r} appears twice in the header {header}; give each "
+                "expert (and the patient id) one column"
+            )
+        seen_cols.add(c)
     ids = [c for c in header if c.strip().lower() in ID_COLUMNS]
     if len(ids) != 1:
         raise InputError(
@@ -349,6 +362,7 @@ def jobs_from_csv(csv_path: Path, model_names: Sequence[str], out_dir: Path) -> 
         pid = (row[ids[0]] or "").strip()
         if not pid or pid in seen:
             raise InputError(f"CSV '{path}' line {line}: patient id {pid!r} is empty or repeated")
+        check_patient_id(pid, f"CSV '{path}' line {line}")  # it names the output file
         seen.add(pid)
         blank = [n for n in model_names if not (row.get(n) or "").strip()]
         if blank:
@@ -407,9 +421,11 @@ def predict_batch(
     """Predict many patients concurrently within the memory budget; resumable.
 
     A record (``pacs_numba_predict.json`` in ``record_dir``, default the first output's
-    folder) keeps, for each written output, the fingerprints of its experts and the model's
-    digest.  On a rerun, a patient whose output exists and was made from the same inputs
-    and model is kept; an existing output made otherwise is an error unless ``force``.
+    folder) keeps, for each written output, the fingerprints of its experts, the model's
+    digest and the output's size and SHA-256 checksum.  On a rerun, a patient whose output
+    was made from the same inputs and model and still has that size and checksum is kept;
+    one whose output was truncated, replaced or removed since is predicted again; an
+    existing output made otherwise is an error unless ``force``.
     ``use_record=False`` (one patient from the command line) writes no record.
     ``registration`` and ``pulse`` register each patient's experts to the atlas first (see
     :func:`predict_files`).
@@ -439,11 +455,18 @@ def predict_batch(
     for j in jobs:
         fp = fingerprints(j.experts)
         rec = doc["patients"].get(j.pid)
-        if (j.out.exists() and rec and fp is not None and rec.get("inputs") == fp
-                and rec.get("out") == str(j.out) and rec.get("window") == window):
-            res.kept.append(j.pid)
-            continue
-        if j.out.exists() and not force:
+        ours = bool(rec and fp is not None and rec.get("inputs") == fp
+                    and rec.get("out") == str(j.out) and rec.get("window") == window)
+        if ours and j.out.exists():
+            # as train's record: the output must still be the file written (size, SHA-256)
+            described = rec.get("output")
+            why = (verify_file(j.out, described) if isinstance(described, dict)
+                   else "the record has no checksum of it")
+            if why is None:
+                res.kept.append(j.pid)
+                continue
+            log.info("patient %s: output %s; predicting it again", j.pid, why)
+        elif j.out.exists() and not force:
             raise InputError(
                 f"output '{j.out}' of patient {j.pid} exists and was not made from these "
                 "experts and model; pass --force to overwrite it"
@@ -468,7 +491,7 @@ def predict_batch(
         if use_record:
             with lock:
                 doc["patients"][job.pid] = {"inputs": fp, "out": str(job.out),
-                                            "window": window}
+                                            "window": window, "output": file_digest(job.out)}
                 atomic_write_json(record_path, doc, indent=1)
 
     with (
