@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..core.blending import Normalisation, blend_patient
+from ..core.blending import NonFiniteBlend, Normalisation, blend_patient
 from ..core.metrics import volume_metrics
 from ..core.model import StackingModel
 from ..core.scoring import test_extras
@@ -28,6 +28,17 @@ from .pool import PatientSkipped, describe_plan, join_reasons
 from .tasks import StageClock, Task
 
 log = logging.getLogger(__name__)
+
+
+def _cause(exc: InputError, paths: Mapping[str, Any]) -> str:
+    """Name the input file behind a blend's error.
+
+    The expert a non-finite blend blames, else the HR (every other blend error is about
+    the HR's statistics).
+    """
+    if isinstance(exc, NonFiniteBlend) and exc.expert is not None:
+        return f"expert '{paths['experts'][exc.expert]}': {exc}"
+    return f"HR '{paths['HR']}': {exc}"
 
 
 class EvaluateStage:
@@ -120,7 +131,7 @@ class EvaluateStage:
                         brain_mask=bmask,
                     )
                 except InputError as exc:
-                    msg = f"HR '{paths['HR']}': {exc}"
+                    msg = _cause(exc, paths)
                     log.warning("skipping patient %s: %s", pid, msg)
                     skipped[pid] = msg
                     raise PatientSkipped(pid) from exc
@@ -136,10 +147,18 @@ class EvaluateStage:
             if split == "test":
                 with clock("metrics"):  # each expert alone, and the HR-free protocol
                     # with registration every blend, the HR-free one too, takes the atlas mask
-                    extra = test_extras(
-                        hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
-                        mask=bmask if self.registrar is not None else None,
-                    )
+                    try:
+                        extra = test_extras(
+                            hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
+                            mask=bmask if self.registrar is not None else None,
+                        )
+                    except NonFiniteBlend as exc:  # the HR-free blend overflowed
+                        msg = f"HR-free blend: {_cause(exc, paths)}"
+                        log.warning("skipping patient %s: %s", pid, msg)
+                        skipped[pid] = msg
+                        for out in outputs:  # nothing of a skipped patient is left behind
+                            out.unlink(missing_ok=True)
+                        raise PatientSkipped(pid) from exc
             if nifti_maps is None:
                 del bmask
             affine = hr.meta.affine

@@ -45,6 +45,7 @@ from typing import Any
 import numba
 
 from ..config import RegistrationConfig
+from ..core.blending import NonFiniteBlend
 from ..core.model import StackingModel
 from ..core.predict import model_window, predict_volume
 from ..core.tiling import TileGrid
@@ -248,7 +249,12 @@ def predict_files(
                 f"expert {name} '{p}' has shape {tuple(v.data.shape)}; the model was trained "
                 f"on {model.grid.shape}"
             )
-    pred = predict_volume([v.data for v in vols], model, window=window, mask=mask)
+    try:
+        pred = predict_volume([v.data for v in vols], model, window=window, mask=mask)
+    except NonFiniteBlend as exc:  # refused before anything is written
+        cause = f" (expert {model.model_names[exc.expert]} '{expert_paths[exc.expert]}')" if (
+            exc.expert is not None) else ""
+        raise InputError(f"prediction '{out_path}'{cause}: {exc}") from None
     write_nifti(out_path, pred, vols[0].meta.affine, vols[0].meta.header)
     log.info("predicted %s from %d experts", out_path, len(vols))
     return Path(out_path)
