@@ -58,7 +58,7 @@ from ..store.atomic import atomic_write_json
 from ..store.integrity import check_patient_id, file_digest, verify_file
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import load_model, read_weights_json
-from ..store.nifti import read_shape, write_nifti
+from ..store.nifti import AFFINE_ATOL, affine_difference, read_affine, read_shape, write_nifti
 from ..store.record import fingerprints, model_digest
 from ..store.registration import Registrar
 from ..store.volumes import VolumeStore
@@ -232,6 +232,7 @@ def predict_files(
     output has the atlas affine and the first expert's header.
     """
     model = model_path if isinstance(model_path, StackingModel) else load_model(model_path)
+    check_expert_affines(expert_paths)
     store = store or VolumeStore(cache_dir)
     mask = None
     if registration is not None:
@@ -258,6 +259,31 @@ def predict_files(
     write_nifti(out_path, pred, vols[0].meta.affine, vols[0].meta.header)
     log.info("predicted %s from %d experts", out_path, len(vols))
     return Path(out_path)
+
+
+def check_expert_affines(expert_paths: Sequence[Path]) -> None:
+    """Refuse experts whose affines disagree (:func:`~pacs_numba.store.nifti.affine_difference`).
+
+    Train compares each expert with the HR and warns; predict has no HR and writes the first
+    expert's affine, so a shifted or flipped expert would be blended voxel by voxel with the
+    others and mislabelled in space: an error naming both files.  Headers only.
+
+    Raises
+    ------
+    InputError
+        Naming the first expert and the one that differs, and how.
+    """
+    if len(expert_paths) < 2:
+        return
+    first = read_affine(expert_paths[0])
+    for p in expert_paths[1:]:
+        why = affine_difference(read_affine(p), first)
+        if why is not None:
+            raise InputError(
+                f"expert '{p}' has another affine than expert '{expert_paths[0]}' ({why}; "
+                f"tolerance {AFFINE_ATOL} mm): the experts must be on one grid (the "
+                "prediction takes the first expert's affine); resample or register them"
+            )
 
 
 @dataclass(frozen=True)
