@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..core.blending import NonFiniteBlend, Normalisation, blend_patient
 from ..core.metrics import volume_metrics
 from ..core.model import StackingModel
@@ -57,30 +59,54 @@ class EvaluateStage:
                 )
             return model
         weights, learned = read_weights_json(path, grid.n_tiles, len(self.models))
-        self._check_neighbour_model(path, grid)
+        order = self._check_neighbour_model(path, grid)
+        if order is not None and order != self.models:
+            # the columns follow the model written with the file, not data.models
+            weights = np.ascontiguousarray(weights[:, [order.index(n) for n in self.models]])
+            log.warning(
+                "evaluate %s: the weights in '%s' are in the expert order %s of the model "
+                "beside them; reordered to the config's %s",
+                task, path, list(order), list(self.models),
+            )
         log.info("evaluate %s: %d tiles from '%s'", task, int(learned.sum()), path)
         return StackingModel(weights, learned, grid, self.models, {"weights_from": str(path)})
 
-    def _check_neighbour_model(self, path: Path, grid: TileGrid) -> None:
-        """Check that a weights.json next to our model file belongs to this task's grid.
+    def _check_neighbour_model(self, path: Path, grid: TileGrid) -> tuple[str, ...] | None:
+        """Check a weights.json against the model file beside it; return that model's order.
 
         The published weights.json names tile ids only; ids of another patch size or stride
-        can all be in range and still mean other tiles.  When the file sits next to the
-        ``pacs_model.npz`` it was written with, that file knows the grid: use it.
+        can all be in range and still mean other tiles, and its columns can be in another
+        expert order than this config's ``data.models``.  When the file sits next to the
+        ``pacs_model.npz`` it was written with, that file knows the grid and the order: the
+        grid must be this task's, the experts the same names (the caller then reorders the
+        columns to the config's order, see docs/architecture.md).  None when there is no readable
+        model beside it (the weights.json stands on its own, in the config's order).
+
+        Raises
+        ------
+        InputError
+            If the model beside it has another grid, or other experts than the config.
         """
         neighbour = Path(path).parent / MODEL_FILE
         if not neighbour.is_file():
-            return
+            return None
         try:
             other = load_model(neighbour)
         except InputError:
-            return  # the weights.json stands on its own
+            return None  # the weights.json stands on its own
         if other.grid != grid or len(other.model_names) != len(self.models):
             raise InputError(
                 f"weights file '{path}' was written with the model '{neighbour}' for grid "
                 f"{other.grid} and {len(other.model_names)} experts; this task has {grid} and "
                 f"{len(self.models)} experts (another patch_size, stride or volume shape)"
             )
+        if sorted(other.model_names) != sorted(self.models):
+            raise InputError(
+                f"weights file '{path}' was written with the model '{neighbour}' for experts "
+                f"{list(other.model_names)}; this config's data.models is {list(self.models)}: "
+                "its columns cannot be matched to these experts"
+            )
+        return other.model_names
 
     # ---------------------------------------------------------------- evaluate
     def _evaluate_split(
