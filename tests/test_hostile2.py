@@ -436,3 +436,44 @@ def test_evaluate_refuses_a_blend_that_overflows(trained, tmp_path, capsys):
     assert "not finite" in metrics["skipped"][pid]
     assert not any((tmp_path / "e").rglob(f"{pid}-{PULSE}.nii.gz"))  # its blend removed
     assert any((tmp_path / "e").rglob(f"*-{PULSE}.nii.gz"))
+
+
+# --------------------------------------------------------------------------------------
+# 1. --resume fingerprints the atlas files
+# --------------------------------------------------------------------------------------
+def test_resume_recomputes_every_patient_after_the_atlas_brain_mask_changed(tmp_path, capsys):
+    pytest.importorskip("ants")
+    from scipy import ndimage
+
+    from pacs_numba.store.nifti import write_nifti
+
+    root = tmp_path / "c"
+    cfg = make_cohort(root, patients=3, shape=(32, 36, 30), spacings=(SPACING,), pulses=(PULSE,),
+                      models=("BSPLINE", "SHARPEN"), kfolds=3, patch_size=8, stride=8)
+    atlas = nib.load(root / "hr" / "sub-001" / f"sub-001-{PULSE}.nii.gz")
+    data = np.asarray(atlas.dataobj, dtype=np.float32)
+    (root / "atlas").mkdir()
+    write_nifti(root / "atlas" / "T1_brain.nii", data, atlas.affine)
+    mask_path = root / "atlas" / "brain_mask.nii"
+    write_nifti(mask_path, ndimage.binary_erosion(data > 0, iterations=1).astype(np.float32),
+                atlas.affine)
+    _write_cfg(cfg, use_registration=True, save_weight_volumes=False)
+    config = load_config(cfg)
+    write_manifest(build_manifest(config.data), config.data.out)
+    base = ["train", "--config", cfg, "--fold", 1, "--cache-dir", tmp_path / "cache",
+            "--out-root", tmp_path / "out", "--no-progress", "-v"]
+    assert _run(*base) == 0
+    record = json.loads(next((tmp_path / "out").rglob("pacs_numba_run.json")).read_text())
+    atlas_fp = record["settings"]["atlas"]
+    assert atlas_fp["template"]["path"] == str(root / "atlas" / "T1_brain.nii")
+    assert atlas_fp["brain_mask"]["path"] == str(mask_path)
+    capsys.readouterr()
+    assert _run(*base, "--resume") == 0
+    assert capsys.readouterr().err.count("resumed (outputs complete)") == 3  # unchanged: kept
+    # the atlas brain mask rewritten in place (same name, same size)
+    write_nifti(mask_path, ndimage.binary_erosion(data > 0, iterations=3).astype(np.float32),
+                atlas.affine)
+    assert _run(*base, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "resumed (outputs complete)" not in err
+    assert "settings changed" in err and "atlas" in err

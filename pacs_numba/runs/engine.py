@@ -37,7 +37,13 @@ from ..store.locks import TaskBusy, TaskLock
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
 from ..store.nifti import AFFINE_ATOL, affine_difference, read_shape
-from ..store.record import RunRecord, fingerprints, model_digest, result_settings
+from ..store.record import (
+    RunRecord,
+    atlas_fingerprints,
+    fingerprints,
+    model_digest,
+    result_settings,
+)
 from ..store.registration import Registrar, ants_import_bytes, ants_imported
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore
@@ -222,6 +228,10 @@ class Engine(FitStage, EvaluateStage):
         settings = result_settings(config_to_dict(self.config)["pacs_sr"], self.models)
         if self.registrar is not None:
             settings["registration"] = registration_settings(self.config)
+            reg = self.registrar.config  # the atlas files, fingerprinted: --resume sees edits
+            settings["atlas"] = atlas_fingerprints(
+                self.registrar.template_path(task.pulse), Path(reg.atlas) / reg.brain_mask
+            )
             with clock("registration"):
                 self._registered = self._register_patients(task, {**train, **test})
         record = RunRecord(lay.record_file, settings, resume=self.options.resume)
