@@ -349,6 +349,7 @@ def _damaged(trained, tmp_path: Path, **changes) -> Path:
         ({"format_version": np.array([2, 2])}, "format_version"),
         ({"settings": json.dumps([1, 2])}, "settings"),
         ({"settings": "{not json"}, "settings"),
+        ({"settings": json.dumps({"pacs_sr": 3})}, "settings"),
         ({"window": "gauss"}, "window"),
         ({"weights": None}, "weights"),
         ({"learned": None}, "learned"),

@@ -238,6 +238,8 @@ def model_from_members(members: dict[str, np.ndarray], where: str) -> StackingMo
     if not isinstance(settings, dict):
         kind = type(settings).__name__
         raise _damaged(where, "settings", f"is a JSON {kind}; expected an object")
+    if not isinstance(settings.get("pacs_sr", {}), dict):
+        raise _damaged(where, "settings", "has a 'pacs_sr' that is not an object")
     weights = _member_array(members, "weights", where, kinds="f", ndim=2,
                             what="a (tiles, experts) float array")
     if not np.all(np.isfinite(weights)):
@@ -260,12 +262,13 @@ def model_from_members(members: dict[str, np.ndarray], where: str) -> StackingMo
             "train_patients": _member_texts(members, "train_patients", where),
         }
     else:
-        pacs = settings.get("pacs_sr", {})
-        pacs = pacs if isinstance(pacs, dict) else {}
-        extra = {
-            "window": pacs.get("mixing_window"),
-            "train_patients": tuple(str(p) for p in settings.get("train_patients", ()) or ()),
-        }
+        window = settings.get("pacs_sr", {}).get("mixing_window")
+        if window is not None and window not in ("flat", "hann"):
+            raise _damaged(where, "settings", f"has mixing_window {window!r}; expected flat|hann")
+        train = settings.get("train_patients") or []
+        if not isinstance(train, list):
+            raise _damaged(where, "settings", "has train_patients that are not a list")
+        extra = {"window": window, "train_patients": tuple(str(p) for p in train)}
     try:
         return StackingModel(
             weights=weights.astype(np.float32),
