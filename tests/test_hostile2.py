@@ -164,6 +164,18 @@ def test_a_csv_header_that_repeats_a_column_is_refused(trained, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+def test_a_csv_row_with_more_fields_than_the_header_is_refused_and_a_bom_is_read(tmp_path):
+    from pacs_numba.runs.predict import jobs_from_csv
+
+    p = tmp_path / "bom.csv"
+    p.write_text("\ufeffpid,A,B\np1,a.nii.gz,b.nii.gz\n", encoding="utf-8")
+    (job,) = jobs_from_csv(p, ["A", "B"], tmp_path / "o")
+    assert job.pid == "p1" and job.experts == (tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")
+    p.write_text("pid,A,B\np1,a.nii.gz,b.nii.gz,c.nii.gz\n")
+    with pytest.raises(InputError, match=re.escape(f"CSV '{p}' line 2 (p1): 1 more field(s)")):
+        jobs_from_csv(p, ["A", "B"], tmp_path / "o")
+
+
 # --------------------------------------------------------------------------------------
 # 5. evaluate --weights with a model beside it that records another expert order
 # --------------------------------------------------------------------------------------

@@ -362,7 +362,7 @@ def jobs_from_csv(csv_path: Path, model_names: Sequence[str], out_dir: Path) -> 
     """
     path = Path(csv_path)
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM too
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = list(reader)
@@ -396,6 +396,11 @@ def jobs_from_csv(csv_path: Path, model_names: Sequence[str], out_dir: Path) -> 
             raise InputError(f"CSV '{path}' line {line}: patient id {pid!r} is empty or repeated")
         check_patient_id(pid, f"CSV '{path}' line {line}")  # it names the output file
         seen.add(pid)
+        if None in row:  # DictReader's key for fields beyond the header
+            raise InputError(
+                f"CSV '{path}' line {line} ({pid}): {len(row[None])} more field(s) than the "
+                f"header's {len(header)} columns"
+            )
         blank = [n for n in model_names if not (row.get(n) or "").strip()]
         if blank:
             raise InputError(f"CSV '{path}' line {line} ({pid}): no path for {blank}")
