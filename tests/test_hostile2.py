@@ -91,6 +91,12 @@ def test_batch_predict_recomputes_outputs_truncated_or_replaced(trained, tmp_pat
     assert _run("predict", *common, "--out-dir", d) == 0
     assert "1 written, 1 kept" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in outs} == first
+    # a record edited into another shape describes nothing: the outputs need --force
+    for text in ("[]", '{"model": "x", "patients": []}'):
+        (d / "pacs_numba_predict.json").write_text(text)
+        assert _run("predict", *common, "--out-dir", d) == 2
+        err = capsys.readouterr().err
+        assert "--force" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------------------

@@ -483,9 +483,12 @@ def predict_batch(
                if use_record and record_path.exists() else {})
     except (OSError, ValueError):
         old = {}
+    old_patients = old.get("patients") if isinstance(old, dict) else None
+    if not isinstance(old_patients, dict) or old.get("model") != digest:
+        old_patients = {}  # another model, or a record edited into another shape: keep nothing
     doc: dict[str, Any] = {"model": digest, "window": window,
-                           "patients": dict(old.get("patients", {}))
-                           if old.get("model") == digest else {}}
+                           "patients": {k: v for k, v in old_patients.items()
+                                        if isinstance(v, dict)}}
     lock = threading.Lock()
     res = BatchResult()
     todo = []
