@@ -496,3 +496,25 @@ def test_resume_recomputes_every_patient_after_the_atlas_brain_mask_changed(tmp_
     err = capsys.readouterr().err
     assert "resumed (outputs complete)" not in err
     assert "settings changed" in err and "atlas" in err
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"patients": [], "model": None},
+        {"patients": {"test/p1": "x"}, "model": None},
+        {"patients": {}, "model": ["digest"]},
+        {"patients": {}, "model": None, "settings": []},
+    ],
+)
+def test_a_run_record_edited_into_another_shape_is_ignored(tmp_path, caplog, doc):
+    from pacs_numba.store.record import FORMAT_VERSION, RunRecord
+
+    path = tmp_path / "pacs_numba_run.json"
+    path.write_text(json.dumps({"format": FORMAT_VERSION, "settings": {"a": 1}, "complete": True,
+                                **doc}))
+    with caplog.at_level(logging.WARNING, logger="pacs_numba.store.record"):
+        rec = RunRecord(path, {"a": 1}, resume=True)
+    assert rec.old is None and "malformed" in caplog.text
+    assert rec.reusable_model({}) is None
+    assert rec.reusable_patient("test", "p1", []) is None

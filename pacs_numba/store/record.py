@@ -159,6 +159,12 @@ class RunRecord:
         if not isinstance(old, dict) or old.get("format") != FORMAT_VERSION:
             log.warning("resume: run record '%s' has another format; recomputing", self.path)
             return None
+        patients, model = old.get("patients", {}), old.get("model")
+        if not (isinstance(patients, dict) and all(isinstance(v, dict) for v in patients.values())
+                and (model is None or isinstance(model, dict))
+                and isinstance(old.get("settings"), dict)):
+            log.warning("resume: run record '%s' is malformed (edited?); recomputing", self.path)
+            return None
         if old.get("settings") != self.settings:
             changed = sorted(
                 k
