@@ -6,6 +6,7 @@ engine's config, caches, registration hooks and patient pool.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -52,10 +53,20 @@ class EvaluateStage:
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         if path.suffix == ".npz":
             model = load_model(path)
-            if model.grid != grid or model.model_names != self.models:
+            if model.grid != grid or sorted(model.model_names) != sorted(self.models):
                 raise InputError(
                     f"model '{path}' was made for grid {model.grid} and experts "
                     f"{list(model.model_names)}; this task has {grid} and {list(self.models)}"
+                )
+            if model.model_names != self.models:  # the file names its columns: reorder them
+                log.warning(
+                    "evaluate %s: model '%s' has the experts in the order %s; reordered to "
+                    "the config's %s", task, path, list(model.model_names), list(self.models),
+                )
+                cols = [model.model_names.index(n) for n in self.models]
+                model = dataclasses.replace(
+                    model, weights=np.ascontiguousarray(model.weights[:, cols]),
+                    model_names=self.models,
                 )
             return model
         weights, learned = read_weights_json(path, grid.n_tiles, len(self.models))
