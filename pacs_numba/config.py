@@ -37,7 +37,43 @@ __all__ = [
     "load_config",
     "config_to_dict",
     "dump_config",
+    "name_problem",
 ]
+
+
+#: What may not appear in a name that becomes one path component (a patient id, an
+#: experiment name): path separators, NUL and the other control characters.
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def name_problem(name: object) -> str | None:
+    r"""Why ``name`` cannot be one component of an output path, or None if it can.
+
+    The one rule for every name that becomes a file or folder name under an output root
+    (patient ids from a manifest, a CSV or a folder; ``pacs_sr.experiment_name``): a
+    non-empty string with no ``/``, ``\``, NUL or control character (so no absolute path
+    and nothing that climbs with ``..``), not ``.`` or ``..``, and not starting with ``.``
+    (hidden) or ``-`` (read as an option by the shell tools a user runs on the outputs).
+
+    Examples
+    --------
+    >>> name_problem("sub-001") is None
+    True
+    >>> name_problem("../../x")
+    "contains '/'"
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    bad = _UNSAFE_NAME.search(name)
+    if bad:
+        return f"contains {bad.group()!r}"
+    if name in (".", ".."):
+        return "is a relative folder reference"
+    if name[0] in ".-":
+        return f"starts with {name[0]!r}"
+    return None
 
 #: Allowed values of the enumerated ``pacs_sr`` keys, in the order messages list them.
 MIXING_WINDOWS = tuple(WINDOWS)
@@ -568,6 +604,19 @@ def _load_registration(file: Path, mapping: dict, notes: list[str]) -> Registrat
     return cfg
 
 
+def _experiment_name(s: _Section) -> str:
+    """``pacs_sr.experiment_name``: one folder under out_root (:func:`name_problem`)."""
+    name = s.string("experiment_name")
+    why = name_problem(name)
+    if why is not None:
+        raise s.fail(
+            "experiment_name",
+            f"{name!r} {why}; expected one folder name under out_root (no '/', '..', "
+            "absolute path, leading '.' or '-')",
+        )
+    return name
+
+
 def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
     s = _Section(file, "pacs_sr", mapping)
     # Bounds keep every integer inside what the kernels index with (int64) and the
@@ -579,7 +628,7 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
     if problem is not None:
         raise s.fail("stride", problem)
     cfg = PacsConfig(
-        experiment_name=s.string("experiment_name"),
+        experiment_name=_experiment_name(s),
         patch_size=patch_size,
         stride=stride,
         mixing_window=s.choice("mixing_window", MIXING_WINDOWS, "flat", case="lower"),

@@ -36,8 +36,14 @@ from ..store.layout import TaskLayout
 from ..store.locks import TaskBusy, TaskLock
 from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
-from ..store.nifti import read_shape
-from ..store.record import RunRecord, fingerprints, model_digest, result_settings
+from ..store.nifti import AFFINE_ATOL, affine_difference, read_shape
+from ..store.record import (
+    RunRecord,
+    atlas_fingerprints,
+    fingerprints,
+    model_digest,
+    result_settings,
+)
 from ..store.registration import Registrar, ants_import_bytes, ants_imported
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore
@@ -50,8 +56,6 @@ log = logging.getLogger(__name__)
 
 
 
-
-AFFINE_ATOL = 1e-3
 
 
 
@@ -213,6 +217,10 @@ class Engine(FitStage, EvaluateStage):
         settings = result_settings(config_to_dict(self.config)["pacs_sr"], self.models)
         if self.registrar is not None:
             settings["registration"] = registration_settings(self.config)
+            reg = self.registrar.config  # the atlas files, fingerprinted: --resume sees edits
+            settings["atlas"] = atlas_fingerprints(
+                self.registrar.template_path(task.pulse), Path(reg.atlas) / reg.brain_mask
+            )
             with clock("registration"):
                 self._registered = self._register_patients(task, {**train, **test})
         record = RunRecord(lay.record_file, settings, resume=self.options.resume)
@@ -429,13 +437,11 @@ class Engine(FitStage, EvaluateStage):
                     f"patient {pid}: expert '{path}' has shape {e.data.shape}; expected "
                     f"{hr.data.shape} like HR '{paths['HR']}'"
                 )
-            if not np.allclose(e.meta.affine, hr.meta.affine, atol=AFFINE_ATOL):
+            why = affine_difference(e.meta.affine, hr.meta.affine)
+            if why is not None:
                 log.warning(
-                    "patient %s: affine of expert '%s' differs from HR '%s' by more than %g",
-                    pid,
-                    path,
-                    paths["HR"],
-                    AFFINE_ATOL,
+                    "patient %s: affine of expert '%s' differs from HR '%s' (%s; tolerance %g)",
+                    pid, path, paths["HR"], why, AFFINE_ATOL,
                 )
         counts = {str(v.source): int(v.nonfinite) for v in [hr, *experts] if v.nonfinite}
         if counts:

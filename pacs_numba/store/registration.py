@@ -61,7 +61,7 @@ from ..resources.planning import limit_for, margin_bytes
 from ..resources.units import gib
 from .atomic import install_file
 from .locks import node_lock
-from .nifti import NiftiMeta
+from .nifti import NiftiMeta, affine_difference
 from .volumes import CachedVolume, VolumeStore, file_fingerprint, map_npy
 
 log = logging.getLogger(__name__)
@@ -389,9 +389,9 @@ class Registrar:
             log.info("registration: no brain mask '%s'; using atlas > 0", path)
             return (np.asarray(atlas.data) > 0).astype(np.uint8), "atlas > 0"
         m = self.store.get(path)
-        if m.data.shape == atlas.data.shape and np.allclose(
-            m.meta.affine, atlas.meta.affine, atol=1e-3
-        ):
+        if m.data.shape == atlas.data.shape and affine_difference(
+            m.meta.affine, atlas.meta.affine
+        ) is None:
             return (np.asarray(m.data) > 0).astype(np.uint8), json.dumps(_fp(path))
         log.warning(
             "registration: brain mask '%s' has shape %s, the atlas '%s' %s; resampling it "
