@@ -2,14 +2,14 @@
 # Chromium for the report's browser test (tests/test_results.py), from Debian's packages.
 #
 # Under CI=true it installs `chromium` with apt-get when it is missing, retrying a failed
-# download (CHROMIUM_APT_TRIES, default 4; CHROMIUM_APT_WAIT seconds before the second try,
+# download (PACS_CI_APT_TRIES, default 4; PACS_CI_APT_WAIT seconds before the second try,
 # growing linearly, default 10), and exits 1 when it cannot: under CI=true that test fails
 # rather than skips without a browser, so CI stops here with the cause instead.  Elsewhere it
 # installs nothing and prints one line; the test then skips.
 set -euo pipefail
 
-TRIES=${CHROMIUM_APT_TRIES:-4}
-WAIT=${CHROMIUM_APT_WAIT:-10}
+TRIES=${PACS_CI_APT_TRIES:-4}
+WAIT=${PACS_CI_APT_WAIT:-10}
 
 if command -v chromium >/dev/null 2>&1; then
     echo "chromium: $(command -v chromium) is installed"

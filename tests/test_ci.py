@@ -61,7 +61,7 @@ def step(tmp_path: Path):
     def run(fail_first: int, ci: bool) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k != "CI"}
         env.update(PATH=str(bin_dir), BIN=str(bin_dir), APT_DIR=str(tmp_path),
-                   FAIL_FIRST=str(fail_first), CHROMIUM_APT_TRIES="3", CHROMIUM_APT_WAIT="0")
+                   FAIL_FIRST=str(fail_first), PACS_CI_APT_TRIES="3", PACS_CI_APT_WAIT="0")
         if ci:
             env["CI"] = "true"
         return subprocess.run(["bash", str(CHROMIUM_STEP)], env=env, capture_output=True,
