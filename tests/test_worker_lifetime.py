@@ -22,7 +22,7 @@ from pacs_numba.store.nifti import write_nifti
 pytest.importorskip("ants")
 
 REPO = Path(__file__).resolve().parents[1]
-PATIENTS = 6
+PATIENTS = 4
 # Polling bounds for events that take seconds on a loaded 2-core machine: a hang guard, not
 # a timing assertion (the workers normally end within milliseconds of the parent).
 START_S = 240.0
@@ -49,7 +49,7 @@ if __name__ == "__main__":  # spawned workers import this file as __mp_main__
 
 
 def _cohort(root: Path) -> Path:
-    make_cohort(root, patients=PATIENTS, shape=(48, 56, 48), spacings=("3mm",),
+    make_cohort(root, patients=PATIENTS, shape=(40, 48, 40), spacings=("3mm",),
                 pulses=("t1c",), models=("BSPLINE",), kfolds=2, patch_size=8, stride=8)
     img = nib.load(root / "hr" / "sub-001" / "sub-001-t1c.nii.gz")
     data = np.asarray(img.dataobj, dtype=np.float32)
