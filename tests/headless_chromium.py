@@ -173,8 +173,11 @@ def render(chromium: str, url: str, probe: str, profile: Path, *,
         for domain in ("Runtime", "Log", "Page"):
             pipe.wait(deadline, events, reply=pipe.send(f"{domain}.enable", session))
         events.clear()  # about:blank's own chatter is not the page's
-        pipe.send("Page.navigate", session, url=url)
-        pipe.wait(deadline, events, event="Page.loadEventFired")
+        nav = pipe.wait(deadline, events, reply=pipe.send("Page.navigate", session, url=url))
+        if nav.get("errorText"):  # no page at all (a missing file): nothing to probe
+            raise RuntimeError(f"chromium could not open {url}: {nav['errorText']}")
+        if not any(ev["method"] == "Page.loadEventFired" for ev in events):
+            pipe.wait(deadline, events, event="Page.loadEventFired")
         got = pipe.wait(deadline, events, reply=pipe.send(
             "Runtime.evaluate", session, expression=probe, returnByValue=True,
             awaitPromise=True))
