@@ -36,12 +36,15 @@ This is the only module that imports ``ants``, and only when a registration is n
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -801,7 +804,10 @@ class Registrar:
         process and reports its error.
         """
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(width, mp_context=ctx, initializer=_worker_init) as pool:
+        # The workers are started from this thread (ProcessPoolExecutor starts them in
+        # submit), which outlives them: PR_SET_PDEATHSIG fires when the creating *thread* ends.
+        with ProcessPoolExecutor(width, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {}
             for pid, paths in patients.items():
                 futures[pool.submit(_worker_register, self.config, str(self.store.directory),
@@ -843,11 +849,54 @@ class _Progress:
                  else "")
 
 
-def _worker_init() -> None:
-    """In a registration process: one thread for everything (ITK, OpenMP, Numba)."""
+def _worker_init(parent_pid: int) -> None:
+    """In a registration process: one thread for everything (ITK, OpenMP, Numba), and no orphans."""
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
                 "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    die_with_parent(parent_pid)
+
+
+#: prctl(2) option: the signal the kernel sends this process when its parent (thread) ends.
+PR_SET_PDEATHSIG = 1
+#: How often the fallback watchdog compares the parent pid, in seconds.
+PARENT_POLL_S = 1.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends, however it ends (SIGKILL included).
+
+    A spawned pool worker whose parent is gone waits on its task queue forever: it holds
+    both ends of that pipe itself, so it never reads EOF, and it holds the write end of
+    the multiprocessing resource tracker's pipe, which keeps the tracker alive too (about
+    320 MB per worker once ANTs is loaded).  On Linux the kernel sends SIGKILL when the
+    parent dies (``prctl(PR_SET_PDEATHSIG)``); that also ends a worker inside an ANTs call
+    that holds the GIL.  A daemon thread that polls ``getppid`` is the fallback elsewhere
+    or when prctl is refused.  Once the workers are gone the tracker reads EOF and exits.
+
+    Parameters
+    ----------
+    parent_pid : int
+        The pid of the process that started this one (``os.getpid()`` there).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:  # no libc symbol: the watchdog remains
+            log.debug("prctl unavailable (%s)", exc)
+    # The parent may have died before prctl ran; then this process was already re-parented.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watchdog",
+                     daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _worker_register(
