@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import os
 import re
 import tempfile
@@ -36,7 +37,43 @@ __all__ = [
     "load_config",
     "config_to_dict",
     "dump_config",
+    "name_problem",
 ]
+
+
+#: What may not appear in a name that becomes one path component (a patient id, an
+#: experiment name): path separators, NUL and the other control characters.
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def name_problem(name: object) -> str | None:
+    r"""Why ``name`` cannot be one component of an output path, or None if it can.
+
+    The one rule for every name that becomes a file or folder name under an output root
+    (patient ids from a manifest, a CSV or a folder; ``pacs_sr.experiment_name``): a
+    non-empty string with no ``/``, ``\``, NUL or control character (so no absolute path
+    and nothing that climbs with ``..``), not ``.`` or ``..``, and not starting with ``.``
+    (hidden) or ``-`` (read as an option by the shell tools a user runs on the outputs).
+
+    Examples
+    --------
+    >>> name_problem("sub-001") is None
+    True
+    >>> name_problem("../../x")
+    "contains '/'"
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    bad = _UNSAFE_NAME.search(name)
+    if bad:
+        return f"contains {bad.group()!r}"
+    if name in (".", ".."):
+        return "is a relative folder reference"
+    if name[0] in ".-":
+        return f"starts with {name[0]!r}"
+    return None
 
 #: Allowed values of the enumerated ``pacs_sr`` keys, in the order messages list them.
 MIXING_WINDOWS = tuple(WINDOWS)
@@ -180,14 +217,86 @@ class FullConfig:
 # --------------------------------------------------------------------------- YAML
 
 
+#: Deepest nesting of lists and mappings a config may have (the published schema needs 3).
+MAX_YAML_DEPTH = 64
+#: Most values (scalars, lists, mappings) a config may hold once its aliases are expanded.
+MAX_YAML_VALUES = 100_000
+
+
+class _Refused(Exception):
+    """A YAML document over :data:`MAX_YAML_DEPTH` or :data:`MAX_YAML_VALUES`."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float.
+    """SafeLoader that also reads ``1e-4`` as a float, with bounded nesting and aliases.
 
     PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-4``), so the common
     ``lambda_ridge: 1e-4`` would arrive as the *string* ``"1e-4"``.  The published
     tool hides this by calling ``float()`` on every value; we type-check instead,
     so we resolve exponent-only numbers the YAML 1.2 way.
+
+    Two bounds keep a hostile file from hanging or crashing the loader.  Nesting is
+    checked as the scanner opens each level, before PyYAML's pure-Python scanner goes
+    quadratic (20,000 ``[`` take it minutes) and before its recursive composer overflows
+    the stack.  Aliases are checked on the composed node graph, where an alias is one
+    shared node: a "billion laughs" file composes to a few hundred nodes, but any
+    consumer that walks the values (``repr`` in an error message, the validation of a
+    list) would visit every expanded copy, so the expanded count is computed per
+    distinct node and refused above :data:`MAX_YAML_VALUES`.
     """
+
+    def fetch_more_tokens(self) -> None:  # noqa: D102 - PyYAML's scanner hook
+        super().fetch_more_tokens()
+        # flow_level counts open [ and {, indents the open block levels
+        if max(self.flow_level, len(self.indents)) > MAX_YAML_DEPTH:
+            raise _Refused(
+                f"nesting deeper than {MAX_YAML_DEPTH} levels at line {self.line + 1}; "
+                "a config needs a few"
+            )
+
+    def construct_document(self, node: yaml.Node) -> Any:  # noqa: D102 - PyYAML's hook
+        values, depth = _expanded_size(node)
+        if values > MAX_YAML_VALUES:
+            raise _Refused(
+                f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; "
+                "a config needs a few dozen"
+            )
+        if depth > MAX_YAML_DEPTH:
+            raise _Refused(
+                f"its aliases (*name) nest deeper than {MAX_YAML_DEPTH} levels; "
+                "a config needs a few"
+            )
+        return super().construct_document(node)
+
+
+def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """Count the values and levels of ``root`` with every alias expanded.
+
+    Iterative and memoised by node identity, so the cost is the number of distinct
+    nodes however many times aliases repeat them (the composer already refuses an
+    anchor that contains its own alias, so the graph has no cycle).
+    """
+    memo: dict[int, tuple[int, int]] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in memo:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in memo)
+            continue
+        values = 1 + sum(memo[id(child)][0] for child in children)
+        depth = 1 + max((memo[id(child)][1] for child in children), default=0)
+        # capped, so that a bomb's count stays a small int
+        memo[id(node)] = (min(values, MAX_YAML_VALUES + 1), depth)
+    return memo[id(root)]
 
 
 class _DuplicateKey(Exception):
@@ -229,6 +338,70 @@ _MISSING = object()
 MAX_PATCH_SIZE = 4096
 #: Largest accepted |pacs_sr.num_workers|.
 MAX_WORKERS = 65536
+
+
+def stride_problem(patch_size: int, stride: Any) -> str | None:
+    """Say what is wrong with a ``stride`` for ``patch_size``, or None: the one home of that rule.
+
+    A stride is an integer in ``[1, patch_size]``: each tile's label cell (the first
+    ``stride^3`` block of its box, algorithm A2) must lie inside the tile.  The config, the
+    planner, the tile grid, the statistics key, the cost model, the generated cohort and
+    ``tune``'s grid all ask here.
+
+    Parameters
+    ----------
+    patch_size : int
+        The tile edge (already checked to be an integer >= 1).
+    stride : object
+        The value to check.
+
+    Returns
+    -------
+    str or None
+        ``"must be an integer in [1, patch_size=P]; got S"``, or None when ``stride`` is fine.
+
+    Examples
+    --------
+    >>> stride_problem(32, 16) is None
+    True
+    >>> stride_problem(4, 5)
+    'must be an integer in [1, patch_size=4]; got 5'
+    """
+    try:
+        value = None if isinstance(stride, bool) else operator.index(stride)
+    except TypeError:
+        value = None
+    if value is not None and 1 <= value <= patch_size:
+        return None
+    shown = stride if value is None else value
+    return f"must be an integer in [1, patch_size={patch_size}]; got {shown!r}"
+
+
+def check_stride(patch_size: int, stride: Any, *, name: str = "stride") -> int:
+    """Return ``stride`` as an int, or raise :class:`ConfigError` from :func:`stride_problem`.
+
+    Parameters
+    ----------
+    patch_size : int
+        The tile edge.
+    stride : object
+        The value to check.
+    name : str, optional
+        How the message names the value (``"stride"``, ``"pacs_sr.stride"``).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ConfigError
+        ``"<name> must be an integer in [1, patch_size=P]; got S"``.
+    """
+    problem = stride_problem(patch_size, stride)
+    if problem is not None:
+        raise ConfigError(f"{name} {problem}")
+    return int(stride)
 
 
 def _show(value: Any) -> str:
@@ -430,17 +603,21 @@ def _section(file: Path, doc: dict, name: str, required: bool, why: str = "") ->
     return value
 
 
-def _read_yaml(file: Path) -> dict:
+def parse_yaml(text: str, file: Path) -> Any:
+    """Parse YAML the way every file of ours is read (the config, ``tune``'s grid).
+
+    ``1e-4`` is a float, and a key given twice in one mapping is refused (PyYAML would keep
+    the last one silently).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``file`` (and the line) on a repeated key or invalid YAML.
+    """
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{file}: is a directory; expected a YAML config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read config file ({exc})") from None
-    try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as why:
+        raise ConfigError(f"{file}: YAML refused: {why}") from None
     except _DuplicateKey as dup:
         raise ConfigError(
             f"{file}: key {dup.key!r} is given twice in one section, at lines {dup.first} and "
@@ -453,6 +630,18 @@ def _read_yaml(file: Path) -> dict:
         raise ConfigError(f"{file}: invalid YAML{where}: {what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _read_yaml(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: is a directory; expected a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read config file ({exc})") from None
+    doc = parse_yaml(text, file)
     if doc is None:
         raise ConfigError(f"{file}: config file is empty; expected sections data and pacs_sr")
     if not isinstance(doc, dict):
@@ -496,6 +685,19 @@ def _load_registration(file: Path, mapping: dict, notes: list[str]) -> Registrat
     return cfg
 
 
+def _experiment_name(s: _Section) -> str:
+    """``pacs_sr.experiment_name``: one folder under out_root (:func:`name_problem`)."""
+    name = s.string("experiment_name")
+    why = name_problem(name)
+    if why is not None:
+        raise s.fail(
+            "experiment_name",
+            f"{name!r} {why}; expected one folder name under out_root (no '/', '..', "
+            "absolute path, leading '.' or '-')",
+        )
+    return name
+
+
 def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
     s = _Section(file, "pacs_sr", mapping)
     # Bounds keep every integer inside what the kernels index with (int64) and the
@@ -503,10 +705,11 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
     # larger than any MRI volume.
     patch_size = s.integer("patch_size", minimum=1, maximum=MAX_PATCH_SIZE)
     stride = s.integer("stride")
-    if not 1 <= stride <= patch_size:
-        raise s.fail("stride", f"must be an integer in [1, patch_size={patch_size}]; got {stride}")
+    problem = stride_problem(patch_size, stride)
+    if problem is not None:
+        raise s.fail("stride", problem)
     cfg = PacsConfig(
-        experiment_name=s.string("experiment_name"),
+        experiment_name=_experiment_name(s),
         patch_size=patch_size,
         stride=stride,
         mixing_window=s.choice("mixing_window", MIXING_WINDOWS, "flat", case="lower"),

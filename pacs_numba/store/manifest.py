@@ -1,10 +1,7 @@
 """The K-fold manifest of PaCS-SR (algorithm A1): which patient is in which fold, and its files.
 
-On-disk layout of the published tool::
-
-    {models-root}/{MODEL}/{spacing}/output_volumes/{pid}-{pulse}.nii.gz   expert output
-    {hr-root}/{pid}/{pid}-{pulse}.nii.gz                                  HR
-    {lr-root}/{spacing}/{pid}/{pid}-{pulse}.nii.gz                        LR
+The input files are found in the published tool's layout, which
+:mod:`pacs_numba.store.layout` spells (``hr_file``, ``lr_file``, ``expert_file``).
 
 Manifest JSON: ``{"folds": [{"train": {pid: entry}, "test": {pid: entry}}, ...]}``
 with ``entry[MODEL | "HR" | "LR"][spacing][pulse] = path``; the HR path is repeated
@@ -20,13 +17,14 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
 from ..errors import ConfigError, InputError
 from .integrity import check_patient_id
+from .layout import expert_file, hr_file, lr_file
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +34,18 @@ _EXAMPLES = 3
 
 
 def hr_path(data: DataConfig, pid: str, pulse: str) -> Path:
-    """Path of a patient's HR volume, ``{hr-root}/{pid}/{pid}-{pulse}.nii.gz``."""
-    return data.hr_root / pid / f"{pid}-{pulse}.nii.gz"
+    """Path of a patient's HR volume under ``data.hr_root`` (:func:`layout.hr_file`)."""
+    return hr_file(data.hr_root, pid, pulse)
 
 
 def lr_path(data: DataConfig, pid: str, spacing: str, pulse: str) -> Path:
-    """Path of a patient's LR volume, ``{lr-root}/{spacing}/{pid}/{pid}-{pulse}.nii.gz``."""
-    return data.lr_root / spacing / pid / f"{pid}-{pulse}.nii.gz"
+    """Path of a patient's LR volume under ``data.lr_root`` (:func:`layout.lr_file`)."""
+    return lr_file(data.lr_root, spacing, pid, pulse)
 
 
 def sr_path(data: DataConfig, model: str, pid: str, spacing: str, pulse: str) -> Path:
-    """Path of an expert output.
-
-    ``{models-root}/{MODEL}/{spacing}/output_volumes/{pid}-{pulse}.nii.gz``.
-    """
-    return data.models_root / model / spacing / "output_volumes" / f"{pid}-{pulse}.nii.gz"
+    """Path of an expert output under ``data.models_root`` (:func:`layout.expert_file`)."""
+    return expert_file(data.models_root, model, spacing, pid, pulse)
 
 
 def _required_files(data: DataConfig, pid: str) -> list[Path]:
@@ -384,6 +379,49 @@ def _lookup(entry: Any, keys: Sequence[str], pid: str, fold: int) -> str:
             f"got {type(node).__name__}"
         )
     return node
+
+
+def filter_tasks(
+    manifest: dict, data: Any, folds: Iterable[int] | None = None,
+    spacings: Sequence[str] | None = None, pulses: Sequence[str] | None = None,
+    *, fold_option: str = "--fold",
+) -> tuple[list[int], list[str], list[str]]:
+    """Return the folds, spacings and pulses a command runs for its filters (the one home).
+
+    Parameters
+    ----------
+    manifest : dict
+        As returned by :func:`load_manifest` (its ``"folds"`` give K).
+    data : config.DataConfig
+        The config's ``data`` section (``spacings``, ``pulses``).
+    folds : iterable of int, optional
+        1-based folds (default: all K).
+    spacings, pulses : sequence of str, optional
+        Subsets of ``data.spacings`` / ``data.pulses`` (default: all, in the config's order).
+    fold_option : str, optional
+        How the command spells its fold option, for the message (``--fold``, ``--folds``).
+
+    Returns
+    -------
+    folds, spacings, pulses : list
+        Folds sorted and without repeats; spacings and pulses in the order given.
+
+    Raises
+    ------
+    ConfigError
+        A fold outside ``1..K``, or a spacing or pulse the config does not list.
+    """
+    k = len(manifest["folds"])
+    fold_list = sorted(set(folds)) if folds is not None else list(range(1, k + 1))
+    for f in fold_list:
+        if not 1 <= f <= k:
+            raise ConfigError(f"{fold_option} {f}: the manifest has folds 1..{k}")
+    for name, chosen, allowed in (("spacing", spacings, data.spacings),
+                                  ("pulse", pulses, data.pulses)):
+        for v in chosen or ():
+            if v not in allowed:
+                raise ConfigError(f"--{name} {v!r}: data.{name}s in the config has {list(allowed)}")
+    return fold_list, list(spacings or data.spacings), list(pulses or data.pulses)
 
 
 def select_task(
