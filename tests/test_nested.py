@@ -200,3 +200,37 @@ def test_expert_through_the_blend_path_is_the_one_hot_blend(cohort, tmp_path):
         blend = blend_patient(ex, grid, w, window="hann", norm=norm, brain_mask=brain_mask(proxy))
         want = volume_metrics(hr, blend, ssim_axis="axial")["psnr"]
         assert rec["experts_path"][name]["psnr"] == pytest.approx(want, abs=1e-3)
+
+
+def test_sigterm_stops_nested_between_units_and_a_rerun_resumes(cohort, tmp_path, monkeypatch,
+                                                                caplog):
+    import logging
+    import os
+    import signal
+
+    import pacs_numba.runs.nested as nested_mod
+
+    cfg, cache = cohort
+    out = tmp_path / "o"
+    real = nested_mod.fit_and_score
+    calls = []
+
+    def fit_then_signal(*a, **k):
+        unit = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return unit
+
+    monkeypatch.setattr(nested_mod, "fit_and_score", fit_then_signal)
+    argv = ["tune", "--config", str(cfg), "--grid", str(_grid(tmp_path / "g.yaml")),
+            "--nested", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv) == 143
+    assert len(calls) == 1 and len(list((out / "results").glob("*.json"))) == 1
+    assert "tune --nested: stopped by SIGTERM after 1 unit(s)" in caplog.text
+    monkeypatch.setattr(nested_mod, "fit_and_score", real)
+    config = load_config(cfg)
+    res = run_nested(config, load_grid(_grid(tmp_path / "g.yaml"), config), out,
+                     cache_dir=cache, no_progress=True)
+    assert res.units_resumed >= 1 and (out / "nested.json").exists()

@@ -99,10 +99,13 @@ def _tune(args: argparse.Namespace) -> int:
         Path(config.pacs_sr.out_root), config.pacs_sr.experiment_name
     ).tune_dir
     if args.nested:
-        nres = run_nested(
-            config, candidates, out, folds=args.folds, spacings=args.spacing,
-            pulses=args.pulse, cache_dir=args.cache_dir, no_progress=args.no_progress,
-        )
+        stopper = _TuneStop()
+        with StopOnSignals(stopper, what="units"):
+            nres = run_nested(
+                config, candidates, out, folds=args.folds, spacings=args.spacing,
+                pulses=args.pulse, cache_dir=args.cache_dir, no_progress=args.no_progress,
+                stop=stopper.flag,
+            )
         s = nres.summary
         print(
             f"{s['n_candidates']} settings, {len(s['outer_folds'])} outer folds; nested held-out "

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,13 +35,14 @@ from scipy import stats as sps
 
 from ..config import FullConfig
 from ..core.cellstats import sum_stats
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, Interrupted
 from ..store.atomic import atomic_write_json, atomic_write_text
 from ..store.integrity import strict_json
 from ..store.manifest import load_manifest, select_task
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, file_fingerprint
 from .cvunits import Patients, digest, fit_and_score, fixed_settings, stats_key
+from .pool import StopFlag
 from .progress import progress
 from .tune import SWEPT, Candidate, unique_candidates
 
@@ -134,6 +136,7 @@ def run_nested(
     pulses: Sequence[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     no_progress: bool = False,
+    stop: StopFlag | None = None,
 ) -> NestedResult:
     """Nested cross-validation of ``candidates``; write ``nested.json`` and ``nested.md``.
 
@@ -154,6 +157,9 @@ def run_nested(
         Volume cache (statistics in its ``cellstats`` folder).
     no_progress : bool
         Log progress lines instead of a bar.
+    stop : StopFlag, optional
+        Checked between units (SIGTERM, Ctrl-C): finished units stay on disk, a rerun
+        resumes.
 
     Returns
     -------
@@ -166,6 +172,8 @@ def run_nested(
         spacing or pulse, or no candidate.
     InputError
         If an input cannot be read, or an inner split has no training patient.
+    Interrupted
+        When ``stop`` was set.
     """
     t_start = time.perf_counter()
     if not candidates:
@@ -263,6 +271,13 @@ def run_nested(
                 st = sum_stats([pats.stats(pid, skey, pacs) for pid in tr])
                 timings["statistics"] += time.perf_counter() - t0
                 for c in members:
+                    if stop is not None and stop.is_set():
+                        signum = stop.signal or signal.SIGTERM
+                        log.error("tune --nested: stopped by %s after %d unit(s); the finished "
+                                  "ones are kept in results/, rerun the same command to resume",
+                                  signal.Signals(signum).name, counter["computed"])
+                        raise Interrupted(int(signum), f"tune --nested stopped after "
+                                          f"{counter['computed']} unit(s)")
                     st_c = st.coarsen(c.stride) if fb_group else st
                     unit = fit_and_score(c, st_c, pats, te, pacs, models, timings)
                     unit.update(candidate=c.as_dict(), split=list(split[2:]), spacing=s, pulse=p,
