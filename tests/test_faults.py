@@ -587,7 +587,7 @@ MANIFEST_FAULTS = {
     "no-folds": (_manifest_text('{"splits": []}'), [], ["{manifest}", '"folds" list']),
     "empty-folds": (_manifest_text('{"folds": []}'), [], ["{manifest}", 'empty "folds" list']),
     "fold-list": (_manifest_text('{"folds": [{"train": ["a"], "test": ["b"]}]}'), [],
-                  ["{manifest}", "fold 1", "list of patient ids"]),
+                  ["{manifest}", "fold 1", "do not exist"]),
     "fold-4": (lambda c: None, ["--fold", "4"], ["--fold 4", "folds 1..3"]),
     "fold-0": (lambda c: None, ["--fold", "0"], ["--fold 0", "folds 1..3"]),
     "spacing-not-in-config": (lambda c: None, ["--spacing", "5mm"], ["'5mm'", "['3mm']"]),

@@ -36,11 +36,10 @@ from ..store.layout import TaskLayout
 from ..store.locks import TaskBusy, TaskLock
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
-from ..store.nifti import read_shape
 from ..store.record import RunRecord, fingerprints, model_digest, result_settings
 from ..store.registration import Registrar, ants_import_bytes, ants_imported
 from ..store.statscache import StatsCache
-from ..store.volumes import VolumeStore
+from ..store.volumes import VolumeStore, source_file, volume_shape
 from .evaluate import EvaluateStage
 from .fit import FitStage
 from .pool import PatientSkipped, StopFlag, join_reasons, map_patients
@@ -109,7 +108,7 @@ class Engine(FitStage, EvaluateStage):
     def manifest(self) -> dict:
         """Return the K-fold manifest named by ``data.out`` (read once)."""
         if self._manifest is None:
-            self._manifest = load_manifest(self.config.data.out)
+            self._manifest = load_manifest(self.config.data.out, self.config.data)
         return self._manifest
 
     def tasks(
@@ -326,10 +325,11 @@ class Engine(FitStage, EvaluateStage):
         missing = []
         for pid, paths in patients.items():
             for p in [paths["HR"], *paths["experts"]]:
-                if not Path(p).exists():
+                f = source_file(p)  # an HDF5 dataset's key is checked when it is read
+                if not f.exists():
                     missing.append(f"{pid}: {p}")
                 else:  # a FIFO would block the first read for ever; a folder is no volume
-                    require_regular_file(p, f"patient {pid}: input")
+                    require_regular_file(f, f"patient {pid}: input")
         if missing:
             listing = "\n  ".join(missing)
             raise InputError(
@@ -509,7 +509,7 @@ class Engine(FitStage, EvaluateStage):
         reasons: dict[str, str] = {}
         for pid, paths in patients.items():
             try:  # the header only: the memory plan comes before any volume is read
-                shape = read_shape(paths["HR"])
+                shape = volume_shape(paths["HR"])
             except InputError:
                 try:  # a broken file: the volume reader says precisely what is wrong
                     shape = self.store.get(paths["HR"]).data.shape

@@ -24,8 +24,8 @@ from ..errors import InputError
 from ..resources.planning import StagePlan
 from ..store.layout import TaskLayout
 from ..store.modelfile import load_model
-from ..store.nifti import read_affine
 from ..store.record import RunRecord, model_digest
+from ..store.volumes import volume_affine
 from .pool import PatientSkipped, describe_plan, join_reasons
 from .tasks import StageClock, Task, registration_settings
 
@@ -151,7 +151,7 @@ class FitStage:
         if self.registrar is not None:
             affine = self._registered_volumes(used[0])[0].meta.affine
         else:  # the header only: a fit from cached statistics reads no volume
-            affine = read_affine(train[used[0]]["HR"])
+            affine = volume_affine(train[used[0]]["HR"])
         model = StackingModel(
             weights, learned, grid, self.models, settings,
             window=p.mixing_window, affine=np.asarray(affine, np.float64),

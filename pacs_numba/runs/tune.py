@@ -293,7 +293,7 @@ def run_tune(
     results_dir = out / "results"
     pacs = config.pacs_sr
     models = tuple(config.data.models)
-    manifest = load_manifest(config.data.out)
+    manifest = load_manifest(config.data.out, config.data)
     k = len(manifest["folds"])
     fold_list = sorted(set(folds)) if folds is not None else list(range(1, k + 1))
     for f in fold_list:

@@ -1,0 +1,160 @@
+"""A user of the published tool's current version: HDF5 cohort, their config and manifest, train.
+
+The same generated cohort exists in both forms (``make_h5_cohort`` converts the NIfTI one), so
+the HDF5 path is checked against the NIfTI path: same folds, same volumes, same weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from pacs_numba.cli import main
+from pacs_numba.config import load_config
+from pacs_numba.errors import ConfigError
+from pacs_numba.store.convert import make_h5_cohort
+from pacs_numba.store.manifest import build_manifest, load_manifest, select_task, write_manifest
+from pacs_numba.store.volumes import VolumeStore, file_fingerprint, volume_affine, volume_shape
+
+SHAPE = (24, 28, 20)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("h5cohort")
+    make_h5_cohort(root, patients=5, shape=SHAPE, spacings=("3mm",), pulses=("t1c",),
+                   models=("BSPLINE", "LINEAR", "NEAREST"), kfolds=2, patch_size=8, stride=8)
+    return root
+
+
+def test_layout_is_the_published_one(cohort):
+    with h5py.File(cohort / "source_data.h5", "r") as f:
+        assert sorted(f["high_resolution"]) == [f"sub-00{i}" for i in range(1, 6)]
+        d = f["high_resolution/sub-001/t1c"]
+        assert d.dtype == np.float32 and d.shape == SHAPE and d.compression == "gzip"
+        assert d.attrs["affine"].shape == (16,) and d.attrs["affine"].dtype == np.float64
+        assert "low_resolution/3mm/sub-001/t1c" in f
+    assert sorted(p.name for p in (cohort / "experts").iterdir()) == [
+        "bspline.h5", "linear.h5", "nearest.h5"]
+    with h5py.File(cohort / "experts" / "linear.h5", "r") as f:
+        assert f["3mm/sub-003/t1c"].shape == SHAPE
+    cfg = yaml.safe_load((cohort / "config.yaml").read_text())
+    assert set(cfg["data"]) >= {"source-h5", "experts-dir"} and "hr-root" not in cfg["data"]
+
+
+def test_same_folds_as_nifti_manifest(cohort):
+    h5 = load_config(cohort / "config.yaml")
+    nii = load_config(cohort / "nifti" / "config.yaml")
+    m_h5, m_nii = build_manifest(h5.data), build_manifest(nii.data)
+    assert all(isinstance(f["test"], list) for f in m_h5["folds"])
+    assert [sorted(f["test"]) for f in m_h5["folds"]] == [sorted(f["test"])
+                                                          for f in m_nii["folds"]]
+    assert [sorted(f["train"]) for f in m_h5["folds"]] == [sorted(f["train"])
+                                                           for f in m_nii["folds"]]
+
+
+def test_id_list_read_in_file_order_and_resolved(cohort, tmp_path):
+    cfg = load_config(cohort / "config.yaml")
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"folds": [{"test": ["sub-004", "sub-002"],
+                                           "train": ["sub-005", "sub-001", "sub-003"]}]}))
+    train, test = select_task(load_manifest(path, cfg.data), 1, "3mm", "t1c", ["LINEAR"])
+    assert list(train) == ["sub-005", "sub-001", "sub-003"] and list(test) == ["sub-004",
+                                                                               "sub-002"]
+    assert test["sub-004"]["HR"] == f"{cohort / 'source_data.h5'}::high_resolution/sub-004/t1c"
+    assert test["sub-004"]["experts"] == [f"{cohort / 'experts' / 'linear.h5'}::3mm/sub-004/t1c"]
+    # the same ids resolve into NIfTI paths with a NIfTI config
+    nii = load_config(cohort / "nifti" / "config.yaml")
+    _, test = select_task(load_manifest(path, nii.data), 1, "3mm", "t1c", ["LINEAR"])
+    assert test["sub-002"]["HR"].endswith("hr/sub-002/sub-002-t1c.nii.gz")
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('{"folds": [{"test": ["a"], "train": ["a", "b"]}]}', "in both 'train' and 'test'"),
+    ('{"folds": [{"test": ["a"], "train": ["b", "b"]}]}', "lists 'b' more than once"),
+    ('{"folds": [{"test": ["a"], "train": [3]}]}', r"holds 3; expected patient ids"),
+    ('{"folds": [{"test": ["a"]}]}', "has no 'train' list of patient ids"),
+])
+def test_id_list_errors(cohort, tmp_path, text, match):
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_manifest(path, load_config(cohort / "config.yaml").data)
+
+
+def test_inclusion_rule_needs_hr_and_experts_not_lr(cohort, tmp_path):
+    cfg = load_config(cohort / "config.yaml")
+    import shutil
+    work = tmp_path / "c"
+    shutil.copytree(cohort, work, ignore=shutil.ignore_patterns("nifti", "results"))
+    with h5py.File(work / "source_data.h5", "a") as f:
+        del f["low_resolution/3mm/sub-001/t1c"]  # no LR: still included
+    with h5py.File(work / "experts" / "nearest.h5", "a") as f:
+        del f["3mm/sub-002/t1c"]  # one expert missing: dropped
+    data = cfg.data.__class__(**{**cfg.data.__dict__, "source_h5": work / "source_data.h5",
+                                 "experts_dir": work / "experts"})
+    m = build_manifest(data)
+    ids = sorted(m["folds"][0]["test"] + m["folds"][0]["train"])
+    assert ids == ["sub-001", "sub-003", "sub-004", "sub-005"]
+
+
+def test_volume_store_serves_hdf5_like_nifti(cohort, tmp_path):
+    h5 = f"{cohort / 'source_data.h5'}::high_resolution/sub-002/t1c"
+    nii = cohort / "nifti" / "hr" / "sub-002" / "sub-002-t1c.nii.gz"
+    store = VolumeStore(tmp_path / "cache")
+    a, b = store.get(h5), store.get(nii)
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(a.meta.affine, b.meta.affine)
+    assert a.data.flags.c_contiguous and not a.data.flags.writeable
+    assert isinstance(a.data.base, np.memmap) or a.entry.suffix == ".npy"
+    assert store.read_count == 2
+    again = VolumeStore(tmp_path / "cache").get(h5)  # another process: maps the entry
+    assert again.entry == a.entry
+    assert volume_shape(h5) == SHAPE
+    np.testing.assert_array_equal(volume_affine(h5), b.meta.affine)
+    fp = file_fingerprint(h5)
+    assert fp["path"] == h5 and fp["h5"]["h5_key"] == "high_resolution/sub-002/t1c"
+
+
+def test_volume_store_missing_key_names_file_and_key(cohort, tmp_path):
+    store = VolumeStore(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"has no dataset 'high_resolution/sub-009/t1c'"):
+        store.get(f"{cohort / 'source_data.h5'}::high_resolution/sub-009/t1c")
+
+
+def _weights(root: Path) -> dict:
+    return json.loads((root / "PaCS_SR" / "3mm" / "model_data" / "fold_1" / "t1c"
+                       / "weights.json").read_text())
+
+
+def test_train_end_to_end_from_hdf5_same_weights_as_nifti(cohort, tmp_path, capsys):
+    # one log file per main() call would stay open across the two calls of this test
+    doc = yaml.safe_load((cohort / "config.yaml").read_text())
+    doc["pacs_sr"]["log_to_file"] = False
+    cfg_h5 = tmp_path / "h5.yaml"
+    cfg_h5.write_text(yaml.safe_dump(doc))
+    assert main(["build-manifest", "--config", str(cfg_h5)]) == 0
+    manifest = json.loads((cohort / "manifest.json").read_text())
+    assert set(manifest["folds"][0]) == {"test", "train"}
+    assert isinstance(manifest["folds"][0]["test"], list)
+    common = ["--fold", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    out_h5, out_nii = tmp_path / "out_h5", tmp_path / "out_nii"
+    assert main(["train", "--config", str(cfg_h5), "--out-root", str(out_h5), *common]) == 0
+    # the NIfTI form of the same cohort, with the same id-list manifest (same order)
+    nii = yaml.safe_load((cohort / "nifti" / "config.yaml").read_text())
+    nii["data"]["out"] = str(cohort / "manifest.json")
+    nii["pacs_sr"].update(shape_policy="harmonise", log_to_file=False)
+    (tmp_path / "nii.yaml").write_text(yaml.safe_dump(nii))
+    assert main(["train", "--config", str(tmp_path / "nii.yaml"), "--out-root", str(out_nii),
+                 *common]) == 0
+    assert _weights(out_h5) == _weights(out_nii)
+    # and the published entry-form manifest of the NIfTI cohort gives the same folds
+    nii_cfg = load_config(cohort / "nifti" / "config.yaml")
+    write_manifest(build_manifest(nii_cfg.data), tmp_path / "entry.json")
+    entry = json.loads((tmp_path / "entry.json").read_text())
+    assert sorted(entry["folds"][0]["test"]) == sorted(manifest["folds"][0]["test"])
