@@ -158,3 +158,50 @@ def test_train_end_to_end_from_hdf5_same_weights_as_nifti(cohort, tmp_path, caps
     write_manifest(build_manifest(nii_cfg.data), tmp_path / "entry.json")
     entry = json.loads((tmp_path / "entry.json").read_text())
     assert sorted(entry["folds"][0]["test"]) == sorted(manifest["folds"][0]["test"])
+
+
+def test_outputs_in_the_current_release_form(cohort, tmp_path, capsys):
+    doc = yaml.safe_load((cohort / "config.yaml").read_text())
+    doc["pacs_sr"].update(log_to_file=False)
+    doc["data"]["out"] = str(tmp_path / "manifest.json")
+    cfg = tmp_path / "h5.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    assert main(["build-manifest", "--config", str(cfg)]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    out = tmp_path / "out"
+    args = ["train", "--config", str(cfg), "--out-root", str(out), "--fold", "1",
+            "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    exp = out / "PaCS_SR"
+    test_ids, train_ids = manifest["folds"][0]["test"], manifest["folds"][0]["train"]
+    with h5py.File(exp / "results_fold_1.h5", "r") as f:  # plain h5py, as their scripts
+        for pid in test_ids + train_ids:  # evaluate_train: train blends too
+            d = f[f"3mm/blends/{pid}/t1c"]
+            assert d.shape == SHAPE and d.dtype == np.float32 and d.attrs["affine"].size == 16
+    assert not (exp / "3mm" / "output_volumes").exists()
+    mdir = exp / "3mm" / "model_data" / "fold_1" / "t1c"
+    metrics = json.loads((mdir / "metrics.json").read_text())
+    for split, ids in (("test", test_ids), ("train", train_ids)):
+        part = metrics[split]
+        assert set(part) == {"aggregate", "std", "per_patient"}
+        assert [r["patient_id"] for r in part["per_patient"]] == ids  # file order
+        psnr = [r["psnr"] for r in part["per_patient"]]
+        assert part["aggregate"]["psnr"] == pytest.approx(np.mean(psnr))
+        assert part["std"]["psnr"] == pytest.approx(np.std(psnr))
+        assert all(r["time_seconds"] > 0 for r in part["per_patient"])
+    rec = json.loads((mdir / "training_record.json").read_text())
+    assert rec["patient_ids"] == train_ids and rec["volume_shape"] == list(SHAPE)
+    tile = rec["tiles"][0]
+    assert tile["method"] == "exact-kkt" and 1 <= tile["active_set_size"] <= 3
+    assert abs(sum(tile["weights"]) - 1) < 1e-5 and tile["voxels"] > 0
+    assert max(t["kkt_residual"] for t in rec["tiles"]) <= 1e-6 * max(
+        1.0, max(abs(t["objective"]) for t in rec["tiles"]))
+    meta = json.loads((exp / "experiment_metadata.json").read_text())
+    assert meta["data"]["schema"] == "hdf5" and meta["tasks"] == [
+        {"fold": 1, "spacing": "3mm", "pulse": "t1c"}]
+    capsys.readouterr()
+    assert main(["summarize", str(out)]) == 0  # reads the current release's metrics.json
+    assert "PaCS" in capsys.readouterr().out
+    assert main([*args, "--resume"]) == 0  # resume reads both forms
+    again = json.loads((mdir / "metrics.json").read_text())
+    assert again["test"]["aggregate"] == metrics["test"]["aggregate"]

@@ -32,18 +32,20 @@ from ..resources.process import baseline_bytes
 from ..resources.threads import ensure_threading_layer, thread_safe_layer
 from ..store.atomic import atomic_write_json
 from ..store.integrity import require_regular_file, strict_json, sweep_temp_files
-from ..store.layout import TaskLayout
+from ..store.layout import ExperimentLayout, TaskLayout
 from ..store.locks import TaskBusy, TaskLock
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
 from ..store.record import RunRecord, fingerprints, model_digest, result_settings
 from ..store.registration import Registrar, ants_import_bytes, ants_imported
+from ..store.results_h5 import TIME_KEY, split_metrics_doc
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, source_file, volume_shape
 from .evaluate import EvaluateStage
 from .fit import FitStage
 from .pool import PatientSkipped, StopFlag, join_reasons, map_patients
 from .tasks import RunOptions, StageClock, Task, TaskResult, registration_settings
+from .training_record import experiment_metadata, training_record
 
 log = logging.getLogger(__name__)
 
@@ -278,18 +280,25 @@ class Engine(FitStage, EvaluateStage):
             )
             plan = plan or plan_e
             # a non-empty split either yields metrics or _evaluate_split raises
-            results["train"] = aggregate(list(per_patient["train"].values()))
+            results["train"] = aggregate([_without_time(r)
+                                          for r in per_patient["train"].values()])
         per_patient["test"], plan_t = self._evaluate_split(
             task, "test", test, model, clock, skipped, nonfinite, record, plans.get("evaluate")
         )
         plan = plan or plan_t
+        seconds = {split: {pid: float(r.get(TIME_KEY, float("nan"))) for pid, r in pp.items()}
+                   for split, pp in per_patient.items()}
         # each expert alone and the HR-free protocol, beside (never inside) the published keys
+        per_patient["train"] = {pid: _without_time(r) for pid, r in per_patient["train"].items()}
         per_patient["test"], test_experts, test_hr_free = split_extras(per_patient["test"])
         results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
         if not test:
             log.warning("task %s: the manifest has no test patients", task)
 
         metrics_doc: dict[str, Any] = dict(results)
+        if self.config.data.schema == "hdf5":  # the current release's form, with std and rows
+            metrics_doc.update((split, split_metrics_doc(per_patient[split], seconds[split]))
+                               for split in results)
         extras = extras_summary(test_experts, test_hr_free, self.models)
         metrics_doc.update(extras)
         if skipped:
@@ -484,6 +493,24 @@ class Engine(FitStage, EvaluateStage):
             return self.registrar.brain_mask(task.pulse)
         return brain_mask(hr)
 
+    def _fitted(self, task: Task, used: list[str], grid: TileGrid, stats: tuple,
+                solved: np.ndarray, weights: np.ndarray, learned: np.ndarray) -> None:
+        """After a fit (hook): the current release's training record, for HDF5-form configs."""
+        if self.config.data.schema != "hdf5":
+            return
+        rec = training_record(self.config, task, used, grid, stats, solved, weights, learned,
+                              {})
+        atomic_write_json(self.layout(task).training_record, strict_json(rec), indent=2)
+
+    def write_metadata(self, tasks: list[Task], command: str) -> None:
+        """Write ``experiment_metadata.json`` at the experiment root (HDF5-form configs)."""
+        if self.config.data.schema != "hdf5":
+            return
+        lay = ExperimentLayout(self.out_root, self.pacs.experiment_name)
+        lay.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(lay.metadata_file,
+                          strict_json(experiment_metadata(self.config, tasks, command)), indent=2)
+
     def _registered_volumes(self, pid: str):
         """Return the registered (atlas-space) HR and experts of ``pid`` (hook)."""
         got = self._registered.get(pid)
@@ -538,6 +565,10 @@ class Engine(FitStage, EvaluateStage):
         """Run ``fn(pid)`` for every patient on the task's pool (:func:`pool.map_patients`)."""
         return map_patients(desc, items, fn, plan, self.stop,
                             no_progress=self.pacs.disable_tqdm or self.options.no_progress)
+
+
+def _without_time(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != TIME_KEY}
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -126,9 +126,11 @@ class FitStage:
                 lambda_ridge=p.lambda_ridge,
                 laplacian_tau=0.0,
             )
+        solved = weights
         if p.laplacian_tau > 0:
             with clock("smoothing"):  # leaves tiles without a learned weight at 1/M
                 weights = laplacian_smooth(weights, learned, grid.counts, p.laplacian_tau)
+        self._fitted(task, used, grid, (Q, B, n), solved, weights, learned)  # engine's hook
         log.info(
             "fit %s: %d/%d tiles learned from %d patients (%d skipped)",
             task,
