@@ -139,7 +139,7 @@ class ExperimentLayout:
 
     def results_h5(self, fold: int) -> Path:
         """``results_fold_{N}.h5``: a fold's blends (HDF5-form configs; see ``ResultsH5``)."""
-        return self.root / f"results_fold_{fold}.h5"
+        return results_files(self.root, fold)[0]
 
     def log_file(self, command: str, stamp: str, host: str, pid: int) -> Path:
         """Log file of one process: ``logs/pacs_numba-{command}-{stamp}-{host}-{pid}.log``."""
@@ -280,6 +280,16 @@ class TaskLayout:
             raise ValueError(f"'{d}' is not a task folder ({TASK_DIR_PATTERN})")
         return cls(d.parents[4], d.parents[3].name, int(fold.group(1)), d.parents[2].name,
                    d.name)
+
+
+def results_files(root: str | Path, fold: int) -> tuple[Path, Path, Path]:
+    """Return a fold's HDF5 results under ``root``: index, part-file folder and lock.
+
+    ``results_fold_{N}.h5``, ``results_fold_{N}.parts`` and ``results_fold_{N}.h5.lock``
+    (:class:`pacs_numba.store.results_h5.ResultsH5`).
+    """
+    stem = Path(root) / f"results_fold_{int(fold)}"
+    return stem.with_suffix(".h5"), stem.with_suffix(".parts"), stem.with_suffix(".h5.lock")
 
 
 def report_dir_of(model_dir: str | Path) -> Path:
