@@ -153,6 +153,18 @@ def test_train_end_to_end_from_hdf5_same_weights_as_nifti(cohort, tmp_path, caps
     assert main(["train", "--config", str(tmp_path / "nii.yaml"), "--out-root", str(out_nii),
                  *common]) == 0
     assert _weights(out_h5) == _weights(out_nii)
+    # the paper's table from both runs: the same volumes and weights give the same numbers
+    tables = []
+    for cfg, out in ((cfg_h5, out_h5), (tmp_path / "nii.yaml", out_nii)):
+        csv_path = tmp_path / f"{out.name}.csv"
+        assert main(["metrics", "--config", str(cfg), "--out-root", str(out), "--out",
+                     str(csv_path), "--fold", "1", "--cache-dir", str(tmp_path / "cache")]) == 0
+        tables.append(csv_path.read_text())
+    assert tables[0] == tables[1]
+    lines = tables[0].splitlines()
+    assert lines[0] == "patient,spacing,pulse,model,ms_ssim_3d,mmd_mf"
+    assert len(lines) == 1 + len(manifest["folds"][0]["test"]) * 4
+    assert {ln.split(",")[3] for ln in lines[1:]} == {"BSPLINE", "LINEAR", "NEAREST", "PACS_SR"}
     # and the published entry-form manifest of the NIfTI cohort gives the same folds
     nii_cfg = load_config(cohort / "nifti" / "config.yaml")
     write_manifest(build_manifest(nii_cfg.data), tmp_path / "entry.json")
@@ -205,3 +217,41 @@ def test_outputs_in_the_current_release_form(cohort, tmp_path, capsys):
     assert main([*args, "--resume"]) == 0  # resume reads both forms
     again = json.loads((mdir / "metrics.json").read_text())
     assert again["test"]["aggregate"] == metrics["test"]["aggregate"]
+
+
+def test_paper_metrics_resume_drops_partial_row(cohort, tmp_path, capsys):
+    doc = yaml.safe_load((cohort / "config.yaml").read_text())
+    doc["pacs_sr"].update(log_to_file=False, compute_paper_metrics=True, save_weight_volumes=False)
+    doc["data"]["out"] = str(tmp_path / "manifest.json")
+    cfg = tmp_path / "h5.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    assert main(["build-manifest", "--config", str(cfg)]) == 0
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(cfg), "--out-root", str(out), "--fold", "2",
+                 "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = out / "PaCS_SR" / "paper_metrics.csv"  # written at evaluate time
+    full = table.read_text()
+    rows = full.splitlines()[1:]
+    n_test = len(json.loads((tmp_path / "manifest.json").read_text())["folds"][1]["test"])
+    assert len(rows) == n_test * 4
+    vals = [float(v) for r in rows for v in r.split(",")[4:]]
+    assert all(np.isfinite(vals))
+    assert all(0 < float(r.split(",")[4]) <= 1 for r in rows)
+    # a killed run: the last row half-written; the next run drops it and writes it again
+    table.write_text(full[: full.rstrip("\n").rfind("\n") + 12])
+    capsys.readouterr()
+    assert main(["metrics", "--config", str(cfg), "--out-root", str(out), "--fold", "2",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "1 rows added" in capsys.readouterr().out
+    assert table.read_text() == full
+    assert main(["metrics", "--config", str(cfg), "--out-root", str(out), "--fold", "2",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "0 rows added" in capsys.readouterr().out
+
+
+def test_paper_metrics_refuses_foreign_csv(cohort, tmp_path, capsys):
+    bad = tmp_path / "t.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main(["metrics", "--config", str(cohort / "config.yaml"), "--out", str(bad),
+                 "--out-root", str(tmp_path)]) == 2
+    assert f"'{bad}' is not a paper-metrics table" in capsys.readouterr().err

@@ -43,6 +43,7 @@ from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, source_file, volume_shape
 from .evaluate import EvaluateStage
 from .fit import FitStage
+from .paper_metrics import paper_metrics_table
 from .pool import PatientSkipped, StopFlag, join_reasons, map_patients
 from .tasks import RunOptions, StageClock, Task, TaskResult, registration_settings
 from .training_record import experiment_metadata, training_record
@@ -317,6 +318,10 @@ class Engine(FitStage, EvaluateStage):
                 indent=2,
             )
         record.mark_complete()
+        if self.pacs.compute_paper_metrics and test:  # the paper's table, this task's rows
+            paper_metrics_table(self.config, out_root=self.out_root,
+                                cache_dir=self.store.directory, tasks=[task],
+                                mem_budget_bytes=self.options.mem_budget_bytes)
         secs = time.perf_counter() - t_task
         summary = " ".join(
             f"{split}_{k}={results[split][k]:.4f}"
