@@ -7,6 +7,7 @@ the HDF5 path is checked against the NIfTI path: same folds, same volumes, same 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -19,6 +20,8 @@ from pacs_numba.config import load_config
 from pacs_numba.errors import ConfigError
 from pacs_numba.store.convert import make_h5_cohort
 from pacs_numba.store.manifest import build_manifest, load_manifest, select_task, write_manifest
+from pacs_numba.store.nifti import read_nifti
+from pacs_numba.store.results_h5 import ResultsH5
 from pacs_numba.store.volumes import VolumeStore, file_fingerprint, volume_affine, volume_shape
 
 SHAPE = (24, 28, 20)
@@ -89,7 +92,6 @@ def test_id_list_errors(cohort, tmp_path, text, match):
 
 def test_inclusion_rule_needs_hr_and_experts_not_lr(cohort, tmp_path):
     cfg = load_config(cohort / "config.yaml")
-    import shutil
     work = tmp_path / "c"
     shutil.copytree(cohort, work, ignore=shutil.ignore_patterns("nifti", "results"))
     with h5py.File(work / "source_data.h5", "a") as f:
@@ -255,3 +257,52 @@ def test_paper_metrics_refuses_foreign_csv(cohort, tmp_path, capsys):
     assert main(["metrics", "--config", str(cohort / "config.yaml"), "--out", str(bad),
                  "--out-root", str(tmp_path)]) == 2
     assert f"'{bad}' is not a paper-metrics table" in capsys.readouterr().err
+
+
+def test_convert_cli_both_ways(cohort, tmp_path, capsys):
+    out = tmp_path / "conv"
+    nifti_cfg = cohort / "nifti" / "config.yaml"
+    assert main(["convert", "--config", str(nifti_cfg), "--out", str(out)]) == 0
+    with h5py.File(out / "source_data.h5", "r") as a, h5py.File(cohort / "source_data.h5",
+                                                               "r") as b:
+        key = "high_resolution/sub-003/t1c"
+        np.testing.assert_array_equal(a[key][...], b[key][...])
+        np.testing.assert_array_equal(a[key].attrs["affine"], b[key].attrs["affine"])
+    cfg = load_config(out / "config.yaml")
+    assert cfg.data.schema == "hdf5" and cfg.data.source_h5 == out / "source_data.h5"
+    assert main(["convert", "--config", str(nifti_cfg), "--out", str(out)]) == 0  # resumes
+    # blends -> NIfTI for viewers
+    vol = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    aff = np.diag([1.0, 2.0, 3.0, 1.0])
+    ResultsH5(tmp_path / "exp", 2).write_blend("3mm", "t1c", "sub-001", vol, aff)
+    assert main(["convert", "--blends", str(tmp_path / "exp" / "results_fold_2.h5"),
+                 "--out", str(tmp_path / "nii")]) == 0
+    data, meta = read_nifti(tmp_path / "nii" / "3mm" / "sub-001-t1c.nii.gz")
+    np.testing.assert_array_equal(data, vol)
+    np.testing.assert_array_equal(meta.affine, aff)
+
+
+def test_convert_refuses_hdf5_config(cohort, tmp_path, capsys):
+    assert main(["convert", "--config", str(cohort / "config.yaml"), "--out",
+                 str(tmp_path)]) == 2
+    assert "data is already in the HDF5 form; nothing to convert" in capsys.readouterr().err
+
+
+def test_make_cohort_format_hdf5_cli(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["make-cohort", "--out", str(out), "--format", "hdf5", "--patients", "3",
+                 "--kfolds", "2", "--shape", "12", "12", "10", "--spacings", "2mm"]) == 0
+    cfg = load_config(out / "config.yaml")
+    assert cfg.data.schema == "hdf5" and (out / "source_data.h5").is_file()
+    assert load_config(out / "nifti" / "config.yaml").data.schema == "nifti"
+
+
+def test_demo_runs_on_the_hdf5_form(tmp_path, capsys):
+    assert main(["demo", "--format", "hdf5", "--out", str(tmp_path), "--patients", "4",
+                 "--shape", "24", "24", "16", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "PaCS-SR" in text and "results_fold_1.h5" in text
+    exp = tmp_path / "cohort_hdf5" / "results" / "PaCS_SR"
+    assert (exp / "experiment_metadata.json").is_file()
+    with h5py.File(exp / "results_fold_1.h5", "r") as f:
+        assert len(f["3mm/blends"]) == 4  # test and train blends
