@@ -13,10 +13,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 import yaml
 
 from pacs_numba.cli import main
 from pacs_numba.config import load_config
+from pacs_numba.core.harmonise import common_shape, zoom_to
 from pacs_numba.errors import ConfigError
 from pacs_numba.store.convert import make_h5_cohort
 from pacs_numba.store.manifest import build_manifest, load_manifest, select_task, write_manifest
@@ -306,3 +308,59 @@ def test_demo_runs_on_the_hdf5_form(tmp_path, capsys):
     assert (exp / "experiment_metadata.json").is_file()
     with h5py.File(exp / "results_fold_1.h5", "r") as f:
         assert len(f["3mm/blends"]) == 4  # test and train blends
+
+
+def _cohort_with_expert_shape(cohort: Path, work: Path, shape: tuple[int, int, int]) -> Path:
+    """A copy of the HDF5 cohort whose NEAREST expert comes on another grid (all patients)."""
+    shutil.copytree(cohort, work, ignore=shutil.ignore_patterns("nifti", "results"))
+    with h5py.File(work / "experts" / "nearest.h5", "a") as f:
+        for pid in list(f["3mm"]):
+            key = f"3mm/{pid}/t1c"
+            vol, aff = f[key][...], f[key].attrs["affine"]
+            del f[key]
+            d = f.create_dataset(key, data=zoom_to(vol, shape), compression="gzip")
+            d.attrs["affine"] = aff
+    doc = yaml.safe_load((cohort / "config.yaml").read_text())
+    doc["data"].update({"source-h5": str(work / "source_data.h5"),
+                        "experts-dir": str(work / "experts"),
+                        "out": str(work / "manifest.json")})
+    doc["pacs_sr"].update(log_to_file=False, save_weight_volumes=False)
+    (work / "config.yaml").write_text(yaml.safe_dump(doc))
+    return work / "config.yaml"
+
+
+@pytest.mark.parametrize("expert_shape", [(24, 28, 22), (24, 28, 18)])
+def test_shape_harmonise_and_skip(cohort, tmp_path, capsys, expert_shape):
+    cfg = _cohort_with_expert_shape(cohort, tmp_path / "c", expert_shape)
+    assert main(["build-manifest", "--config", str(cfg)]) == 0
+    common = ["--fold", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(cfg), "--out-root", str(out), *common]) == 0
+    target = common_shape([SHAPE, expert_shape])
+    rec = json.loads((out / "PaCS_SR" / "3mm" / "model_data" / "fold_1" / "t1c"
+                      / "training_record.json").read_text())
+    assert tuple(rec["volume_shape"]) == target  # one grid on S, for fit and blend
+    with h5py.File(out / "PaCS_SR" / "results_fold_1.h5", "r") as f:
+        assert all(f[f"3mm/blends/{p}/t1c"].shape == target for p in f["3mm/blends"])
+    # the 2025 release's policy: every patient skipped, one clear line
+    doc = yaml.safe_load(cfg.read_text())
+    doc["pacs_sr"]["shape_policy"] = "skip"
+    cfg.write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--out-root", str(tmp_path / "o2"),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert "every training patient was skipped" in err
+    assert "nearest.h5::3mm/" in err and f"has shape {expert_shape}; expected {SHAPE}" in err
+    assert "shape_policy: harmonise resamples it instead" in err
+
+
+def test_zoom_to_is_scipy_zoom():
+    rng = np.random.default_rng(0)
+    vol = rng.random((9, 7, 5), dtype=np.float32)
+    out = zoom_to(vol, (11, 7, 4))
+    np.testing.assert_array_equal(out, ndi.zoom(vol, (11 / 9, 1.0, 4 / 5), order=3))
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert common_shape([(9, 7, 5), (11, 7, 4)]) == (11, 7, 5)
+    with pytest.raises(ValueError, match="expected 3-D shapes with positive axes"):
+        common_shape([(9, 7)])

@@ -10,6 +10,7 @@ which thread finished first.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..config import FullConfig, config_to_dict
 from ..core.blending import brain_mask
+from ..core.harmonise import common_shape, zoom_to, zoomed_affine
 from ..core.metrics import aggregate
 from ..core.scoring import extras_summary, split_extras
 from ..core.tiling import TileGrid
@@ -36,11 +38,12 @@ from ..store.layout import ExperimentLayout, TaskLayout
 from ..store.locks import TaskBusy, TaskLock
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
+from ..store.nifti import NiftiMeta
 from ..store.record import RunRecord, fingerprints, model_digest, result_settings
 from ..store.registration import Registrar, ants_import_bytes, ants_imported
 from ..store.results_h5 import TIME_KEY, split_metrics_doc
 from ..store.statscache import StatsCache
-from ..store.volumes import VolumeStore, source_file, volume_shape
+from ..store.volumes import CachedVolume, VolumeStore, source_file, volume_shape
 from .evaluate import EvaluateStage
 from .fit import FitStage
 from .paper_metrics import paper_metrics_table
@@ -448,12 +451,15 @@ class Engine(FitStage, EvaluateStage):
                 log.warning("skipping patient %s: %s", pid, exc)
                 skipped[pid] = str(exc)
                 raise PatientSkipped(pid) from exc
+        try:
+            hr, experts, resampled = self._harmonise(pid, paths, hr, experts)
+        except InputError as exc:
+            log.warning("skipping patient %s: %s", pid, exc)
+            skipped[pid] = str(exc)
+            raise PatientSkipped(pid) from exc
         for e, path in zip(experts, paths["experts"], strict=True):
-            if e.data.shape != hr.data.shape:
-                raise InputError(
-                    f"patient {pid}: expert '{path}' has shape {e.data.shape}; expected "
-                    f"{hr.data.shape} like HR '{paths['HR']}'"
-                )
+            if resampled:  # the affines were made to agree by the resampling
+                continue
             if not np.allclose(e.meta.affine, hr.meta.affine, atol=AFFINE_ATOL):
                 log.warning(
                     "patient %s: affine of expert '%s' differs from HR '%s' by more than %g",
@@ -468,6 +474,58 @@ class Engine(FitStage, EvaluateStage):
             for f, n in counts.items():
                 log.warning("patient %s: %d NaN/Inf voxels in '%s' excluded", pid, n, f)
         return hr, experts
+
+    # ---------------------------------------------------------------- shapes
+    def _harmonise(self, pid: str, paths: Mapping[str, Any], hr: CachedVolume,
+                   experts: list[CachedVolume]):
+        """Apply ``pacs_sr.shape_policy`` to a patient whose volumes differ in shape.
+
+        ``skip`` (the 2025 release): InputError naming the first expert that differs.
+        ``harmonise`` (the current release): every volume resampled to the element-wise
+        maximum shape (``core.harmonise``); the tiles are then cut on that shape for fit and
+        blend alike.  Returns ``(hr, experts, resampled)``.
+        """
+        shapes = [hr.data.shape, *(e.data.shape for e in experts)]
+        if len(set(shapes)) == 1:
+            return hr, experts, False
+        if self.pacs.shape_policy != "harmonise":
+            e, path = next((e, p) for e, p in zip(experts, paths["experts"], strict=True)
+                           if e.data.shape != hr.data.shape)
+            raise InputError(_shape_message(pid, path, e.data.shape, hr.data.shape, paths["HR"]))
+        target = common_shape(shapes)
+        log.info("patient %s: resampling %s to the common shape %s", pid,
+                 sorted({str(s) for s in shapes if s != target}), target)
+        affine = zoomed_affine(hr.meta.affine, hr.data.shape, target)
+
+        def fit(v: CachedVolume) -> CachedVolume:
+            if v.data.shape == target:
+                return v
+            data = zoom_to(v.data, target)
+            data.flags.writeable = False
+            return dataclasses.replace(v, data=data, meta=NiftiMeta.from_affine(target, affine),
+                                       nonfinite=int(np.count_nonzero(~np.isfinite(data))))
+
+        return fit(hr), [fit(e) for e in experts], True
+
+    def _shapes_skip(self, pid: str, paths: Mapping[str, Any], skipped: dict[str, str]) -> None:
+        """Under ``shape_policy: skip``, skip a patient whose headers differ in shape.
+
+        Checked before the statistics cache is asked, so that a patient cached by a
+        ``harmonise`` run is still skipped here.
+        """
+        if self.pacs.shape_policy == "harmonise" or self.registrar is not None:
+            return
+        try:
+            hr_shape = tuple(volume_shape(paths["HR"])[:3])
+            for path in paths["experts"]:
+                shape = tuple(volume_shape(path)[:3])
+                if shape != hr_shape:
+                    msg = _shape_message(pid, path, shape, hr_shape, paths["HR"])
+                    log.warning("skipping patient %s: %s", pid, msg)
+                    skipped[pid] = msg
+                    raise PatientSkipped(pid)
+        except InputError:
+            return  # the load reports it
 
     # ---------------------------------------------------------------- registration
     def _registration_baseline(self) -> int:
@@ -549,6 +607,12 @@ class Engine(FitStage, EvaluateStage):
                     reasons[pid] = str(exc)
                     continue
             if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+                if self.pacs.shape_policy == "harmonise":  # the tiles are cut on S
+                    try:
+                        shape = common_shape([shape, *(volume_shape(p)
+                                                       for p in paths["experts"])])
+                    except InputError:
+                        pass  # an unreadable expert: the patient's load reports it
                 return tuple(int(n) for n in shape[:3])  # type: ignore[return-value]
             reasons[pid] = f"input '{paths['HR']}' has shape {shape}; expected a 3-D volume"
         for pid, why in reasons.items():
@@ -570,6 +634,12 @@ class Engine(FitStage, EvaluateStage):
         """Run ``fn(pid)`` for every patient on the task's pool (:func:`pool.map_patients`)."""
         return map_patients(desc, items, fn, plan, self.stop,
                             no_progress=self.pacs.disable_tqdm or self.options.no_progress)
+
+
+def _shape_message(pid: str, path: str, shape: tuple, hr_shape: tuple, hr: str) -> str:
+    return (f"patient {pid}: expert '{path}' has shape {tuple(shape)}; expected "
+            f"{tuple(hr_shape)} like HR '{hr}' (pacs_sr.shape_policy: harmonise resamples it "
+            "instead)")
 
 
 def _without_time(result: Mapping[str, Any]) -> dict[str, Any]:

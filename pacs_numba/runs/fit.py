@@ -65,6 +65,7 @@ class FitStage:
                 load_s = time.perf_counter() - t
                 return hr.data, [e.data for e in experts]
 
+            self._shapes_skip(pid, paths, skipped)  # shape_policy: skip, before the cache
             t0 = time.perf_counter()
             if self.registrar is not None:
                 # atlas-space statistics: name the entry by the registered volumes, whose
