@@ -169,9 +169,10 @@ class EvaluateStage:
             )
             result: dict[str, Any] = {k: float(v) for k, v in m.items()}  # every metric made
             result.update(extra)
-            result[TIME_KEY] = time.perf_counter() - t0  # the engine moves it out of the means
             record.add_patient(split, pid, inputs, outputs, result)
-            return result
+            # the current release's time_seconds: the engine takes it out of the means (a
+            # resumed patient has none)
+            return {**result, TIME_KEY: time.perf_counter() - t0}
 
         res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
         if not res:
