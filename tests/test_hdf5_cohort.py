@@ -218,6 +218,10 @@ def test_outputs_in_the_current_release_form(cohort, tmp_path, capsys):
     capsys.readouterr()
     assert main(["summarize", str(out)]) == 0  # reads the current release's metrics.json
     assert "PaCS" in capsys.readouterr().out
+    assert main(["report", str(mdir), "--config", str(cfg), "--cache-dir",
+                 str(tmp_path / "cache")]) == 0  # HDF5 sources through the volume cache
+    assert (mdir / "report" / "weights_by_region.png").is_file()
+    assert main(["inspect", str(mdir / "pacs_model.npz")]) == 0
     assert main([*args, "--resume"]) == 0  # resume reads both forms
     again = json.loads((mdir / "metrics.json").read_text())
     assert again["test"]["aggregate"] == metrics["test"]["aggregate"]
