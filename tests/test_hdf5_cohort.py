@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -25,6 +25,8 @@ from pacs_numba.store.manifest import build_manifest, load_manifest, select_task
 from pacs_numba.store.nifti import read_nifti
 from pacs_numba.store.results_h5 import ResultsH5
 from pacs_numba.store.volumes import VolumeStore, file_fingerprint, volume_affine, volume_shape
+
+h5py = pytest.importorskip("h5py")
 
 SHAPE = (24, 28, 20)
 
@@ -368,3 +370,14 @@ def test_zoom_to_is_scipy_zoom():
     assert common_shape([(9, 7, 5), (11, 7, 4)]) == (11, 7, 5)
     with pytest.raises(ValueError, match="expected 3-D shapes with positive axes"):
         common_shape([(9, 7)])
+
+
+def test_missing_h5py_is_one_line(cohort, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py raises ImportError
+    rc = main(["train", "--config", str(cohort / "config.yaml"), "--fold", "1", "--out-root",
+               str(tmp_path), "--no-progress", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if " ERROR " in ln]
+    assert len(lines) == 1
+    assert lines[0].endswith("reading HDF5 cohorts needs h5py: pip install 'pacs-numba[hdf5]'")

@@ -33,6 +33,7 @@ from ..resources.planning import PoolPlan, StagePlan, check_tile_settings, plan_
 from ..resources.process import baseline_bytes
 from ..resources.threads import ensure_threading_layer, thread_safe_layer
 from ..store.atomic import atomic_write_json
+from ..store.hdf5 import h5py_module
 from ..store.integrity import require_regular_file, strict_json, sweep_temp_files
 from ..store.layout import ExperimentLayout, TaskLayout
 from ..store.locks import TaskBusy, TaskLock
@@ -89,6 +90,8 @@ class Engine(FitStage, EvaluateStage):
         self.options = options or RunOptions()
         self.pacs = config.pacs_sr
         self.models = tuple(config.data.models)
+        if config.data.schema == "hdf5":
+            h5py_module()  # one clear line now if h5py is missing, not one per volume
         self.store = VolumeStore(self.options.cache_dir)
         # Per-patient fit statistics, shared by every fold, lambda and process on the node.
         self.stats_cache = StatsCache(self.store.directory / "cellstats")
