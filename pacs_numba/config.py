@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import operator
 import os
 import re
 import tempfile
@@ -40,7 +41,43 @@ __all__ = [
     "unused_settings",
     "config_to_dict",
     "dump_config",
+    "name_problem",
 ]
+
+
+#: What may not appear in a name that becomes one path component (a patient id, an
+#: experiment name): path separators, NUL and the other control characters.
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def name_problem(name: object) -> str | None:
+    r"""Why ``name`` cannot be one component of an output path, or None if it can.
+
+    The one rule for every name that becomes a file or folder name under an output root
+    (patient ids from a manifest, a CSV or a folder; ``pacs_sr.experiment_name``): a
+    non-empty string with no ``/``, ``\``, NUL or control character (so no absolute path
+    and nothing that climbs with ``..``), not ``.`` or ``..``, and not starting with ``.``
+    (hidden) or ``-`` (read as an option by the shell tools a user runs on the outputs).
+
+    Examples
+    --------
+    >>> name_problem("sub-001") is None
+    True
+    >>> name_problem("../../x")
+    "contains '/'"
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    bad = _UNSAFE_NAME.search(name)
+    if bad:
+        return f"contains {bad.group()!r}"
+    if name in (".", ".."):
+        return "is a relative folder reference"
+    if name[0] in ".-":
+        return f"starts with {name[0]!r}"
+    return None
 
 #: Allowed values of the enumerated ``pacs_sr`` keys, in the order messages list them.
 MIXING_WINDOWS = tuple(WINDOWS)
@@ -65,13 +102,21 @@ IGNORED_SECTIONS = {
     "visualizations": "the published tool's figure scripts (see `pacs-numba report`)",
 }
 #: The two forms of the ``data`` section: NIfTI folders (2025 release) or HDF5 files (current).
-SCHEMAS = ("nifti", "hdf5")
 NIFTI_KEYS = ("models-root", "hr-root", "lr-root")
 HDF5_KEYS = ("source-h5", "experts-dir")
 #: ``pacs_sr.shape_policy``: an expert whose shape differs from the HR's skips the patient
 #: (2025 release) or is resampled to the common shape (current release).
 SHAPE_POLICIES = ("skip", "harmonise")
 DEFAULT_SHAPE_POLICY = {"nifti": "skip", "hdf5": "harmonise"}
+#: Accepted ``pacs_sr`` keys that are not used, and why (named once in the log).
+_UNUSED_KEYS = {
+    "parallel_backend": "not used: patients run on one thread pool sized by the memory budget",
+    "device": "not used: every computation runs on the CPU",
+    "num_workers": "is an upper bound only: the pool width also follows memory and --workers",
+    "log_region_freq": "not used: tiles are solved at once; see PACS_PROGRESS_INTERVAL",
+}
+_NEEDS_WEIGHTS = ("it needs pretrained network weights (torchvision downloads) that this tool "
+                  "does not download; the run goes on")
 KNOWN_SECTIONS = ("data", "registration", "pacs_sr", "predict")
 
 
@@ -210,14 +255,86 @@ class FullConfig:
 # --------------------------------------------------------------------------- YAML
 
 
+#: Deepest nesting of lists and mappings a config may have (the published schema needs 3).
+MAX_YAML_DEPTH = 64
+#: Most values (scalars, lists, mappings) a config may hold once its aliases are expanded.
+MAX_YAML_VALUES = 100_000
+
+
+class _Refused(Exception):
+    """A YAML document over :data:`MAX_YAML_DEPTH` or :data:`MAX_YAML_VALUES`."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float.
+    """SafeLoader that also reads ``1e-4`` as a float, with bounded nesting and aliases.
 
     PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-4``), so the common
     ``lambda_ridge: 1e-4`` would arrive as the *string* ``"1e-4"``.  The published
     tool hides this by calling ``float()`` on every value; we type-check instead,
     so we resolve exponent-only numbers the YAML 1.2 way.
+
+    Two bounds keep a hostile file from hanging or crashing the loader.  Nesting is
+    checked as the scanner opens each level, before PyYAML's pure-Python scanner goes
+    quadratic (20,000 ``[`` take it minutes) and before its recursive composer overflows
+    the stack.  Aliases are checked on the composed node graph, where an alias is one
+    shared node: a "billion laughs" file composes to a few hundred nodes, but any
+    consumer that walks the values (``repr`` in an error message, the validation of a
+    list) would visit every expanded copy, so the expanded count is computed per
+    distinct node and refused above :data:`MAX_YAML_VALUES`.
     """
+
+    def fetch_more_tokens(self) -> None:  # noqa: D102 - PyYAML's scanner hook
+        super().fetch_more_tokens()
+        # flow_level counts open [ and {, indents the open block levels
+        if max(self.flow_level, len(self.indents)) > MAX_YAML_DEPTH:
+            raise _Refused(
+                f"nesting deeper than {MAX_YAML_DEPTH} levels at line {self.line + 1}; "
+                "a config needs a few"
+            )
+
+    def construct_document(self, node: yaml.Node) -> Any:  # noqa: D102 - PyYAML's hook
+        values, depth = _expanded_size(node)
+        if values > MAX_YAML_VALUES:
+            raise _Refused(
+                f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; "
+                "a config needs a few dozen"
+            )
+        if depth > MAX_YAML_DEPTH:
+            raise _Refused(
+                f"its aliases (*name) nest deeper than {MAX_YAML_DEPTH} levels; "
+                "a config needs a few"
+            )
+        return super().construct_document(node)
+
+
+def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """Count the values and levels of ``root`` with every alias expanded.
+
+    Iterative and memoised by node identity, so the cost is the number of distinct
+    nodes however many times aliases repeat them (the composer already refuses an
+    anchor that contains its own alias, so the graph has no cycle).
+    """
+    memo: dict[int, tuple[int, int]] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in memo:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in memo)
+            continue
+        values = 1 + sum(memo[id(child)][0] for child in children)
+        depth = 1 + max((memo[id(child)][1] for child in children), default=0)
+        # capped, so that a bomb's count stays a small int
+        memo[id(node)] = (min(values, MAX_YAML_VALUES + 1), depth)
+    return memo[id(root)]
 
 
 class _DuplicateKey(Exception):
@@ -259,6 +376,70 @@ _MISSING = object()
 MAX_PATCH_SIZE = 4096
 #: Largest accepted |pacs_sr.num_workers|.
 MAX_WORKERS = 65536
+
+
+def stride_problem(patch_size: int, stride: Any) -> str | None:
+    """Say what is wrong with a ``stride`` for ``patch_size``, or None: the one home of that rule.
+
+    A stride is an integer in ``[1, patch_size]``: each tile's label cell (the first
+    ``stride^3`` block of its box, algorithm A2) must lie inside the tile.  The config, the
+    planner, the tile grid, the statistics key, the cost model, the generated cohort and
+    ``tune``'s grid all ask here.
+
+    Parameters
+    ----------
+    patch_size : int
+        The tile edge (already checked to be an integer >= 1).
+    stride : object
+        The value to check.
+
+    Returns
+    -------
+    str or None
+        ``"must be an integer in [1, patch_size=P]; got S"``, or None when ``stride`` is fine.
+
+    Examples
+    --------
+    >>> stride_problem(32, 16) is None
+    True
+    >>> stride_problem(4, 5)
+    'must be an integer in [1, patch_size=4]; got 5'
+    """
+    try:
+        value = None if isinstance(stride, bool) else operator.index(stride)
+    except TypeError:
+        value = None
+    if value is not None and 1 <= value <= patch_size:
+        return None
+    shown = stride if value is None else value
+    return f"must be an integer in [1, patch_size={patch_size}]; got {shown!r}"
+
+
+def check_stride(patch_size: int, stride: Any, *, name: str = "stride") -> int:
+    """Return ``stride`` as an int, or raise :class:`ConfigError` from :func:`stride_problem`.
+
+    Parameters
+    ----------
+    patch_size : int
+        The tile edge.
+    stride : object
+        The value to check.
+    name : str, optional
+        How the message names the value (``"stride"``, ``"pacs_sr.stride"``).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ConfigError
+        ``"<name> must be an integer in [1, patch_size=P]; got S"``.
+    """
+    problem = stride_problem(patch_size, stride)
+    if problem is not None:
+        raise ConfigError(f"{name} {problem}")
+    return int(stride)
 
 
 def _show(value: Any) -> str:
@@ -461,17 +642,21 @@ def _section(file: Path, doc: dict, name: str, required: bool, why: str = "") ->
     return value
 
 
-def _read_yaml(file: Path) -> dict:
+def parse_yaml(text: str, file: Path) -> Any:
+    """Parse YAML the way every file of ours is read (the config, ``tune``'s grid).
+
+    ``1e-4`` is a float, and a key given twice in one mapping is refused (PyYAML would keep
+    the last one silently).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``file`` (and the line) on a repeated key or invalid YAML.
+    """
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{file}: is a directory; expected a YAML config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read config file ({exc})") from None
-    try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as why:
+        raise ConfigError(f"{file}: YAML refused: {why}") from None
     except _DuplicateKey as dup:
         raise ConfigError(
             f"{file}: key {dup.key!r} is given twice in one section, at lines {dup.first} and "
@@ -484,6 +669,18 @@ def _read_yaml(file: Path) -> dict:
         raise ConfigError(f"{file}: invalid YAML{where}: {what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _read_yaml(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: is a directory; expected a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read config file ({exc})") from None
+    doc = parse_yaml(text, file)
     if doc is None:
         raise ConfigError(f"{file}: config file is empty; expected sections data and pacs_sr")
     if not isinstance(doc, dict):
@@ -495,22 +692,14 @@ def _read_yaml(file: Path) -> dict:
 
 def _data_schema(file: Path, mapping: dict) -> str:
     """Which form the ``data`` section is in: exactly one of the two key sets, else an error."""
-    nifti = [k for k in NIFTI_KEYS if k in mapping]
-    hdf5 = [k for k in HDF5_KEYS if k in mapping]
-    forms = (f"the NIfTI form ({', '.join(NIFTI_KEYS)}) or the HDF5 form "
-             f"({', '.join(HDF5_KEYS)})")
+    nifti, hdf5 = ([k for k in keys if k in mapping] for keys in (NIFTI_KEYS, HDF5_KEYS))
+    forms = f"the NIfTI form ({', '.join(NIFTI_KEYS)}) or the HDF5 form ({', '.join(HDF5_KEYS)})"
     if nifti and hdf5:
-        raise ConfigError(
-            f"{file}: data has keys of both forms ({', '.join(nifti + hdf5)}); expected "
-            f"exactly one: {forms}"
-        )
-    if hdf5:
-        return "hdf5"
-    if nifti:
-        return "nifti"
-    raise ConfigError(
-        f"{file}: data names no volumes; expected {forms}"
-    )
+        why = f"data has keys of both forms ({', '.join(nifti + hdf5)}); expected exactly one"
+        raise ConfigError(f"{file}: {why}: {forms}")
+    if not nifti and not hdf5:
+        raise ConfigError(f"{file}: data names no volumes; expected {forms}")
+    return "hdf5" if hdf5 else "nifti"
 
 
 def _load_data(file: Path, mapping: dict, notes: list[str]) -> DataConfig:
@@ -552,6 +741,19 @@ def _load_registration(file: Path, mapping: dict, notes: list[str]) -> Registrat
     return cfg
 
 
+def _experiment_name(s: _Section) -> str:
+    """``pacs_sr.experiment_name``: one folder under out_root (:func:`name_problem`)."""
+    name = s.string("experiment_name")
+    why = name_problem(name)
+    if why is not None:
+        raise s.fail(
+            "experiment_name",
+            f"{name!r} {why}; expected one folder name under out_root (no '/', '..', "
+            "absolute path, leading '.' or '-')",
+        )
+    return name
+
+
 def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> PacsConfig:
     s = _Section(file, "pacs_sr", mapping)
     # Bounds keep every integer inside what the kernels index with (int64) and the
@@ -559,10 +761,11 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> Pacs
     # larger than any MRI volume.
     patch_size = s.integer("patch_size", minimum=1, maximum=MAX_PATCH_SIZE)
     stride = s.integer("stride")
-    if not 1 <= stride <= patch_size:
-        raise s.fail("stride", f"must be an integer in [1, patch_size={patch_size}]; got {stride}")
+    problem = stride_problem(patch_size, stride)
+    if problem is not None:
+        raise s.fail("stride", problem)
     cfg = PacsConfig(
-        experiment_name=s.string("experiment_name"),
+        experiment_name=_experiment_name(s),
         patch_size=patch_size,
         stride=stride,
         mixing_window=s.choice("mixing_window", MIXING_WINDOWS, "flat", case="lower"),
@@ -681,26 +884,12 @@ def unused_settings(cfg: FullConfig) -> list[str]:
         One line per setting or section, for the log (``load_config`` logs them at INFO).
     """
     p = cfg.pacs_sr
-    out = [
-        f"pacs_sr.parallel_backend={p.parallel_backend!r} not used: patients run on one "
-        "thread pool sized by the memory budget",
-        f"pacs_sr.device={p.device!r} not used: every computation runs on the CPU",
-        f"pacs_sr.num_workers={p.num_workers} is an upper bound only: the pool width also "
-        "follows the memory budget and --workers",
-        f"pacs_sr.log_region_freq={p.log_region_freq} not used: tiles are solved all at "
-        "once; progress lines follow PACS_PROGRESS_INTERVAL",
-    ]
-    for key in ("compute_lpips", "compute_kid"):
-        if getattr(p, key):
-            out.append(
-                f"pacs_sr.{key} is true but not computed: it needs pretrained network weights "
-                "(torchvision downloads) that this tool does not download; the run goes on"
-            )
+    out = [f"pacs_sr.{key}={getattr(p, key)!r} {why}" for key, why in _UNUSED_KEYS.items()]
+    out += [f"pacs_sr.{key} is true but not computed: {_NEEDS_WEIGHTS}"
+            for key in ("compute_lpips", "compute_kid") if getattr(p, key)]
     if cfg.registration is not None and not p.use_registration:
         out.append("section 'registration' not used: pacs_sr.use_registration is false")
-    for name in cfg.ignored_sections:
-        out.append(f"section {name!r} not used: {IGNORED_SECTIONS[name]}")
-    return out
+    return out + [f"section {n!r} not used: {IGNORED_SECTIONS[n]}" for n in cfg.ignored_sections]
 
 
 # ------------------------------------------------------------------------ writing
@@ -729,15 +918,12 @@ def config_to_dict(cfg: FullConfig) -> dict:
         paths are strings and tuples are lists.  ``load_config`` of its YAML
         gives back ``cfg`` (apart from ``path``).
     """
-    d = cfg.data
-    keys = NIFTI_KEYS if d.schema == "nifti" else HDF5_KEYS
-    data = {k: _plain(getattr(d, k.replace("-", "_"))) for k in keys}
-    data.update(
-        (f.name, _plain(getattr(d, f.name)))
-        for f in dataclasses.fields(d)
-        if f.name not in ("schema", "source_h5", "experts_dir")
-        and not f.name.endswith("_root")
-    )
+    d = cfg.data  # the volume keys of its form first, then the shared keys
+    data = {k: _plain(getattr(d, k.replace("-", "_")))
+            for k in (NIFTI_KEYS if d.schema == "nifti" else HDF5_KEYS)}
+    skip = {"schema", *(k.replace("-", "_") for k in NIFTI_KEYS + HDF5_KEYS)}
+    data.update((f.name, _plain(getattr(d, f.name))) for f in dataclasses.fields(d)
+                if f.name not in skip)
     out: dict[str, Any] = {"data": data}
     if cfg.registration is not None:
         out["registration"] = {

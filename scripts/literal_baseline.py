@@ -50,7 +50,6 @@ import math
 import os
 import resource
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -714,63 +713,18 @@ def _eval_task(pid: str, entry: dict, split: str, spacing: str, pulse: str, p: P
             "os_pid": os.getpid(), "maxrss": _maxrss_bytes()}
 
 
-# --------------------------------------------------------------------------------------------
-# Memory sampler
-# --------------------------------------------------------------------------------------------
+def _rss_sampler(interval_s: float) -> Any:
+    """The repository's one RSS sampler (``tests/rss_sampler.py``), over this process's tree.
 
+    Imported here, not at the top, so that loky workers importing this module by name
+    need neither psutil nor the tests folder.
+    """
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from rss_sampler import RssSampler
 
-class RssSampler(threading.Thread):
-    """Samples the RSS of this process and all its descendants every ``interval_s``."""
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        import psutil
-
-        self._psutil = psutil
-        self._proc = psutil.Process()
-        self.interval_s = interval_s
-        self._stop_evt = threading.Event()
-        self.peak_tree_bytes = 0
-        self.peak_parent_bytes = 0
-        self.peak_by_pid: dict[int, int] = {}
-        self.phase = "start"
-        self.peak_tree_by_phase: dict[str, int] = {}
-        self.samples = 0
-
-    def _sample(self) -> None:
-        ps = self._psutil
-        try:
-            parent = self._proc.memory_info().rss
-        except ps.Error:
-            return
-        total = parent
-        try:
-            children = self._proc.children(recursive=True)
-        except ps.Error:
-            children = []
-        for c in children:
-            try:
-                rss = c.memory_info().rss
-            except ps.Error:
-                continue
-            total += rss
-            if rss > self.peak_by_pid.get(c.pid, 0):
-                self.peak_by_pid[c.pid] = rss
-        self.samples += 1
-        self.peak_parent_bytes = max(self.peak_parent_bytes, parent)
-        self.peak_tree_bytes = max(self.peak_tree_bytes, total)
-        self.peak_tree_by_phase[self.phase] = max(self.peak_tree_by_phase.get(self.phase, 0),
-                                                  total)
-
-    def run(self) -> None:
-        while not self._stop_evt.is_set():
-            self._sample()
-            self._stop_evt.wait(self.interval_s)
-        self._sample()
-
-    def stop(self) -> None:
-        self._stop_evt.set()
-        self.join()
+    return RssSampler(interval_s, include_children=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -980,7 +934,7 @@ def run(config_path: str | Path, fold: int, spacing: str, pulse: str, workers: i
     base_dir = Path(p.out_root) / p.experiment_name / spacing
     model_dir = base_dir / "model_data" / f"fold_{fold}" / pulse
 
-    sampler = RssSampler(0.05)
+    sampler = _rss_sampler(0.05)
     sampler.start()
     timings: dict[str, float] = {}
     worker_info: dict[int, int] = {}
@@ -1016,14 +970,14 @@ def run(config_path: str | Path, fold: int, spacing: str, pulse: str, workers: i
         "timings": timings,
         "workers": W,
         "peak_rss": {
-            "tree_bytes": sampler.peak_tree_bytes,
-            "parent_bytes": sampler.peak_parent_bytes,
-            "tree_by_phase_bytes": dict(sampler.peak_tree_by_phase),
+            "tree_bytes": sampler.peak_bytes,
+            "parent_bytes": sampler.peak_root_bytes,
+            "tree_by_phase_bytes": dict(sampler.peak_by_phase),
             "worker_sampled_bytes": {pid: sampler.peak_by_pid.get(pid, 0) for pid in worker_info},
             "worker_maxrss_bytes": dict(worker_info),
             "other_children_sampled_bytes": {pid: v for pid, v in sampler.peak_by_pid.items()
-                                             if pid not in worker_info},
-            "samples": sampler.samples,
+                                             if pid not in worker_info and pid != os.getpid()},
+            "samples": len(sampler.samples),
         },
         "metrics": summary,
         "per_patient": per_patient,

@@ -84,6 +84,8 @@ ROOT = SCRIPTS.parent
 # the standard library's ``profile`` module (cProfile imports it).  Take it off; the
 # baseline child appends it at the end to import literal_baseline.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != SCRIPTS]
+sys.path.append(str(ROOT / "tests"))  # the repository's one RSS sampler
+from rss_sampler import RssSampler  # noqa: E402
 
 log = logging.getLogger("profile")
 
@@ -214,82 +216,8 @@ def _child_baseline(spec: dict, t_start: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling a child's process tree
+# The cgroup's view (the process tree is sampled by tests/rss_sampler.py)
 # ----------------------------------------------------------------------------------------------
-def _proc_status(pid: int) -> tuple[int, int | None] | None:
-    """(VmRSS, RssAnon) in bytes from /proc/<pid>/status, None if unreadable."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    rss = anon = None
-    for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-        elif line.startswith("RssAnon:"):
-            anon = int(line.split()[1]) * 1024
-    return None if rss is None else (rss, anon)
-
-
-class TreeSampler:
-    """Peak RSS of a process and its descendants, sampled from outside every ``interval_s``."""
-
-    def __init__(self, pid: int, interval_s: float = SAMPLE_INTERVAL_S) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self._root = psutil.Process(pid)
-        self.interval_s = interval_s
-        self.samples = 0
-        self.peak_tree_bytes = 0
-        self.peak_tree_anon_bytes = 0
-        self.peak_root_bytes = 0
-        self.peak_by_pid: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
-
-    def _one(self, proc: Any) -> tuple[int, int]:
-        st = _proc_status(proc.pid)
-        if st is not None:
-            return st[0], st[1] if st[1] is not None else st[0]
-        rss = int(proc.memory_info().rss)
-        return rss, rss
-
-    def sample(self) -> None:
-        ps = self._psutil
-        try:
-            procs = [self._root, *self._root.children(recursive=True)]
-        except ps.Error:
-            return
-        total = anon = 0
-        for p in procs:
-            try:
-                rss, a = self._one(p)
-            except ps.Error:
-                continue
-            total += rss
-            anon += a
-            if rss > self.peak_by_pid.get(p.pid, 0):
-                self.peak_by_pid[p.pid] = rss
-            if p.pid == self._root.pid:
-                self.peak_root_bytes = max(self.peak_root_bytes, rss)
-        self.samples += 1
-        self.peak_tree_bytes = max(self.peak_tree_bytes, total)
-        self.peak_tree_anon_bytes = max(self.peak_tree_anon_bytes, anon)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_s)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _cgroup() -> dict | None:
     from pacs_numba.resources.limits import cgroup_memory_usage
 
@@ -367,7 +295,7 @@ def _run_child(spec: dict, work: Path, label: str, src: Path | None = None) -> d
     with open(logs / f"{label}.stderr", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, cwd=str(work), env=env,
                                 start_new_session=True)
-        sampler = TreeSampler(proc.pid)
+        sampler = RssSampler(SAMPLE_INTERVAL_S, pid=proc.pid, include_children=True)
         sampler.start()
         try:
             # Poll instead of blocking in wait4: a signal may be delivered to the sampler thread,
@@ -391,10 +319,10 @@ def _run_child(spec: dict, work: Path, label: str, src: Path | None = None) -> d
         raise RuntimeError(f"child {label} exited with {proc.returncode}:\n{tail}")
     out = json.loads(Path(spec["result"]).read_text())
     if out["kind"] == "engine":
-        out["peak_rss_bytes"] = max(sampler.peak_tree_bytes, out["ru_maxrss_self_bytes"])
+        out["peak_rss_bytes"] = max(sampler.peak_bytes, out["ru_maxrss_self_bytes"])
     elif out["kind"] == "baseline":
         bp = out["baseline_peak_rss"]
-        out["peak_rss_bytes"] = max(sampler.peak_tree_bytes, bp["tree_bytes"])
+        out["peak_rss_bytes"] = max(sampler.peak_bytes, bp["tree_bytes"])
         # Each loky worker's peak: the larger of the two samplers' (ru_maxrss of a worker
         # starts at the RSS of the process that forked it, so it is not used).
         bp["worker_peak_bytes"] = {
@@ -406,12 +334,12 @@ def _run_child(spec: dict, work: Path, label: str, src: Path | None = None) -> d
         "cpu_s": ru.ru_utime + ru.ru_stime,
         "ru_maxrss_wait4_bytes": int(ru.ru_maxrss) * (1 if sys.platform == "darwin" else 1024),
         "sampled": {
-            "peak_tree_bytes": sampler.peak_tree_bytes,
-            "peak_tree_anon_bytes": sampler.peak_tree_anon_bytes,
+            "peak_tree_bytes": sampler.peak_bytes,
+            "peak_tree_anon_bytes": sampler.peak_anon_bytes,
             "peak_root_bytes": sampler.peak_root_bytes,
             "peak_children_bytes": {str(k): v for k, v in sampler.peak_by_pid.items()
                                     if k != proc.pid},
-            "samples": sampler.samples,
+            "samples": len(sampler.samples),
             "interval_s": sampler.interval_s,
         },
         "loadavg_1min_before": load_before,

@@ -311,20 +311,15 @@ ensure_manifest() {
 }
 
 # ------------------------------------------------------------------ --list: tasks and resources
-# What one task needs comes from pacs_numba's own memory plan (`diagnose --json`: the volume
-# shape of the manifest's first HR, the expert count, bytes per patient in flight and the
-# fixed part, per stage).  It is evaluated here for the width the task will run at on the CPUs
-# it asks for, not for this (login) node's limits.  The figures follow the planner's documented
-# rule: width = floor((limit - fixed - margin) / per_patient), margin = max(10% of the limit,
-# 256 MiB), so the limit a width needs is the smallest one for which that holds.
+# Every memory figure comes from pacs_numba's own planner (`diagnose --json`): the volume shape
+# of the manifest's first HR, the expert count, and per stage the memory a task needs at each
+# width with the --mem to ask for (its "by_width").  This script only picks the width the task
+# will run at on the CPUs it asks for (not this login node's limits) and reads those figures.
 PLAN_RESOURCES=$(cat <<'PY'
-import json, math, os, shlex, shutil, subprocess, sys, time
+import json, os, shlex, shutil, subprocess, sys, time
 
-MIB = 1 << 20
-MIN_MARGIN, MARGIN_FRACTION = 256 * MIB, 0.10
-# The baseline in the plan is diagnose's own RSS after its imports; a task measures its own,
-# which can be some tens of MiB larger (more modules and kernels loaded when it plans).
-HEADROOM = 100 * MIB
+from pacs_numba.resources.units import human_size, parse_size
+
 plan_file, script, config, last, cpus_arg, num_workers, *extra = sys.argv[1:]
 
 
@@ -341,31 +336,6 @@ def option(args, name):
         elif a.startswith(name + "="):
             value = a.split("=", 1)[1]
     return value
-
-
-def needed_bytes(stage, width):
-    """Smallest job memory limit with which `stage` runs `width` patients at once."""
-    if int(stage.get("width", 0)) == width and stage.get("needed_bytes"):
-        return int(stage["needed_bytes"])  # the planner's own figure
-    # From the width-1 figure: its limit minus its margin is fixed + one patient.
-    one = int(stage["needed_bytes_one"])
-    used = min(one - MIN_MARGIN, int(one * (1 - MARGIN_FRACTION)))  # fixed + one patient
-    used += (width - 1) * int(stage["per_patient_bytes"])
-    return max(used + MIN_MARGIN, math.ceil(used / (1 - MARGIN_FRACTION)))
-
-
-def sbatch_mem(n_bytes):
-    """--mem value: rounded up to 100M below 4G, to whole G above."""
-    mib = math.ceil(n_bytes / MIB)
-    if mib < 4096:
-        return f"{math.ceil(mib / 100) * 100}M", math.ceil(mib / 100) * 100
-    return f"{math.ceil(mib / 1024)}G", math.ceil(mib / 1024) * 1024
-
-
-def gib(n_bytes):
-    if n_bytes < 2**30:
-        return f"{n_bytes / MIB:.1f} MiB"
-    return f"{n_bytes / 2**30:.2f} GiB"
 
 
 def sinfo_nodes():
@@ -399,8 +369,10 @@ try:
     if not names:
         raise KeyError("no fit or evaluate stage")
     for name in names:
-        for key in ("n_patients", "per_patient_bytes", "needed_bytes_one"):
-            int(stages[name][key])
+        st = stages[name]
+        int(st["n_patients"]), int(st["per_patient_bytes"])
+        for row in st["by_width"]:
+            int(row["width"]), int(row["needed_bytes"]), parse_size(row["sbatch_mem"])
 except (OSError, ValueError, KeyError, TypeError) as exc:
     problems = ""
     if isinstance(doc, dict):
@@ -447,7 +419,7 @@ else:
     if most is not None and most < cpus:
         cpus, why = most, f"the largest node in sinfo has {most}"
 
-rows, need = [], 0
+rows, top = [], None
 for name in names:
     st = stages[name]
     n = max(1, int(st["n_patients"]))
@@ -456,14 +428,23 @@ for name in names:
         width = min(width, request)
     if num_workers and int(num_workers) < 0 and workers is None:
         width = min(width, max(1, cpus + 1 + int(num_workers)))
-    b = needed_bytes(st, width)
-    need = max(need, b)
+    by_width = {int(r["width"]): r for r in st["by_width"]}
+    row = by_width[min(width, max(by_width))]
+    need = int(row["needed_bytes"])
+    if top is None or need > int(top["needed_bytes"]):
+        top = row
     rows.append(f"  {name:9s} {int(st['n_patients']):3d} patients, {width} at once x "
-                f"{max(1, cpus // width)} numba thread(s): needs {gib(b)} "
-                f"({gib(int(st['per_patient_bytes']))} per patient)")
-mem, mem_mib = sbatch_mem(need + HEADROOM)
+                f"{max(1, cpus // width)} numba thread(s): needs {human_size(need)} "
+                f"({human_size(int(st['per_patient_bytes']))} per patient)")
+mem = top["sbatch_mem"]
+mem_mib = parse_size(mem) >> 20
 print(f"one task: volumes {shape}, {n_experts} experts, {cpus} CPU(s) ({why})")
 print("\n".join(rows))
+need = int(top["needed_bytes"])
+headroom = parse_size(mem) - need
+print(f"--mem={mem}: {human_size(headroom)} ({100 * headroom / need:.0f}%) over the planner's "
+      f"need of {human_size(need)}, for the baseline each task measures itself and SLURM's "
+      "rounding (pacs-numba diagnose --config C shows the same planner figures)")
 line = ["sbatch", f"--array=0-{last}", f"--cpus-per-task={cpus}", f"--mem={mem}", script,
         config, *(["--", *extra] if extra else [])]
 print("submit with: " + " ".join(shlex.quote(a) for a in line))

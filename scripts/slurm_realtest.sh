@@ -6,6 +6,9 @@
 # Exit status: 0 every check passed; 1 a check failed (the log says which); 77 this machine
 # cannot run it (not root, no cgroup v1 memory controller, SLURM missing and apt unreachable),
 # with one line saying why.  .ci/run turns 77 into a note and anything else into a failure.
+# A failed apt-get is retried a few times; under CI=true, where the machine could run the
+# test (root, cgroup v1 memory controller, apt-get), a download that keeps failing is a
+# failure (exit 1), never a skip: a CI that could run it must not report it as not run.
 #
 # What it does:
 #  1. installs Debian's slurm-wlm and munge when they are missing (and, for sacct, slurmdbd
@@ -29,7 +32,9 @@
 #     folders slurmd made.
 #
 # Knobs: PACS_SLURM_TEST_ACCOUNTING=0 (no slurmdbd/MariaDB, no sacct checks),
-# PACS_SLURM_TEST_KEEP=1 (keep the temporary folder: logs, job output, configs).
+# PACS_SLURM_TEST_KEEP=1 (keep the temporary folder: logs, job output, configs),
+# PACS_SLURM_TEST_APT_TRIES (default 4) and PACS_SLURM_TEST_APT_WAIT (seconds before the
+# second try, growing linearly; default 10) for the package download.
 # It takes a few minutes on 2 cores; most of it is Python start-up in each job.
 
 set -euo pipefail
@@ -48,6 +53,21 @@ skip() {
 fail() {
     say "FAILED: $*"
     exit 1
+}
+APT_TRIES=${PACS_SLURM_TEST_APT_TRIES:-4}
+APT_WAIT=${PACS_SLURM_TEST_APT_WAIT:-10}
+apt_retry() {  # apt_retry COMMAND...: run an apt-get step, retried; its output goes to $apt_log
+    local try
+    for ((try = 1; ; try++)); do
+        if "$@" >"$apt_log" 2>&1; then return 0; fi
+        if ((try >= APT_TRIES)); then
+            say "'$*' failed $try time(s); its last output:"
+            tail -n 5 "$apt_log" >&2 || true
+            return 1
+        fi
+        say "'$*' failed (try $try of $APT_TRIES); retrying in $((APT_WAIT * try)) s"
+        sleep $((APT_WAIT * try))
+    done
 }
 check() {  # check DESCRIPTION COMMAND...: run a check, fail with its description
     local what=$1
@@ -85,9 +105,22 @@ fi
 if ((${#need_pkgs[@]})); then
     command -v apt-get >/dev/null || skip "SLURM is not installed and there is no apt-get"
     say "installing ${need_pkgs[*]} (apt-get)"
-    apt-get update -q >/dev/null 2>&1 || skip "SLURM is not installed and apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >/dev/null ||
-        fail "apt-get install ${need_pkgs[*]} failed"
+    apt_log=$(mktemp /tmp/pacs_slurm_apt.XXXXXX)
+    if ! apt_retry apt-get update -q; then
+        rm -f "$apt_log"
+        # this machine could run the test (root, cgroup v1, apt-get): under CI not running it
+        # would hide a broken SLURM path behind a network hiccup
+        [[ ${CI:-} == true ]] &&
+            fail "apt-get update failed $APT_TRIES times under CI=true; this machine can run" \
+                "the test (root, cgroup v1 memory controller, apt-get), so that is a failure"
+        skip "SLURM is not installed and apt-get update failed $APT_TRIES times"
+    fi
+    if ! apt_retry env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}"
+    then
+        rm -f "$apt_log"
+        fail "apt-get install ${need_pkgs[*]} failed $APT_TRIES times"
+    fi
+    rm -f "$apt_log"
 fi
 for cmd in slurmctld slurmd sbatch munged; do
     command -v "$cmd" >/dev/null || fail "$cmd is still missing after installing slurm-wlm"

@@ -1,6 +1,9 @@
-"""Sample a process's resident set size in a background thread (used by the memory tests).
+"""Sample the resident set size of a process (and its children) in a background thread.
 
-Not part of the package: only the calibration and memory tests watch RSS over time.
+The one RSS sampler of the repository: the memory tests, the calibration test's child
+script, ``scripts/profile.py`` and ``scripts/literal_baseline.py`` all use it (the scripts
+put this folder on ``sys.path``).  Not part of the package: only measurements watch RSS
+over time, and psutil is the only dependency.
 """
 
 from __future__ import annotations
@@ -10,6 +13,24 @@ import time
 from types import TracebackType
 
 import psutil
+
+
+def _status(pid: int) -> tuple[int, int] | None:
+    """``(VmRSS, RssAnon)`` in bytes from ``/proc/PID/status``, or None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    rss = anon = None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+        elif line.startswith("RssAnon:"):
+            anon = int(line.split()[1]) * 1024
+    if rss is None:
+        return None
+    return rss, anon if anon is not None else rss
 
 
 class RssSampler:
@@ -30,7 +51,18 @@ class RssSampler:
         ``(seconds since start, bytes)``; one at entry, one at exit and one per
         interval between.
     peak_bytes : int
-        Largest sample.
+        Largest sample (the whole tree with ``include_children``).
+    peak_root_bytes : int
+        Largest RSS of the watched process alone.
+    peak_anon_bytes : int
+        Largest anonymous RSS (``RssAnon``: not file-backed, so not memory-mapped inputs)
+        of the sampled processes, summed like ``peak_bytes``.
+    peak_by_pid : dict of int to int
+        Largest RSS of each sampled process.
+    phase : str
+        A label the caller sets (``sampler.phase = "fit"``); ``peak_by_phase`` keeps the
+        largest sample seen under each label.
+    peak_by_phase : dict of str to int
 
     Examples
     --------
@@ -48,20 +80,22 @@ class RssSampler:
         self.include_children = include_children
         self.samples: list[tuple[float, int]] = []
         self.peak_bytes = 0
+        self.peak_root_bytes = 0
+        self.peak_anon_bytes = 0
+        self.peak_by_pid: dict[int, int] = {}
+        self.phase = "start"
+        self.peak_by_phase: dict[str, int] = {}
         self._proc = psutil.Process(pid)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._t0 = 0.0
+        self._t0 = time.monotonic()
 
-    def _rss(self) -> int:
-        total = self._proc.memory_info().rss
-        if self.include_children:
-            for child in self._proc.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:  # child exited between listing and reading
-                    pass
-        return int(total)
+    def _one(self, proc: psutil.Process) -> tuple[int, int]:
+        st = _status(proc.pid)
+        if st is not None:
+            return st
+        rss = int(proc.memory_info().rss)
+        return rss, rss
 
     def sample(self) -> int:
         """Take one sample now and return it in bytes.
@@ -69,33 +103,65 @@ class RssSampler:
         Returns
         -------
         int
+
+        Raises
+        ------
+        psutil.Error
+            If the watched process is gone.
         """
-        rss = self._rss()
-        self.samples.append((time.monotonic() - self._t0, rss))
-        self.peak_bytes = max(self.peak_bytes, rss)
-        return rss
+        root, anon = self._one(self._proc)
+        total = root
+        self.peak_by_pid[self._proc.pid] = max(self.peak_by_pid.get(self._proc.pid, 0), root)
+        if self.include_children:
+            try:
+                children = self._proc.children(recursive=True)
+            except psutil.Error:
+                children = []
+            for child in children:
+                try:
+                    rss, a = self._one(child)
+                except psutil.Error:  # child exited between listing and reading
+                    continue
+                total += rss
+                anon += a
+                self.peak_by_pid[child.pid] = max(self.peak_by_pid.get(child.pid, 0), rss)
+        self.samples.append((time.monotonic() - self._t0, total))
+        self.peak_bytes = max(self.peak_bytes, total)
+        self.peak_root_bytes = max(self.peak_root_bytes, root)
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon)
+        self.peak_by_phase[self.phase] = max(self.peak_by_phase.get(self.phase, 0), total)
+        return total
+
+    def _sample_if_alive(self) -> bool:
+        try:
+            self.sample()
+        except psutil.Error:  # watched process gone: nothing more to see
+            return False
+        return True
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sample()
-            except psutil.Error:  # watched process gone: nothing more to see
-                return
+        while not self._stop.wait(self.interval_s) and self._sample_if_alive():
+            pass
 
-    def __enter__(self) -> RssSampler:
+    def start(self) -> RssSampler:
+        """Take a first sample and start sampling in the background."""
         self._t0 = time.monotonic()
         self._stop.clear()
-        self.sample()
+        self._sample_if_alive()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def stop(self) -> None:
+        """Stop the background thread and take a last sample."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        try:
-            self.sample()
-        except psutil.Error:
-            pass
+        self._sample_if_alive()
+
+    def __enter__(self) -> RssSampler:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

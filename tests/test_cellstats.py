@@ -206,7 +206,8 @@ def test_unreadable_entry_is_recomputed(tmp_path, rng, caplog):
 def test_key_checks_settings():
     with pytest.raises(ConfigError, match="fit_region 'box'"):
         key(region="box")
-    with pytest.raises(ConfigError, match=r"stride 5 must be in \[1, patch_size=4\]"):
+    with pytest.raises(ConfigError,
+                       match=r"stride must be an integer in \[1, patch_size=4\]; got 5"):
         key(region="window", stride=5, patch=4)
     # Settings that cannot matter are dropped from the key.
     assert key(region="first_block", stride=2, patch=8, window="hann") == key(stride=2, patch=2)

@@ -211,10 +211,12 @@ def test_existing_task_does_not_stop_the_others(cohort: Path, capsys) -> None:
 def test_single_task_keeps_its_exit_code_and_prints_the_expert_table(cohort: Path, capsys) -> None:
     assert _run(cohort, "train", "--fold", "2") == 0
     out = capsys.readouterr().out
-    assert "fold 2 3mm t1c:\ntest metrics, mean over 2 patients:" in out
-    for name in ("BSPLINE", "LINEAR", "NEAREST", "SHARPEN", "PaCS-SR"):
-        assert re.search(rf"^  {name}\s+\d+\.\d{{3}}\s+0\.\d{{4}}$", out, re.M), name
-    assert "gain over the best single expert" in out
+    assert "fold 2 3mm t1c:\ntest metrics, mean over 2 patient(s):" in out
+    for name in ("BSPLINE", "LINEAR", "NEAREST", "SHARPEN", "PaCS-SR", r"PaCS-SR \(HR-free\)"):
+        assert re.search(rf"^    {name}\s+\d+\.\d{{3}}\s+0\.\d{{4}}$", out, re.M), name
+    # one block per protocol, each with its own best expert and gain
+    assert out.count("gain over the best single expert") == 2
+    assert "published protocol: HR statistics and HR brain mask" in out
     assert "tasks:" not in out  # no state table for one task
     assert _run(cohort, "train", "--fold", "2") == 2  # outputs exist
     err = capsys.readouterr().err

@@ -28,10 +28,13 @@ from pacs_numba.errors import ConfigError, InputError
 from pacs_numba.store.atomic import atomic_write_json
 from pacs_numba.store.cohort import make_cohort
 from pacs_numba.store.integrity import (
+    SAMPLE_BLOCK_BYTES,
+    SAMPLE_BLOCKS,
     check_patient_id,
     content_sample,
     file_digest,
     output_under,
+    sample_offsets,
     strict_json,
     temp_writer,
     verify_file,
@@ -174,12 +177,18 @@ def test_a_same_size_same_mtime_rewrite_is_read_fresh_from_the_cache(tmp_path):
 
 def test_content_sample_sees_a_change_at_either_end_and_in_between(tmp_path):
     p = tmp_path / "f"
-    data = bytearray(os.urandom(1 << 20))
+    data = bytearray(os.urandom(1 << 22))
     p.write_bytes(data)
     fd = os.open(p, os.O_RDONLY)
     ref = content_sample(fd, len(data))
     os.close(fd)
-    for pos in (0, len(data) - 1):
+    # the blocks in between are spread over the file: one lies near its very middle
+    middle = [o for o in sample_offsets(len(data)) if o > 0]
+    assert len(middle) == SAMPLE_BLOCKS
+    assert min(abs(o - len(data) // 2) for o in middle) < len(data) // 8
+    # a byte inside each of them, and both ends
+    inside = [o + SAMPLE_BLOCK_BYTES // 2 for o in middle]
+    for pos in (0, *inside, len(data) - 1):
         changed = bytearray(data)
         changed[pos] ^= 1
         p.write_bytes(changed)

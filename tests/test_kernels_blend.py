@@ -203,7 +203,8 @@ def test_blend_rejects_bad_input(rng):
         blend_volume(experts, grid, np.ones((27, 3)), window="flat", **kw)
     with pytest.raises(ValueError, match=r"weights have shape \(26, 2\); expected \(27, n_exp"):
         blend_volume(experts, grid, w[:-1], window="flat", **kw)
-    with pytest.raises(ValueError, match=r"expert volume has shape \(6, 6, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"expert 1 has shape \(6, 6, 5\); expected \(6, 6, 6\) like the tile"):
         blend_volume([experts[0], experts[1][:, :, :5]], grid, w, window="flat", **kw)
     with pytest.raises(ValueError, match="need at least one expert"):
         blend_volume([], grid, w, window="flat", **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from pacs_numba.store import layout
@@ -16,9 +17,20 @@ OUTPUT_NAMES = {
     layout.MODEL_FILE,
     layout.PATIENTS_FILE,
     layout.RECORD_FILE,
+    layout.SUMMARY_CSV,
+    layout.SUMMARY_MD,
     "model_data",
+    "output_volumes",
 }
-FSTRING_PARTS = ("_blend_train", "_weights_", "_weight_analysis_", "fold_")
+#: Pieces of the layout's names: a string or f-string without whitespace (a path or a name,
+#: not a message or a help text) that holds one of them spells a name outside its home.
+NAME_PARTS = (*sorted(OUTPUT_NAMES), "_blend_train", "_weights_test", "_weight_analysis_",
+              "results_fold_")
+#: Pieces that spell a name only inside an f-string (``f"{pid}_weights_{split}"``,
+#: ``f"fold_{n}"``); as plain strings they also occur in config keys (``pacs_sr_weights_path``).
+FSTRING_PARTS = ("_weights_", "fold_")
+#: f-strings shaped like a per-patient volume name, ``{pid}-{pulse}.nii.gz`` (layout.volume_name).
+VOLUME_NAME = re.compile(r"^-\.nii\.gz$")
 
 
 def _docstring_nodes(tree: ast.AST) -> set[int]:
@@ -31,24 +43,54 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
     return out
 
 
+def _spelled_names(source: str) -> list[tuple[int, str]]:
+    """``(line, text)`` of every literal in ``source`` that spells a name of the layout."""
+    tree = ast.parse(source)
+    docs = _docstring_nodes(tree)
+    fstring_parts = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
+                     for v in node.values}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and id(node) not in docs and id(node) not in fstring_parts):
+            text = node.value
+        else:
+            continue
+        if any(ch.isspace() for ch in text):
+            continue  # a message or help text that mentions a file, not a path
+        fstring = isinstance(node, ast.JoinedStr)
+        if (text in OUTPUT_NAMES or any(part in text for part in NAME_PARTS)
+                or (fstring and any(part in text for part in FSTRING_PARTS))
+                or (fstring and VOLUME_NAME.match(text))):
+            out.append((node.lineno, text))
+    return sorted(out)
+
+
+def test_the_checker_sees_names_not_messages():
+    src = (
+        'a = "metrics.json"\n'
+        'b = f"{pid}_blend_train.nii.gz"\n'
+        'c = root / "output_volumes"\n'
+        'd = f"results_fold_{n}.h5"\n'
+        'e = f"{pid}-{pulse}.nii.gz"\n'
+        'f = "give a weights.json or a pacs_model.npz"\n'
+        'g = f"cannot read {path}: expected a weights.json"\n'
+        'h = cfg["pacs_sr_weights_path"]\n'
+        'i = f"{pid}_weights_{split}.npz"\n'
+    )
+    assert [line for line, _ in _spelled_names(src)] == [1, 2, 3, 4, 5, 9]
+
+
 def test_no_output_file_name_outside_layout():
     bad = []
-    for path in PKG.rglob("*.py"):
-        if path.name == "layout.py":
+    for path in sorted(PKG.rglob("*.py")):
+        if path == PKG / "store" / "layout.py":
             continue
-        tree = ast.parse(path.read_text())
-        docs = _docstring_nodes(tree)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and id(node) not in docs:
-                if node.value in OUTPUT_NAMES:
-                    bad.append(f"{path.name}:{node.lineno} {node.value!r}")
-            elif isinstance(node, ast.JoinedStr):
-                text = "".join(
-                    v.value for v in node.values if isinstance(v, ast.Constant)
-                )
-                if any(part in text for part in FSTRING_PARTS):
-                    bad.append(f"{path.name}:{node.lineno} f-string {text!r}")
-    assert not bad, "output names belong in pacs_numba/layout.py: " + "; ".join(bad)
+        for line, text in _spelled_names(path.read_text()):
+            bad.append(f"{path.relative_to(PKG)}:{line} {text!r}")
+    assert not bad, "output names belong in pacs_numba/store/layout.py: " + "; ".join(bad)
 
 
 def test_task_layout_matches_the_published_tree(tmp_path):

@@ -618,9 +618,9 @@ def test_costs_scale_with_voxels():
                 r"volumes \(shape \(40, 44, 36\)\); expected an integer in \[1, 44\]"),
     (45, 16, r"pacs_sr\.patch_size is 45, larger than the largest axis"),
     (0, 1, r"pacs_sr\.patch_size is 0, below 1"),
-    (8, 9, r"pacs_sr\.stride is 9; expected an integer in \[1, patch_size=8\] "
+    (8, 9, r"pacs_sr\.stride must be an integer in \[1, patch_size=8\]; got 9 "
            r"\(volume shape \(40, 44, 36\)\)"),
-    (8, 0, r"pacs_sr\.stride is 0"),
+    (8, 0, r"pacs_sr\.stride must be an integer in \[1, patch_size=8\]; got 0"),
     (1e30, 4, r"pacs_sr\.patch_size is 1e\+30; expected an integer"),
 ])
 def test_tile_settings_checked_against_the_shape(patch, stride, match):
@@ -682,7 +682,16 @@ def test_needed_bytes_is_the_smallest_limit_for_the_width(stage, n):
         assert got == width - 1
     doc = sp.to_json()
     assert doc["needed_bytes"] == sp.needed_bytes and doc["width"] == 4
-    assert all(isinstance(v, int) for v in doc.values())
+    assert all(isinstance(v, int) for k, v in doc.items() if k != "by_width")
+    # by_width: the planner's figure for every width a script may plan (slurm_array.sh --list)
+    rows = doc["by_width"]
+    assert [r["width"] for r in rows] == list(range(1, n + 1))
+    assert rows[0]["needed_bytes"] == sp.needed_bytes_one
+    assert rows[3]["needed_bytes"] == sp.needed_bytes
+    for r in rows:
+        mem, headroom = planning.sbatch_request(r["needed_bytes"])
+        assert (r["sbatch_mem"], r["headroom_bytes"]) == (mem, headroom)
+        assert headroom >= planning.SBATCH_HEADROOM_BYTES
 
 
 def test_workqueue_layer_runs_one_worker():

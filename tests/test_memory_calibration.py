@@ -203,9 +203,9 @@ FIT_OPTIONS = dict(lambda_grad=0.2, lambda_edge=0.25, grad_operator="sobel")
 # stage's own code on them and report the RSS growth.  The sampler is a thread of this
 # process (kernels and NumPy release the GIL), every 2 ms.
 STAGES = r"""
-import gc, json, sys, threading
+import gc, json, sys
 from pathlib import Path
-import numpy as np, numba, psutil
+import numpy as np, numba
 from pacs_numba.resources.process import pin_mmap_threshold
 pin_mmap_threshold()
 from pacs_numba.core.blending import Normalisation, blend_patient, brain_mask
@@ -221,23 +221,18 @@ from pacs_numba.core.tiling import TileGrid
 warm_kernels()
 work, cases, patch, stride = Path(sys.argv[1]), json.loads(sys.argv[2]), *map(int, sys.argv[3:5])
 fit_opts = json.loads(sys.argv[5])
-proc = psutil.Process()
+sys.path.append(sys.argv[6])  # tests/: the repository's one RSS sampler
+from rss_sampler import RssSampler
 
-class Growth:
+class Growth(RssSampler):
+    def __init__(self):
+        super().__init__(0.002)
     def __enter__(self):
         gc.collect()
-        self.start = self.peak = proc.memory_info().rss
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-    def run(self):
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, proc.memory_info().rss)
+        return super().__enter__()
     def __exit__(self, *exc):
-        self.stop.set(); self.thread.join()
-        self.peak = max(self.peak, proc.memory_info().rss)
-        self.bytes = self.peak - self.start
+        super().__exit__(*exc)
+        self.bytes = self.peak_bytes - self.samples[0][1]
 
 def write_volumes(shape, m, tag):
     rng = np.random.default_rng(len(tag))
@@ -310,7 +305,7 @@ def test_each_stage_at_two_shapes_and_two_expert_counts(tmp_path: Path) -> None:
         pytest.skip("PACS_NUMBA_CACHE=0: the subprocess would compile every kernel (minutes)")
     res = subprocess.run(
         [sys.executable, "-c", STAGES, str(tmp_path), json.dumps(STAGE_CASES), str(STAGE_PATCH),
-         str(STAGE_STRIDE), json.dumps(FIT_OPTIONS)],
+         str(STAGE_STRIDE), json.dumps(FIT_OPTIONS), str(Path(__file__).resolve().parent)],
         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout.strip().splitlines()[-1])

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pacs_numba.resources.units import human_size, parse_size
 from pacs_numba.store.cohort import make_cohort
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_array.sh"
@@ -194,22 +195,41 @@ def _needed(fixed: int, per: int, width: int) -> int:
     return lo
 
 
+def _sbatch_mem(n_bytes: int) -> int:
+    """MiB of the --mem --list should print: 100 MiB of headroom, rounded up to 100M."""
+    return -(-(n_bytes + 100 * MIB) // (100 * MIB)) * 100
+
+
+def _mem_text(n_bytes: int) -> str:
+    """The planner's --mem string for a need: hundreds of MiB below 4 GiB, whole G above."""
+    mib = _sbatch_mem(n_bytes)
+    if mib < 4096:
+        return f"{mib}M"
+    return f"{-(-(n_bytes + 100 * MIB) // (1024 * MIB))}G"
+
+
+def _by_width(fixed: int, per: int, n: int) -> list[dict]:
+    rows = []
+    for w in range(1, n + 1):
+        need, mem = _needed(fixed, per, w), _mem_text(_needed(fixed, per, w))
+        mib = int(mem[:-1]) * (1024 if mem.endswith("G") else 1)
+        rows.append({"width": w, "needed_bytes": need, "sbatch_mem": mem,
+                     "headroom_bytes": mib * MIB - need})
+    return rows
+
+
 def _plan_doc(fixed: int, per: int, widths: dict[str, int]) -> dict:
     """What ``diagnose --config C --json`` prints for the test cohort (2 train + 2 test)."""
     stages = {
         stage: {"n_patients": n, "per_patient_bytes": per, "fixed_bytes": fixed + 256 * MIB,
                 "width": widths[stage], "threads": 1,
                 "needed_bytes": _needed(fixed, per, widths[stage]),
-                "needed_bytes_one": _needed(fixed, per, 1)}
+                "needed_bytes_one": _needed(fixed, per, 1),
+                "by_width": _by_width(fixed, per, n)}
         for stage, n in (("fit", 2), ("evaluate", 4))
     }
     return {"ok": True, "checks": [], "plan": {"shape": [20, 22, 18], "n_experts": 4,
                                                 "stages": stages}}
-
-
-def _sbatch_mem(n_bytes: int) -> int:
-    """MiB of the --mem --list should print: 100 MiB of headroom, rounded up to 100M."""
-    return -(-(n_bytes + 100 * MIB) // (100 * MIB)) * 100
 
 
 @pytest.fixture
@@ -258,6 +278,10 @@ def test_list_prints_tasks_and_a_sized_sbatch_line(config: Path, tmp_path: Path,
     assert _submit_line(res.stdout) == (
         f"submit with: sbatch --array=0-3 --cpus-per-task=2 --mem={mem}M {SCRIPT} {config}")
     assert "one task: volumes 20x22x18, 4 experts, 2 CPU(s)" in res.stdout
+    need = _needed(fixed, per, 2)
+    assert (f"--mem={mem}M: {human_size(mem * MIB - need)} "
+            f"({100 * (mem * MIB - need) / need:.0f}%) over the planner's need of "
+            f"{human_size(need)}") in res.stdout
     assert "evaluate    4 patients, 2 at once x 1 numba thread(s)" in res.stdout
     assert "WARNING" not in res.stderr
 
@@ -315,13 +339,35 @@ def test_list_without_a_plan_warns_and_still_prints_the_tasks(config: Path, tmp_
 
 
 def test_list_with_the_real_diagnose(config: Path, tmp_path: Path) -> None:
-    res = _run(["--list", "--cpus", "1", str(config)], _env(tmp_path, None))
+    # this checkout's pacs_numba, also for an installed pacs-numba command of another copy
+    env = _env(tmp_path, None, PYTHONPATH=str(SCRIPT.parents[1]))
+    res = _run(["--list", "--cpus", "1", str(config)], env)
     assert res.returncode == 0, res.stderr
-    if "KeyError('plan')" in res.stderr:
-        pytest.skip("this diagnose --json has no 'plan' yet")
+    # a diagnose --json that lost its plan is a regression, not a reason to skip
+    assert "cannot size a task" not in res.stderr, res.stderr
     line = _submit_line(res.stdout)
     assert line.startswith("submit with: sbatch --array=0-3 --cpus-per-task=1 --mem=")
     assert "x 1 numba thread(s)" in res.stdout
+    # One memory figure (issue 20): --list prints the planner's figures for the width it plans,
+    # the same that diagnose prints at that width, and says how far its request is above them.
+    # (Each process measures its own baseline RSS, so two runs agree to a few MiB, not exactly;
+    # the recorded-plan tests above check the exact figures.)
+    diag = subprocess.run([sys.executable, "-m", "pacs_numba", "diagnose", "--config",
+                           str(config)], env={**env, "SLURM_CPUS_PER_TASK": "1"},
+                          capture_output=True, text=True, timeout=300)
+    ours = re.search(r"^  fit +\d+ patients, 1 at once x 1 numba thread\(s\): needs (.+?) \(",
+                     res.stdout, re.M)
+    theirs = re.search(r"plan:fit: .* 1 worker\(s\) x 1 numba thread\(s\) .*; needs (.+?) at "
+                       "this width", diag.stdout)
+    assert ours and theirs, (res.stdout, diag.stdout)
+    a, b = parse_size(ours.group(1)), parse_size(theirs.group(1))
+    assert abs(a - b) <= 0.05 * b, (ours.group(1), theirs.group(1))
+    mem = re.search(r"--mem=(\S+) ", line).group(1)
+    head = re.search(rf"^--mem={mem}: (.+?) \((\d+)%\) over the planner's need of (.+?), ",
+                     res.stdout, re.M)
+    assert head, res.stdout
+    assert parse_size(mem) - parse_size(head.group(3)) == pytest.approx(
+        parse_size(head.group(1)), abs=0.1 * MIB)
 
 
 def test_list_cpus_is_checked(config: Path, tmp_path: Path) -> None:
@@ -531,3 +577,99 @@ def test_two_array_tasks_end_to_end(config: Path, tmp_path: Path, shims: Path) -
     assert "--format=JobIDRaw,MaxRSS" in (tmp_path / "sacct-1.log").read_text()
     assert "exact (max RSS of pacs-numba, getrusage)\n" in res[2][0]
     assert f"peak_source=maxrss sacct_maxrss_gib=NA job={JOB_ID} " in res[2][0]
+
+
+# ------------------------------------------------ scripts/slurm_realtest.sh: package download
+REALTEST = SCRIPT.parent / "slurm_realtest.sh"
+# what the real test runs before it installs anything; slurm's own commands are left out, so
+# the script takes its install path whatever this machine has
+REALTEST_TOOLS = ("bash", "env", "uname", "mkdir", "rmdir", "pgrep", "date", "sleep", "tail",
+                  "mktemp", "rm")
+FAKE_APT = r"""#!/usr/bin/env bash
+# fake apt-get: count the calls per sub-command; fail the first $FAIL_FIRST of each (all: -1)
+n=0
+[[ -f $APT_DIR/$1.count ]] && n=$(<"$APT_DIR/$1.count")
+n=$((n + 1))
+echo "$n" >"$APT_DIR/$1.count"
+if ((FAIL_FIRST < 0 || n <= FAIL_FIRST)); then
+    echo "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease" >&2
+    exit 100
+fi
+exit 0
+"""
+
+
+def _realtest_can_start() -> str | None:
+    """Why the real test would stop before its package step on this machine, or None."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "needs root on Linux"
+    probe = Path(f"/sys/fs/cgroup/memory/pacs_realtest_pytest.{os.getpid()}")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError:
+        return "needs a writable cgroup v1 memory controller"
+    if subprocess.run(["pgrep", "-x", "slurmd"], capture_output=True).returncode == 0:
+        return "a slurmd runs on this machine"
+    return None
+
+
+@pytest.fixture
+def apt_env(tmp_path: Path):
+    why = _realtest_can_start()
+    if why:
+        pytest.skip(f"slurm_realtest.sh would stop before apt-get here: {why}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in REALTEST_TOOLS:
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "apt-get").write_text(FAKE_APT)
+    (bin_dir / "apt-get").chmod(0o755)
+
+    def make(fail_first: int, ci: bool) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTHONPATH")}
+        env.update(PATH=str(bin_dir), APT_DIR=str(tmp_path), FAIL_FIRST=str(fail_first),
+                   PYTHONPATH=str(REALTEST.parents[1]), PACS_SLURM_TEST_ACCOUNTING="0",
+                   PACS_SLURM_TEST_APT_TRIES="3", PACS_SLURM_TEST_APT_WAIT="0")
+        if ci:
+            env["CI"] = "true"
+        return env
+
+    return make
+
+
+def _calls(tmp_path: Path, sub: str) -> int:
+    f = tmp_path / f"{sub}.count"
+    return int(f.read_text()) if f.exists() else 0
+
+
+def test_realtest_under_ci_fails_when_the_download_keeps_failing(tmp_path: Path, apt_env) -> None:
+    res = subprocess.run(["bash", str(REALTEST)], env=apt_env(-1, ci=True),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "FAILED: apt-get update failed 3 times under CI=true" in res.stderr
+    assert "SKIPPED" not in res.stderr
+    assert "E: Failed to fetch" in res.stderr  # the cause, shown once the tries are spent
+    assert _calls(tmp_path, "update") == 3 and _calls(tmp_path, "install") == 0
+
+
+def test_realtest_outside_ci_skips_when_the_download_keeps_failing(tmp_path: Path,
+                                                                  apt_env) -> None:
+    res = subprocess.run(["bash", str(REALTEST)], env=apt_env(-1, ci=False),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 77, res.stderr
+    assert "SKIPPED (cannot run here): SLURM is not installed and apt-get update failed" \
+        in res.stderr
+    assert _calls(tmp_path, "update") == 3
+
+
+def test_realtest_retries_a_failed_download(tmp_path: Path, apt_env) -> None:
+    res = subprocess.run(["bash", str(REALTEST)], env=apt_env(2, ci=True),
+                         capture_output=True, text=True, timeout=120)
+    # update works on its third try and install on its third; the fake installs nothing,
+    # so the script then finds SLURM still missing
+    assert _calls(tmp_path, "update") == 3 and _calls(tmp_path, "install") == 3, res.stderr
+    assert "'apt-get update -q' failed (try 1 of 3); retrying" in res.stderr
+    assert res.returncode == 1
+    assert "FAILED: slurmctld is still missing after installing slurm-wlm" in res.stderr

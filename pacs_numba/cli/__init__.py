@@ -29,6 +29,7 @@ from .common import (
     EXIT_SIGTERM,
     EXIT_USAGE,
     Parser,
+    common_groups_last,
     common_options,
 )
 from .logsetup import resolve_level, setup_logging
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_common, plain_common = common_options(run=True), common_options(run=False)
     for family in (train, data, predict, results, metrics, tune, cache, diagnose):
         family.add_parsers(sub, run_common, plain_common)
+    for command in sub.choices.values():
+        common_groups_last(command)
     parser.subparsers = dict(sub.choices)
     return parser
 

@@ -24,7 +24,7 @@ import numba
 from .. import _config
 from .._version import __version__
 from ..errors import ConfigError
-from ..resources.units import parse_size
+from ..resources.units import parse_budget
 from ..runs.engine import Engine, RunOptions
 from ..store.layout import ExperimentLayout
 from .logsetup import add_file_log
@@ -59,6 +59,7 @@ class HelpFormatter(argparse.HelpFormatter):
             and action.default is not None
             and action.default is not False
             and action.default is not argparse.SUPPRESS
+            and action.default not in ([], (), "")  # an empty default says nothing
             and action.option_strings
             and action.nargs != 0
         ):
@@ -140,7 +141,9 @@ def common_options(*, run: bool, cache_help: str = CACHE_HELP) -> argparse.Argum
             "--workers",
             type=int,
             default=None,
-            help="at most this many patients at once (default: from memory and CPUs)",
+            help="at most this many patients at once (default: the config's "
+            "pacs_sr.num_workers where there is a config, else as many as fit; either way "
+            "capped by the memory budget and the CPUs, and the log says what bound it)",
         )
         r.add_argument(
             "--mem-budget",
@@ -155,6 +158,21 @@ def common_options(*, run: bool, cache_help: str = CACHE_HELP) -> argparse.Argum
             "terminal)",
         )
     return p
+
+
+#: The option groups every command shares (:func:`common_options`), listed last in ``--help``.
+COMMON_GROUPS = ("logging", "caches", "resources")
+
+
+def common_groups_last(p: argparse.ArgumentParser) -> None:
+    """Put a command's own options (its input and output first) before the shared groups.
+
+    argparse lists groups in the order they were made, and the shared groups come from the
+    parent parser, so they would be listed before the command's own.
+    """
+    groups = p._action_groups  # noqa: SLF001 - argparse keeps no public handle on the order
+    own = [g for g in groups if g.title not in COMMON_GROUPS]
+    p._action_groups = own + [g for g in groups if g.title in COMMON_GROUPS]  # noqa: SLF001
 
 
 def task_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -227,12 +245,7 @@ def startup_log(engine) -> None:  # noqa: ANN001 - an Engine
 
 def make_engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
     """Build the :class:`~pacs_numba.runs.engine.Engine` of ``config`` with the CLI's options."""
-    budget = None
-    if getattr(args, "mem_budget", None):
-        try:
-            budget = parse_size(args.mem_budget)
-        except ValueError as exc:
-            raise ConfigError(f"--mem-budget: {exc}") from None
+    budget = parse_budget(getattr(args, "mem_budget", None))
     if getattr(args, "workers", None) is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     opts = RunOptions(
@@ -271,16 +284,17 @@ def file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
 class StopOnSignals:
     """SIGTERM/SIGINT ask the engine to stop; a second SIGINT interrupts at once."""
 
-    def __init__(self, engine) -> None:  # noqa: ANN001
+    def __init__(self, engine, what: str = "patients") -> None:  # noqa: ANN001
         self.engine = engine
+        self.what = what
         self._old: dict[int, object] = {}
 
     def _handler(self, signum: int, frame: object) -> None:
         if self.engine.stop_event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning(
-            "received %s: finishing patients in flight, starting no new one",
-            signal.Signals(signum).name,
+            "received %s: finishing %s in flight, starting no new one",
+            signal.Signals(signum).name, self.what,
         )
         self.engine.request_stop(signum)
 

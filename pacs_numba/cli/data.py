@@ -60,6 +60,13 @@ def _add_make_cohort(sub, plain_common: argparse.ArgumentParser) -> None:  # noq
                    help="nifti: the 2025 release's folders; hdf5: the current release's "
                    "source_data.h5 and experts/*.h5 (the NIfTI form is kept in OUT/nifti)")
     p.add_argument(
+        "--atlas",
+        action="store_true",
+        help="also write an atlas (OUT/atlas: the mean of the generated HRs per template and "
+        "its brain mask, in the registration section's file names), so that "
+        "pacs_sr.use_registration: true runs on the cohort (needs antspyx) (default: no atlas)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="write into a folder that is not empty, replacing its cohort and config.yaml",
@@ -93,6 +100,13 @@ def _add_demo(sub) -> None:  # noqa: ANN001
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
     p.add_argument("--format", choices=["nifti", "hdf5"], default="nifti",
                    help="run on the cohort's NIfTI form or its HDF5 form")
+    p.add_argument(
+        "--atlas",
+        action="store_true",
+        help="write an atlas with the cohort (the mean of its HRs and its brain mask) and "
+        "train with registration to it (use_registration: true; needs antspyx) (default: "
+        "no registration)",
+    )
     p.set_defaults(run=_demo)
 
 
@@ -163,8 +177,12 @@ def _make_cohort(args: argparse.Namespace) -> int:
         kfolds=args.kfolds,
         patch_size=args.patch_size,
         stride=args.stride,
+        atlas=args.atlas,
     )
     print(f"cohort written; config: {cfg}")
+    if args.atlas:
+        print(f"atlas: {Path(args.out).resolve() / 'atlas'}; set pacs_sr.use_registration: "
+              "true in the config to register every patient to it")
     return EXIT_OK
 
 
@@ -182,6 +200,7 @@ def _demo(args: argparse.Namespace) -> int:
             workers=args.workers,
             no_progress=args.no_progress,
             on_engine=stop.attach,
+            atlas=args.atlas,
         )
     print(text)
     return EXIT_OK

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..resources.units import parse_size
+from ..errors import PacsError
+from ..resources.units import parse_budget
 from ..runs.checks import FAIL, run_checks
 from .common import HelpFormatter
 from .logsetup import resolve_level, setup_logging
@@ -75,17 +75,14 @@ def run(args: argparse.Namespace) -> int:
     planner counts besides the patients at ``needed_bytes``: ``needed_bytes - width *
     per_patient_bytes``), and its terms ``baseline_bytes``, ``per_task_bytes``,
     ``thread_bytes``, ``setup_bytes``, ``margin_bytes``, plus ``limit_bytes``, the
-    limit planned with.  The planner's condition for a limit ``L`` and ``w`` workers is
-    ``L - max(256 MiB, L / 10) >= baseline + per_task + max(setup, thread + w *
-    per_patient)``; ``needed_bytes`` is the smallest ``L`` that meets it.
+    limit planned with, and ``by_width``: for each width from 1 to ``n_patients``, the
+    ``needed_bytes`` at that width, the ``sbatch_mem`` to ask for and its
+    ``headroom_bytes`` over that need (``scripts/slurm_array.sh --list`` reads these).
+    The planner's condition for a limit ``L`` and ``w`` workers is ``L - max(256 MiB,
+    L / 10) >= baseline + per_task + max(setup, thread + w * per_patient)``;
+    ``needed_bytes`` is the smallest ``L`` that meets it.
     """
-    budget = None
-    if getattr(args, "mem_budget", None) is not None:
-        try:
-            budget = parse_size(args.mem_budget)
-        except ValueError as exc:
-            print(f"--mem-budget: {exc}", file=sys.stderr)
-            return 2
+    budget = parse_budget(getattr(args, "mem_budget", None))
     plan_doc: dict[str, Any] = {}
     checks = run_checks(
         args.config, warmup=args.warmup, cache_dir=args.cache_dir, workers=args.workers,
@@ -122,7 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser, cache_dir=True)
     args = parser.parse_args(argv)
     setup_logging(resolve_level(default="WARNING"))
-    rc = run(args)
+    try:
+        rc = run(args)
+    except PacsError as exc:  # a bad option value: one line and exit 2, as pacs-numba does
+        logging.getLogger("pacs_numba.diagnose").error("%s", exc)
+        rc = 2
     logging.shutdown()
     return rc
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..config import load_config
 from ..core.model import StackingModel
 from ..errors import ConfigError, InputError
-from ..resources.units import parse_size
+from ..resources.units import parse_budget
 from ..runs.predict import (
     PUBLISHED_OUTPUT,
     PredictJob,
@@ -37,13 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _budget(args: argparse.Namespace) -> int | None:
-
-    if not getattr(args, "mem_budget", None):
-        return None
-    try:
-        return parse_size(args.mem_budget)
-    except ValueError as exc:
-        raise ConfigError(f"--mem-budget: {exc}") from None
+    return parse_budget(getattr(args, "mem_budget", None))
 
 
 def _model(args: argparse.Namespace, path: Path, names: list[str] | None,
@@ -118,7 +112,7 @@ def _single(args: argparse.Namespace, path: Path) -> int:
     _check_single_output(args.out, [Path(path), *map(Path, experts)], args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), args.out)],
                         registration=args.registration, pulse=args.pulse,
-                        window=args.window, cache_dir=args.cache_dir, workers=1,
+                        window=args.window, cache_dir=args.cache_dir, workers=args.workers,
                         mem_budget_bytes=_budget(args), force=True,
                         no_progress=True, record_dir=None, use_record=False)
     if res.failed:
@@ -189,8 +183,9 @@ def _from_config(args: argparse.Namespace, cfg: Any) -> int:
     _check_single_output(out, experts, args.force)
     res = predict_batch(model, [PredictJob("patient", tuple(experts), out)], window=window,
                         registration=args.registration, pulse=args.pulse,
-                        cache_dir=args.cache_dir, workers=1, mem_budget_bytes=_budget(args),
-                        force=True, no_progress=True, use_record=False)
+                        cache_dir=args.cache_dir, workers=args.workers,
+                        mem_budget_bytes=_budget(args), force=True, no_progress=True,
+                        use_record=False)
     if res.failed:
         raise InputError(res.failed["patient"])
     print(f"prediction -> {out}")
@@ -222,7 +217,8 @@ def _add_predict(sub, run_common: argparse.ArgumentParser) -> None:  # noqa: ANN
                      "error)")
     one = p.add_argument_group("one patient")
     one.add_argument("--expert", action="append", default=[], metavar="NAME=PATH",
-                     help="one expert volume by model name; repeat for every expert")
+                     help="one expert volume by model name; repeat for every expert "
+                     "(default: none; one patient needs all of the model's experts)")
     one.add_argument("--experts", type=Path, nargs="+", default=None, metavar="PATH",
                      help="bare expert paths in the model's order (the order is logged; "
                      "prefer --expert)")

@@ -31,14 +31,21 @@ def _add_summarize(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa:
     p = sub.add_parser(
         "summarize",
         parents=[plain_common],
-        help="one table (CSV and markdown) of every trained task under an out_root",
-        description="Per spacing and pulse: each expert and PaCS-SR over folds and patients, "
-        "the gain over the best expert with a Wilcoxon signed-rank test, dominance shares.",
+        help="tables (CSV, markdown) and figures of every trained task under an out_root",
+        description="Per spacing and pulse and per protocol (published: HR statistics and HR "
+        "brain mask; HR-free: statistics and mask from the experts): each expert alone and "
+        "PaCS-SR over the distinct test patients of all folds, the gain over that protocol's "
+        "best expert with a Wilcoxon signed-rank test, dominance shares; and figures of the "
+        "per-patient gains, per-expert distributions and dominance across folds "
+        "(summary_figures/, needs matplotlib).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("out_root", type=Path, help="the run's out_root (pacs_sr.out_root)")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for summary.csv and summary.md (default: OUT_ROOT)")
+                   help="folder for summary.csv, summary.md and summary_figures/ "
+                   "(default: OUT_ROOT)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write the tables only (default: draw the figures too)")
     p.set_defaults(run=_summarize)
 
 
@@ -72,9 +79,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _summarize(args: argparse.Namespace) -> int:
 
-    _, md, paths = summarize(args.out_root, args.out)
+    _, md, paths = summarize(args.out_root, args.out, figures_wanted=not args.no_figures)
     print(md)
     print(f"summary -> {paths[0]}, {paths[1]}")
+    if len(paths) > 2:
+        print(f"figures -> {paths[2].parent} ({len(paths) - 2} PNG files)")
     return EXIT_OK
 
 

@@ -19,7 +19,14 @@ from numpy.typing import ArrayLike, NDArray
 from .._config import BRAIN_THRESHOLD, WINDOWS
 from ..errors import InputError
 from ..kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
-from .checks import as_mask_u8, as_tile_weights, as_volume, as_volume_list, check_shape, readonly
+from .checks import (
+    as_mask_u8,
+    as_tile_weights,
+    as_volume,
+    as_volume_list,
+    check_volume_list,
+    readonly,
+)
 from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
@@ -95,15 +102,10 @@ def expert_mean(experts: Sequence[ArrayLike]) -> NDArray[np.float32]:
     >>> expert_mean([a, 3 * np.ones_like(a)]).ravel().tolist()
     [2.0, 1.5]
     """
-    if len(experts) == 0:
-        raise InputError("need at least one expert volume, got none")
-    shape = np.shape(experts[0])
-    if len(shape) != 3:
-        raise InputError(f"expert 0 has shape {shape}; expected a 3-D volume")
+    shape = check_volume_list(experts)
     proxy = np.zeros(shape, dtype=np.float32)
-    for e, vol in enumerate(experts):  # one expert at a time: no list of converted copies
+    for vol in experts:  # one expert at a time: no list of converted copies
         vol = np.asarray(vol)
-        check_shape(vol.shape, shape, what=f"expert {e}", like="expert 0")
         proxy += np.where(np.isfinite(vol), vol, np.float32(0))
     proxy /= np.float32(len(experts))
     return proxy
@@ -225,8 +227,15 @@ def blend_patient(
     ...                     norm=Normalisation.from_hr(hr, [hr]), brain_mask=None)
     >>> bool(np.allclose(out, hr, atol=1e-4))
     True
+
+    Raises
+    ------
+    NonFiniteBlend
+        If a voxel of the blend is NaN or infinite (checked once, before anything is
+        written): huge finite expert values that overflow float32 when mapped back, or
+        weights or statistics that are not finite.  Its ``expert`` names the cause.
     """
-    return blend_volume(
+    blend = blend_volume(
         experts,
         grid,
         weights,
@@ -236,6 +245,57 @@ def blend_patient(
         sd_hr=norm.sd_out,
         mask=brain_mask,
         window=window,
+    )
+    check_blend_finite(blend, weights, norm)
+    return blend
+
+
+class NonFiniteBlend(InputError):
+    """A blend with NaN or infinite voxels (an :class:`InputError`).
+
+    ``expert`` is the index of the expert that caused it, None when the weights or the
+    HR's statistics did.
+    """
+
+    def __init__(self, message: str, expert: int | None = None) -> None:
+        super().__init__(message)
+        self.expert = expert
+
+
+def check_blend_finite(blend: NDArray[np.float32], weights: ArrayLike, norm: Normalisation) -> None:
+    """Raise :class:`NonFiniteBlend` naming the cause if ``blend`` has a non-finite voxel.
+
+    The kernels read a non-finite expert voxel as 0, so a NaN or Inf in a blend comes from
+    the numbers it is made of: tile weights that are not finite, or an expert whose values
+    are so large that the blend, mapped back with ``norm``'s mean and std, overflows
+    float32 (the expert with the largest ``|mean| + std`` is named).  One pass over the
+    volume in 4 Mi-voxel chunks (about 10 ms at 197x233x189), no volume-sized temporary.
+    """
+    flat = blend.reshape(-1)
+    bad = 0
+    for i in range(0, flat.size, 1 << 22):
+        bad += int(np.count_nonzero(~np.isfinite(flat[i : i + (1 << 22)])))
+    if not bad:
+        return
+    w = np.asarray(weights)
+    if not np.all(np.isfinite(w)):
+        raise NonFiniteBlend(
+            f"the blend has {bad} voxels that are not finite: the model's tile weights hold "
+            f"{int(np.count_nonzero(~np.isfinite(w)))} NaN/Inf values"
+        )
+    scale = np.abs(np.asarray(norm.mus, np.float64)) + np.asarray(norm.sds, np.float64)
+    e = int(np.argmax(scale))
+    if norm.source == "hr" and abs(norm.mu_out) + norm.sd_out > scale[e]:
+        raise NonFiniteBlend(
+            f"the blend has {bad} voxels that are not finite (float32 overflow): the HR's "
+            f"mean {norm.mu_out:.3g} and std {norm.sd_out:.3g} are too large for float32"
+        )
+    raise NonFiniteBlend(
+        f"the blend has {bad} voxels that are not finite (float32 overflow): expert {e + 1} "
+        f"has mean {norm.mus[e]:.3g} and std {norm.sds[e]:.3g}, too large for float32 "
+        f"(max {float(np.finfo(np.float32).max):.3g}) once blended and mapped back with "
+        f"mean {norm.mu_out:.3g}, std {norm.sd_out:.3g}",
+        expert=e,
     )
 
 
@@ -313,7 +373,7 @@ def blend_volume(
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {sorted(WINDOWS)}, got {window!r}")
-    vols = as_volume_list(experts, grid.shape)
+    vols = as_volume_list(experts, grid.shape, like="the tile grid")
     n_exp = len(vols)
     w = as_tile_weights(weights, grid, n_exp)
     mus64 = readonly(np.ascontiguousarray(mus, dtype=np.float64).reshape(-1))

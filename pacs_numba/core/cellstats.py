@@ -46,7 +46,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .._config import GRAD_OPERATORS, WINDOWS
-from ..config import FIT_REGIONS, PacsConfig
+from ..config import FIT_REGIONS, PacsConfig, check_stride
 from ..errors import ConfigError, InputError
 from ..kernels.blend import _window_table
 from ..kernels.stats import (
@@ -129,9 +129,8 @@ class StatsKey:
             raise ConfigError(
                 f"grad_operator {grad_operator!r}: expected one of {sorted(GRAD_OPERATORS)}"
             )
-        stride, patch_size = int(stride), int(patch_size)
-        if not 1 <= stride <= patch_size:
-            raise ConfigError(f"stride {stride} must be in [1, patch_size={patch_size}]")
+        patch_size = int(patch_size)
+        stride = check_stride(patch_size, stride)
         if with_edge and not (math.isfinite(edge_power) and edge_power > 0):
             raise ConfigError(f"edge_power must be a finite number > 0, got {edge_power!r}")
         if region == "first_block":

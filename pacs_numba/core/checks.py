@@ -27,23 +27,65 @@ def as_volume(arr: ArrayLike) -> NDArray[np.float32]:
     return vol
 
 
-def as_volume_list(vols: Sequence[ArrayLike], shape: tuple[int, ...] | None = None) -> List:
+def check_volume_list(vols: Sequence[ArrayLike], *, what: str = "expert",
+                      shape: Sequence[int] | None = None,
+                      like: str | None = None) -> tuple[int, int, int]:
+    """Raise :class:`InputError` unless ``vols`` are one or more 3-D volumes of one shape.
+
+    The one home of the volume-list rule that every wrapper taking a list of volumes applies.
+
+    Parameters
+    ----------
+    vols : sequence of array_like
+        The volumes (only their shapes are read).
+    what : str, optional
+        What a volume is, for the message (``"expert"``: "expert 2 has shape ...").
+    shape : sequence of 3 int, optional
+        The shape every volume must have (default: the first volume's).
+    like : str, optional
+        Where ``shape`` comes from, for the message (default: ``"<what> 0"``).
+
+    Returns
+    -------
+    tuple of 3 int
+        The common shape.
+
+    Examples
+    --------
+    >>> check_volume_list([np.zeros((2, 3, 4)), np.ones((2, 3, 4))])
+    (2, 3, 4)
+    >>> check_volume_list([np.zeros((2, 3, 4)), np.ones((2, 3, 5))])
+    Traceback (most recent call last):
+    ...
+    pacs_numba.errors.InputError: expert 1 has shape (2, 3, 5); expected (2, 3, 4) like expert 0
+    """
+    if len(vols) == 0:
+        raise InputError(f"need at least one {what} volume, got none")
+    if shape is None:
+        shape, like = tuple(np.shape(vols[0])), like or f"{what} 0"
+    want = tuple(int(n) for n in shape)
+    if len(want) != 3:
+        source = f"{what} 0" if like == f"{what} 0" else (like or "the expected shape")
+        raise InputError(f"{source} has shape {want}; expected a 3-D volume")
+    for e, v in enumerate(vols):
+        check_shape(np.shape(v), want, what=f"{what} {e}", like=like)
+    return want  # type: ignore[return-value]
+
+
+def as_volume_list(vols: Sequence[ArrayLike], shape: Sequence[int] | None = None, *,
+                   what: str = "expert", like: str | None = None) -> List:
     """Return the volumes as a ``numba.typed.List`` of :func:`as_volume` views.
 
     Raises
     ------
     InputError
-        If the list is empty or the shapes differ (from each other or from ``shape``).
+        As :func:`check_volume_list`: the list is empty, or the shapes are not 3-D or differ
+        (from each other or from ``shape``).
     """
-    if len(vols) == 0:
-        raise InputError("need at least one expert volume")
+    check_volume_list(vols, what=what, shape=shape, like=like)
     out = List()
     for v in vols:
-        v = as_volume(v)
-        if shape is not None and v.shape != tuple(shape):
-            raise InputError(f"expert volume has shape {v.shape}; expected {tuple(shape)}")
-        shape = v.shape
-        out.append(v)
+        out.append(as_volume(v))
     return out
 
 

@@ -139,20 +139,73 @@ def model_members(model: StackingModel) -> dict[str, np.ndarray]:
     return members
 
 
+def _damaged(where: str, name: str, what: str) -> InputError:
+    return InputError(
+        f"model file '{where}' is damaged: member '{name}' {what}; re-train the task or "
+        "restore the file"
+    )
+
+
+def _shown(arr: np.ndarray) -> str:
+    text = repr(arr.tolist()) if arr.size <= 4 else f"{arr.dtype} array of shape {arr.shape}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _member_int(members: dict[str, np.ndarray], name: str, where: str) -> int:
+    """Return the integer scalar ``members[name]``; ``InputError`` naming the member if not."""
+    arr = np.asarray(members[name])
+    if arr.shape != () or arr.dtype.kind not in "iu":
+        raise _damaged(where, name, f"is {_shown(arr)}; expected an integer")
+    return int(arr)
+
+
+def _member_text(members: dict[str, np.ndarray], name: str, where: str) -> str:
+    """Return the string scalar ``members[name]``; ``InputError`` naming the member if not."""
+    arr = np.asarray(members[name])
+    if arr.shape != () or arr.dtype.kind != "U":
+        raise _damaged(where, name, f"is {_shown(arr)}; expected a string")
+    return str(arr)
+
+
+def _member_texts(members: dict[str, np.ndarray], name: str, where: str) -> tuple[str, ...]:
+    """Return the 1-D string array ``members[name]`` as a tuple; ``InputError`` if not."""
+    arr = np.asarray(members[name])
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind != "U"):
+        raise _damaged(where, name, f"is {_shown(arr)}; expected a list of names")
+    return tuple(str(x) for x in arr)
+
+
+def _member_array(
+    members: dict[str, np.ndarray], name: str, where: str, *, kinds: str, ndim: int, what: str
+) -> np.ndarray:
+    arr = np.asarray(members[name])
+    if arr.ndim != ndim or arr.dtype.kind not in kinds:
+        raise _damaged(where, name, f"is {_shown(arr)}; expected {what}")
+    return arr
+
+
 def model_from_members(members: dict[str, np.ndarray], where: str) -> StackingModel:
-    """Check and decode the members of a model file (see :func:`load_model`)."""
+    """Check and decode the members of a model file (see :func:`load_model`).
+
+    Every member is checked for its type and shape before it is used, so a damaged file
+    (a member of another type, ``settings`` that are not a mapping, an unknown window,
+    weights that are not finite) gives one :class:`~pacs_numba.errors.InputError` naming
+    the file and the member.
+    """
     missing = [k for k in _V1_MEMBERS if k not in members]
     if missing:
         raise InputError(
             f"'{where}' is not a pacs_numba model file: it has no {missing} "
             f"(members: {sorted(members)}); expected a pacs_model.npz written by train"
         )
-    version = int(members["format_version"]) if "format_version" in members else 1
+    version = _member_int(members, "format_version", where) if "format_version" in members else 1
     if version > FORMAT_VERSION:
         raise InputError(
             f"model file '{where}' has format version {version}; this pacs_numba reads up to "
             f"{FORMAT_VERSION}: upgrade pacs_numba"
         )
+    if version < 1:
+        raise _damaged(where, "format_version", f"is {version}; expected 1..{FORMAT_VERSION}")
     if version >= 2:
         absent = [k for k in _V2_MEMBERS if k not in members]
         if absent:
@@ -166,38 +219,68 @@ def model_from_members(members: dict[str, np.ndarray], where: str) -> StackingMo
                 f"model file '{where}' is damaged: its checksum does not match its content; "
                 "re-train the task or restore the file"
             )
+    shape = _member_array(members, "shape", where, kinds="iu", ndim=1, what="3 integers")
+    if shape.shape != (3,):
+        raise _damaged(where, "shape", f"is {_shown(shape)}; expected 3 integers")
+    patch_size = _member_int(members, "patch_size", where)
+    stride = _member_int(members, "stride", where)
     try:
-        grid = TileGrid(
-            tuple(int(x) for x in members["shape"]),
-            int(members["patch_size"]),
-            int(members["stride"]),
-        )
-        settings = json.loads(str(members["settings"]))
-        if version >= 2:
-            affine = np.asarray(members["affine"], dtype=np.float64)
-            extra: dict[str, Any] = {
-                "window": str(members["window"]) or None,
-                "affine": None if not np.all(np.isfinite(affine)) else affine,
-                "normalisation": str(members["normalisation"]),
-                "train_patients": tuple(str(x) for x in members["train_patients"]),
-            }
-        else:
-            pacs = settings.get("pacs_sr", {}) if isinstance(settings, dict) else {}
-            extra = {
-                "window": pacs.get("mixing_window"),
-                "train_patients": tuple(settings.get("train_patients", ())),
-            }
+        grid = TileGrid(tuple(int(x) for x in shape), patch_size, stride)
+    except ValueError as exc:
+        raise _damaged(
+            where, "shape/patch_size/stride", f"do not make a tile grid ({exc})"
+        ) from None
+    text = _member_text(members, "settings", where)
+    try:
+        settings = json.loads(text)
+    except ValueError as exc:
+        raise _damaged(where, "settings", f"is not JSON ({exc})") from None
+    if not isinstance(settings, dict):
+        kind = type(settings).__name__
+        raise _damaged(where, "settings", f"is a JSON {kind}; expected an object")
+    if not isinstance(settings.get("pacs_sr", {}), dict):
+        raise _damaged(where, "settings", "has a 'pacs_sr' that is not an object")
+    weights = _member_array(members, "weights", where, kinds="f", ndim=2,
+                            what="a (tiles, experts) float array")
+    if not np.all(np.isfinite(weights)):
+        bad = int(np.count_nonzero(~np.isfinite(weights)))
+        raise _damaged(where, "weights", f"holds {bad} values that are not finite (NaN or Inf)")
+    learned = _member_array(members, "learned", where, kinds="b", ndim=1,
+                            what="a boolean per tile")
+    names = _member_texts(members, "model_names", where)
+    if version >= 2:
+        window = _member_text(members, "window", where) or None
+        if window is not None and window not in ("flat", "hann"):
+            raise _damaged(where, "window", f"is {window!r}; expected 'flat', 'hann' or ''")
+        affine = _member_array(members, "affine", where, kinds="f", ndim=2, what="a 4x4 affine")
+        if affine.shape != (4, 4):
+            raise _damaged(where, "affine", f"is {_shown(affine)}; expected a 4x4 affine")
+        extra: dict[str, Any] = {
+            "window": window,
+            "affine": None if not np.all(np.isfinite(affine)) else affine.astype(np.float64),
+            "normalisation": _member_text(members, "normalisation", where),
+            "train_patients": _member_texts(members, "train_patients", where),
+        }
+    else:
+        window = settings.get("pacs_sr", {}).get("mixing_window")
+        if window is not None and window not in ("flat", "hann"):
+            raise _damaged(where, "settings", f"has mixing_window {window!r}; expected flat|hann")
+        train = settings.get("train_patients") or []
+        if not isinstance(train, list):
+            raise _damaged(where, "settings", "has train_patients that are not a list")
+        extra = {"window": window, "train_patients": tuple(str(p) for p in train)}
+    try:
         return StackingModel(
-            weights=np.asarray(members["weights"]).astype(np.float32),
-            learned=np.asarray(members["learned"]).astype(bool),
+            weights=weights.astype(np.float32),
+            learned=learned.astype(bool),
             grid=grid,
-            model_names=tuple(str(x) for x in members["model_names"]),
+            model_names=names,
             settings=settings,
             format_version=version,
             **extra,
         )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"model file '{where}' is damaged: {exc}") from None
+    except ValueError as exc:  # weights, learned and names that do not fit the grid
+        raise _damaged(where, "weights", str(exc)) from None
 
 
 def describe_model(model: StackingModel, path: Path | str | None = None) -> str:

@@ -17,13 +17,15 @@ keys of ``metrics.json`` stay as the published tool writes them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .blending import Normalisation, blend_patient, brain_mask
+from .blending import Normalisation, blend_patient, brain_mask, expert_mean
 from .metrics import METRIC_KEYS, aggregate, volume_metrics
 from .model import StackingModel
 from .predict import predict_volume
@@ -70,7 +72,10 @@ def test_extras(
     per_expert = expert_alone(hr, experts, model, window=window, ssim_axis=ssim_axis,
                               mask=mask)
     pred = predict_volume(experts, model, window=window, mask=mask)
-    hr_free = _floats(volume_metrics(hr, pred, ssim_axis=ssim_axis))
+    hr_free: dict[str, Any] = _floats(volume_metrics(hr, pred, ssim_axis=ssim_axis))
+    del pred
+    hr_free["experts"] = experts_as_they_are(hr, experts, model.model_names,
+                                             ssim_axis=ssim_axis, mask=mask)
     return {"experts": per_expert, "hr_free": hr_free}
 
 
@@ -135,10 +140,202 @@ def extras_summary(
     """``metrics.json`` entries: means over patients per expert and under the HR-free protocol."""
     out: dict[str, Any] = {}
     if hr_free:
-        out["test_hr_free"] = {**aggregate(list(hr_free.values())), "protocol": HR_FREE_PROTOCOL}
+        plain = [{k: m[k] for k in METRIC_KEYS} for m in hr_free.values()]
+        out["test_hr_free"] = {**aggregate(plain), "protocol": HR_FREE_PROTOCOL}
+        alone = [m["experts"] for m in hr_free.values() if "experts" in m]
+        if alone:
+            out["test_hr_free"]["experts"] = {
+                name: aggregate([e[name] for e in alone if name in e]) for name in model_names
+            }
     if experts:
         out["test_experts"] = {
             name: aggregate([e[name] for e in experts.values() if name in e])
             for name in model_names
         }
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# The two protocols, the best single expert and the gain: one definition for every output
+# (the demo, the train table, tune, summarize, report).  Under the HR-free protocol each
+# expert alone is scored as a user would have it without PaCS-SR (experts_as_they_are).
+# ----------------------------------------------------------------------------------------
+
+#: Protocol keys.
+PUBLISHED, HR_FREE = "published", "hr_free"
+
+#: Each protocol in words, for every output that shows its numbers.
+PROTOCOLS = {
+    PUBLISHED: "published protocol: HR statistics and HR brain mask",
+    HR_FREE: "HR-free protocol: statistics and mask from the experts",
+}
+
+#: The label of the blend's row under each protocol.
+STACKED = {PUBLISHED: "PaCS-SR", HR_FREE: "PaCS-SR (HR-free)"}
+
+#: Why the two protocols' rows differ and what compares across them.
+PROTOCOL_NOTE = (
+    "Two protocols, two ways of normalising and masking the same blend. Published: the blend "
+    "(and each expert alone) takes the test HR's own mean and std and the HR's brain mask "
+    "(largest component of HR >= 0.1), which a new patient does not have. HR-free: both come "
+    "from the experts, as predict does, and each expert is scored as it is, under the same "
+    "mask. Both are scored against the same HR over the same voxels (HR > 0), so PSNR and "
+    "SSIM are on one scale, but a gap between the protocols comes from their masks and "
+    "intensity mappings (the experts' mask is usually larger and keeps voxels the HR's mask "
+    "cuts), not from a better method: compare rows within a protocol, never across. MAE and "
+    "MSE carry each protocol's intensity mapping: compare them within a protocol only. Each "
+    "protocol's gain is over its own best single expert: the expert with the highest mean "
+    "PSNR over the same test patients."
+)
+
+
+def experts_as_they_are(
+    hr: NDArray[np.float32],
+    experts: Sequence[NDArray[np.float32]],
+    names: Sequence[str],
+    *,
+    ssim_axis: str,
+    mask: NDArray | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of each expert alone under the HR-free protocol: its volume times the brain mask.
+
+    What a user gets from that expert on a new patient without PaCS-SR: the expert's own
+    intensities, masked with the HR-free blend's brain mask (the largest component of the
+    experts' mean >= 0.1, or ``mask``), scored against the HR.
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) float32
+        The test HR (scoring only).
+    experts : sequence of (N0, N1, N2) float32
+        The expert volumes.
+    names : sequence of str
+        Their names.
+    ssim_axis : str
+        The SSIM slice axis.
+    mask : (N0, N1, N2) bool or uint8, optional
+        A fixed brain mask (the atlas mask with registration).
+
+    Returns
+    -------
+    dict
+        ``{name: {mse, mae, psnr, ssim}}``.
+    """
+    if mask is None:
+        proxy = expert_mean(experts)
+        mask = brain_mask(proxy)
+        del proxy
+    out = {}
+    for name, x in zip(names, experts, strict=True):
+        masked = (np.asarray(x, dtype=np.float32) * mask).astype(np.float32, copy=False)
+        out[name] = _floats(volume_metrics(hr, masked, ssim_axis=ssim_axis))
+        del masked
+    return out
+
+
+@dataclass(frozen=True)
+class Gain:
+    """PaCS-SR against the best single expert under one protocol (:func:`gain_over_best`).
+
+    Attributes
+    ----------
+    protocol : str
+        :data:`PUBLISHED` or :data:`HR_FREE`.
+    best : str or None
+        The best single expert: the highest mean PSNR over ``units``; None without experts.
+    units : tuple of str
+        The units (test patients, or fold means) that PaCS-SR and every expert share, in
+        sorted order; the means and the gain are over these.
+    psnr, ssim : float
+        Mean over ``units`` of PaCS-SR minus the best expert (NaN when not available).
+    means : dict
+        ``{method: {metric: mean over units}}`` of every expert and PaCS-SR.
+    """
+
+    protocol: str
+    best: str | None
+    units: tuple[str, ...]
+    psnr: float
+    ssim: float
+    means: dict[str, dict[str, float]]
+
+    @property
+    def words(self) -> str:
+        """The protocol in words (:data:`PROTOCOLS`)."""
+        return PROTOCOLS[self.protocol]
+
+    def describe(self) -> str:
+        """One line, e.g. ``gain over the best single expert (BSPLINE): +0.035 dB PSNR ...``."""
+        if self.best is None or math.isnan(self.psnr):
+            return "gain over the best single expert: not available (no expert scores)"
+        return (f"gain over the best single expert ({self.best}, highest mean PSNR): "
+                f"{self.psnr:+.3f} dB PSNR, {self.ssim:+.4f} SSIM over {len(self.units)} "
+                f"{'unit' if len(self.units) == 1 else 'units'}")
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    return float(v.mean()) if v.size else math.nan
+
+
+def gain_over_best(
+    protocol: str,
+    stacked: Mapping[str, Mapping[str, float]],
+    experts: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> Gain:
+    """Find the best single expert and PaCS-SR's gain over it: the one definition.
+
+    Within one protocol, over the units (test patients) that PaCS-SR and every expert have
+    in common: the best expert has the highest mean PSNR (the first in ``experts``' order on
+    a tie); the gain is the mean over those units of PaCS-SR minus that expert, for PSNR and
+    SSIM (equal to the difference of the means).  Non-finite values (an infinite PSNR) are
+    left out of the means.
+
+    Parameters
+    ----------
+    protocol : str
+        :data:`PUBLISHED` or :data:`HR_FREE`.
+    stacked : dict
+        ``{unit: {metric: value}}`` of PaCS-SR under that protocol.
+    experts : dict
+        ``{name: {unit: {metric: value}}}`` of each expert alone under that protocol.
+
+    Returns
+    -------
+    Gain
+
+    Raises
+    ------
+    ValueError
+        On an unknown protocol.
+
+    Examples
+    --------
+    >>> g = gain_over_best("published", {"p1": {"psnr": 31.0, "ssim": 0.9}},
+    ...                    {"A": {"p1": {"psnr": 30.0, "ssim": 0.8}},
+    ...                     "B": {"p1": {"psnr": 30.5, "ssim": 0.85}}})
+    >>> g.best, round(g.psnr, 3), g.words
+    ('B', 0.5, 'published protocol: HR statistics and HR brain mask')
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: expected one of {list(PROTOCOLS)}")
+    units = set(stacked)
+    for per in experts.values():
+        units &= set(per)
+    common = tuple(sorted(units))
+    means: dict[str, dict[str, float]] = {}
+    for name, per in experts.items():
+        means[name] = {k: _finite_mean([per[u].get(k) for u in common]) for k in ("psnr", "ssim")}
+    means[STACKED[protocol]] = {k: _finite_mean([stacked[u].get(k) for u in common])
+                                for k in ("psnr", "ssim")}
+    ranked = [n for n in experts if not math.isnan(means[n]["psnr"])]
+    best = max(ranked, key=lambda n: means[n]["psnr"], default=None) if common else None
+    gains = {}
+    for k in ("psnr", "ssim"):
+        if best is None:
+            gains[k] = math.nan
+            continue
+        gains[k] = _finite_mean([stacked[u][k] - experts[best][u][k] for u in common
+                                 if stacked[u].get(k) is not None
+                                 and experts[best][u].get(k) is not None])
+    return Gain(protocol, best, common, gains["psnr"], gains["ssim"], means)

@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import ConfigError, InputError
 from ..kernels.stats import _valid_mask, _volume_moments
-from .checks import as_mask_u8, as_volume, as_volume_list, check_shape
+from .checks import as_mask_u8, as_volume, as_volume_list, check_volume_list
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,11 +73,7 @@ def check_volumes(
     hr_shape = np.shape(hr)
     if len(hr_shape) != 3:
         raise InputError(f"HR volume has shape {hr_shape}; expected a 3-D volume")
-    if len(experts) == 0:
-        raise InputError("need at least one expert volume, got none")
-    for e, x in enumerate(experts):
-        check_shape(np.shape(x), hr_shape, what=f"expert {e}", like="the HR volume")
-    return as_volume(hr), as_volume_list(experts)
+    return as_volume(hr), as_volume_list(experts, hr_shape, like="the HR volume")
 
 
 def valid_mask(
@@ -153,14 +149,7 @@ def volume_moments(
         raise InputError(f"volume has shape {arr.shape}; expected a 3-D volume or a list of them")
     else:
         vols = list(vol_or_list)  # type: ignore[arg-type]
-    if len(vols) == 0:
-        raise InputError("need at least one volume, got none")
-    shape = np.shape(vols[0])
-    if len(shape) != 3:
-        raise InputError(f"volume 0 has shape {shape}; expected a 3-D volume")
-    for e, v in enumerate(vols):
-        if np.shape(v) != shape:
-            raise InputError(f"volume {e} has shape {np.shape(v)}; expected {shape} like volume 0")
+    shape = check_volume_list(vols, what="volume")
     return _volume_moments(as_volume_list(vols), as_mask_u8(mask, shape))
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from ..config import check_stride
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -48,10 +50,7 @@ class TileGrid:
             raise ValueError(f"shape must be three positive lengths, got {self.shape}")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
-        if not 1 <= self.stride <= self.patch_size:
-            raise ValueError(
-                f"stride must be in [1, patch_size={self.patch_size}], got {self.stride}"
-            )
+        check_stride(self.patch_size, self.stride)
 
     @property
     def counts(self) -> tuple[int, int, int]:

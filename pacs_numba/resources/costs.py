@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._config import SSIM_AXES
+from ..config import check_stride
 
 STAGES = ("fit", "evaluate", "predict")
 
@@ -330,9 +331,9 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     m = int(n_experts)
     if m < 1:
         raise ValueError(f"n_experts must be >= 1, got {n_experts}")
-    if int(patch_size) < 1 or not 1 <= int(stride) <= int(patch_size):
-        raise ValueError(f"need 1 <= stride <= patch_size, got patch_size={patch_size}, "
-                         f"stride={stride}")
+    if int(patch_size) < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    check_stride(int(patch_size), int(stride))
     c0, c1, c2 = _tiles_per_axis(shape, int(stride))
     n_tiles = c0 * c1 * c2
     load = load_bytes(n)

@@ -30,10 +30,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import stride_problem
 from ..errors import BudgetError, ConfigError
 from .costs import StageCost, stage_cost
 from .limits import Figure, Limits
-from .units import gib
+from .units import gib, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def check_tile_settings(patch_size: object, stride: object, shape: Sequence[int]
         what = "larger than the largest axis of" if patch_size > largest else "below 1 for"
         raise ConfigError(f"{where}: pacs_sr.patch_size is {patch_size}, {what} the volumes "
                           f"(shape {shape}); expected an integer in [1, {largest}]")
-    if not 1 <= stride <= patch_size:
-        raise ConfigError(f"{where}: pacs_sr.stride is {stride}; expected an integer in "
-                          f"[1, patch_size={patch_size}] (volume shape {shape})")
+    problem = stride_problem(patch_size, stride)
+    if problem is not None:
+        raise ConfigError(f"{where}: pacs_sr.stride {problem} (volume shape {shape})")
     return patch_size, stride
 
 
@@ -431,6 +432,37 @@ def slurm_mem(n_bytes: int) -> str:
     return f"{math.ceil(mib / 1024)}G"
 
 
+#: What an ``sbatch --mem`` request adds to the planner's need before rounding: the plan's
+#: baseline is the planning process's RSS after its imports (``diagnose``), and a task
+#: measures its own, which can be some tens of MiB larger (more modules and kernels loaded).
+SBATCH_HEADROOM_BYTES = 100 * _MIB
+
+
+def sbatch_request(needed_bytes: int) -> tuple[str, int]:
+    """Return the ``sbatch --mem`` value for a task that needs ``needed_bytes``, and its headroom.
+
+    Parameters
+    ----------
+    needed_bytes : int
+        The smallest job memory limit that runs the task at the intended width
+        (`StagePlan.needed_bytes_for`).
+
+    Returns
+    -------
+    mem : str
+        `slurm_mem` of ``needed_bytes + SBATCH_HEADROOM_BYTES``.
+    headroom_bytes : int
+        How much ``mem`` asks for beyond ``needed_bytes``: the headroom plus the rounding.
+
+    Examples
+    --------
+    >>> sbatch_request(530 * 2**20)
+    ('700M', 178257920)
+    """
+    mem = slurm_mem(int(needed_bytes) + SBATCH_HEADROOM_BYTES)
+    return mem, parse_size(mem) - int(needed_bytes)
+
+
 def _budget_message(limit: Figure, core: int, per_patient: int, baseline: int, per_task: int,
                     threads_total: int, setup: int, margin_fraction: float,
                     min_margin_bytes: int) -> str:
@@ -514,7 +546,7 @@ class StagePlan:
         return limit_for(core)
 
     def to_json(self) -> dict[str, Any]:
-        """Return the stage's entry of ``diagnose --json``'s ``"plan"`` (integers only).
+        """Return the stage's entry of ``diagnose --json``'s ``"plan"``.
 
         Returns
         -------
@@ -522,7 +554,10 @@ class StagePlan:
             ``n_patients, per_patient_bytes, fixed_bytes, width, threads, needed_bytes,
             needed_bytes_one``, and the terms of ``fixed_bytes``: ``baseline_bytes,
             per_task_bytes, thread_bytes, setup_bytes, margin_bytes`` (the margin at
-            ``needed_bytes``), and ``limit_bytes`` (the limit planned with).
+            ``needed_bytes``), ``limit_bytes`` (the limit planned with), and ``by_width``:
+            for each width ``w`` from 1 to ``n_patients``, ``{"width": w, "needed_bytes",
+            "sbatch_mem", "headroom_bytes"}`` (`needed_bytes_for` and `sbatch_request`), so a
+            script sizing a job for another width reads the planner's figure.
         """
         p = self.pool
         return {
@@ -539,7 +574,14 @@ class StagePlan:
             "setup_bytes": int(p.setup_bytes),
             "margin_bytes": int(margin_bytes(self.needed_bytes)),
             "limit_bytes": int(p.limit.value),
+            "by_width": [self._width_json(w) for w in range(1, max(1, self.n_patients) + 1)],
         }
+
+    def _width_json(self, width: int) -> dict[str, Any]:
+        need = self.needed_bytes_for(width)
+        mem, headroom = sbatch_request(need)
+        return {"width": width, "needed_bytes": int(need), "sbatch_mem": mem,
+                "headroom_bytes": int(headroom)}
 
 
 def plan_stage(stage: str, pacs: Any, n_experts: int, shape: Sequence[int], n_patients: int,

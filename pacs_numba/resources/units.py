@@ -66,6 +66,40 @@ def parse_size(text: str, *, default_unit: str = "B") -> int:
     return int(float(number) * _SIZE_MULT[unit])
 
 
+def parse_budget(text: str | None, *, flag: str = "--mem-budget") -> int | None:
+    """Read a ``--mem-budget`` value: the one place every command parses it.
+
+    Parameters
+    ----------
+    text : str or None
+        The option's value as given; None or ``""`` means "not given".
+    flag : str, optional
+        The option's name, for the message.
+
+    Returns
+    -------
+    int or None
+        Bytes, or None when not given.
+
+    Raises
+    ------
+    ConfigError
+        ``"--mem-budget: cannot read 'x' as a memory size; ..."`` (exit 2 on the command
+        line).
+
+    Examples
+    --------
+    >>> parse_budget("12G"), parse_budget(None)
+    (12884901888, None)
+    """
+    if text is None or text == "":
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
 def human_size(n_bytes: float) -> str:
     """Format a byte count as a person reads it: ``"3.4 GiB"``, ``"512 KiB"``, ``"17 B"``.
 

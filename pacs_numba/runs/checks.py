@@ -38,7 +38,7 @@ from ..errors import BudgetError, PacsError
 from ..resources import limits as resource_limits
 from ..resources.planning import plans_json
 from ..resources.threads import ensure_threading_layer
-from ..resources.units import human_size
+from ..resources.units import gib, human_size
 from ..store.nifti import read_shape
 from ..store.registration import ants_status, registration_bytes, template_key
 from ..store.volumes import VolumeStore
@@ -242,19 +242,16 @@ def check_config(
             + f"; volume shape {first.shape}",
         )
     )
-    def size(n: int) -> str:
-        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
     for name, sp in plans.items():
         pool = sp.pool
         out.append(
             (
                 OK,
                 f"plan:{name}",
-                f"{size(sp.cost.per_patient_bytes)} per patient; {pool.width} worker(s) x "
+                f"{human_size(sp.cost.per_patient_bytes)} per patient; {pool.width} worker(s) x "
                 f"{pool.threads} numba thread(s) ({pool.reason}); needs "
-                f"{size(sp.needed_bytes)} at this width, {size(sp.needed_bytes_one)} for one "
-                "worker",
+                f"{human_size(sp.needed_bytes)} at this width, "
+                f"{human_size(sp.needed_bytes_one)} for one worker",
             )
         )
     if plan_out is not None:
@@ -309,8 +306,8 @@ def check_registration(config_path: Path) -> list[Check]:
         level = OK if need < limits.memory.value else FAIL
         out.append((level, "registration:cost",
                     f"mode {r.mode}, settings {r.settings}: up to {limits.cpus.value} "
-                    f"registration process(es) at once, 1 ITK thread each, ~{need / 2**30:.2f} "
-                    f"GiB each for {biggest} (limit {limits.memory.value / 2**30:.1f} GiB)"))
+                    f"registration process(es) at once, 1 ITK thread each, ~{gib(need, 2)} "
+                    f"each for {biggest} (limit {gib(limits.memory.value)})"))
     return out
 
 

@@ -37,10 +37,16 @@ from ..store.hdf5 import h5py_module
 from ..store.integrity import require_regular_file, strict_json, sweep_temp_files
 from ..store.layout import ExperimentLayout, TaskLayout
 from ..store.locks import TaskBusy, TaskLock
-from ..store.manifest import load_manifest, select_task
+from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
-from ..store.nifti import NiftiMeta
-from ..store.record import RunRecord, fingerprints, model_digest, result_settings
+from ..store.nifti import AFFINE_ATOL, NiftiMeta, affine_difference
+from ..store.record import (
+    RunRecord,
+    atlas_fingerprints,
+    fingerprints,
+    model_digest,
+    result_settings,
+)
 from ..store.registration import Registrar, ants_import_bytes, ants_imported
 from ..store.results_h5 import TIME_KEY, split_metrics_doc
 from ..store.statscache import StatsCache
@@ -56,8 +62,6 @@ log = logging.getLogger(__name__)
 
 
 
-
-AFFINE_ATOL = 1e-3
 
 
 
@@ -124,20 +128,9 @@ class Engine(FitStage, EvaluateStage):
         self, fold: int | None = None, spacing: str | None = None, pulse: str | None = None
     ) -> list[Task]:
         """Every (fold, spacing, pulse) the published tool would run for these filters."""
-        n_folds = len(self.manifest()["folds"])
-        if fold is not None and not 1 <= fold <= n_folds:
-            raise ConfigError(f"--fold {fold}: the manifest has folds 1..{n_folds}")
-        for name, value, allowed in (
-            ("spacing", spacing, self.config.data.spacings),
-            ("pulse", pulse, self.config.data.pulses),
-        ):
-            if value is not None and value not in allowed:
-                raise ConfigError(
-                    f"--{name} {value!r}: data.{name}s in the config has {list(allowed)}"
-                )
-        folds = [fold] if fold is not None else list(range(1, n_folds + 1))
-        spacings = [spacing] if spacing is not None else list(self.config.data.spacings)
-        pulses = [pulse] if pulse is not None else list(self.config.data.pulses)
+        folds, spacings, pulses = filter_tasks(
+            self.manifest(), self.config.data, None if fold is None else [fold],
+            None if spacing is None else [spacing], None if pulse is None else [pulse])
         return [Task(f, s, p) for f in folds for s in spacings for p in pulses]
 
     def request_stop(self, signum: int) -> None:
@@ -232,6 +225,10 @@ class Engine(FitStage, EvaluateStage):
         settings = result_settings(config_to_dict(self.config)["pacs_sr"], self.models)
         if self.registrar is not None:
             settings["registration"] = registration_settings(self.config)
+            reg = self.registrar.config  # the atlas files, fingerprinted: --resume sees edits
+            settings["atlas"] = atlas_fingerprints(
+                self.registrar.template_path(task.pulse), Path(reg.atlas) / reg.brain_mask
+            )
             with clock("registration"):
                 self._registered = self._register_patients(task, {**train, **test})
         record = RunRecord(lay.record_file, settings, resume=self.options.resume)
@@ -463,13 +460,11 @@ class Engine(FitStage, EvaluateStage):
         for e, path in zip(experts, paths["experts"], strict=True):
             if resampled:  # the affines were made to agree by the resampling
                 continue
-            if not np.allclose(e.meta.affine, hr.meta.affine, atol=AFFINE_ATOL):
+            why = affine_difference(e.meta.affine, hr.meta.affine)
+            if why is not None:
                 log.warning(
-                    "patient %s: affine of expert '%s' differs from HR '%s' by more than %g",
-                    pid,
-                    path,
-                    paths["HR"],
-                    AFFINE_ATOL,
+                    "patient %s: affine of expert '%s' differs from HR '%s' (%s; tolerance %g)",
+                    pid, path, paths["HR"], why, AFFINE_ATOL,
                 )
         counts = {str(v.source): int(v.nonfinite) for v in [hr, *experts] if v.nonfinite}
         if counts:

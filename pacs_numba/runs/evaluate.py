@@ -6,13 +6,16 @@ engine's config, caches, registration hooks and patient pool.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..core.blending import Normalisation, blend_patient
+import numpy as np
+
+from ..core.blending import NonFiniteBlend, Normalisation, blend_patient
 from ..core.metrics import volume_metrics
 from ..core.model import StackingModel
 from ..core.scoring import test_extras
@@ -31,6 +34,17 @@ from .tasks import StageClock, Task
 log = logging.getLogger(__name__)
 
 
+def _cause(exc: InputError, paths: Mapping[str, Any]) -> str:
+    """Name the input file behind a blend's error.
+
+    The expert a non-finite blend blames, else the HR (every other blend error is about
+    the HR's statistics).
+    """
+    if isinstance(exc, NonFiniteBlend) and exc.expert is not None:
+        return f"expert '{paths['experts'][exc.expert]}': {exc}"
+    return f"HR '{paths['HR']}': {exc}"
+
+
 class EvaluateStage:
     """Blending, scoring and writing the patients of a split with a model (algorithm A7-A8)."""
 
@@ -40,37 +54,71 @@ class EvaluateStage:
         grid = TileGrid(shape, self.pacs.patch_size, self.pacs.stride)
         if path.suffix == ".npz":
             model = load_model(path)
-            if model.grid != grid or model.model_names != self.models:
+            if model.grid != grid or sorted(model.model_names) != sorted(self.models):
                 raise InputError(
                     f"model '{path}' was made for grid {model.grid} and experts "
                     f"{list(model.model_names)}; this task has {grid} and {list(self.models)}"
                 )
+            if model.model_names != self.models:  # the file names its columns: reorder them
+                log.warning(
+                    "evaluate %s: model '%s' has the experts in the order %s; reordered to "
+                    "the config's %s", task, path, list(model.model_names), list(self.models),
+                )
+                cols = [model.model_names.index(n) for n in self.models]
+                model = dataclasses.replace(
+                    model, weights=np.ascontiguousarray(model.weights[:, cols]),
+                    model_names=self.models,
+                )
             return model
         weights, learned = read_weights_json(path, grid.n_tiles, len(self.models))
-        self._check_neighbour_model(path, grid)
+        order = self._check_neighbour_model(path, grid)
+        if order is not None and order != self.models:
+            # the columns follow the model written with the file, not data.models
+            weights = np.ascontiguousarray(weights[:, [order.index(n) for n in self.models]])
+            log.warning(
+                "evaluate %s: the weights in '%s' are in the expert order %s of the model "
+                "beside them; reordered to the config's %s",
+                task, path, list(order), list(self.models),
+            )
         log.info("evaluate %s: %d tiles from '%s'", task, int(learned.sum()), path)
         return StackingModel(weights, learned, grid, self.models, {"weights_from": str(path)})
 
-    def _check_neighbour_model(self, path: Path, grid: TileGrid) -> None:
-        """Check that a weights.json next to our model file belongs to this task's grid.
+    def _check_neighbour_model(self, path: Path, grid: TileGrid) -> tuple[str, ...] | None:
+        """Check a weights.json against the model file beside it; return that model's order.
 
         The published weights.json names tile ids only; ids of another patch size or stride
-        can all be in range and still mean other tiles.  When the file sits next to the
-        ``pacs_model.npz`` it was written with, that file knows the grid: use it.
+        can all be in range and still mean other tiles, and its columns can be in another
+        expert order than this config's ``data.models``.  When the file sits next to the
+        ``pacs_model.npz`` it was written with, that file knows the grid and the order: the
+        grid must be this task's, the experts the same names (the caller then reorders the
+        columns to the config's order, see docs/architecture.md).  None when there is no readable
+        model beside it (the weights.json stands on its own, in the config's order).
+
+        Raises
+        ------
+        InputError
+            If the model beside it has another grid, or other experts than the config.
         """
         neighbour = Path(path).parent / MODEL_FILE
         if not neighbour.is_file():
-            return
+            return None
         try:
             other = load_model(neighbour)
         except InputError:
-            return  # the weights.json stands on its own
+            return None  # the weights.json stands on its own
         if other.grid != grid or len(other.model_names) != len(self.models):
             raise InputError(
                 f"weights file '{path}' was written with the model '{neighbour}' for grid "
                 f"{other.grid} and {len(other.model_names)} experts; this task has {grid} and "
                 f"{len(self.models)} experts (another patch_size, stride or volume shape)"
             )
+        if sorted(other.model_names) != sorted(self.models):
+            raise InputError(
+                f"weights file '{path}' was written with the model '{neighbour}' for experts "
+                f"{list(other.model_names)}; this config's data.models is {list(self.models)}: "
+                "its columns cannot be matched to these experts"
+            )
+        return other.model_names
 
     # ---------------------------------------------------------------- evaluate
     def _evaluate_split(
@@ -121,7 +169,7 @@ class EvaluateStage:
                         brain_mask=bmask,
                     )
                 except InputError as exc:
-                    msg = f"HR '{paths['HR']}': {exc}"
+                    msg = _cause(exc, paths)
                     log.warning("skipping patient %s: %s", pid, msg)
                     skipped[pid] = msg
                     raise PatientSkipped(pid) from exc
@@ -141,10 +189,18 @@ class EvaluateStage:
             if split == "test":
                 with clock("metrics"):  # each expert alone, and the HR-free protocol
                     # with registration every blend, the HR-free one too, takes the atlas mask
-                    extra = test_extras(
-                        hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
-                        mask=bmask if self.registrar is not None else None,
-                    )
+                    try:
+                        extra = test_extras(
+                            hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
+                            mask=bmask if self.registrar is not None else None,
+                        )
+                    except NonFiniteBlend as exc:  # the HR-free blend overflowed
+                        msg = f"HR-free blend: {_cause(exc, paths)}"
+                        log.warning("skipping patient %s: %s", pid, msg)
+                        skipped[pid] = msg
+                        for out in outputs:  # nothing of a skipped patient is left behind
+                            out.unlink(missing_ok=True)
+                        raise PatientSkipped(pid) from exc
             if nifti_maps is None:
                 del bmask
             affine = hr.meta.affine

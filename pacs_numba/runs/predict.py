@@ -45,6 +45,7 @@ from typing import Any
 import numba
 
 from ..config import RegistrationConfig
+from ..core.blending import NonFiniteBlend
 from ..core.model import StackingModel
 from ..core.predict import model_window, predict_volume
 from ..core.tiling import TileGrid
@@ -54,9 +55,11 @@ from ..resources.planning import plan_stage
 from ..resources.process import baseline_bytes
 from ..resources.threads import thread_safe_layer
 from ..store.atomic import atomic_write_json
+from ..store.integrity import check_patient_id, file_digest, verify_file
+from ..store.layout import EXPERT_FILE_PATTERN, expert_dir, volume_name
 from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import load_model, read_weights_json
-from ..store.nifti import read_shape, write_nifti
+from ..store.nifti import AFFINE_ATOL, affine_difference, read_affine, read_shape, write_nifti
 from ..store.record import fingerprints, model_digest
 from ..store.registration import Registrar
 from ..store.volumes import VolumeStore
@@ -230,6 +233,7 @@ def predict_files(
     output has the atlas affine and the first expert's header.
     """
     model = model_path if isinstance(model_path, StackingModel) else load_model(model_path)
+    check_expert_affines(expert_paths)
     store = store or VolumeStore(cache_dir)
     mask = None
     if registration is not None:
@@ -247,10 +251,40 @@ def predict_files(
                 f"expert {name} '{p}' has shape {tuple(v.data.shape)}; the model was trained "
                 f"on {model.grid.shape}"
             )
-    pred = predict_volume([v.data for v in vols], model, window=window, mask=mask)
+    try:
+        pred = predict_volume([v.data for v in vols], model, window=window, mask=mask)
+    except NonFiniteBlend as exc:  # refused before anything is written
+        cause = f" (expert {model.model_names[exc.expert]} '{expert_paths[exc.expert]}')" if (
+            exc.expert is not None) else ""
+        raise InputError(f"prediction '{out_path}'{cause}: {exc}") from None
     write_nifti(out_path, pred, vols[0].meta.affine, vols[0].meta.header)
     log.info("predicted %s from %d experts", out_path, len(vols))
     return Path(out_path)
+
+
+def check_expert_affines(expert_paths: Sequence[Path]) -> None:
+    """Refuse experts whose affines disagree (:func:`~pacs_numba.store.nifti.affine_difference`).
+
+    Train compares each expert with the HR and warns; predict has no HR and writes the first
+    expert's affine, so a shifted or flipped expert would be blended voxel by voxel with the
+    others and mislabelled in space: an error naming both files.  Headers only.
+
+    Raises
+    ------
+    InputError
+        Naming the first expert and the one that differs, and how.
+    """
+    if len(expert_paths) < 2:
+        return
+    first = read_affine(expert_paths[0])
+    for p in expert_paths[1:]:
+        why = affine_difference(read_affine(p), first)
+        if why is not None:
+            raise InputError(
+                f"expert '{p}' has another affine than expert '{expert_paths[0]}' ({why}; "
+                f"tolerance {AFFINE_ATOL} mm): the experts must be on one grid (the "
+                "prediction takes the first expert's affine); resample or register them"
+            )
 
 
 @dataclass(frozen=True)
@@ -282,7 +316,7 @@ def jobs_from_manifest(
     if chosen is None:
         raise ConfigError(f"--split must be train or test, got {split!r}")
     return [PredictJob(pid, tuple(Path(p) for p in e["experts"]),
-                       Path(out_dir) / f"{pid}-{pulse}.nii.gz") for pid, e in chosen.items()]
+                       Path(out_dir) / volume_name(pid, pulse)) for pid, e in chosen.items()]
 
 
 def jobs_from_folder(
@@ -294,18 +328,18 @@ def jobs_from_folder(
     expert lacks is left out with a warning that names the missing expert.
     """
     root = Path(models_root)
-    suffix = f"-{pulse}.nii.gz"
+    suffix = volume_name("", pulse)
     found: dict[str, dict[str, Path]] = {}
     for name in model_names:
-        folder = root / name / spacing / "output_volumes"
+        folder = expert_dir(root, name, spacing)
         if not folder.is_dir():
             raise InputError(
                 f"'{folder}' does not exist: expected the published layout "
-                f"{{models_root}}/{{MODEL}}/{{spacing}}/output_volumes/{{pid}}-{{pulse}}.nii.gz "
-                f"for every expert of the model {list(model_names)}"
+                f"{EXPERT_FILE_PATTERN} for every expert of the model {list(model_names)}"
             )
         for f in sorted(folder.glob(f"*{suffix}")):
-            found.setdefault(f.name[: -len(suffix)], {})[name] = f
+            pid = check_patient_id(f.name[: -len(suffix)], f"'{f}'")
+            found.setdefault(pid, {})[name] = f
     jobs = []
     for pid in sorted(found):
         lacking = [n for n in model_names if n not in found[pid]]
@@ -313,7 +347,7 @@ def jobs_from_folder(
             log.warning("patient %s left out: no volume of %s under '%s'", pid, lacking, root)
             continue
         jobs.append(PredictJob(pid, tuple(found[pid][n] for n in model_names),
-                               Path(out_dir) / f"{pid}-{pulse}.nii.gz"))
+                               Path(out_dir) / volume_name(pid, pulse)))
     if not jobs:
         raise InputError(f"no patient with every expert's '*{suffix}' under '{root}' ({spacing})")
     return jobs
@@ -328,13 +362,24 @@ def jobs_from_csv(csv_path: Path, model_names: Sequence[str], out_dir: Path) -> 
     """
     path = Path(csv_path)
     try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-            header = list(rows[0].keys()) if rows else []
-    except OSError as exc:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM too
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"cannot read CSV '{path}': {exc}") from None
     if not rows:
         raise InputError(f"CSV '{path}' has no rows")
+    # DictReader keeps the last of two equal columns: one patient blended with another's
+    # expert.  A repeated column is refused, whichever it is.
+    seen_cols: set[str] = set()
+    for c in header:
+        if c in seen_cols:
+            raise InputError(
+                f"CSV '{path}': column {c!r} appears twice in the header {header}; give each "
+                "expert (and the patient id) one column"
+            )
+        seen_cols.add(c)
     ids = [c for c in header if c.strip().lower() in ID_COLUMNS]
     if len(ids) != 1:
         raise InputError(
@@ -349,7 +394,13 @@ def jobs_from_csv(csv_path: Path, model_names: Sequence[str], out_dir: Path) -> 
         pid = (row[ids[0]] or "").strip()
         if not pid or pid in seen:
             raise InputError(f"CSV '{path}' line {line}: patient id {pid!r} is empty or repeated")
+        check_patient_id(pid, f"CSV '{path}' line {line}")  # it names the output file
         seen.add(pid)
+        if None in row:  # DictReader's key for fields beyond the header
+            raise InputError(
+                f"CSV '{path}' line {line} ({pid}): {len(row[None])} more field(s) than the "
+                f"header's {len(header)} columns"
+            )
         blank = [n for n in model_names if not (row.get(n) or "").strip()]
         if blank:
             raise InputError(f"CSV '{path}' line {line} ({pid}): no path for {blank}")
@@ -407,9 +458,11 @@ def predict_batch(
     """Predict many patients concurrently within the memory budget; resumable.
 
     A record (``pacs_numba_predict.json`` in ``record_dir``, default the first output's
-    folder) keeps, for each written output, the fingerprints of its experts and the model's
-    digest.  On a rerun, a patient whose output exists and was made from the same inputs
-    and model is kept; an existing output made otherwise is an error unless ``force``.
+    folder) keeps, for each written output, the fingerprints of its experts, the model's
+    digest and the output's size and SHA-256 checksum.  On a rerun, a patient whose output
+    was made from the same inputs and model and still has that size and checksum is kept;
+    one whose output was truncated, replaced or removed since is predicted again; an
+    existing output made otherwise is an error unless ``force``.
     ``use_record=False`` (one patient from the command line) writes no record.
     ``registration`` and ``pulse`` register each patient's experts to the atlas first (see
     :func:`predict_files`).
@@ -430,20 +483,30 @@ def predict_batch(
                if use_record and record_path.exists() else {})
     except (OSError, ValueError):
         old = {}
+    old_patients = old.get("patients") if isinstance(old, dict) else None
+    if not isinstance(old_patients, dict) or old.get("model") != digest:
+        old_patients = {}  # another model, or a record edited into another shape: keep nothing
     doc: dict[str, Any] = {"model": digest, "window": window,
-                           "patients": dict(old.get("patients", {}))
-                           if old.get("model") == digest else {}}
+                           "patients": {k: v for k, v in old_patients.items()
+                                        if isinstance(v, dict)}}
     lock = threading.Lock()
     res = BatchResult()
     todo = []
     for j in jobs:
         fp = fingerprints(j.experts)
         rec = doc["patients"].get(j.pid)
-        if (j.out.exists() and rec and fp is not None and rec.get("inputs") == fp
-                and rec.get("out") == str(j.out) and rec.get("window") == window):
-            res.kept.append(j.pid)
-            continue
-        if j.out.exists() and not force:
+        ours = bool(rec and fp is not None and rec.get("inputs") == fp
+                    and rec.get("out") == str(j.out) and rec.get("window") == window)
+        if ours and j.out.exists():
+            # as train's record: the output must still be the file written (size, SHA-256)
+            described = rec.get("output")
+            why = (verify_file(j.out, described) if isinstance(described, dict)
+                   else "the record has no checksum of it")
+            if why is None:
+                res.kept.append(j.pid)
+                continue
+            log.info("patient %s: output %s; predicting it again", j.pid, why)
+        elif j.out.exists() and not force:
             raise InputError(
                 f"output '{j.out}' of patient {j.pid} exists and was not made from these "
                 "experts and model; pass --force to overwrite it"
@@ -468,7 +531,7 @@ def predict_batch(
         if use_record:
             with lock:
                 doc["patients"][job.pid] = {"inputs": fp, "out": str(job.out),
-                                            "window": window}
+                                            "window": window, "output": file_digest(job.out)}
                 atomic_write_json(record_path, doc, indent=1)
 
     with (

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,22 +38,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from ..config import FIT_REGIONS, MIXING_WINDOWS, FullConfig, dump_config
+from ..config import (
+    FIT_REGIONS,
+    MIXING_WINDOWS,
+    FullConfig,
+    dump_config,
+    parse_yaml,
+    stride_problem,
+)
 from ..core.blending import Normalisation, blend_patient, brain_mask, expert_mean
 from ..core.cellstats import CellStats, StatsKey, combine, sum_stats
 from ..core.metrics import volume_metrics
+from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, gain_over_best
 from ..core.solve import fit_weights, laplacian_smooth
 from ..core.tiling import TileGrid
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, Interrupted
 from ..store.atomic import atomic_write_json, atomic_write_text
-from ..store.manifest import load_manifest, select_task
+from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, file_fingerprint
+from .escape import md_text
+from .pool import StopFlag
 from .progress import progress
 
 log = logging.getLogger(__name__)
+
+
+#: Above this many (setting, fold, spacing, pulse) units ``run_tune`` refuses to start unless
+#: told ``yes=True`` (``pacs-numba tune --yes``): a grid typed with one zero too many would
+#: otherwise run for days before anyone notices.
+MAX_UNITS = 2000
 
 
 #: Swept keys, in table order, with their types.
@@ -146,11 +162,13 @@ def load_grid(path: str | os.PathLike[str], config: FullConfig) -> list[Candidat
     """
     file = Path(path)
     try:
-        doc = yaml.safe_load(file.read_text())
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"grid file '{file}' does not exist") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"grid file '{file}' is not readable YAML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"grid file '{file}' is not readable: {exc}") from None
+    # the config's loader: a key given twice is refused, 1e-4 is a float
+    doc = parse_yaml(text, file)
     if not isinstance(doc, dict) or not doc:
         raise ConfigError(
             f"{file}: expected a mapping of pacs_sr keys to lists of values, e.g. "
@@ -163,7 +181,7 @@ def load_grid(path: str | os.PathLike[str], config: FullConfig) -> list[Candidat
     lists = [_values(file, doc, k, getattr(base, k)) for k in SWEPT]
     own = Candidate(*(getattr(base, k) for k in SWEPT))
     valid = [c for c in (Candidate(*v) for v in itertools.product(*lists))
-             if c.stride <= c.patch_size]
+             if stride_problem(c.patch_size, c.stride) is None]
     if not valid:
         raise ConfigError(f"{file}: every combination has stride > patch_size")
     seen: dict[tuple, Candidate] = {}
@@ -251,6 +269,9 @@ def run_tune(
     pulses: Sequence[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     no_progress: bool = False,
+    stop: StopFlag | None = None,
+    yes: bool = False,
+    max_units: int = MAX_UNITS,
 ) -> TuneResult:
     """Cross-validate ``candidates`` and write the ranked table and the best config.
 
@@ -272,6 +293,13 @@ def run_tune(
         Volume cache (the statistics live in its ``cellstats`` folder).
     no_progress : bool
         Log progress lines instead of a tqdm bar.
+    stop : StopFlag, optional
+        Set by SIGTERM/SIGINT (``pacs-numba tune``): no new unit starts, finished units are
+        kept, and :class:`~pacs_numba.errors.Interrupted` says how far the sweep got.
+    yes : bool
+        Run a grid of more than ``max_units`` units anyway.
+    max_units : int
+        The largest grid that runs without ``yes`` (default :data:`MAX_UNITS`).
 
     Returns
     -------
@@ -282,9 +310,12 @@ def run_tune(
     Raises
     ------
     ConfigError
-        On a bad fold, spacing or pulse, or no candidate.
+        On a bad fold, spacing or pulse, no candidate, or a grid of more than ``max_units``
+        units without ``yes``.
     InputError
         If an input file cannot be read.
+    Interrupted
+        When ``stop`` was set; the finished units are on disk and a rerun resumes.
     """
     t_start = time.perf_counter()
     if not candidates:
@@ -294,18 +325,10 @@ def run_tune(
     pacs = config.pacs_sr
     models = tuple(config.data.models)
     manifest = load_manifest(config.data.out, config.data)
-    k = len(manifest["folds"])
-    fold_list = sorted(set(folds)) if folds is not None else list(range(1, k + 1))
-    for f in fold_list:
-        if not 1 <= f <= k:
-            raise ConfigError(f"--folds {f}: the manifest has folds 1..{k}")
-    for name, chosen, allowed in (("spacing", spacings, config.data.spacings),
-                                  ("pulse", pulses, config.data.pulses)):
-        for v in chosen or ():
-            if v not in allowed:
-                raise ConfigError(f"--{name} {v!r}: data.{name}s in the config has {list(allowed)}")
-    spacing_list = list(spacings or config.data.spacings)
-    pulse_list = list(pulses or config.data.pulses)
+    fold_list, spacing_list, pulse_list = filter_tasks(manifest, config.data, folds, spacings,
+                                                       pulses, fold_option="--folds")
+    _check_grid_size(len(candidates), len(fold_list), len(spacing_list), len(pulse_list),
+                     yes=yes, max_units=max_units)
     store = VolumeStore(cache_dir)
     cache = StatsCache(store.directory / "cellstats")
     fixed = {"simplex": pacs.simplex, "edge_power": pacs.edge_power,
@@ -351,6 +374,7 @@ def run_tune(
              len(groups), cell)
     timings = {"statistics": 0.0, "fit": 0.0, "blend_metrics": 0.0}
     computed = 0
+    t_units = time.perf_counter()
     with progress(n_units, "tune", unit="fits", disabled=no_progress) as bar:
         if done:
             bar.update(len(done))
@@ -381,19 +405,24 @@ def run_tune(
                             st = st.coarsen(gkey[1])
                         timings["statistics"] += time.perf_counter() - t0
                         for c in [c for c, ff in todo if ff == f]:
+                            _stop_point(stop, computed, n_units - len(done))
                             unit = _fit_and_score(c, st, pats, test, pacs, models, timings)
                             unit.update(candidate=c.as_dict(), fold=f, spacing=s, pulse=p)
                             atomic_write_json(unit_paths[(c, f, s, p)], unit, indent=1)
                             computed += 1
                             bar.update(1)
+                            if computed == 1:
+                                _log_estimate(time.perf_counter() - t_units,
+                                              n_units - len(done))
                 log.debug("tune %s %s: %d volume reads", s, p, pats.reads)
     table, experts = _rank(candidates, unit_paths)
     best = Candidate(**table[0]["candidate"])
     _write_outputs(out, config, table, experts, best)
     timings["total"] = time.perf_counter() - t_start
-    log.info("tune: best %s: held-out PSNR %.4f dB (%+.4f dB vs the best expert %s); "
+    log.info("tune: best %s: held-out PSNR %.4f dB (%+.4f dB vs the best expert %s; %s); "
              "%d units computed, %d resumed", _label(best), table[0]["psnr"],
-             table[0]["gain_psnr"], experts["_best"]["name"], computed, n_units - computed)
+             table[0]["gain_psnr"], experts["_best"]["name"], PROTOCOLS[HR_FREE], computed,
+             n_units - computed)
     return TuneResult(table, experts, best, out, computed, n_units - computed, timings)
 
 
@@ -438,41 +467,84 @@ def _label(c: Candidate) -> str:
 def _rank(
     candidates: Sequence[Candidate], unit_paths: Mapping[tuple, Path]
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Rank the candidates; the best expert and the gains from ``scoring.gain_over_best``.
+
+    A unit of the means is one (fold, spacing, pulse, held-out patient); every candidate and
+    every expert is scored on the same units, under the HR-free protocol.
+    """
+    per_cand: dict[Candidate, dict[str, dict[str, float]]] = {c: {} for c in candidates}
+    expert_units: dict[str, dict[str, dict[str, float]]] = {}
+    for (c, f, s, p), path in unit_paths.items():
+        try:
+            unit = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"tune result '{path}' is unreadable ({exc}); delete it and "
+                             "rerun") from exc
+        for pid, r in sorted(unit["patients"].items()):
+            key = f"{f}/{s}/{p}/{pid}"
+            per_cand[c][key] = {"psnr": r["psnr"], "ssim": r["ssim"]}
+            for name, e in r["experts"].items():
+                expert_units.setdefault(name, {})[key] = e
     rows = []
-    expert_scores: dict[str, dict[str, list[float]]] = {}
+    best_name = None
     for i, c in enumerate(candidates):
-        psnr, ssim = [], []
-        for (cc, *_), path in unit_paths.items():
-            if cc != c:
-                continue
-            try:
-                unit = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"tune result '{path}' is unreadable ({exc}); delete it and "
-                                 "rerun") from exc
-            for _pid, r in sorted(unit["patients"].items()):
-                psnr.append(r["psnr"])
-                ssim.append(r["ssim"])
-                if i == 0:
-                    for name, e in r["experts"].items():
-                        d = expert_scores.setdefault(name, {"psnr": [], "ssim": []})
-                        d["psnr"].append(e["psnr"])
-                        d["ssim"].append(e["ssim"])
+        g = gain_over_best(HR_FREE, per_cand[c], expert_units)
+        best_name = best_name or g.best
+        units = per_cand[c]
         rows.append({"candidate": c.as_dict(), "config_default": i == 0,
-                     "psnr": float(np.mean(psnr)) if psnr else float("nan"),
-                     "ssim": float(np.mean(ssim)) if ssim else float("nan"),
-                     "n_eval": len(psnr)})
-    experts = {n: {"psnr": float(np.mean(d["psnr"])), "ssim": float(np.mean(d["ssim"]))}
-               for n, d in expert_scores.items()}
-    best_name = max(experts, key=lambda n: experts[n]["psnr"])
-    for r in rows:
-        r["gain_psnr"] = r["psnr"] - experts[best_name]["psnr"]
-        r["gain_ssim"] = r["ssim"] - experts[best_name]["ssim"]
+                     "psnr": float(np.mean([u["psnr"] for u in units.values()]))
+                     if units else float("nan"),
+                     "ssim": float(np.mean([u["ssim"] for u in units.values()]))
+                     if units else float("nan"),
+                     "n_eval": len(units), "gain_psnr": g.psnr, "gain_ssim": g.ssim})
+    g0 = gain_over_best(HR_FREE, per_cand[candidates[0]], expert_units)
+    experts = {n: g0.means[n] for n in expert_units}
     rows.sort(key=lambda r: (-r["psnr"], -r["ssim"]))
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
+    best_name = g0.best or best_name
     experts["_best"] = {"name": best_name, **experts[best_name]}  # type: ignore[dict-item]
     return rows, experts
+
+
+def _check_grid_size(n_settings: int, n_folds: int, n_spacings: int, n_pulses: int, *,
+                     yes: bool, max_units: int) -> None:
+    """Log the grid's size; refuse one above ``max_units`` unless ``yes``."""
+    n = n_settings * n_folds * n_spacings * n_pulses
+    size = (f"{n_settings} setting(s) x {n_folds} fold(s) x {n_spacings} spacing(s) x "
+            f"{n_pulses} pulse(s) = {n:,} units")
+    log.info("tune: the grid is %s; a time estimate follows the first unit", size)
+    if n > max_units and not yes:
+        raise ConfigError(f"tune: the grid is {size}, more than {max_units:,}; shrink the "
+                          "grid, or pass --yes to run it anyway (each unit is one fit and "
+                          "the blends of the fold's held-out patients)")
+
+
+def _log_estimate(first_unit_s: float, todo: int) -> None:
+    """After the first unit: an estimate of the sweep's remaining time."""
+    # The first unit also reads (or computes) the patients' statistics, which later units
+    # share, so this is an upper bound.
+    left_s = first_unit_s * (todo - 1)
+    log.info("tune: first unit took %.1f s; at most about %s for the other %d unit(s)",
+             first_unit_s, _duration(left_s), todo - 1)
+
+
+def _duration(secs: float) -> str:
+    secs = int(round(secs))
+    h, rest = divmod(secs, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _stop_point(stop: StopFlag | None, computed: int, todo: int) -> None:
+    """Raise Interrupted between units once a stop was asked for (SIGTERM, Ctrl-C)."""
+    if stop is None or not stop.is_set():
+        return
+    signum = stop.signal or signal.SIGTERM
+    log.error("tune: stopped by %s after %d of %d unit(s) of this run; the finished ones are "
+              "kept in results/, rerun the same command to resume", signal.Signals(signum).name,
+              computed, todo)
+    raise Interrupted(int(signum), f"tune stopped after {computed} of {todo} unit(s)")
 
 
 def _write_outputs(
@@ -491,13 +563,16 @@ def _write_outputs(
     lines = [
         "# pacs-numba tune",
         "",
-        "Held-out PSNR/SSIM, mean over every (fold, spacing, pulse, held-out patient); "
-        "normalisation and brain mask from the experts (no HR). Gains are against the best "
-        f"single expert, **{best_name}**.",
+        f"Held-out PSNR/SSIM, mean over every (fold, spacing, pulse, held-out patient), "
+        f"{PROTOCOLS[HR_FREE]} (as predict, no HR). Gains are against the best single expert "
+        f"under the same protocol (highest mean PSNR), **{md_text(best_name)}**; they compare "
+        "with the HR-free rows of `pacs-numba summarize`, not with the published ones.",
+        "",
+        md_text(PROTOCOL_NOTE),
         "",
         "| expert | PSNR (dB) | SSIM |",
         "|---|---:|---:|",
-        *(f"| {n} | {e['psnr']:.4f} | {e['ssim']:.4f} |" for n, e in experts.items()
+        *(f"| {md_text(n)} | {e['psnr']:.4f} | {e['ssim']:.4f} |" for n, e in experts.items()
           if n != "_best"),
         "",
         "| rank | " + " | ".join(SWEPT) + " | PSNR (dB) | SSIM | gain PSNR | gain SSIM |",
@@ -508,7 +583,7 @@ def _write_outputs(
         mark = " (config)" if r["config_default"] else ""
         lines.append(
             f"| {r['rank']}{mark} | " + " | ".join(f"{c[k]:g}" if isinstance(c[k], float)
-                                                   else str(c[k]) for k in SWEPT)
+                                                   else md_text(c[k]) for k in SWEPT)
             + f" | {r['psnr']:.4f} | {r['ssim']:.4f} | {r['gain_psnr']:+.4f} | "
             f"{r['gain_ssim']:+.4f} |"
         )

@@ -27,8 +27,11 @@ from ..resources.threads import ensure_threading_layer
 log = logging.getLogger(__name__)
 
 
-def warm_kernels() -> dict[str, float]:
-    """Compile (or load from cache) every kernel on a tiny input; seconds per kernel."""
+def warm_kernels(on_step: Callable[[str, float], Any] | None = None) -> dict[str, float]:
+    """Compile (or load from cache) every kernel on a tiny input; seconds per kernel.
+
+    ``on_step(name, seconds)`` is called after each step (``load_kernels`` logs progress).
+    """
     ensure_threading_layer()
     rng = np.random.default_rng(0)
     shape = (12, 11, 10)
@@ -41,6 +44,8 @@ def warm_kernels() -> dict[str, float]:
         t0 = time.perf_counter()
         res = fn()
         times[name] = time.perf_counter() - t0
+        if on_step is not None:
+            on_step(name, times[name])
         return res
 
 
@@ -115,12 +120,25 @@ def kernel_index_files() -> tuple[int, int]:
     return have, total
 
 
+def kernels_ready() -> tuple[int, int]:
+    """(kernels compiled or loaded in this process, kernels) over the package's dispatchers."""
+    disps = dispatchers()
+    return sum(1 for d in disps if d.signatures), len(disps)
+
+
+def _log_progress(step: str, secs: float) -> None:
+    """One INFO line per warm-up step of a first compile: kernels ready out of all."""
+    ready, total = kernels_ready()
+    log.info("compiling kernels: %d/%d ready (%s: %.1f s)", ready, total, step, secs)
+
+
 def load_kernels() -> int:
     """Compile the kernels, or load them from Numba's cache, before the first patient.
 
-    On a first run this takes 20-60 s, and a person watching a terminal should know why
-    nothing moves: an INFO line announces it when the compile cache lacks kernels, and one
-    gives the time it took.  Returns the number of kernels compiled so far (cache misses),
+    On a first run this takes 20-60 s (minutes on a busy node), and a person watching a
+    terminal should know why nothing moves: an INFO line announces it when the compile cache
+    lacks kernels, one per step says how many kernels are ready out of all, and one gives the
+    time it took.  Returns the number of kernels compiled so far (cache misses),
     for :func:`check_no_compile`.
     """
     have, _ = kernel_index_files()
@@ -133,7 +151,7 @@ def load_kernels() -> int:
         log.info("compiling kernels (%s) ...", why)
     _, misses0 = cache_counts()
     t0 = time.perf_counter()
-    warm_kernels()
+    warm_kernels(_log_progress if announce else None)
     secs = time.perf_counter() - t0
     _, total_misses = cache_counts()
     misses = total_misses - misses0

@@ -32,7 +32,8 @@ from ..errors import ConfigError, InputError, OutputError
 from .atomic import host_tag
 from .cohort import make_cohort
 from .hdf5 import H5Source, create_h5_volume, h5_reason, h5py_module, read_h5_volume
-from .manifest import expert_file, hr_path, lr_path, scan_patients, sr_path
+from .layout import volume_name
+from .manifest import h5_expert_file, hr_path, lr_path, scan_patients, sr_path
 from .nifti import read_nifti, write_nifti
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def nifti_to_h5(config: FullConfig, out_dir: str | os.PathLike[str]) -> tuple[Pa
                                   lr_path(d, pid, sp, pulse))
     h5_data = dataclasses.replace(d, experts_dir=experts_dir)
     for model in d.models:
-        with _edit_h5(expert_file(h5_data, model)) as f:
+        with _edit_h5(h5_expert_file(h5_data, model)) as f:
             for pid in pids:
                 for sp in d.spacings:
                     for pulse in d.pulses:
@@ -185,7 +186,7 @@ def blends_to_nifti(results_h5: str | os.PathLike[str], out_dir: str | os.PathLi
     for key in sorted(keys):
         spacing, _, pid, pulse = key.split("/")
         data, affine = read_h5_volume(H5Source(path, key))
-        target = Path(out_dir) / spacing / f"{pid}-{pulse}.nii.gz"
+        target = Path(out_dir) / spacing / volume_name(pid, pulse)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_nifti(target, data, affine)
         written.append(target)

@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import InputError, OutputError
-from .integrity import content_sample, open_regular
+from .integrity import file_identity, open_regular
 
 try:  # POSIX only; without it the index is still correct (see ResultsH5.rebuild_index)
     import fcntl
@@ -423,32 +423,10 @@ def _read_data(dset: Any, shape: tuple[int, ...], src: H5Source) -> NDArray[np.f
 
 def _file_fields(path: Path, src: H5Source) -> dict[str, Any]:
     """Stat and content sample of ``path`` with the field names of the NIfTI cache identity."""
-    try:
-        fd = open_regular(path, what="HDF5 file")
-    except FileNotFoundError:
-        raise InputError(
-            f"HDF5 file '{path}' (dataset '{src.key}') does not exist; expected an HDF5 file"
-        ) from None
-    except InputError as exc:
-        raise InputError(f"{exc} (reading dataset '{src.key}')") from None
-    except OSError as exc:
-        raise InputError(f"cannot read HDF5 file '{path}': {exc.strerror or exc}") from exc
-    try:
-        st = os.fstat(fd)
-        sample = content_sample(fd, st.st_size)
-    except OSError as exc:
-        raise InputError(f"cannot read HDF5 file '{path}': {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
-    return {
-        "source": os.path.realpath(path),
-        "device": int(st.st_dev),
-        "inode": int(st.st_ino),
-        "size": int(st.st_size),
-        "mtime_ns": int(st.st_mtime_ns),
-        "ctime_ns": int(st.st_ctime_ns),
-        "sample": sample,
-    }
+    _, ident = file_identity(
+        path, what="HDF5 file", context=f"reading dataset '{src.key}'",
+        missing=f"HDF5 file '{path}' (dataset '{src.key}') does not exist; expected an HDF5 file")
+    return ident
 
 
 def _pread_ranges(path: str, ranges: list[tuple[int, int]]) -> bytes:

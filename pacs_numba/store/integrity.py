@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..config import name_problem
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -102,28 +103,111 @@ def open_regular(path: str | os.PathLike[str], what: str = "input") -> int:
     return fd
 
 
-def content_sample(fd: int, size: int) -> str:
-    """Hash the first and last ``SAMPLE_EDGE_BYTES`` and ``SAMPLE_BLOCKS`` blocks in between.
+def sample_offsets(size: int) -> list[int]:
+    """Offsets of the blocks :func:`content_sample` hashes, the two ends excepted.
 
-    Cheap (at most ~160 KiB read whatever the file size) and part of the volume cache key:
-    a file rewritten with the same size and times but other bytes in a sampled block gets a
-    new key.  A change confined to bytes that are not sampled is not seen by this check
-    (``ctime`` still changes on every write, so only a clock or file system that does not
-    update it would let such a change through).
+    ``0`` (the first ``SAMPLE_EDGE_BYTES``) and, for a file larger than twice that,
+    ``SAMPLE_BLOCKS`` offsets of ``SAMPLE_BLOCK_BYTES`` blocks spread evenly between the
+    two ends (the last ``SAMPLE_EDGE_BYTES`` are hashed as well).
+
+    Examples
+    --------
+    >>> sample_offsets(1000)
+    [0]
+    >>> len(sample_offsets(1 << 20))
+    9
     """
-    h = hashlib.blake2b(digest_size=16)
-    h.update(size.to_bytes(8, "little"))
     offsets = [0]
     if size > 2 * SAMPLE_EDGE_BYTES:
         span = size - 2 * SAMPLE_EDGE_BYTES - SAMPLE_BLOCK_BYTES
         offsets += [
             SAMPLE_EDGE_BYTES + span * (i + 1) // (SAMPLE_BLOCKS + 1) for i in range(SAMPLE_BLOCKS)
         ]
-    for off in offsets:
+    return offsets
+
+
+def content_sample(fd: int, size: int) -> str:
+    """Hash the first and last ``SAMPLE_EDGE_BYTES`` and ``SAMPLE_BLOCKS`` blocks in between.
+
+    Cheap (at most ~160 KiB read whatever the file size) and part of the volume cache key:
+    a file rewritten with the same size and times but other bytes in a sampled block gets a
+    new key (:func:`sample_offsets` says which).  A change confined to bytes that are not
+    sampled is not seen by this check (``ctime`` still changes on every write, so only a
+    clock or file system that does not update it would let such a change through).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(size.to_bytes(8, "little"))
+    for off in sample_offsets(size):
         h.update(os.pread(fd, SAMPLE_EDGE_BYTES if off == 0 else SAMPLE_BLOCK_BYTES, off))
     if size > SAMPLE_EDGE_BYTES:
         h.update(os.pread(fd, SAMPLE_EDGE_BYTES, max(size - SAMPLE_EDGE_BYTES, 0)))
     return h.hexdigest()
+
+
+def file_identity(path: str | os.PathLike[str], *, what: str = "input",
+                  missing: str | None = None, context: str = "",
+                  open_verb: str = "read") -> tuple[os.stat_result, dict[str, Any]]:
+    """Stat a regular file and take its content sample: what a cached copy must match.
+
+    The one home of "open without blocking, refuse a non-regular file, fstat, sample" for
+    the volume cache, resume fingerprints and HDF5 sources.  Device and inode catch a file
+    replaced by another one (a rename over it); size, mtime and ctime catch writes (ctime
+    cannot be set back by ``touch``/``os.utime``); the content sample
+    (:func:`content_sample`) catches a same-size rewrite even where times are coarse or
+    restored.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    what : str, optional
+        What the file is, for messages (``"input"``, ``"HDF5 file"``).
+    missing : str, optional
+        The message for a file that does not exist (default: ``"<what> '<path>' does not
+        exist"``).
+    context : str, optional
+        Appended in parentheses to the message about a file that is not regular.
+    open_verb : str, optional
+        The verb of the message when the file cannot be opened (``"read"``, ``"examine"``).
+
+    Returns
+    -------
+    st : os.stat_result
+    identity : dict
+        ``source`` (the resolved path), ``device``, ``inode``, ``size``, ``mtime_ns``,
+        ``ctime_ns`` and ``sample``.
+
+    Raises
+    ------
+    InputError
+        The file does not exist, is not a regular file, or cannot be read.
+    """
+    try:
+        fd = open_regular(path, what=what)
+    except FileNotFoundError:
+        raise InputError(missing or f"{what} '{path}' does not exist") from None
+    except InputError as exc:
+        if context:
+            raise InputError(f"{exc} ({context})") from None
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot {open_verb} {what} '{path}': {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        sample = content_sample(fd, st.st_size)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} '{path}': {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return st, {
+        "source": os.path.realpath(path),
+        "device": int(st.st_dev),
+        "inode": int(st.st_ino),
+        "size": int(st.st_size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "ctime_ns": int(st.st_ctime_ns),
+        "sample": sample,
+    }
 
 
 def file_digest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -168,24 +252,22 @@ def verify_file(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> st
     return None
 
 
-_BAD_ID = re.compile(r"[/\\\x00]")
-
-
 def check_patient_id(pid: object, where: str) -> str:
     """Return ``pid`` if it is usable in a file name; ``InputError`` naming it otherwise.
 
-    A patient id becomes part of output file names, so it must not contain a path separator
-    or NUL, must not be empty, ``.`` or ``..``, and must not start with ``-`` or ``.``
-    (hidden files, option-like names).
+    A patient id becomes part of output file names, so it must be one safe path component
+    (:func:`pacs_numba.config.name_problem`, the one rule shared with the experiment name):
+    no path separator, NUL or control character, not empty, ``.`` or ``..``, and no leading
+    ``-`` or ``.`` (option-like names, hidden files).  ``where`` names the file and place
+    the id came from (manifest, CSV line, folder).
     """
-    if not isinstance(pid, str) or not pid or pid in (".", "..") or _BAD_ID.search(pid) or (
-        pid[0] in ".-"
-    ):
+    why = name_problem(pid)
+    if why is not None:
         raise InputError(
-            f"{where}: patient id {pid!r} cannot be used in a file name (no '/', '\\', NUL, "
-            "'..', empty id or leading '.'/'-')"
+            f"{where}: patient id {pid!r} cannot be used in a file name: it {why} (expected "
+            "one name: no '/', '\\', NUL, '..', empty id or leading '.'/'-')"
         )
-    return pid
+    return pid  # type: ignore[return-value]
 
 
 def output_under(folder: str | os.PathLike[str], name: str) -> Path:

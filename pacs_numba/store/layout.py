@@ -20,6 +20,13 @@ The tree under ``out_root`` (the published tool's layout, plus our own files)::
             weight_maps_model_*  {pid}_weight_maps_test_*   ours: NIfTI weight maps
             report/                 ``pacs-numba report``'s default output folder
 
+The inputs, in the published tool's layout (:func:`hr_file`, :func:`lr_file`,
+:func:`expert_file`; the manifest and the generated cohort both ask here)::
+
+    {models-root}/{MODEL}/{spacing}/output_volumes/{pid}-{pulse}.nii.gz   expert output
+    {hr-root}/{pid}/{pid}-{pulse}.nii.gz                                  HR
+    {lr-root}/{spacing}/{pid}/{pid}-{pulse}.nii.gz                        LR
+
 (The NIfTI weight-map names come from :func:`pacs_numba.store.mapfiles.map_paths`; ``pacs-numba
 summarize`` writes :data:`SUMMARY_CSV` and :data:`SUMMARY_MD` into the out_root or its
 ``--out``; ``pacs-numba tune`` writes under :attr:`ExperimentLayout.tune_dir`.)
@@ -68,6 +75,10 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 
 
+#: ``pacs-numba summarize``'s figures: a folder beside the tables (``report`` links them).
+SUMMARY_FIGURES = "summary_figures"
+
+
 #: The run record that ``--resume`` trusts (settings, fingerprints, finished patients).
 RECORD_FILE = "pacs_numba_run.json"
 
@@ -89,6 +100,68 @@ _LOGS = "logs"
 
 
 _REPORT = "report"
+
+
+def volume_name(pid: str, pulse: str) -> str:
+    """File name of one patient's volume of one pulse, ``{pid}-{pulse}.nii.gz``.
+
+    The published tool names every per-patient volume so: HR, LR, expert outputs, test
+    blends and ``predict``'s outputs in a folder.
+
+    Examples
+    --------
+    >>> volume_name("sub-01", "t1c")
+    'sub-01-t1c.nii.gz'
+    """
+    return f"{pid}-{pulse}.nii.gz"
+
+
+def hr_file(hr_root: Path, pid: str, pulse: str) -> Path:
+    """Path of a patient's HR volume, ``{hr-root}/{pid}/{pid}-{pulse}.nii.gz``."""
+    return Path(hr_root) / pid / volume_name(pid, pulse)
+
+
+def lr_file(lr_root: Path, spacing: str, pid: str, pulse: str) -> Path:
+    """Path of a patient's LR volume, ``{lr-root}/{spacing}/{pid}/{pid}-{pulse}.nii.gz``."""
+    return Path(lr_root) / spacing / pid / volume_name(pid, pulse)
+
+
+def expert_dir(models_root: Path, model: str, spacing: str) -> Path:
+    """Folder of one expert's outputs at one spacing.
+
+    ``{models-root}/{MODEL}/{spacing}/output_volumes``.
+    """
+    return Path(models_root) / model / spacing / _OUTPUT_VOLUMES
+
+
+def expert_file(models_root: Path, model: str, spacing: str, pid: str, pulse: str) -> Path:
+    """Path of an expert output.
+
+    ``{models-root}/{MODEL}/{spacing}/output_volumes/{pid}-{pulse}.nii.gz``.
+
+    Examples
+    --------
+    >>> expert_file(Path("models"), "BSPLINE", "3mm", "sub-01", "t1c").as_posix()
+    'models/BSPLINE/3mm/output_volumes/sub-01-t1c.nii.gz'
+    """
+    return expert_dir(models_root, model, spacing) / volume_name(pid, pulse)
+
+
+def fold_results_h5(root: Path, fold: int) -> tuple[Path, Path, Path]:
+    """Return the files of one fold's HDF5 results: the index, the part folder and its lock.
+
+    Examples
+    --------
+    >>> [p.name for p in fold_results_h5(Path("exp"), 2)]
+    ['results_fold_2.h5', 'results_fold_2.parts', 'results_fold_2.h5.lock']
+    """
+    stem = f"results_fold_{int(fold)}"
+    root = Path(root)
+    return root / f"{stem}.h5", root / f"{stem}.parts", root / f"{stem}.h5.lock"
+
+
+#: How the expert layout is spelled, for messages.
+EXPERT_FILE_PATTERN = "{models_root}/{MODEL}/{spacing}/output_volumes/{pid}-{pulse}.nii.gz"
 
 
 @dataclass(frozen=True)
@@ -139,7 +212,7 @@ class ExperimentLayout:
 
     def results_h5(self, fold: int) -> Path:
         """``results_fold_{N}.h5``: a fold's blends (HDF5-form configs; see ``ResultsH5``)."""
-        return results_files(self.root, fold)[0]
+        return fold_results_h5(self.root, fold)[0]
 
     def log_file(self, command: str, stamp: str, host: str, pid: int) -> Path:
         """Log file of one process: ``logs/pacs_numba-{command}-{stamp}-{host}-{pid}.log``."""
@@ -238,7 +311,7 @@ class TaskLayout:
 
     def test_blend(self, pid: str) -> Path:
         """``output_volumes/{pid}-{pulse}.nii.gz``."""
-        return output_under(self.volumes_dir, f"{pid}-{self.pulse}.nii.gz")
+        return output_under(self.volumes_dir, volume_name(pid, self.pulse))
 
     def train_blend(self, pid: str) -> Path:
         """``model_dir/{pid}_blend_train.nii.gz``."""
@@ -280,16 +353,6 @@ class TaskLayout:
             raise ValueError(f"'{d}' is not a task folder ({TASK_DIR_PATTERN})")
         return cls(d.parents[4], d.parents[3].name, int(fold.group(1)), d.parents[2].name,
                    d.name)
-
-
-def results_files(root: str | Path, fold: int) -> tuple[Path, Path, Path]:
-    """Return a fold's HDF5 results under ``root``: index, part-file folder and lock.
-
-    ``results_fold_{N}.h5``, ``results_fold_{N}.parts`` and ``results_fold_{N}.h5.lock``
-    (:class:`pacs_numba.store.results_h5.ResultsH5`).
-    """
-    stem = Path(root) / f"results_fold_{int(fold)}"
-    return stem.with_suffix(".h5"), stem.with_suffix(".parts"), stem.with_suffix(".h5.lock")
 
 
 def report_dir_of(model_dir: str | Path) -> Path:

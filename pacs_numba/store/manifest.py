@@ -12,11 +12,8 @@ HDF5 layout (the current release)::
     {source-h5}::low_resolution/{spacing}/{pid}/{pulse}         LR
     {experts-dir}/{model lower-case}.h5::{spacing}/{pid}/{pulse}   expert output
 
-On-disk layout of the published tool (NIfTI)::
-
-    {models-root}/{MODEL}/{spacing}/output_volumes/{pid}-{pulse}.nii.gz   expert output
-    {hr-root}/{pid}/{pid}-{pulse}.nii.gz                                  HR
-    {lr-root}/{spacing}/{pid}/{pid}-{pulse}.nii.gz                        LR
+NIfTI layout (the published tool's 2025 release): :mod:`pacs_numba.store.layout` spells it
+(``hr_file``, ``lr_file``, ``expert_file``).
 
 Manifest JSON: ``{"folds": [{"train": {pid: entry}, "test": {pid: entry}}, ...]}``
 with ``entry[MODEL | "HR" | "LR"][spacing][pulse] = path``; the HR path is repeated
@@ -32,7 +29,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,7 @@ from ..config import DataConfig
 from ..errors import ConfigError, InputError
 from .hdf5 import H5Source, h5_reason, h5py_module
 from .integrity import check_patient_id
+from .layout import expert_file, hr_file, lr_file
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +47,18 @@ _EXAMPLES = 3
 
 
 def hr_path(data: DataConfig, pid: str, pulse: str) -> Path:
-    """Path of a patient's HR volume, ``{hr-root}/{pid}/{pid}-{pulse}.nii.gz``."""
-    return data.hr_root / pid / f"{pid}-{pulse}.nii.gz"
+    """Path of a patient's HR volume under ``data.hr_root`` (:func:`layout.hr_file`)."""
+    return hr_file(data.hr_root, pid, pulse)
 
 
 def lr_path(data: DataConfig, pid: str, spacing: str, pulse: str) -> Path:
-    """Path of a patient's LR volume, ``{lr-root}/{spacing}/{pid}/{pid}-{pulse}.nii.gz``."""
-    return data.lr_root / spacing / pid / f"{pid}-{pulse}.nii.gz"
+    """Path of a patient's LR volume under ``data.lr_root`` (:func:`layout.lr_file`)."""
+    return lr_file(data.lr_root, spacing, pid, pulse)
 
 
 def sr_path(data: DataConfig, model: str, pid: str, spacing: str, pulse: str) -> Path:
-    """Path of an expert output.
-
-    ``{models-root}/{MODEL}/{spacing}/output_volumes/{pid}-{pulse}.nii.gz``.
-    """
-    return data.models_root / model / spacing / "output_volumes" / f"{pid}-{pulse}.nii.gz"
+    """Path of an expert output under ``data.models_root`` (:func:`layout.expert_file`)."""
+    return expert_file(data.models_root, model, spacing, pid, pulse)
 
 
 def hr_source(data: DataConfig, pid: str, pulse: str) -> str:
@@ -80,7 +75,7 @@ def lr_source(data: DataConfig, pid: str, spacing: str, pulse: str) -> str:
     return str(lr_path(data, pid, spacing, pulse))
 
 
-def expert_file(data: DataConfig, model: str) -> Path:
+def h5_expert_file(data: DataConfig, model: str) -> Path:
     """HDF5 schema: the file of one expert, ``{experts-dir}/{model lower-case}.h5``."""
     return data.experts_dir / f"{model.lower()}.h5"
 
@@ -88,7 +83,7 @@ def expert_file(data: DataConfig, model: str) -> Path:
 def expert_source(data: DataConfig, model: str, pid: str, spacing: str, pulse: str) -> str:
     """Where an expert's output is, in either schema (a path, or ``file.h5::key``)."""
     if data.schema == "hdf5":
-        return str(H5Source(expert_file(data, model), f"{spacing}/{pid}/{pulse}"))
+        return str(H5Source(h5_expert_file(data, model), f"{spacing}/{pid}/{pulse}"))
     return str(sr_path(data, model, pid, spacing, pulse))
 
 
@@ -198,7 +193,7 @@ def _scan_h5(data: DataConfig) -> tuple[list[str], dict[str, list[str]]]:
     experts = {}
     try:
         for model in data.models:
-            experts[model] = _h5_file(expert_file(data, model), f"expert {model!r} file")
+            experts[model] = _h5_file(h5_expert_file(data, model), f"expert {model!r} file")
         hr = src.get("high_resolution")
         if not isinstance(hr, h5py.Group):
             raise ConfigError(
@@ -564,6 +559,49 @@ def _lookup(entry: Any, keys: Sequence[str], pid: str, fold: int) -> str:
             f"got {type(node).__name__}"
         )
     return node
+
+
+def filter_tasks(
+    manifest: dict, data: Any, folds: Iterable[int] | None = None,
+    spacings: Sequence[str] | None = None, pulses: Sequence[str] | None = None,
+    *, fold_option: str = "--fold",
+) -> tuple[list[int], list[str], list[str]]:
+    """Return the folds, spacings and pulses a command runs for its filters (the one home).
+
+    Parameters
+    ----------
+    manifest : dict
+        As returned by :func:`load_manifest` (its ``"folds"`` give K).
+    data : config.DataConfig
+        The config's ``data`` section (``spacings``, ``pulses``).
+    folds : iterable of int, optional
+        1-based folds (default: all K).
+    spacings, pulses : sequence of str, optional
+        Subsets of ``data.spacings`` / ``data.pulses`` (default: all, in the config's order).
+    fold_option : str, optional
+        How the command spells its fold option, for the message (``--fold``, ``--folds``).
+
+    Returns
+    -------
+    folds, spacings, pulses : list
+        Folds sorted and without repeats; spacings and pulses in the order given.
+
+    Raises
+    ------
+    ConfigError
+        A fold outside ``1..K``, or a spacing or pulse the config does not list.
+    """
+    k = len(manifest["folds"])
+    fold_list = sorted(set(folds)) if folds is not None else list(range(1, k + 1))
+    for f in fold_list:
+        if not 1 <= f <= k:
+            raise ConfigError(f"{fold_option} {f}: the manifest has folds 1..{k}")
+    for name, chosen, allowed in (("spacing", spacings, data.spacings),
+                                  ("pulse", pulses, data.pulses)):
+        for v in chosen or ():
+            if v not in allowed:
+                raise ConfigError(f"--{name} {v!r}: data.{name}s in the config has {list(allowed)}")
+    return fold_list, list(spacings or data.spacings), list(pulses or data.pulses)
 
 
 def select_task(

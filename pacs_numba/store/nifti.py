@@ -534,3 +534,44 @@ def write_nifti_volumes(
         finally:
             if zf is not None:
                 zf.close()
+
+
+#: Largest difference (mm, per affine element) between two volumes' affines that still counts
+#: as the same grid: header rounding, never a real shift or flip.
+AFFINE_ATOL = 1e-3
+
+
+def affine_difference(a: ArrayLike, b: ArrayLike) -> str | None:
+    """How the affine ``a`` differs from ``b`` beyond :data:`AFFINE_ATOL`, or None.
+
+    The one affine comparison of the package: train compares each expert with the HR
+    (a WARNING), predict compares the experts with each other (an error, since the output
+    takes the first expert's affine).
+
+    Examples
+    --------
+    >>> a = np.eye(4)
+    >>> affine_difference(a, a + 5e-4) is None
+    True
+    >>> b = a.copy(); b[0, 3] = 10.0
+    >>> affine_difference(a, b)
+    'origins 10 mm apart'
+    >>> affine_difference(a, np.diag([1.0, -1.0, 1.0, 1.0]))
+    'voxel axis 1 flipped'
+    """
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    if a64.shape != (4, 4) or b64.shape != (4, 4):
+        return f"shapes {a64.shape} and {b64.shape}, not 4x4"
+    diff = np.abs(a64 - b64)
+    if not np.all(np.isfinite(diff)):
+        return "not finite"
+    if float(diff.max()) <= AFFINE_ATOL:
+        return None
+    parts = [
+        f"voxel axis {d} flipped" for d in range(3) if float(a64[:3, d] @ b64[:3, d]) < 0
+    ]
+    shift = float(np.linalg.norm(a64[:3, 3] - b64[:3, 3]))
+    if shift > AFFINE_ATOL:
+        parts.append(f"origins {shift:.3g} mm apart")
+    return ", ".join(parts) or f"elements differ by up to {float(diff[:3, :3].max()):.3g}"

@@ -1,7 +1,8 @@
 """The run record next to a task's outputs: what made them, so ``--resume`` can trust them.
 
-``model_data/fold_N/{pulse}/pacs_numba_run.json`` holds the settings that change the numbers,
-the fingerprints (path, size, mtime, ctime, content sample) of the training inputs and a digest
+``model_data/fold_N/{pulse}/pacs_numba_run.json`` holds the settings that change the numbers
+(with registration, the fingerprints of the atlas template and brain mask among them), the
+fingerprints (path, size, mtime, ctime, content sample) of the training inputs and a digest
 of the model, and for each finished patient its input fingerprints, its output files (path
 relative to the record's folder, size and SHA-256 checksum) and its metrics.  It is rewritten
 atomically after every patient, so a run killed part-way (SLURM's time limit) leaves a record of
@@ -85,6 +86,27 @@ def fingerprints(paths: Iterable[str | Path]) -> list[dict[str, Any]] | None:
         return None
 
 
+def atlas_fingerprints(template: str | Path, brain_mask: str | Path) -> dict[str, Any]:
+    """Fingerprints of the atlas files a registered task depends on, for its settings.
+
+    The registered volumes, the blend's brain mask and so every number of a task with
+    ``use_registration`` come from the atlas template of its pulse and the atlas brain mask;
+    with these in the recorded settings, ``--resume`` recomputes every patient after either
+    file changed (in place too: size, times and a content sample are compared).  A brain
+    mask that does not exist (registration then uses ``atlas > 0``) is recorded as absent.
+
+    Raises
+    ------
+    InputError
+        If the template cannot be examined (the registration would fail on it too).
+    """
+    try:
+        mask: dict[str, Any] = file_fingerprint(brain_mask)
+    except InputError:
+        mask = {"path": os.path.abspath(brain_mask), "absent": True}
+    return {"template": file_fingerprint(template), "brain_mask": mask}
+
+
 def model_digest(weights: np.ndarray, learned: np.ndarray, shape: Sequence[int]) -> str:
     """Return a digest of a model's weights, learned mask and grid shape."""
     h = hashlib.sha256()
@@ -136,6 +158,12 @@ class RunRecord:
             return None
         if not isinstance(old, dict) or old.get("format") != FORMAT_VERSION:
             log.warning("resume: run record '%s' has another format; recomputing", self.path)
+            return None
+        patients, model = old.get("patients", {}), old.get("model")
+        if not (isinstance(patients, dict) and all(isinstance(v, dict) for v in patients.values())
+                and (model is None or isinstance(model, dict))
+                and isinstance(old.get("settings"), dict)):
+            log.warning("resume: run record '%s' is malformed (edited?); recomputing", self.path)
             return None
         if old.get("settings") != self.settings:
             changed = sorted(

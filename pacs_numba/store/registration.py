@@ -36,12 +36,15 @@ This is the only module that imports ``ants``, and only when a registration is n
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -57,9 +60,11 @@ from numpy.typing import NDArray
 
 from ..config import REGISTRATION_MODES, RegistrationConfig
 from ..errors import BudgetError, ConfigError, InputError, OutputError
+from ..resources.planning import limit_for, margin_bytes
+from ..resources.units import gib
 from .atomic import install_file
 from .locks import node_lock
-from .nifti import NiftiMeta
+from .nifti import NiftiMeta, affine_difference
 from .volumes import CachedVolume, VolumeStore, file_fingerprint, map_npy
 
 log = logging.getLogger(__name__)
@@ -387,9 +392,9 @@ class Registrar:
             log.info("registration: no brain mask '%s'; using atlas > 0", path)
             return (np.asarray(atlas.data) > 0).astype(np.uint8), "atlas > 0"
         m = self.store.get(path)
-        if m.data.shape == atlas.data.shape and np.allclose(
-            m.meta.affine, atlas.meta.affine, atol=1e-3
-        ):
+        if m.data.shape == atlas.data.shape and affine_difference(
+            m.meta.affine, atlas.meta.affine
+        ) is None:
             return (np.asarray(m.data) > 0).astype(np.uint8), json.dumps(_fp(path))
         log.warning(
             "registration: brain mask '%s' has shape %s, the atlas '%s' %s; resampling it "
@@ -724,8 +729,13 @@ class Registrar:
         width = self.pool_width(len(pending), tpl.volume.data.shape, limit_bytes,
                                 baseline_bytes)
         made = self.registrations
+        tick = _Progress(pulse, len(pending))
+        if pending:
+            log.info("registering %s: %d of %d patient(s) to %s in %d process(es), %d from the "
+                     "cache; progress and an estimate follow each patient", pulse, len(pending),
+                     len(patients), tpl.path.name, width, len(patients) - len(pending))
         if width > 1:
-            self._run_pool(pulse, {pid: patients[pid] for pid in pending}, width, stop)
+            self._run_pool(pulse, {pid: patients[pid] for pid in pending}, width, stop, tick)
         for pid in pending:
             if stop is not None and stop.is_set():
                 break
@@ -734,6 +744,8 @@ class Registrar:
                                                  list(patients[pid]["experts"]))
             except InputError as exc:
                 out[pid] = exc
+            if width <= 1:
+                tick()
         log.info(
             "registration %s: %d patients to %s (mode=%s settings=%s): %d from the cache, "
             "%d registered by %d process(es) in %.1f s",
@@ -765,15 +777,15 @@ class Registrar:
         if limit_bytes is None:
             return width
         each = registration_bytes(shape, ITK_THREADS)
-        margin = max(256 << 20, limit_bytes // 10)
+        margin = margin_bytes(limit_bytes)  # the planner's safety-margin rule
         fits = (limit_bytes - baseline_bytes - margin) // each
         if fits < 1:
-            need = baseline_bytes + each + margin
+            need = limit_for(baseline_bytes + each)
             raise BudgetError(
-                f"one registration to the atlas {tuple(shape)} needs {each / 2**30:.2f} GiB on "
-                f"top of {baseline_bytes / 2**30:.2f} GiB baseline and a "
-                f"{margin / 2**30:.2f} GiB margin, but the job has {limit_bytes / 2**30:.2f} "
-                f"GiB; request at least {-(-need // 2**30)}G"
+                f"one registration to the atlas {tuple(shape)} needs {gib(each, 2)} on "
+                f"top of {gib(baseline_bytes, 2)} baseline and a "
+                f"{gib(margin, 2)} margin, but the job has {gib(limit_bytes, 2)}; "
+                f"request at least {-(-need // 2**30)}G"
             )
         return int(min(width, fits))
 
@@ -783,6 +795,7 @@ class Registrar:
         patients: Mapping[str, Mapping[str, Any]],
         width: int,
         stop: threading.Event | None,
+        tick: Any = None,
     ) -> None:
         """Register ``patients`` in ``width`` spawned processes; their entries land in the cache.
 
@@ -791,7 +804,10 @@ class Registrar:
         process and reports its error.
         """
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(width, mp_context=ctx, initializer=_worker_init) as pool:
+        # The workers are started from this thread (ProcessPoolExecutor starts them in
+        # submit), which outlives them: PR_SET_PDEATHSIG fires when the creating *thread* ends.
+        with ProcessPoolExecutor(width, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {}
             for pid, paths in patients.items():
                 futures[pool.submit(_worker_register, self.config, str(self.store.directory),
@@ -813,13 +829,74 @@ class Registrar:
                     ) from exc
                 self.registrations += regs
                 self.resamplings += res
+                if tick is not None:
+                    tick()
 
 
-def _worker_init() -> None:
-    """In a registration process: one thread for everything (ITK, OpenMP, Numba)."""
+class _Progress:
+    """One INFO line per registered patient: n/N, the time so far and an estimate of the rest."""
+
+    def __init__(self, pulse: str, total: int) -> None:
+        self.pulse, self.total, self.done = pulse, total, 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> None:
+        self.done += 1
+        secs = time.perf_counter() - self.t0
+        left = secs / self.done * (self.total - self.done)
+        log.info("registering %s: %d/%d patient(s) done in %.0f s%s", self.pulse, self.done,
+                 self.total, secs, f", about {left:.0f} s left" if self.done < self.total
+                 else "")
+
+
+def _worker_init(parent_pid: int) -> None:
+    """In a registration process: one thread for everything (ITK, OpenMP, Numba), and no orphans."""
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
                 "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    die_with_parent(parent_pid)
+
+
+#: prctl(2) option: the signal the kernel sends this process when its parent (thread) ends.
+PR_SET_PDEATHSIG = 1
+#: How often the fallback watchdog compares the parent pid, in seconds.
+PARENT_POLL_S = 1.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends, however it ends (SIGKILL included).
+
+    A spawned pool worker whose parent is gone waits on its task queue forever: it holds
+    both ends of that pipe itself, so it never reads EOF, and it holds the write end of
+    the multiprocessing resource tracker's pipe, which keeps the tracker alive too (about
+    320 MB per worker once ANTs is loaded).  On Linux the kernel sends SIGKILL when the
+    parent dies (``prctl(PR_SET_PDEATHSIG)``); that also ends a worker inside an ANTs call
+    that holds the GIL.  A daemon thread that polls ``getppid`` is the fallback elsewhere
+    or when prctl is refused.  Once the workers are gone the tracker reads EOF and exits.
+
+    Parameters
+    ----------
+    parent_pid : int
+        The pid of the process that started this one (``os.getpid()`` there).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:  # no libc symbol: the watchdog remains
+            log.debug("prctl unavailable (%s)", exc)
+    # The parent may have died before prctl ran; then this process was already re-parented.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watchdog",
+                     daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _worker_register(

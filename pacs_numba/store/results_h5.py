@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import InputError, OutputError
 from .atomic import host_tag, unlink_quiet
-from .layout import results_files
+from .layout import fold_results_h5
 from .locks import node_lock
 
 try:  # POSIX only; without it the index is still correct (see ResultsH5.rebuild_index)
@@ -196,7 +196,7 @@ class ResultsH5:
             raise OutputError(f"fold must be a non-negative integer, got {fold!r}")
         self.root = Path(root)
         self.fold = int(fold)
-        self.index, self.parts, self.lock = results_files(self.root, self.fold)
+        self.index, self.parts, self.lock = fold_results_h5(self.root, self.fold)
 
     def __repr__(self) -> str:
         return f"ResultsH5({str(self.root)!r}, {self.fold})"

@@ -2,7 +2,10 @@
 
 Entries are keyed by the fingerprints of the patient's input files and the statistics key
 (:class:`pacs_numba.core.cellstats.StatsKey`), written atomically under a node lock, and
-shared by every fold, lambda and process on the node.
+shared by every fold, lambda and process on the node.  An entry records its own name (the
+key's digest), so a valid entry of another patient copied or renamed over it is detected
+and recomputed; its content is covered by the CRC-32 of each ``.npz`` member, which
+``zipfile`` checks when the member is read.
 """
 
 from __future__ import annotations
@@ -96,6 +99,17 @@ class StatsCache:
             return None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             log.warning("statistics cache entry '%s' is unreadable (%s); recomputing", path, exc)
+            return None
+        if "entry" not in meta:  # written before entries named themselves
+            log.info("statistics cache entry '%s' is of an older version; recomputing", path)
+            return None
+        if meta.get("entry") != path.stem:
+            # a valid entry of another patient or key copied or renamed over this one: its
+            # numbers would be used for this patient
+            log.warning(
+                "statistics cache entry '%s' belongs to another entry (%s, files %s); "
+                "recomputing", path, meta.get("entry"), meta.get("files"),
+            )
             return None
         m = int(meta["n_experts"])
         shape = tuple(int(n) for n in meta["shape"])
@@ -206,7 +220,8 @@ class StatsCache:
             hr, experts = load()
             st = box_statistics(hr, experts, key)
             meta = json.dumps({
-                "format": FORMAT, "key": key.as_dict(), "shape": list(st.shape),
+                "format": FORMAT, "entry": path.stem, "key": key.as_dict(),
+                "shape": list(st.shape),
                 "n_experts": st.n_experts, "files": [str(f) for f in files],
                 "mu_hr": st.mu_hr, "sd_hr": st.sd_hr,
             })
