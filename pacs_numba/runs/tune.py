@@ -324,7 +324,7 @@ def run_tune(
     results_dir = out / "results"
     pacs = config.pacs_sr
     models = tuple(config.data.models)
-    manifest = load_manifest(config.data.out)
+    manifest = load_manifest(config.data.out, config.data)
     fold_list, spacing_list, pulse_list = filter_tasks(manifest, config.data, folds, spacings,
                                                        pulses, fold_option="--folds")
     _check_grid_size(len(candidates), len(fold_list), len(spacing_list), len(pulse_list),
