@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import operator
 import os
 import re
@@ -26,18 +27,14 @@ from typing import Any
 
 import yaml
 
-from ._config import GRAD_OPERATORS, SSIM_AXES, WINDOWS
+from ._config import GATINGS, GRAD_OPERATORS, PRIORS, SSIM_AXES, WINDOWS
 from .errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
-    "DataConfig",
-    "RegistrationConfig",
-    "PacsConfig",
-    "FullConfig",
-    "load_config",
-    "config_to_dict",
-    "dump_config",
-    "name_problem",
+    "DataConfig", "RegistrationConfig", "PacsConfig", "FullConfig", "load_config",
+    "unused_settings", "config_to_dict", "dump_config", "name_problem",
 ]
 
 
@@ -83,18 +80,36 @@ NORMALIZATIONS = ("zscore",)
 # Where each tile is fitted: the published label cell, or its whole box weighted by the
 # blending window (pacs_numba only; see cellstats.py).
 FIT_REGIONS = ("first_block", "window")
-# Weight models (pacs_numba only, algorithm A5.1-A5.2): a tile's weights shrunk toward its
-# parent tile's (multiscale), and one weight vector for edge and one for flat voxels (edge).
-PRIORS = ("none", "multiscale")
-GATINGS = ("none", "edge")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PARALLEL_BACKENDS = ("loky", "threading", "multiprocessing", "sequential")
 #: ``registration.mode`` and ``registration.settings`` (pacs_numba's own keys); first = default.
 REGISTRATION_MODES = ("per_patient", "per_volume")
 REGISTRATION_SETTINGS = ("fast", "published")
 
-#: Top-level sections of the published tool that pacs_numba does not use: ignored silently.
-IGNORED_SECTIONS = frozenset({"visualizations", "analysis", "pipeline"})
+#: Top-level sections of the published tool's versions that pacs_numba does not use, and why:
+#: accepted, and each one present is named once in the log.
+IGNORED_SECTIONS = {
+    "synthseg": "an external SynthSeg segmentation evaluation, not part of the stacking",
+    "pipeline": "the published tool's job orchestration; pacs-numba runs tasks itself",
+    "analysis": "the published tool's post-hoc analysis scripts",
+    "visualizations": "the published tool's figure scripts (see `pacs-numba report`)",
+}
+#: The two forms of the ``data`` section: NIfTI folders (2025 release) or HDF5 files (current).
+NIFTI_KEYS = ("models-root", "hr-root", "lr-root")
+HDF5_KEYS = ("source-h5", "experts-dir")
+#: ``pacs_sr.shape_policy``: an expert whose shape differs from the HR's skips the patient
+#: (2025 release) or is resampled to the common shape (current release).
+SHAPE_POLICIES = ("skip", "harmonise")
+DEFAULT_SHAPE_POLICY = {"nifti": "skip", "hdf5": "harmonise"}
+#: Accepted ``pacs_sr`` keys that are not used, and why (named once in the log).
+_UNUSED_KEYS = {
+    "parallel_backend": "not used: patients run on one thread pool sized by the memory budget",
+    "device": "not used: every computation runs on the CPU",
+    "num_workers": "is an upper bound only: the pool width also follows memory and --workers",
+    "log_region_freq": "not used: tiles are solved at once; see PACS_PROGRESS_INTERVAL",
+}
+_NEEDS_WEIGHTS = ("it needs pretrained network weights (torchvision downloads) that this tool "
+                  "does not download; the run goes on")
 KNOWN_SECTIONS = ("data", "registration", "pacs_sr", "predict")
 
 
@@ -104,9 +119,9 @@ class DataConfig:
 
     Parameters
     ----------
-    models_root, hr_root, lr_root : Path
+    models_root, hr_root, lr_root : Path or None
         Roots of the expert outputs, the HR volumes and the LR volumes
-        (YAML keys ``models-root``, ``hr-root``, ``lr-root``).
+        (YAML keys ``models-root``, ``hr-root``, ``lr-root``); None in the HDF5 form.
     spacings, pulses, models : tuple of str
         Slice spacings (e.g. ``"3mm"``), pulse names and expert names.
     kfolds : int
@@ -115,17 +130,26 @@ class DataConfig:
         Seed of the patient shuffle.
     out : Path
         Path of the manifest JSON.
+    source_h5, experts_dir : Path or None
+        The HDF5 form (YAML keys ``source-h5``, ``experts-dir``): ``source_data.h5`` holding
+        HR and LR, and the folder of one ``{model lower-case}.h5`` per expert; None in the
+        NIfTI form.
+    schema : str
+        ``"nifti"`` or ``"hdf5"``: which of the two forms the section was written in.
     """
 
-    models_root: Path
-    hr_root: Path
-    lr_root: Path
+    models_root: Path | None
+    hr_root: Path | None
+    lr_root: Path | None
     spacings: tuple[str, ...]
     pulses: tuple[str, ...]
     models: tuple[str, ...]
     kfolds: int
     seed: int
     out: Path
+    source_h5: Path | None = None
+    experts_dir: Path | None = None
+    schema: str = "nifti"
 
 
 @dataclass(frozen=True)
@@ -154,7 +178,11 @@ class PacsConfig:
 
     Keys with a default are optional in the YAML; the others are required.
     ``parallel_backend``, ``device``, ``compute_lpips`` and ``compute_kid`` are
-    accepted for compatibility with the published tool and otherwise unused.
+    accepted for compatibility with the published tool and otherwise unused
+    (:func:`unused_settings` says why).  ``shape_policy`` and ``compute_paper_metrics``
+    are pacs_numba's own: what to do with an expert whose shape differs from the HR's
+    (default per data schema: ``skip`` for NIfTI, ``harmonise`` for HDF5), and whether
+    ``evaluate`` also writes the paper's MS-SSIM/MMD-MF table.
     """
 
     experiment_name: str
@@ -177,7 +205,7 @@ class PacsConfig:
     num_workers: int
     parallel_backend: str = "loky"
     device: str
-    compute_lpips: bool
+    compute_lpips: bool = False
     compute_kid: bool = False
     ssim_axis: str
     evaluate_train: bool = True
@@ -188,6 +216,8 @@ class PacsConfig:
     log_region_freq: int = 10
     disable_tqdm: bool = False
     out_root: Path
+    shape_policy: str = "skip"
+    compute_paper_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +235,9 @@ class FullConfig:
         The ``predict`` section as loaded, untouched.
     path : Path
         The file the config was loaded from.
+    ignored_sections : tuple of str
+        Top-level sections of the published tool present in the file and not used
+        (:data:`IGNORED_SECTIONS`).
     """
 
     data: DataConfig
@@ -212,6 +245,7 @@ class FullConfig:
     pacs_sr: PacsConfig
     predict: dict | None
     path: Path
+    ignored_sections: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
 
 # --------------------------------------------------------------------------- YAML
@@ -590,7 +624,8 @@ def _section(file: Path, doc: dict, name: str, required: bool, why: str = "") ->
             return None
         state = "is empty" if name in doc else "is missing"
         keys = {
-            "data": "models-root, hr-root, lr-root, spacings, pulses, models, kfolds, seed, out",
+            "data": "models-root, hr-root, lr-root (or source-h5, experts-dir), spacings, "
+                    "pulses, models, kfolds, seed, out",
             "registration": "atlas, t1, t2, epi, pd, brain_mask",
             "pacs_sr": "experiment_name, patch_size, stride, simplex, lambda_ridge, ...",
         }[name]
@@ -651,12 +686,29 @@ def _read_yaml(file: Path) -> dict:
     return doc
 
 
+def _data_schema(file: Path, mapping: dict) -> str:
+    """Which form the ``data`` section is in: exactly one of the two key sets, else an error."""
+    nifti, hdf5 = ([k for k in keys if k in mapping] for keys in (NIFTI_KEYS, HDF5_KEYS))
+    forms = f"the NIfTI form ({', '.join(NIFTI_KEYS)}) or the HDF5 form ({', '.join(HDF5_KEYS)})"
+    if nifti and hdf5:
+        why = f"data has keys of both forms ({', '.join(nifti + hdf5)}); expected exactly one"
+        raise ConfigError(f"{file}: {why}: {forms}")
+    if not nifti and not hdf5:
+        raise ConfigError(f"{file}: data names no volumes; expected {forms}")
+    return "hdf5" if hdf5 else "nifti"
+
+
 def _load_data(file: Path, mapping: dict, notes: list[str]) -> DataConfig:
     s = _Section(file, "data", mapping)
+    schema = _data_schema(file, mapping)
+    nifti = schema == "nifti"
     cfg = DataConfig(
-        models_root=s.path("models-root"),
-        hr_root=s.path("hr-root"),
-        lr_root=s.path("lr-root"),
+        models_root=s.path("models-root") if nifti else None,
+        hr_root=s.path("hr-root") if nifti else None,
+        lr_root=s.path("lr-root") if nifti else None,
+        source_h5=None if nifti else s.path("source-h5"),
+        experts_dir=None if nifti else s.path("experts-dir"),
+        schema=schema,
         spacings=s.names("spacings"),
         pulses=s.names("pulses"),
         models=s.names("models"),
@@ -698,7 +750,7 @@ def _experiment_name(s: _Section) -> str:
     return name
 
 
-def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
+def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> PacsConfig:
     s = _Section(file, "pacs_sr", mapping)
     # Bounds keep every integer inside what the kernels index with (int64) and the
     # sizes compute with; a tile edge beyond MAX_PATCH_SIZE voxels is
@@ -726,16 +778,12 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         gating=s.choice("gating", GATINGS, "none", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
-        num_workers=s.integer(
-            "num_workers",
-            minimum=-MAX_WORKERS,
-            maximum=MAX_WORKERS,
-            nonzero=True,
-            why=" (negative as in joblib: -1 = all CPUs, -2 = all but one)",
-        ),
+        num_workers=s.integer("num_workers", minimum=-MAX_WORKERS, maximum=MAX_WORKERS,
+                              nonzero=True,
+                              why=" (negative as in joblib: -1 = all CPUs, -2 = all but one)"),
         parallel_backend=s.choice("parallel_backend", PARALLEL_BACKENDS, "loky"),
         device=s.string("device"),
-        compute_lpips=s.boolean("compute_lpips"),
+        compute_lpips=s.boolean("compute_lpips", False),
         compute_kid=s.boolean("compute_kid", False),
         ssim_axis=s.choice("ssim_axis", SSIM_AXIS_NAMES),
         evaluate_train=s.boolean("evaluate_train", True),
@@ -746,30 +794,16 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str]) -> PacsConfig:
         log_region_freq=s.integer("log_region_freq", 10, minimum=1, maximum=2**31 - 1),
         disable_tqdm=s.boolean("disable_tqdm", False),
         out_root=s.path("out_root"),
+        shape_policy=s.choice("shape_policy", SHAPE_POLICIES, DEFAULT_SHAPE_POLICY[schema],
+                              case="lower"),
+        compute_paper_metrics=s.boolean("compute_paper_metrics", False),
     )
-    why = weight_model_conflict(cfg)
-    if why:
-        raise s.fail(why[0], why[1])
+    if cfg.prior == "multiscale" and cfg.fit_region != "first_block":  # algorithm A5.1
+        raise s.fail("prior", "multiscale needs fit_region: first_block (its parent tiles)")
+    if cfg.gating == "edge" and (cfg.lambda_edge > 0 or cfg.lambda_grad > 0):  # A5.2
+        raise s.fail("gating", "edge needs lambda_edge: 0 and lambda_grad: 0")
     notes.extend(s.unknown())
     return cfg
-
-
-def weight_model_conflict(pacs: Any) -> tuple[str, str] | None:
-    """Say which key makes the weight model of ``pacs`` impossible, or return None.
-
-    ``prior: multiscale`` builds parent tiles from label cells, so it needs
-    ``fit_region: first_block``; ``gating: edge`` has value statistics only, so it needs
-    ``lambda_edge`` and ``lambda_grad`` 0 (algorithm A5.1, A5.2).  ``pacs`` is any object with
-    those attributes (a :class:`PacsConfig` or a tune candidate).
-    """
-    if pacs.prior == "multiscale" and pacs.fit_region != "first_block":
-        return "prior", (f"multiscale needs fit_region: first_block (the parents are unions "
-                         f"of label cells); got fit_region: {pacs.fit_region}")
-    if pacs.gating == "edge" and (pacs.lambda_edge > 0 or pacs.lambda_grad > 0):
-        return "gating", ("edge needs lambda_edge: 0 and lambda_grad: 0 (the gated fit has "
-                          f"value statistics only); got lambda_edge: {pacs.lambda_edge:g}, "
-                          f"lambda_grad: {pacs.lambda_grad:g}")
-    return None
 
 
 def load_config(path: str | os.PathLike[str]) -> FullConfig:
@@ -796,8 +830,9 @@ def load_config(path: str | os.PathLike[str]) -> FullConfig:
     -----
     UserWarning
         For every unknown key in a known section and every unknown top-level
-        section (``visualizations``, ``analysis`` and ``pipeline`` of the
-        published tool are ignored silently).
+        section.  The published tool's ``synthseg``, ``pipeline``, ``analysis`` and
+        ``visualizations`` sections are accepted and named once in the log (INFO) as
+        not used, as is every accepted key that is not used (:func:`unused_settings`).
 
     Examples
     --------
@@ -818,16 +853,42 @@ def load_config(path: str | os.PathLike[str]) -> FullConfig:
     # points at the caller of load_config.
     notes: list[str] = []
     data = _load_data(file, data_map, notes)
-    pacs = _load_pacs(file, pacs_map, notes)
+    pacs = _load_pacs(file, pacs_map, notes, data.schema)
     why = " but pacs_sr.use_registration is true" if pacs.use_registration else ""
     reg_map = _section(file, doc, "registration", required=pacs.use_registration, why=why)
     registration = None if reg_map is None else _load_registration(file, reg_map, notes)
     predict = _section(file, doc, "predict", required=False)
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    return FullConfig(
-        data=data, registration=registration, pacs_sr=pacs, predict=predict, path=file
+    ignored = tuple(name for name in doc if name in IGNORED_SECTIONS)
+    cfg = FullConfig(
+        data=data, registration=registration, pacs_sr=pacs, predict=predict, path=file,
+        ignored_sections=ignored,
     )
+    for line in unused_settings(cfg):
+        log.info("%s: %s", file, line)
+    return cfg
+
+
+def unused_settings(cfg: FullConfig) -> list[str]:
+    """Lines naming every accepted setting of ``cfg`` that pacs_numba does not use, and why.
+
+    Parameters
+    ----------
+    cfg : FullConfig
+
+    Returns
+    -------
+    list of str
+        One line per setting or section, for the log (``load_config`` logs them at INFO).
+    """
+    p = cfg.pacs_sr
+    out = [f"pacs_sr.{key}={getattr(p, key)!r} {why}" for key, why in _UNUSED_KEYS.items()]
+    out += [f"pacs_sr.{key} is true but not computed: {_NEEDS_WEIGHTS}"
+            for key in ("compute_lpips", "compute_kid") if getattr(p, key)]
+    if cfg.registration is not None and not p.use_registration:
+        out.append("section 'registration' not used: pacs_sr.use_registration is false")
+    return out + [f"section {n!r} not used: {IGNORED_SECTIONS[n]}" for n in cfg.ignored_sections]
 
 
 # ------------------------------------------------------------------------ writing
@@ -856,12 +917,12 @@ def config_to_dict(cfg: FullConfig) -> dict:
         paths are strings and tuples are lists.  ``load_config`` of its YAML
         gives back ``cfg`` (apart from ``path``).
     """
-    data = {
-        f.name.replace("_", "-") if f.name.endswith("_root") else f.name: _plain(
-            getattr(cfg.data, f.name)
-        )
-        for f in dataclasses.fields(cfg.data)
-    }
+    d = cfg.data  # the volume keys of its form first, then the shared keys
+    data = {k: _plain(getattr(d, k.replace("-", "_")))
+            for k in (NIFTI_KEYS if d.schema == "nifti" else HDF5_KEYS)}
+    skip = {"schema", *(k.replace("-", "_") for k in NIFTI_KEYS + HDF5_KEYS)}
+    data.update((f.name, _plain(getattr(d, f.name))) for f in dataclasses.fields(d)
+                if f.name not in skip)
     out: dict[str, Any] = {"data": data}
     if cfg.registration is not None:
         out["registration"] = {

@@ -287,7 +287,6 @@ def test_section_must_be_a_mapping(tmp_path, doc):
         ("pacs_sr", "simplex"),
         ("pacs_sr", "lambda_ridge"),
         ("pacs_sr", "device"),
-        ("pacs_sr", "compute_lpips"),
         ("pacs_sr", "out_root"),
         ("data", "hr-root"),
         ("data", "kfolds"),

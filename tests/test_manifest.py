@@ -218,7 +218,7 @@ def test_write_replaces_existing(fake, tmp_path):
         ('{"folds": []}', 'empty "folds"'),
         ('{"folds": [7]}', "fold 1 must be an object"),
         ('{"folds": [{"train": {}}]}', "fold 1 has no 'test'"),
-        ('{"folds": [{"train": ["A"], "test": ["B"]}]}', "list of patient ids"),
+        ('{"folds": [{"train": ["A"], "test": ["B"]}]}', "lists patient ids only"),
         ('{"folds": [{"train": {"A": 3}, "test": {}}]}', "patient 'A' must map to an object"),
     ],
 )

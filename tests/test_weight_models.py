@@ -295,3 +295,27 @@ def test_train_predict_and_maps_of_a_gated_multiscale_model(tmp_path, capsys):
     assert cli.main(["inspect", str(mdir / "pacs_model.npz")]) == 0
     text = capsys.readouterr().out
     assert "dominant share edge" in text and "gating=edge" in text
+
+
+@pytest.mark.parametrize("keys, msg", [
+    ({"prior": "multiscale", "fit_region": "window"},
+     r"pacs_sr\.prior multiscale needs fit_region: first_block"),
+    ({"gating": "edge", "lambda_edge": 0.5},
+     r"pacs_sr\.gating edge needs lambda_edge: 0 and lambda_grad: 0"),
+    ({"gating": "sharp"}, r"pacs_sr\.gating"),
+    ({"prior_strength": 0}, r"pacs_sr\.prior_strength"),
+])
+def test_config_refuses_weight_models_its_other_keys_exclude(tmp_path, keys, msg):
+    import yaml
+
+    from pacs_numba.config import load_config
+    from pacs_numba.store.cohort import make_cohort
+
+    cfg = make_cohort(tmp_path / "c", patients=2, shape=(10, 10, 10), spacings=("3mm",),
+                      pulses=("t1c",), kfolds=2, patch_size=4, stride=4)
+    doc = yaml.safe_load(cfg.read_text())
+    assert load_config(cfg).pacs_sr.prior == "none"  # the default keeps today's model
+    doc["pacs_sr"].update(keys)
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ConfigError, match=msg):
+        load_config(cfg)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..errors import BudgetError, Interrupted, PacsError
 from ..resources.process import pin_mmap_threshold
-from . import cache, data, diagnose, predict, results, train, tune
+from . import cache, data, diagnose, metrics, predict, results, train, tune
 from .common import (
     EXIT_BUDGET,
     EXIT_BUG,
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     run_common, plain_common = common_options(run=True), common_options(run=False)
-    for family in (train, data, predict, results, tune, cache, diagnose):
+    for family in (train, data, predict, results, metrics, tune, cache, diagnose):
         family.add_parsers(sub, run_common, plain_common)
     for command in sub.choices.values():
         common_groups_last(command)

@@ -262,7 +262,13 @@ def make_engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
 
 
 def file_log(config, args: argparse.Namespace) -> None:  # noqa: ANN001
-    """Also log to a file under the experiment folder when ``pacs_sr.log_to_file`` is on."""
+    """Apply ``pacs_sr.log_level``; also log to a file when ``pacs_sr.log_to_file`` is on.
+
+    The config's level applies unless ``-v``/``-q`` or ``PACS_LOG_LEVEL`` chose one.
+    """
+    chosen = getattr(args, "verbose", 0) or getattr(args, "quiet", 0)
+    if not chosen and not os.environ.get("PACS_LOG_LEVEL", "").strip():
+        logging.getLogger().setLevel(config.pacs_sr.log_level)
     if not config.pacs_sr.log_to_file:
         return
 

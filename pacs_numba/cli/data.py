@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
-from ..config import load_config
+from ..config import dump_config, load_config
 from ..errors import ConfigError
 from ..runs.demo import run_demo
 from ..runs.warmup import load_kernels
 from ..store.cohort import EXPERT_SETS, make_cohort
+from ..store.convert import blends_to_nifti, h5_config, make_h5_cohort, nifti_to_h5
 from ..store.manifest import build_manifest, write_manifest
 from .common import EXIT_OK, HelpFormatter, StopOnSignals, common_options
 
@@ -61,6 +63,9 @@ def _add_make_cohort(sub, plain_common: argparse.ArgumentParser) -> None:  # noq
         help="methods: each expert up-samples with its named method; complementary: one "
         "sharp and noisy, one smooth, one right on edges only, in turn",
     )
+    p.add_argument("--format", choices=["nifti", "hdf5"], default="nifti",
+                   help="nifti: the 2025 release's folders; hdf5: the current release's "
+                   "source_data.h5 and experts/*.h5 (the NIfTI form is kept in OUT/nifti)")
     p.add_argument(
         "--atlas",
         action="store_true",
@@ -100,6 +105,8 @@ def _add_demo(sub) -> None:  # noqa: ANN001
         help="HR volume shape in voxels",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
+    p.add_argument("--format", choices=["nifti", "hdf5"], default="nifti",
+                   help="run on the cohort's NIfTI form or its HDF5 form")
     p.add_argument(
         "--atlas",
         action="store_true",
@@ -108,6 +115,39 @@ def _add_demo(sub) -> None:  # noqa: ANN001
         "no registration)",
     )
     p.set_defaults(run=_demo)
+
+
+def _add_convert(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "convert",
+        parents=[plain_common],
+        help="NIfTI cohort -> the current release's HDF5 files, or HDF5 blends -> NIfTI",
+        description="With --config (a NIfTI-form config): write every complete patient's HR, "
+        "LR and expert outputs to OUT/source_data.h5 and OUT/experts/{model}.h5, and the same "
+        "config in the HDF5 form to OUT/config.yaml (keys already converted are skipped, so "
+        "a rerun resumes).  With --blends RESULTS_H5: write each blend of a fold's results "
+        "file to OUT/{spacing}/{pid}-{pulse}.nii.gz for viewers.",
+        formatter_class=HelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="a NIfTI-form config to convert")
+    src.add_argument("--blends", type=Path, help="a results_fold_{N}.h5 to export")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(run=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    if args.blends is not None:
+        written = blends_to_nifti(args.blends, args.out)
+        print(f"{len(written)} blends -> {args.out}")
+        return EXIT_OK
+    config = load_config(args.config)
+    source_h5, experts_dir = nifti_to_h5(config, args.out)
+    cfg = h5_config(config, source_h5, experts_dir, Path(args.out).resolve() / "manifest.json")
+    cfg = dataclasses.replace(cfg, path=Path(args.out) / "config.yaml")
+    dump_config(cfg, cfg.path)
+    print(f"HDF5 cohort: {source_h5}, {experts_dir}; config: {cfg.path}")
+    return EXIT_OK
 
 
 def _build_manifest(args: argparse.Namespace) -> int:
@@ -133,7 +173,8 @@ def _make_cohort(args: argparse.Namespace) -> int:
             "to generate the cohort there anyway (config.yaml is rewritten), or choose an "
             "empty or new folder"
         )
-    cfg = make_cohort(
+    make = make_h5_cohort if args.format == "hdf5" else make_cohort
+    cfg = make(
         args.out,
         patients=args.patients,
         shape=tuple(args.shape),
@@ -163,6 +204,7 @@ def _demo(args: argparse.Namespace) -> int:
             patients=args.patients,
             shape=tuple(args.shape),
             seed=args.seed,
+            data_format=args.format,
             cache_dir=args.cache_dir,
             workers=args.workers,
             no_progress=args.no_progress,
@@ -194,4 +236,5 @@ def add_parsers(sub, run_common: argparse.ArgumentParser,  # noqa: ANN001 - argp
     """Add this family's subcommands to ``sub``; each one's ``run`` is set as a default."""
     _add_build_manifest(sub, plain_common)
     _add_make_cohort(sub, plain_common)
+    _add_convert(sub, plain_common)
     _add_demo(sub)

@@ -83,6 +83,7 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
     engine = make_engine(args, config)
     startup_log(engine)
     tasks = engine.tasks(args.fold, args.spacing, args.pulse)
+    engine.write_metadata(tasks, args.command)  # HDF5-form configs only
     compiled_before = load_kernels()
     verb = "evaluate" if evaluate else "train"
     single = len(tasks) == 1

@@ -107,6 +107,15 @@ def _check_finite(
         )
 
 
+def simplex_method(n_experts: int) -> str:
+    """Name the method :func:`solve_simplex_qp` uses for ``n_experts`` experts.
+
+    ``"exact-kkt"`` (every support enumerated, its KKT system solved) up to
+    ``_ENUMERATION_MAX_EXPERTS`` experts, else ``"active-set"``.
+    """
+    return "exact-kkt" if n_experts <= _ENUMERATION_MAX_EXPERTS else "active-set"
+
+
 def solve_simplex_qp(
     Q: ArrayLike,
     B: ArrayLike,

@@ -14,6 +14,7 @@ One entry point, :func:`fit_model`, for the three weight models:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,6 +23,24 @@ from ..errors import ConfigError
 from .cellstats import CellStats, combine, combine_gated
 from .gating import solve_two_simplex_qp
 from .solve import laplacian_smooth, solve_simplex_qp, solve_unconstrained
+
+
+def weight_model_conflict(pacs: Any) -> tuple[str, str] | None:
+    """Say which key makes the weight model of ``pacs`` impossible, or return None.
+
+    ``prior: multiscale`` builds parent tiles from label cells, so it needs
+    ``fit_region: first_block``; ``gating: edge`` has value statistics only, so it needs
+    ``lambda_edge`` and ``lambda_grad`` 0 (algorithm A5.1, A5.2).  ``pacs`` is any object with
+    those attributes (a :class:`PacsConfig` or a tune candidate).
+    """
+    if pacs.prior == "multiscale" and pacs.fit_region != "first_block":
+        return "prior", (f"multiscale needs fit_region: first_block (the parents are unions "
+                         f"of label cells); got fit_region: {pacs.fit_region}")
+    if pacs.gating == "edge" and (pacs.lambda_edge > 0 or pacs.lambda_grad > 0):
+        return "gating", ("edge needs lambda_edge: 0 and lambda_grad: 0 (the gated fit has "
+                          f"value statistics only); got lambda_edge: {pacs.lambda_edge:g}, "
+                          f"lambda_grad: {pacs.lambda_grad:g}")
+    return None
 
 
 def _level_counts(shape: tuple[int, ...], stride: int) -> tuple[int, int, int]:

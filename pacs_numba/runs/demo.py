@@ -16,6 +16,7 @@ from ..config import load_config
 from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, PUBLISHED, STACKED, gain_over_best
 from ..store.atomic import atomic_write_text
 from ..store.cohort import make_cohort
+from ..store.convert import make_h5_cohort
 from ..store.manifest import build_manifest, write_manifest
 from .engine import Engine
 from .tasks import RunOptions, Task
@@ -61,7 +62,7 @@ _COHORT_STAMP = "demo_cohort.json"
 
 
 def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], seed: int,
-                 atlas: bool = False) -> Path:
+                 atlas: bool = False, data_format: str = "nifti") -> Path:
     """Return the config of the demo's cohort in ``folder``, generating it if needed.
 
     A cohort is reused when it is complete and was made with these settings.
@@ -69,6 +70,8 @@ def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], se
     settings = {"patients": patients, "shape": list(shape), "seed": seed, "version": 1}
     if atlas:  # a cohort with an atlas serves a run without one, not the other way round
         settings["atlas"] = True
+    if data_format != "nifti":
+        settings["format"] = data_format
     stamp = folder / _COHORT_STAMP
     config_path = folder / "config.yaml"
     try:
@@ -82,9 +85,11 @@ def _demo_cohort(folder: Path, *, patients: int, shape: tuple[int, int, int], se
         return config_path
     stamp.unlink(missing_ok=True)
     # Patients of an earlier cohort with other settings must not be scanned again.
-    for sub in ("hr", "lr", "models", "atlas"):
+    for sub in ("hr", "lr", "models", "atlas", "nifti", "experts"):
         shutil.rmtree(folder / sub, ignore_errors=True)
-    config_path = make_cohort(
+    (folder / "source_data.h5").unlink(missing_ok=True)
+    make = make_h5_cohort if data_format == "hdf5" else make_cohort
+    config_path = make(
         folder,
         patients=patients,
         shape=shape,
@@ -109,6 +114,7 @@ def run_demo(
     patients: int = 8,
     shape: tuple[int, int, int] = (96, 112, 96),
     seed: int = 0,
+    data_format: str = "nifti",
     cache_dir: Path | None = None,
     workers: int | None = None,
     no_progress: bool = False,
@@ -117,7 +123,8 @@ def run_demo(
 ) -> str:
     """Train fold 1 on a generated cohort under ``out`` and return the results table as text.
 
-    The cohort (``out/cohort``) is generated on the first run and reused by later runs
+    The cohort (``out/cohort``, or ``out/cohort_hdf5`` with ``data_format="hdf5"``: the
+    current release's HDF5 files) is generated on the first run and reused by later runs
     with the same ``patients``, ``shape`` and ``seed``; the volume cache defaults to
     ``out/cache``, so a second run neither regenerates nor decompresses anything and
     leaves nothing outside ``out``.  With ``atlas`` the cohort gets an atlas (the mean of
@@ -128,8 +135,10 @@ def run_demo(
     out = Path(out).resolve()
     if cache_dir is None:
         cache_dir = out / "cache"
-    config_path = _demo_cohort(out / "cohort", patients=patients, shape=shape, seed=seed,
-                               atlas=atlas)
+    # each form in its own folder, so that switching --format reuses both cohorts
+    folder = out / ("cohort" if data_format == "nifti" else "cohort_hdf5")
+    config_path = _demo_cohort(folder, patients=patients, shape=shape, seed=seed,
+                               atlas=atlas, data_format=data_format)
     config = load_config(config_path)
     if atlas:
         config = dataclasses.replace(
@@ -143,6 +152,7 @@ def run_demo(
     if on_engine is not None:
         on_engine(engine)
     task = Task(1, config.data.spacings[0], config.data.pulses[0])
+    engine.write_metadata([task], "demo")  # the HDF5 form only
     result = engine.train(task)
     secs = time.perf_counter() - t0
 
@@ -158,6 +168,8 @@ def run_demo(
     lines += metrics_table(result.extras.get("test_experts", {}), result.metrics["test"], n_test,
                            result.extras.get("test_hr_free"))
     lines.append(f"outputs: {result.model_dir}")
-    lines.append(f"         {engine.volumes_dir(task)}")
+    blends = (engine.volumes_dir(task) if data_format == "nifti"
+              else engine.layout(task).experiment_layout.results_h5(task.fold))
+    lines.append(f"         {blends}")
     lines.append(f"took {secs:.1f} s")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ which thread finished first.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..config import FullConfig, config_to_dict
 from ..core.blending import brain_mask
+from ..core.harmonise import common_shape, zoom_to, zoomed_affine
 from ..core.metrics import aggregate
 from ..core.scoring import extras_summary, split_extras
 from ..core.tiling import TileGrid
@@ -31,12 +33,13 @@ from ..resources.planning import PoolPlan, StagePlan, check_tile_settings, plan_
 from ..resources.process import baseline_bytes
 from ..resources.threads import ensure_threading_layer, thread_safe_layer
 from ..store.atomic import atomic_write_json
+from ..store.hdf5 import h5py_module
 from ..store.integrity import require_regular_file, strict_json, sweep_temp_files
-from ..store.layout import TaskLayout
+from ..store.layout import ExperimentLayout, TaskLayout
 from ..store.locks import TaskBusy, TaskLock
 from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.modelfile import ensure_weights_json, save_model, write_weights_json
-from ..store.nifti import AFFINE_ATOL, affine_difference, read_shape
+from ..store.nifti import AFFINE_ATOL, NiftiMeta, affine_difference
 from ..store.record import (
     RunRecord,
     atlas_fingerprints,
@@ -45,12 +48,15 @@ from ..store.record import (
     result_settings,
 )
 from ..store.registration import Registrar, ants_import_bytes, ants_imported
+from ..store.results_h5 import TIME_KEY, split_metrics_doc
 from ..store.statscache import StatsCache
-from ..store.volumes import VolumeStore
+from ..store.volumes import CachedVolume, VolumeStore, source_file, volume_shape
 from .evaluate import EvaluateStage
 from .fit import FitStage
+from .paper_metrics import paper_metrics_table
 from .pool import PatientSkipped, StopFlag, join_reasons, map_patients
 from .tasks import RunOptions, StageClock, Task, TaskResult, registration_settings
+from .training_record import experiment_metadata, training_record
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,8 @@ class Engine(FitStage, EvaluateStage):
         self.options = options or RunOptions()
         self.pacs = config.pacs_sr
         self.models = tuple(config.data.models)
+        if config.data.schema == "hdf5":
+            h5py_module()  # one clear line now if h5py is missing, not one per volume
         self.store = VolumeStore(self.options.cache_dir)
         # Per-patient fit statistics, shared by every fold, lambda and process on the node.
         self.stats_cache = StatsCache(self.store.directory / "cellstats")
@@ -113,7 +121,7 @@ class Engine(FitStage, EvaluateStage):
     def manifest(self) -> dict:
         """Return the K-fold manifest named by ``data.out`` (read once)."""
         if self._manifest is None:
-            self._manifest = load_manifest(self.config.data.out)
+            self._manifest = load_manifest(self.config.data.out, self.config.data)
         return self._manifest
 
     def tasks(
@@ -276,18 +284,25 @@ class Engine(FitStage, EvaluateStage):
             )
             plan = plan or plan_e
             # a non-empty split either yields metrics or _evaluate_split raises
-            results["train"] = aggregate(list(per_patient["train"].values()))
+            results["train"] = aggregate([_without_time(r)
+                                          for r in per_patient["train"].values()])
         per_patient["test"], plan_t = self._evaluate_split(
             task, "test", test, model, clock, skipped, nonfinite, record, plans.get("evaluate")
         )
         plan = plan or plan_t
+        seconds = {split: {pid: float(r.get(TIME_KEY, float("nan"))) for pid, r in pp.items()}
+                   for split, pp in per_patient.items()}
         # each expert alone and the HR-free protocol, beside (never inside) the published keys
+        per_patient["train"] = {pid: _without_time(r) for pid, r in per_patient["train"].items()}
         per_patient["test"], test_experts, test_hr_free = split_extras(per_patient["test"])
         results["test"] = aggregate(list(per_patient["test"].values()))  # {} for no test patient
         if not test:
             log.warning("task %s: the manifest has no test patients", task)
 
         metrics_doc: dict[str, Any] = dict(results)
+        if self.config.data.schema == "hdf5":  # the current release's form, with std and rows
+            metrics_doc.update((split, split_metrics_doc(per_patient[split], seconds[split]))
+                               for split in results)
         extras = extras_summary(test_experts, test_hr_free, self.models)
         metrics_doc.update(extras)
         if skipped:
@@ -306,6 +321,10 @@ class Engine(FitStage, EvaluateStage):
                 indent=2,
             )
         record.mark_complete()
+        if self.pacs.compute_paper_metrics and test:  # the paper's table, this task's rows
+            paper_metrics_table(self.config, out_root=self.out_root,
+                                cache_dir=self.store.directory, tasks=[task],
+                                mem_budget_bytes=self.options.mem_budget_bytes)
         secs = time.perf_counter() - t_task
         summary = " ".join(
             f"{split}_{k}={results[split][k]:.4f}"
@@ -323,10 +342,11 @@ class Engine(FitStage, EvaluateStage):
         missing = []
         for pid, paths in patients.items():
             for p in [paths["HR"], *paths["experts"]]:
-                if not Path(p).exists():
+                f = source_file(p)  # an HDF5 dataset's key is checked when it is read
+                if not f.exists():
                     missing.append(f"{pid}: {p}")
                 else:  # a FIFO would block the first read for ever; a folder is no volume
-                    require_regular_file(p, f"patient {pid}: input")
+                    require_regular_file(f, f"patient {pid}: input")
         if missing:
             listing = "\n  ".join(missing)
             raise InputError(
@@ -431,12 +451,15 @@ class Engine(FitStage, EvaluateStage):
                 log.warning("skipping patient %s: %s", pid, exc)
                 skipped[pid] = str(exc)
                 raise PatientSkipped(pid) from exc
+        try:
+            hr, experts, resampled = self._harmonise(pid, paths, hr, experts)
+        except InputError as exc:
+            log.warning("skipping patient %s: %s", pid, exc)
+            skipped[pid] = str(exc)
+            raise PatientSkipped(pid) from exc
         for e, path in zip(experts, paths["experts"], strict=True):
-            if e.data.shape != hr.data.shape:
-                raise InputError(
-                    f"patient {pid}: expert '{path}' has shape {e.data.shape}; expected "
-                    f"{hr.data.shape} like HR '{paths['HR']}'"
-                )
+            if resampled:  # the affines were made to agree by the resampling
+                continue
             why = affine_difference(e.meta.affine, hr.meta.affine)
             if why is not None:
                 log.warning(
@@ -449,6 +472,58 @@ class Engine(FitStage, EvaluateStage):
             for f, n in counts.items():
                 log.warning("patient %s: %d NaN/Inf voxels in '%s' excluded", pid, n, f)
         return hr, experts
+
+    # ---------------------------------------------------------------- shapes
+    def _harmonise(self, pid: str, paths: Mapping[str, Any], hr: CachedVolume,
+                   experts: list[CachedVolume]):
+        """Apply ``pacs_sr.shape_policy`` to a patient whose volumes differ in shape.
+
+        ``skip`` (the 2025 release): InputError naming the first expert that differs.
+        ``harmonise`` (the current release): every volume resampled to the element-wise
+        maximum shape (``core.harmonise``); the tiles are then cut on that shape for fit and
+        blend alike.  Returns ``(hr, experts, resampled)``.
+        """
+        shapes = [hr.data.shape, *(e.data.shape for e in experts)]
+        if len(set(shapes)) == 1:
+            return hr, experts, False
+        if self.pacs.shape_policy != "harmonise":
+            e, path = next((e, p) for e, p in zip(experts, paths["experts"], strict=True)
+                           if e.data.shape != hr.data.shape)
+            raise InputError(_shape_message(pid, path, e.data.shape, hr.data.shape, paths["HR"]))
+        target = common_shape(shapes)
+        log.info("patient %s: resampling %s to the common shape %s", pid,
+                 sorted({str(s) for s in shapes if s != target}), target)
+        affine = zoomed_affine(hr.meta.affine, hr.data.shape, target)
+
+        def fit(v: CachedVolume) -> CachedVolume:
+            if v.data.shape == target:
+                return v
+            data = zoom_to(v.data, target)
+            data.flags.writeable = False
+            return dataclasses.replace(v, data=data, meta=NiftiMeta.from_affine(target, affine),
+                                       nonfinite=int(np.count_nonzero(~np.isfinite(data))))
+
+        return fit(hr), [fit(e) for e in experts], True
+
+    def _shapes_skip(self, pid: str, paths: Mapping[str, Any], skipped: dict[str, str]) -> None:
+        """Under ``shape_policy: skip``, skip a patient whose headers differ in shape.
+
+        Checked before the statistics cache is asked, so that a patient cached by a
+        ``harmonise`` run is still skipped here.
+        """
+        if self.pacs.shape_policy == "harmonise" or self.registrar is not None:
+            return
+        try:
+            hr_shape = tuple(volume_shape(paths["HR"])[:3])
+            for path in paths["experts"]:
+                shape = tuple(volume_shape(path)[:3])
+                if shape != hr_shape:
+                    msg = _shape_message(pid, path, shape, hr_shape, paths["HR"])
+                    log.warning("skipping patient %s: %s", pid, msg)
+                    skipped[pid] = msg
+                    raise PatientSkipped(pid)
+        except InputError:
+            return  # the load reports it
 
     # ---------------------------------------------------------------- registration
     def _registration_baseline(self) -> int:
@@ -479,6 +554,24 @@ class Engine(FitStage, EvaluateStage):
             return self.registrar.brain_mask(task.pulse)
         return brain_mask(hr)
 
+    def _fitted(self, task: Task, used: list[str], grid: TileGrid, stats: tuple,
+                solved: np.ndarray, weights: np.ndarray, learned: np.ndarray) -> None:
+        """After a fit (hook): the current release's training record, for HDF5-form configs."""
+        if self.config.data.schema != "hdf5":
+            return
+        rec = training_record(self.config, task, used, grid, stats, solved, weights, learned,
+                              {})
+        atomic_write_json(self.layout(task).training_record, strict_json(rec), indent=2)
+
+    def write_metadata(self, tasks: list[Task], command: str) -> None:
+        """Write ``experiment_metadata.json`` at the experiment root (HDF5-form configs)."""
+        if self.config.data.schema != "hdf5":
+            return
+        lay = ExperimentLayout(self.out_root, self.pacs.experiment_name)
+        lay.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(lay.metadata_file,
+                          strict_json(experiment_metadata(self.config, tasks, command)), indent=2)
+
     def _registered_volumes(self, pid: str):
         """Return the registered (atlas-space) HR and experts of ``pid`` (hook)."""
         got = self._registered.get(pid)
@@ -504,7 +597,7 @@ class Engine(FitStage, EvaluateStage):
         reasons: dict[str, str] = {}
         for pid, paths in patients.items():
             try:  # the header only: the memory plan comes before any volume is read
-                shape = read_shape(paths["HR"])
+                shape = volume_shape(paths["HR"])
             except InputError:
                 try:  # a broken file: the volume reader says precisely what is wrong
                     shape = self.store.get(paths["HR"]).data.shape
@@ -512,6 +605,12 @@ class Engine(FitStage, EvaluateStage):
                     reasons[pid] = str(exc)
                     continue
             if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+                if self.pacs.shape_policy == "harmonise":  # the tiles are cut on S
+                    try:
+                        shape = common_shape([shape, *(volume_shape(p)
+                                                       for p in paths["experts"])])
+                    except InputError:
+                        pass  # an unreadable expert: the patient's load reports it
                 return tuple(int(n) for n in shape[:3])  # type: ignore[return-value]
             reasons[pid] = f"input '{paths['HR']}' has shape {shape}; expected a 3-D volume"
         for pid, why in reasons.items():
@@ -533,6 +632,16 @@ class Engine(FitStage, EvaluateStage):
         """Run ``fn(pid)`` for every patient on the task's pool (:func:`pool.map_patients`)."""
         return map_patients(desc, items, fn, plan, self.stop,
                             no_progress=self.pacs.disable_tqdm or self.options.no_progress)
+
+
+def _shape_message(pid: str, path: str, shape: tuple, hr_shape: tuple, hr: str) -> str:
+    return (f"patient {pid}: expert '{path}' has shape {tuple(shape)}; expected "
+            f"{tuple(hr_shape)} like HR '{hr}' (pacs_sr.shape_policy: harmonise resamples it "
+            "instead)")
+
+
+def _without_time(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != TIME_KEY}
 
 
 def _same_file(a: Path, b: Path) -> bool:

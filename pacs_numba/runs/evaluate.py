@@ -27,6 +27,7 @@ from ..store.mapfiles import WeightNifti, WeightNpz
 from ..store.modelfile import load_model, read_weights_json
 from ..store.nifti import write_nifti
 from ..store.record import RunRecord, fingerprints
+from ..store.results_h5 import TIME_KEY, ResultsH5
 from .pool import PatientSkipped, describe_plan, join_reasons
 from .tasks import StageClock, Task
 
@@ -175,7 +176,11 @@ class EvaluateStage:
             with clock("metrics"):
                 m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
             with clock("writes"):
-                if p.save_blends:
+                if p.save_blends and self.config.data.schema == "hdf5":
+                    # the current release's form: results_fold_{N}.h5 (train blends too)
+                    outputs.append(ResultsH5(lay.experiment_layout.root, task.fold).write_blend(
+                        task.spacing, task.pulse, pid, blend, hr.meta.affine))
+                elif p.save_blends:
                     target = lay.blend(split, pid)
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
@@ -221,7 +226,9 @@ class EvaluateStage:
             result: dict[str, Any] = {k: float(v) for k, v in m.items()}  # every metric made
             result.update(extra)
             record.add_patient(split, pid, inputs, outputs, result)
-            return result
+            # the current release's time_seconds: the engine takes it out of the means (a
+            # resumed patient has none)
+            return {**result, TIME_KEY: time.perf_counter() - t0}
 
         res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
         if not res:

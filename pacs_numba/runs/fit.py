@@ -25,8 +25,8 @@ from ..errors import InputError
 from ..resources.planning import StagePlan
 from ..store.layout import TaskLayout
 from ..store.modelfile import load_model
-from ..store.nifti import read_affine
 from ..store.record import RunRecord, model_digest
+from ..store.volumes import volume_affine
 from .pool import PatientSkipped, describe_plan, join_reasons
 from .tasks import StageClock, Task, registration_settings
 
@@ -68,6 +68,7 @@ class FitStage:
                 load_s = time.perf_counter() - t
                 return hr.data, [e.data for e in experts]
 
+            self._shapes_skip(pid, paths, skipped)  # shape_policy: skip, before the cache
             t0 = time.perf_counter()
             if self.registrar is not None:
                 # atlas-space statistics: name the entry by the registered volumes, whose
@@ -140,9 +141,13 @@ class FitStage:
                     lambda_ridge=p.lambda_ridge,
                     laplacian_tau=0.0,
                 )
-        if p.laplacian_tau > 0 and not weight_model:
-            with clock("smoothing"):  # leaves tiles without a learned weight at 1/M
-                weights = laplacian_smooth(weights, learned, grid.counts, p.laplacian_tau)
+            solved = weights
+            if p.laplacian_tau > 0:
+                with clock("smoothing"):  # leaves tiles without a learned weight at 1/M
+                    weights = laplacian_smooth(weights, learned, grid.counts, p.laplacian_tau)
+            # the training record's solver checks (KKT of the published QP) are for this
+            # model only; the weight models' fits are checked by their tests
+            self._fitted(task, used, grid, (Q, B, n), solved, weights, learned)  # engine's hook
         log.info(
             "fit %s: %d/%d tiles learned from %d patients (%d skipped)",
             task,
@@ -165,7 +170,7 @@ class FitStage:
         if self.registrar is not None:
             affine = self._registered_volumes(used[0])[0].meta.affine
         else:  # the header only: a fit from cached statistics reads no volume
-            affine = read_affine(train[used[0]]["HR"])
+            affine = volume_affine(train[used[0]]["HR"])
         model = StackingModel(
             weights, learned, grid, self.models, settings,
             window=p.mixing_window, affine=np.asarray(affine, np.float64),

@@ -140,7 +140,7 @@ def _test_patients(run_dir: Path, config_path: Path | None,
         s = model.settings
         if not all(k in s for k in ("fold", "spacing", "pulse")):
             raise InputError(f"model in '{run_dir}' does not name its fold, spacing and pulse")
-        _, test = select_task(load_manifest(cfg.data.out), int(s["fold"]), s["spacing"],
+        _, test = select_task(load_manifest(cfg.data.out, cfg.data), int(s["fold"]), s["spacing"],
                               s["pulse"], list(model.model_names))
         return {pid: {"HR": e["HR"], "experts": e["experts"]} for pid, e in test.items()}
     rec_path = run_dir / RECORD_FILE

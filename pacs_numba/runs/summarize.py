@@ -45,6 +45,7 @@ from ..store.layout import (
     find_task_dirs,
 )
 from ..store.modelfile import load_model
+from ..store.results_h5 import metrics_means
 from .escape import md_text
 from .summary_figures import draw_group_figures
 
@@ -113,7 +114,7 @@ def read_task(task_dir: Path) -> TaskData:
         raise InputError(str(exc)) from None
     fold = lay.fold
     t = TaskData(lay.experiment, lay.spacing, lay.pulse, fold, d)
-    metrics = _read_json(lay.metrics_json)
+    metrics = metrics_means(_read_json(lay.metrics_json))  # either release's form
     if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
         raise InputError(f"'{lay.metrics_json}' has no 'test' metrics")
     pj = lay.patients_json

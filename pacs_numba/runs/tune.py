@@ -38,19 +38,18 @@ from typing import Any
 
 import numpy as np
 
+from .._config import GATINGS, PRIORS
 from ..config import (
     FIT_REGIONS,
-    GATINGS,
     MIXING_WINDOWS,
-    PRIORS,
     FullConfig,
     dump_config,
     parse_yaml,
     stride_problem,
-    weight_model_conflict,
 )
 from ..core.cellstats import sum_stats
 from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, gain_over_best
+from ..core.weightfit import weight_model_conflict
 from ..errors import ConfigError, InputError, Interrupted
 from ..store.atomic import atomic_write_json, atomic_write_text
 from ..store.manifest import filter_tasks, load_manifest, select_task
@@ -299,7 +298,7 @@ def run_tune(
     results_dir = out / "results"
     pacs = config.pacs_sr
     models = tuple(config.data.models)
-    manifest = load_manifest(config.data.out)
+    manifest = load_manifest(config.data.out, config.data)
     fold_list, spacing_list, pulse_list = filter_tasks(manifest, config.data, folds, spacings,
                                                        pulses, fold_option="--folds")
     _check_grid_size(len(candidates), len(fold_list), len(spacing_list), len(pulse_list),

@@ -45,6 +45,7 @@ __all__ = [
     "H5Source",
     "h5_identity",
     "parse_source",
+    "read_h5_header",
     "read_h5_volume",
     "write_h5_volume",
 ]
@@ -363,6 +364,22 @@ def read_h5_volume(
         f"HDF5 file '{src.file}' (dataset '{src.key}') kept changing while it was read; is it "
         "still being written?"
     )
+
+
+def read_h5_header(
+    src: H5Source | str | os.PathLike[str],
+) -> tuple[tuple[int, int, int], NDArray[np.float64]]:
+    """Shape and affine of one HDF5 volume, without reading its voxels.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_h5_volume`, for everything but damaged voxel data.
+    """
+    src = _as_source(src)
+    with _open_h5(src) as f:
+        dset = _resolve(f, src)
+        return _check_dataset(dset, src), _read_affine(dset, src)
 
 
 def _as_source(src: H5Source | str | os.PathLike[str]) -> H5Source:

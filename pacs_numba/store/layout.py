@@ -8,12 +8,15 @@ The tree under ``out_root`` (the published tool's layout, plus our own files)::
 
     {out_root}/{experiment}/
         logs/                                      per-process log files
+        experiment_metadata.json  results_fold_{N}.h5 (+ .parts/)   HDF5-form configs
+        paper_metrics.csv                          ``pacs-numba metrics``
         {spacing}/output_volumes/{pid}-{pulse}.nii.gz       test blends
         {spacing}/model_data/fold_{N}/{pulse}/
             weights.json  metrics.json                      published files
             {pid}_blend_train.nii.gz                        train blends
             {pid}_weights_test.npz  {pid}_weight_analysis_test.npz
             pacs_model.npz  patients.json  pacs_numba_run.json    ours
+            training_record.json          current release's form (HDF5 configs)
             weight_maps_model_*  {pid}_weight_maps_test_*   ours: NIfTI weight maps
             report/                 ``pacs-numba report``'s default output folder
 
@@ -51,6 +54,18 @@ MODEL_FILE = "pacs_model.npz"
 
 #: Per-patient metrics, skipped patients and stage timings of a task.
 PATIENTS_FILE = "patients.json"
+
+
+#: The current release's per-tile solver record of a task (HDF5-form configs).
+TRAINING_RECORD_FILE = "training_record.json"
+
+
+#: The current release's description of an experiment, at its root (HDF5-form configs).
+EXPERIMENT_METADATA_FILE = "experiment_metadata.json"
+
+
+#: ``pacs-numba metrics``'s default table of the paper's metrics, at the experiment root.
+PAPER_METRICS_CSV = "paper_metrics.csv"
 
 
 #: ``pacs-numba summarize``'s tables.
@@ -185,6 +200,20 @@ class ExperimentLayout:
         """Default folder of ``pacs-numba tune``'s results, tables and best config."""
         return self.root / "tune"
 
+    @property
+    def metadata_file(self) -> Path:
+        """``experiment_metadata.json`` (HDF5-form configs)."""
+        return self.root / EXPERIMENT_METADATA_FILE
+
+    @property
+    def paper_metrics_csv(self) -> Path:
+        """Default output of ``pacs-numba metrics``."""
+        return self.root / PAPER_METRICS_CSV
+
+    def results_h5(self, fold: int) -> Path:
+        """``results_fold_{N}.h5``: a fold's blends (HDF5-form configs; see ``ResultsH5``)."""
+        return fold_results_h5(self.root, fold)[0]
+
     def log_file(self, command: str, stamp: str, host: str, pid: int) -> Path:
         """Log file of one process: ``logs/pacs_numba-{command}-{stamp}-{host}-{pid}.log``."""
         return self.logs_dir / f"pacs_numba-{command}-{stamp}-{host}-{pid}.log"
@@ -270,6 +299,11 @@ class TaskLayout:
     def record_file(self) -> Path:
         """The run record ``pacs_numba_run.json``."""
         return self.model_dir / RECORD_FILE
+
+    @property
+    def training_record(self) -> Path:
+        """The current release's ``training_record.json`` (HDF5-form configs)."""
+        return self.model_dir / TRAINING_RECORD_FILE
 
     def blend(self, split: str, pid: str) -> Path:
         """Blend of a patient: test blends go to ``output_volumes``, train blends to model_dir."""

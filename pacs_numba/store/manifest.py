@@ -1,7 +1,19 @@
 """The K-fold manifest of PaCS-SR (algorithm A1): which patient is in which fold, and its files.
 
-The input files are found in the published tool's layout, which
-:mod:`pacs_numba.store.layout` spells (``hr_file``, ``lr_file``, ``expert_file``).
+Two forms.  The 2025 release's (NIfTI configs) maps each patient to its files; the current
+release's (HDF5 configs) lists patient ids only, ``{"folds": [{"test": [pid, ...], "train":
+[pid, ...]}, ...]}``, and the files come from the config at run time.  Both are read with
+:func:`load_manifest`; given the config's ``data`` section, an id-list manifest is resolved
+into the entry form (ids kept in file order) so that :func:`select_task` serves both.
+
+HDF5 layout (the current release)::
+
+    {source-h5}::high_resolution/{pid}/{pulse}                  HR
+    {source-h5}::low_resolution/{spacing}/{pid}/{pulse}         LR
+    {experts-dir}/{model lower-case}.h5::{spacing}/{pid}/{pulse}   expert output
+
+NIfTI layout (the published tool's 2025 release): :mod:`pacs_numba.store.layout` spells it
+(``hr_file``, ``lr_file``, ``expert_file``).
 
 Manifest JSON: ``{"folds": [{"train": {pid: entry}, "test": {pid: entry}}, ...]}``
 with ``entry[MODEL | "HR" | "LR"][spacing][pulse] = path``; the HR path is repeated
@@ -23,6 +35,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import ConfigError, InputError
+from .hdf5 import H5Source, h5_reason, h5py_module
 from .integrity import check_patient_id
 from .layout import expert_file, hr_file, lr_file
 
@@ -46,6 +59,32 @@ def lr_path(data: DataConfig, pid: str, spacing: str, pulse: str) -> Path:
 def sr_path(data: DataConfig, model: str, pid: str, spacing: str, pulse: str) -> Path:
     """Path of an expert output under ``data.models_root`` (:func:`layout.expert_file`)."""
     return expert_file(data.models_root, model, spacing, pid, pulse)
+
+
+def hr_source(data: DataConfig, pid: str, pulse: str) -> str:
+    """Where a patient's HR is, in either schema (a path, or ``file.h5::key``)."""
+    if data.schema == "hdf5":
+        return str(H5Source(data.source_h5, f"high_resolution/{pid}/{pulse}"))
+    return str(hr_path(data, pid, pulse))
+
+
+def lr_source(data: DataConfig, pid: str, spacing: str, pulse: str) -> str:
+    """Where a patient's LR is, in either schema (a path, or ``file.h5::key``)."""
+    if data.schema == "hdf5":
+        return str(H5Source(data.source_h5, f"low_resolution/{spacing}/{pid}/{pulse}"))
+    return str(lr_path(data, pid, spacing, pulse))
+
+
+def h5_expert_file(data: DataConfig, model: str) -> Path:
+    """HDF5 schema: the file of one expert, ``{experts-dir}/{model lower-case}.h5``."""
+    return data.experts_dir / f"{model.lower()}.h5"
+
+
+def expert_source(data: DataConfig, model: str, pid: str, spacing: str, pulse: str) -> str:
+    """Where an expert's output is, in either schema (a path, or ``file.h5::key``)."""
+    if data.schema == "hdf5":
+        return str(H5Source(h5_expert_file(data, model), f"{spacing}/{pid}/{pulse}"))
+    return str(sr_path(data, model, pid, spacing, pulse))
 
 
 def _required_files(data: DataConfig, pid: str) -> list[Path]:
@@ -88,6 +127,8 @@ def scan_patients(data: DataConfig) -> tuple[list[str], dict[str, list[str]]]:
     with ``.``) are skipped.  Each dropped patient is logged at WARNING with its
     first missing file.
     """
+    if data.schema == "hdf5":
+        return _scan_h5(data)
     root = data.hr_root
     if not root.is_dir():
         raise ConfigError(
@@ -121,18 +162,91 @@ def scan_patients(data: DataConfig) -> tuple[list[str], dict[str, list[str]]]:
     return complete, missing
 
 
+def _h5_file(path: Path, what: str):  # noqa: ANN202 - an open h5py.File
+    h5py = h5py_module()
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' is not a file; expected an HDF5 file")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what} '{path}' cannot be opened as HDF5 ({h5_reason(exc)})") from exc
+
+
+def has_group(group, name: str) -> bool:  # noqa: ANN001 - an h5py.Group
+    """Whether ``group[name]`` is a group (a dangling link is not)."""
+    h5py = h5py_module()
+    try:
+        return isinstance(group.get(name), h5py.Group)
+    except (KeyError, OSError):
+        return False
+
+
+def _scan_h5(data: DataConfig) -> tuple[list[str], dict[str, list[str]]]:
+    """Apply the current release's inclusion rule to the HDF5 files.
+
+    Patients are the sorted child groups of ``high_resolution``; a patient is complete when
+    its HR exists for every pulse and every model has ``{spacing}/{pid}/{pulse}`` for every
+    spacing and pulse (the LR is not required).
+    """
+    h5py = h5py_module()
+    src = _h5_file(data.source_h5, "data.source-h5")
+    experts = {}
+    try:
+        for model in data.models:
+            experts[model] = _h5_file(h5_expert_file(data, model), f"expert {model!r} file")
+        hr = src.get("high_resolution")
+        if not isinstance(hr, h5py.Group):
+            raise ConfigError(
+                f"data.source-h5 '{data.source_h5}' has no group 'high_resolution'; expected "
+                "one group per patient under it"
+            )
+        candidates = sorted(k for k in hr if has_group(hr, k))
+
+        def has(f, key: str) -> bool:  # noqa: ANN001
+            try:
+                return isinstance(f.get(key), h5py.Dataset)
+            except (KeyError, OSError):  # a dangling link: not there
+                return False
+
+        complete: list[str] = []
+        missing: dict[str, list[str]] = {}
+        for pid in candidates:
+            absent = [hr_source(data, pid, pulse) for pulse in data.pulses
+                      if not has(src, f"high_resolution/{pid}/{pulse}")]
+            absent += [
+                expert_source(data, model, pid, sp, pulse)
+                for model in data.models for sp in data.spacings for pulse in data.pulses
+                if not has(experts[model], f"{sp}/{pid}/{pulse}")
+            ]
+            if absent:
+                missing[pid] = absent
+                log.warning("dropping patient %s: %d of its volumes are missing, first %s",
+                            pid, len(absent), absent[0])
+            else:
+                complete.append(pid)
+    finally:
+        for f in [src, *experts.values()]:
+            f.close()
+    log.info(
+        "found %d patients in %s: %d complete, %d dropped (spacings=%s pulses=%s models=%s)",
+        len(candidates), data.source_h5, len(complete), len(missing), ",".join(data.spacings),
+        ",".join(data.pulses), ",".join(data.models),
+    )
+    return complete, missing
+
+
 def _entry(data: DataConfig, pid: str) -> dict[str, dict[str, dict[str, str]]]:
     entry: dict[str, dict[str, dict[str, str]]] = {}
     for model in data.models:
         entry[model] = {
-            sp: {pulse: str(sr_path(data, model, pid, sp, pulse)) for pulse in data.pulses}
+            sp: {pulse: expert_source(data, model, pid, sp, pulse) for pulse in data.pulses}
             for sp in data.spacings
         }
     entry["HR"] = {
-        sp: {pulse: str(hr_path(data, pid, pulse)) for pulse in data.pulses} for sp in data.spacings
+        sp: {pulse: hr_source(data, pid, pulse) for pulse in data.pulses} for sp in data.spacings
     }
     entry["LR"] = {
-        sp: {pulse: str(lr_path(data, pid, sp, pulse)) for pulse in data.pulses}
+        sp: {pulse: lr_source(data, pid, sp, pulse) for pulse in data.pulses}
         for sp in data.spacings
     }
     return entry
@@ -148,7 +262,10 @@ def build_manifest(data: DataConfig) -> dict:
     Returns
     -------
     dict
-        ``{"folds": [{"train": {pid: entry}, "test": {pid: entry}}, ...]}``.
+        NIfTI schema: ``{"folds": [{"train": {pid: entry}, "test": {pid: entry}}, ...]}``.
+        HDF5 schema: the current release's id lists, ``{"folds": [{"test": [pid, ...],
+        "train": [pid, ...]}, ...]}`` (shuffled order), with its inclusion rule (see
+        ``_scan_h5``: the LR is not required).
 
     Raises
     ------
@@ -170,25 +287,32 @@ def build_manifest(data: DataConfig) -> dict:
         why = "; ".join(f"{pid} lacks {files[0]}" for pid, files in examples)
         more = f" and {len(missing) - _EXAMPLES} more" if len(missing) > _EXAMPLES else ""
         dropped = f"; {len(missing)} dropped for missing files: {why}{more}" if missing else ""
+        where = (f"data.hr-root {str(data.hr_root)!r}" if data.schema == "nifti"
+                 else f"data.source-h5 {str(data.source_h5)!r}")
         raise ConfigError(
-            f"found {n} complete patients in data.hr-root {str(data.hr_root)!r} but "
+            f"found {n} complete patients in {where} but "
             f"data.kfolds = {k} needs at least {k}{dropped}"
         )
     order = list(complete)
     random.Random(data.seed).shuffle(order)
-    entries = {pid: _entry(data, pid) for pid in complete}
-    folds = []
+    ids_only = data.schema == "hdf5"
+    entries = {} if ids_only else {pid: _entry(data, pid) for pid in complete}
+    folds: list[dict[str, Any]] = []
     start = 0
     for i in range(k):
         size = (n + i) // k
         test = set(order[start : start + size])
         start += size
-        folds.append(
-            {
-                "train": {pid: entries[pid] for pid in order if pid not in test},
-                "test": {pid: entries[pid] for pid in order if pid in test},
-            }
-        )
+        if ids_only:
+            folds.append({"test": [p for p in order if p in test],
+                          "train": [p for p in order if p not in test]})
+        else:
+            folds.append(
+                {
+                    "train": {pid: entries[pid] for pid in order if pid not in test},
+                    "test": {pid: entries[pid] for pid in order if pid in test},
+                }
+            )
         log.info("fold %d: train=%d test=%d", i + 1, n - len(test), len(test))
     return {"folds": folds}
 
@@ -221,23 +345,32 @@ def write_manifest(manifest: dict, path: str | os.PathLike[str]) -> None:
     log.info("wrote manifest %s (%d folds)", dest, len(manifest.get("folds", ())))
 
 
-def load_manifest(path: str | os.PathLike[str]) -> dict:
-    """Read and check the shape of a manifest JSON.
+#: Set on a manifest resolved from the id-list form: its patients are taken in file order.
+FILE_ORDER = "_ids_in_file_order"
+
+
+def load_manifest(path: str | os.PathLike[str], data: DataConfig | None = None) -> dict:
+    """Read and check the shape of a manifest JSON, in either form.
 
     Parameters
     ----------
     path : str or PathLike
+    data : DataConfig, optional
+        The config's ``data`` section.  Needed for the id-list form (the current release's),
+        whose file paths come from the config: its ids are resolved into entries of
+        ``data``'s schema (HDF5 datasets or NIfTI paths), in file order.
 
     Returns
     -------
     dict
-        ``{"folds": [{"train": {pid: entry}, "test": {pid: entry}}, ...]}``.
+        ``{"folds": [{"train": {pid: entry}, "test": {pid: entry}}, ...]}``; from the
+        id-list form with ``FILE_ORDER`` set, so that :func:`select_task` keeps file order.
 
     Raises
     ------
     ConfigError
-        The file is missing, not JSON, or not shaped like a manifest; the
-        message names the file and what is wrong.
+        The file is missing, not JSON, or not shaped like a manifest; an id-list manifest
+        without ``data``; the message names the file and what is wrong.
     """
     file = Path(path)
     try:
@@ -265,17 +398,14 @@ def load_manifest(path: str | os.PathLike[str]) -> dict:
         raise ConfigError(f'{where} must be an object with a "folds" list')
     if not manifest["folds"]:
         raise ConfigError(f'{where} has an empty "folds" list')
+    if any(isinstance(f, dict) and isinstance(f.get(sp), list)
+           for f in manifest["folds"] for sp in ("train", "test")):
+        return _resolve_id_lists(manifest, where, data)
     for i, fold in enumerate(manifest["folds"], start=1):
         if not isinstance(fold, dict):
             raise ConfigError(f'{where}: fold {i} must be an object with "train" and "test"')
         for split in ("train", "test"):
             part = fold.get(split)
-            if isinstance(part, list):
-                raise ConfigError(
-                    f"{where}: fold {i} {split!r} is a list of patient ids (the HDF5 manifest "
-                    "of newer PaCS-SR versions); expected a mapping patient -> file entry; "
-                    "rebuild the manifest from the config"
-                )
             if not isinstance(part, dict):
                 raise ConfigError(
                     f"{where}: fold {i} has no {split!r} mapping of patient -> file entry"
@@ -297,6 +427,56 @@ def load_manifest(path: str | os.PathLike[str]) -> dict:
                 "'train' and 'test'; a test patient must not be trained on (rebuild the manifest)"
             )
     return manifest
+
+
+def _resolve_id_lists(manifest: dict, where: str, data: DataConfig | None) -> dict:
+    """Check an id-list manifest and resolve its ids into entries of ``data``'s schema."""
+    folds = []
+    for i, fold in enumerate(manifest["folds"], start=1):
+        if not isinstance(fold, dict):
+            raise ConfigError(f'{where}: fold {i} must be an object with "train" and "test"')
+        lists = {}
+        for split in ("train", "test"):
+            part = fold.get(split)
+            if not isinstance(part, list):
+                raise ConfigError(
+                    f"{where}: fold {i} has no {split!r} list of patient ids; every fold of an "
+                    "id-list manifest must have both lists"
+                )
+            for pid in part:
+                if not isinstance(pid, str):
+                    raise ConfigError(
+                        f"{where}: fold {i} {split!r} holds {pid!r}; expected patient ids "
+                        "(strings)"
+                    )
+                try:
+                    check_patient_id(pid, f"{where}: fold {i} {split}")
+                except InputError as exc:
+                    raise ConfigError(str(exc)) from None
+            dupes = sorted({p for p in part if part.count(p) > 1})
+            if dupes:
+                raise ConfigError(
+                    f"{where}: fold {i} {split!r} lists {', '.join(map(repr, dupes))} more than "
+                    "once"
+                )
+            lists[split] = part
+        both = sorted(set(lists["train"]) & set(lists["test"]))
+        if both:
+            raise ConfigError(
+                f"{where}: fold {i} lists patient(s) {', '.join(map(repr, both))} in both "
+                "'train' and 'test'; a test patient must not be trained on (rebuild the manifest)"
+            )
+        folds.append(lists)
+    if data is None:
+        raise ConfigError(
+            f"{where} lists patient ids only (the current PaCS-SR release's form); their files "
+            "come from the config: read it with the config's data section"
+        )
+    return {
+        "folds": [{split: {pid: _entry(data, pid) for pid in f[split]}
+                   for split in ("train", "test")} for f in folds],
+        FILE_ORDER: True,
+    }
 
 
 def _no_duplicates(file: Path, text: str):  # noqa: ANN202 - a json object_pairs_hook
@@ -475,7 +655,8 @@ def select_task(
         if not isinstance(part, dict):
             raise ConfigError(f"manifest fold {fold} has no {split!r} mapping of patient -> entry")
         sel: dict[str, dict] = {}
-        for pid in sorted(part):
+        # the id-list form is read in file order, as the current release does
+        for pid in (list(part) if manifest.get(FILE_ORDER) else sorted(part)):
             entry = part[pid]
             sel[pid] = {
                 "HR": _lookup(entry, ("HR", spacing, pulse), pid, fold),

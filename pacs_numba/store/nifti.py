@@ -84,6 +84,22 @@ class NiftiMeta:
         cls = nib.Nifti2Header if self.nifti_version == 2 else nib.Nifti1Header
         return cls.from_fileobj(io.BytesIO(self.header_bytes))
 
+    @classmethod
+    def from_affine(cls, shape: tuple[int, ...], affine: NDArray[np.float64]) -> NiftiMeta:
+        """Meta of a volume known by its shape and affine only (an HDF5 dataset).
+
+        The header is a fresh float32 NIfTI-1 header with the affine as sform and qform
+        (code 1, scanner), as nibabel writes an image made from an array and an affine.
+        """
+        img = nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), np.asarray(affine, np.float64))
+        hdr = img.header
+        hdr.set_data_shape(tuple(int(n) for n in shape))
+        hdr.set_data_dtype(np.float32)
+        hbio = io.BytesIO()
+        hdr.write_to(hbio)
+        return cls(_shape3(shape), readonly(np.array(img.affine, dtype=np.float64)),
+                   _zooms3(hdr.get_zooms()[:3]), hbio.getvalue(), 1)
+
     def _to_json(self) -> dict[str, Any]:
         return {
             "shape": list(self.shape),

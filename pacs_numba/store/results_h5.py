@@ -414,3 +414,59 @@ class ResultsH5:
         return read_h5_volume(
             H5Source(self.part_path(spacing, pulse, pid), self.key(spacing, pulse, pid))
         )
+
+
+# --------------------------------------------------------------------------------------
+# metrics.json in the current release's form
+# --------------------------------------------------------------------------------------
+
+#: Key of a patient's evaluation seconds in its per-patient result (the current release's
+#: ``time_seconds``); never part of the means.
+TIME_KEY = "time_seconds"
+#: The metrics the current release's ``aggregate``/``std`` hold, in its order.
+_PUBLISHED = ("mse", "mae", "psnr", "ssim")
+
+
+def split_metrics_doc(per_patient: dict[str, dict[str, float]],
+                      seconds: dict[str, float]) -> dict[str, object]:
+    """One split of the current release's ``metrics.json``: aggregate, std, per_patient.
+
+    Parameters
+    ----------
+    per_patient : {pid: {mse, mae, psnr, ssim}}
+        In the order the patients are listed.
+    seconds : {pid: float}
+        Each patient's evaluation time (``time_seconds``).
+
+    Returns
+    -------
+    dict
+        ``{"aggregate": {metric: mean}, "std": {metric: population std}, "per_patient":
+        [{"patient_id": pid, mse, mae, psnr, ssim, "time_seconds"}, ...]}``; ``{}`` when there
+        is no patient.  An infinite PSNR (blend == HR) stays infinite (written as null).
+    """
+    if not per_patient:
+        return {}
+    table = {k: np.array([float(m[k]) for m in per_patient.values()]) for k in _PUBLISHED}
+    rows = [{"patient_id": pid, **{k: float(m[k]) for k in _PUBLISHED},
+             TIME_KEY: float(seconds.get(pid, float("nan")))} for pid, m in per_patient.items()]
+    return {"aggregate": {k: float(np.mean(v)) for k, v in table.items()},
+            "std": {k: float(np.std(v)) for k, v in table.items()},
+            "per_patient": rows}
+
+
+def metrics_means(doc: object) -> object:
+    """Return a ``metrics.json`` with the 2025 shape ``{split: {metric: mean}}``, from either form.
+
+    The current release's splits (``{"aggregate", "std", "per_patient"}``) are replaced by
+    their ``aggregate``; other keys are kept.  Readers (``summarize``, ``report``) call this
+    so that they read both forms.
+    """
+    if not isinstance(doc, dict):
+        return doc
+    out = dict(doc)
+    for split in ("train", "test"):
+        part = out.get(split)
+        if isinstance(part, dict) and isinstance(part.get("aggregate"), dict):
+            out[split] = dict(part["aggregate"])
+    return out

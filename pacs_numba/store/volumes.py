@@ -47,9 +47,10 @@ from numpy.typing import NDArray
 
 from ..errors import InputError, OutputError
 from .atomic import host_tag, install_file
+from .hdf5 import H5Source, h5_identity, parse_source, read_h5_header, read_h5_volume
 from .integrity import file_identity, sweep_temp_files, writer_gone
 from .locks import node_lock
-from .nifti import NiftiMeta, load_volume
+from .nifti import NiftiMeta, load_volume, read_affine, read_shape
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +102,24 @@ def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     Parameters
     ----------
     path : str or path-like
+        A file, or an HDF5 dataset in the string form ``"file.h5::key"``.
 
     Returns
     -------
     dict
         ``{"path": absolute path (str), "size": bytes (int), "mtime_ns": int, "ctime_ns": int,
-        "sample": content sample (str)}`` (see :func:`integrity.content_sample`).
+        "sample": content sample (str)}`` (see :func:`integrity.content_sample`); for an HDF5
+        dataset ``{"path": "file::key", "h5": hdf5.h5_identity}``.
 
     Raises
     ------
     InputError
         If the file does not exist, cannot be examined or is not a regular file.
     """
+    h5 = parse_source(path)
+    if h5 is not None:  # an HDF5 dataset: its identity (file fields and dataset fields)
+        src = _absolute(h5)
+        return {"path": str(src), "h5": _h5_ident(src)}
     p = Path(os.path.abspath(path))
     _, ident = file_identity(p, open_verb="examine")
     return {"path": str(p), **{k: ident[k] for k in ("size", "mtime_ns", "ctime_ns", "sample")}}
@@ -128,8 +135,10 @@ class CachedVolume:
         Read-only, C-contiguous view of a memory map of the cache entry: the layout every
         kernel is compiled for (``_arrays.as_volume`` returns it unchanged, without a copy).
     meta : NiftiMeta
-    source : pathlib.Path
-        Absolute path of the NIfTI file, as given (symlinks not resolved).
+        For an HDF5 dataset, a NIfTI-1 header made from its shape and affine.
+    source : pathlib.Path or H5Source
+        Absolute path of the NIfTI file, as given (symlinks not resolved), or the HDF5
+        dataset with its file's absolute path.
     nonfinite : int
         Number of NaN or infinite voxels, counted once when the entry was made.
     entry : pathlib.Path
@@ -138,7 +147,7 @@ class CachedVolume:
 
     data: NDArray[np.float32]
     meta: NiftiMeta
-    source: Path
+    source: Path | H5Source
     nonfinite: int
     entry: Path
 
@@ -347,8 +356,11 @@ class VolumeStore:
 
         Parameters
         ----------
-        path : str or path-like
-            A NIfTI file, as for :func:`read_nifti`.
+        path : str, path-like or H5Source
+            A NIfTI file, as for :func:`read_nifti`, or an HDF5 dataset (an
+            :class:`~pacs_numba.store.hdf5.H5Source` or its string form ``"file.h5::key"``),
+            as for :func:`~pacs_numba.store.hdf5.read_h5_volume`: decompressed once into the
+            same cache, keyed by :func:`~pacs_numba.store.hdf5.h5_identity` and the key.
 
         Returns
         -------
@@ -368,9 +380,15 @@ class VolumeStore:
         -----
         Thread-safe.  Concurrent calls for the same file wait for one decompression.
         """
-        source = Path(os.path.abspath(path))
+        h5 = parse_source(path)
+        source: Path | H5Source = (
+            _absolute(h5) if h5 is not None else Path(os.path.abspath(path))
+        )
         for _ in range(3):
-            st, ident = _identity(source)
+            if isinstance(source, H5Source):
+                st, ident = None, _h5_ident(source)
+            else:
+                st, ident = _identity(source)
             key = _entry_key(ident)
             with self._lock_for(key):
                 with self._guard:
@@ -409,7 +427,7 @@ class VolumeStore:
             return lock
 
     def _open_entry(
-        self, key: str, source: Path, ident: dict[str, Any]
+        self, key: str, source: Path | H5Source, ident: dict[str, Any]
     ) -> CachedVolume | None:
         """Open an existing entry; None if there is none, ``_BadEntry`` if it is unusable."""
         npy = self.directory / f"{key}.npy"
@@ -474,14 +492,21 @@ class VolumeStore:
             self._verified[key] = ident
 
     def _build(
-        self, key: str, source: Path, ident: dict[str, Any], st: os.stat_result
+        self, key: str, source: Path | H5Source, ident: dict[str, Any],
+        st: os.stat_result | None,
     ) -> CachedVolume | None:
         """Decompress ``source`` into a new entry; None if the source changed since ``st``."""
         t0 = time.perf_counter()
-        vol, meta, st_read = load_volume(source)
+        if isinstance(source, H5Source):
+            vol, affine = read_h5_volume(source)
+            meta = NiftiMeta.from_affine(vol.shape, affine)
+            changed = _h5_ident(source) != ident
+        else:
+            vol, meta, st_read = load_volume(source)
+            changed = st is None or _stat_id(st_read) != _stat_id(st)
         with self._guard:
             self.read_count += 1
-        if _stat_id(st_read) != _stat_id(st):
+        if changed:
             return None
         nonfinite = _count_nonfinite(vol)
         vol = np.ascontiguousarray(vol, dtype="<f4")  # the bytes write_array stores
@@ -546,6 +571,48 @@ def _identity(source: Path) -> tuple[os.stat_result, dict[str, Any]]:
     return file_identity(
         source, missing=f"input '{source}' does not exist; expected a NIfTI volume (.nii or "
         ".nii.gz)")
+
+
+def _absolute(src: H5Source) -> H5Source:
+    return H5Source(Path(os.path.abspath(src.file)), src.key)
+
+
+def _h5_ident(src: H5Source) -> dict[str, Any]:
+    """Return what a cache entry of an HDF5 dataset must match: its identity and key.
+
+    Passed through JSON so that it compares equal to the sidecar's copy (tuples become lists).
+    """
+    return json.loads(json.dumps({**h5_identity(src), "h5_key": src.key}))
+
+
+def volume_shape(src: str | os.PathLike[str] | H5Source) -> tuple[int, ...]:
+    """Shape of a NIfTI file or HDF5 dataset from its header alone (no voxel data read).
+
+    Raises
+    ------
+    InputError
+        If the file (or the dataset) is missing or unreadable.
+    """
+    h5 = parse_source(src)
+    return read_h5_header(h5)[0] if h5 is not None else read_shape(src)  # type: ignore[arg-type]
+
+
+def volume_affine(src: str | os.PathLike[str] | H5Source) -> NDArray[np.float64]:
+    """Affine of a NIfTI file or HDF5 dataset from its header alone (no voxel data read).
+
+    Raises
+    ------
+    InputError
+        If the file (or the dataset) is missing or unreadable.
+    """
+    h5 = parse_source(src)
+    return read_h5_header(h5)[1] if h5 is not None else read_affine(src)  # type: ignore[arg-type]
+
+
+def source_file(src: str | os.PathLike[str] | H5Source) -> Path:
+    """Return the file a volume source lives in (the NIfTI file or the HDF5 file)."""
+    h5 = parse_source(src)
+    return h5.file if h5 is not None else Path(src)  # type: ignore[arg-type]
 
 
 def _entry_key(ident: dict[str, Any]) -> str:
