@@ -490,7 +490,9 @@ def test_report_renders_in_headless_chromium(run, report, tmp_path):
     test = _test_patients(run)
     assert dom["title"].startswith("PaCS-SR report: ")
     assert dom["h1"] == [dom["title"]]
-    assert dom["h2"] == ["Model", *(f"Test patient {p}" for p in test)]
+    # one section per test patient, summarize's figures when they exist, the model last
+    across = [h for h in dom["h2"] if h.startswith("Across folds")]
+    assert dom["h2"] == [*(f"Test patient {p}" for p in test), *across, "Model"]
     assert dom["tables"] == 1 + len(test)
     expected = {"weights_by_region.png"} | {f"{p}_{k}.png" for p in test
                                              for k in ("slices", "weights")}
