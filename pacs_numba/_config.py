@@ -58,10 +58,13 @@ ENTROPY_EPS = 1e-10      # A8 entropy map
 PSNR_EPS = 1e-12         # A7.6
 SSIM_MIN_RANGE = 1e-7    # A7.6 slices with a smaller data range are skipped
 BRAIN_THRESHOLD = 0.1    # A7.5 raw-HR threshold of the brain mask
+GATE_QUANTILE = 0.9      # A5.2 edge gate = min(1, sobel / this quantile over the head)
 
 #: Codes the kernels take instead of strings.
 GRAD_OPERATORS = {"sobel": 0, "prewitt": 1, "scharr": 2}
 WINDOWS = {"flat": 0, "hann": 1}
+PRIORS = ("none", "multiscale")   # A5.1 pacs_sr.prior (first = default)
+GATINGS = ("none", "edge")        # A5.2 pacs_sr.gating (first = default)
 SSIM_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 # Numba's default "workqueue" threading layer aborts the process when two Python

@@ -27,21 +27,14 @@ from typing import Any
 
 import yaml
 
-from ._config import GRAD_OPERATORS, SSIM_AXES, WINDOWS
+from ._config import GATINGS, GRAD_OPERATORS, PRIORS, SSIM_AXES, WINDOWS
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DataConfig",
-    "RegistrationConfig",
-    "PacsConfig",
-    "FullConfig",
-    "load_config",
-    "unused_settings",
-    "config_to_dict",
-    "dump_config",
-    "name_problem",
+    "DataConfig", "RegistrationConfig", "PacsConfig", "FullConfig", "load_config",
+    "unused_settings", "config_to_dict", "dump_config", "name_problem",
 ]
 
 
@@ -204,6 +197,9 @@ class PacsConfig:
     lambda_grad: float = 0.0
     grad_operator: str = "sobel"
     fit_region: str = "first_block"
+    prior: str = "none"
+    prior_strength: float = 1.0
+    gating: str = "none"
     normalize: str
     use_registration: bool = False
     num_workers: int
@@ -777,15 +773,14 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> Pacs
         lambda_grad=s.number("lambda_grad", 0.0, low=0.0),
         grad_operator=s.choice("grad_operator", GRAD_OPERATOR_NAMES, "sobel", case="lower"),
         fit_region=s.choice("fit_region", FIT_REGIONS, "first_block", case="lower"),
+        prior=s.choice("prior", PRIORS, "none", case="lower"),
+        prior_strength=s.number("prior_strength", 1.0, low=0.0, low_open=True),
+        gating=s.choice("gating", GATINGS, "none", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
-        num_workers=s.integer(
-            "num_workers",
-            minimum=-MAX_WORKERS,
-            maximum=MAX_WORKERS,
-            nonzero=True,
-            why=" (negative as in joblib: -1 = all CPUs, -2 = all but one)",
-        ),
+        num_workers=s.integer("num_workers", minimum=-MAX_WORKERS, maximum=MAX_WORKERS,
+                              nonzero=True,
+                              why=" (negative as in joblib: -1 = all CPUs, -2 = all but one)"),
         parallel_backend=s.choice("parallel_backend", PARALLEL_BACKENDS, "loky"),
         device=s.string("device"),
         compute_lpips=s.boolean("compute_lpips", False),
@@ -803,6 +798,10 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> Pacs
                               case="lower"),
         compute_paper_metrics=s.boolean("compute_paper_metrics", False),
     )
+    if cfg.prior == "multiscale" and cfg.fit_region != "first_block":  # algorithm A5.1
+        raise s.fail("prior", "multiscale needs fit_region: first_block (its parent tiles)")
+    if cfg.gating == "edge" and (cfg.lambda_edge > 0 or cfg.lambda_grad > 0):  # A5.2
+        raise s.fail("gating", "edge needs lambda_edge: 0 and lambda_grad: 0")
     notes.extend(s.unknown())
     return cfg
 

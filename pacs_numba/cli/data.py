@@ -11,7 +11,7 @@ from ..config import dump_config, load_config
 from ..errors import ConfigError
 from ..runs.demo import run_demo
 from ..runs.warmup import load_kernels
-from ..store.cohort import make_cohort
+from ..store.cohort import EXPERT_SETS, make_cohort
 from ..store.convert import blends_to_nifti, h5_config, make_h5_cohort, nifti_to_h5
 from ..store.manifest import build_manifest, write_manifest
 from .common import EXIT_OK, HelpFormatter, StopOnSignals, common_options
@@ -56,6 +56,13 @@ def _add_make_cohort(sub, plain_common: argparse.ArgumentParser) -> None:  # noq
     p.add_argument("--patch-size", type=int, default=16, help="pacs_sr.patch_size of the config")
     p.add_argument("--stride", type=int, default=8, help="pacs_sr.stride of the config")
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="expert names (default: BSPLINE LINEAR NEAREST SHARPEN)")
+    p.add_argument(
+        "--experts", choices=EXPERT_SETS, default="methods",
+        help="methods: each expert up-samples with its named method; complementary: one "
+        "sharp and noisy, one smooth, one right on edges only, in turn",
+    )
     p.add_argument("--format", choices=["nifti", "hdf5"], default="nifti",
                    help="nifti: the 2025 release's folders; hdf5: the current release's "
                    "source_data.h5 and experts/*.h5 (the NIfTI form is kept in OUT/nifti)")
@@ -177,6 +184,8 @@ def _make_cohort(args: argparse.Namespace) -> int:
         kfolds=args.kfolds,
         patch_size=args.patch_size,
         stride=args.stride,
+        experts=args.experts,
+        **({"models": tuple(args.models)} if args.models else {}),
         atlas=args.atlas,
     )
     print(f"cohort written; config: {cfg}")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..config import load_config
 from ..core.scoring import HR_FREE, PROTOCOLS
+from ..errors import ConfigError
+from ..runs.nested import default_grid, run_nested
 from ..runs.pool import StopFlag
 from ..runs.tune import MAX_UNITS, load_grid, run_tune
 from ..store.layout import ExperimentLayout
@@ -37,10 +39,19 @@ def _add_tune(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN0
     io.add_argument(
         "--grid",
         type=Path,
-        required=True,
+        default=None,
         help="YAML mapping of pacs_sr keys to lists of values: patch_size, stride, "
-        "lambda_ridge, lambda_edge, lambda_grad, laplacian_tau, fit_region, mixing_window "
-        "(a key given twice is refused)",
+        "lambda_ridge, lambda_edge, lambda_grad, laplacian_tau, fit_region, mixing_window, "
+        "prior, prior_strength, gating (a key given twice is refused; required without "
+        "--nested)",
+    )
+    io.add_argument(
+        "--nested",
+        action="store_true",
+        help="nested cross-validation: choose the setting and the best expert on inner folds "
+        "of each outer fold's training patients, score the choice on its held-out patients; "
+        "writes nested.json and nested.md (without --grid: a default grid of the config's "
+        "setting and the weight models)",
     )
     io.add_argument(
         "--out",
@@ -81,10 +92,29 @@ class _TuneStop:
 def _tune(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
-    candidates = load_grid(args.grid, config)
+    if args.grid is None and not args.nested:
+        raise ConfigError("tune needs --grid FILE (or --nested, which has a default grid)")
+    candidates = load_grid(args.grid, config) if args.grid is not None else default_grid(config)
     out = args.out or ExperimentLayout(
         Path(config.pacs_sr.out_root), config.pacs_sr.experiment_name
     ).tune_dir
+    if args.nested:
+        stopper = _TuneStop()
+        with StopOnSignals(stopper, what="units"):
+            nres = run_nested(
+                config, candidates, out, folds=args.folds, spacings=args.spacing,
+                pulses=args.pulse, cache_dir=args.cache_dir, no_progress=args.no_progress,
+                stop=stopper.flag,
+            )
+        s = nres.summary
+        print(
+            f"{s['n_candidates']} settings, {len(s['outer_folds'])} outer folds; nested held-out "
+            f"gain {s['gain_psnr']:+.4f} dB PSNR over the best expert (per fold "
+            + " ".join(f"{g:+.3f}" for g in s["gain_psnr_per_fold"])
+            + f") -> {nres.out_dir / 'nested.json'}",
+            flush=True,
+        )
+        return EXIT_OK
     stopper = _TuneStop()
     with StopOnSignals(stopper, what="units"):
         res = run_tune(

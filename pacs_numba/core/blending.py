@@ -27,6 +27,7 @@ from .checks import (
     check_volume_list,
     readonly,
 )
+from .gating import edge_gate, gated_mix
 from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
@@ -190,6 +191,7 @@ def blend_patient(
     window: str,
     norm: Normalisation,
     brain_mask: ArrayLike | None,
+    gate: ArrayLike | None = None,
 ) -> NDArray[np.float32]:
     """Blend one patient (algorithm A7.1-A7.5) from a normalisation source and a brain mask.
 
@@ -203,19 +205,34 @@ def blend_patient(
         Expert volumes, in the order of the weight columns.
     grid : TileGrid
         The tile grid of ``weights``.
-    weights : (n_tiles, M) array_like
-        Tile weights (``1/M`` for tiles without a learned weight).
+    weights : (n_tiles, M) or (n_tiles, 2M) array_like
+        Tile weights (``1/M`` for tiles without a learned weight); with ``2M`` columns the
+        edge-gated model's edge weights ``a`` then flat weights ``b`` (algorithm A5.2).
     window : {"flat", "hann"}
         Mixing window where tiles overlap.
     norm : Normalisation
         z-score statistics of the experts and the mean/std the blend is mapped back to.
     brain_mask : (N0, N1, N2) array_like of bool or uint8, or None
         Multiplied into the blend (nonzero = inside); None = no masking.
+    gate : (N0, N1, N2) float32, optional
+        Edge gate ``g`` of the experts, used with ``2M`` weight columns (default: computed
+        here by :func:`pacs_numba.core.gating.edge_gate`, from the experts alone): the
+        blend is ``g blend(a) + (1 - g) blend(b)``, at every voxel a convex combination
+        of the experts with weights ``g W_a + (1 - g) W_b``.
 
     Returns
     -------
     (N0, N1, N2) float32
         The blend, in the intensity units of ``norm``'s source.
+
+    Raises
+    ------
+    InputError
+        If a gate is given that does not have the experts' shape.
+    NonFiniteBlend
+        If a voxel of the blend is NaN or infinite (checked once, before anything is
+        written): huge finite expert values that overflow float32 when mapped back, or
+        weights or statistics that are not finite.  Its ``expert`` names the cause.
 
     Examples
     --------
@@ -227,14 +244,22 @@ def blend_patient(
     ...                     norm=Normalisation.from_hr(hr, [hr]), brain_mask=None)
     >>> bool(np.allclose(out, hr, atol=1e-4))
     True
-
-    Raises
-    ------
-    NonFiniteBlend
-        If a voxel of the blend is NaN or infinite (checked once, before anything is
-        written): huge finite expert values that overflow float32 when mapped back, or
-        weights or statistics that are not finite.  Its ``expert`` names the cause.
     """
+    m = len(experts)
+    w = np.asarray(weights)
+    if w.ndim == 2 and w.shape[1] == 2 * m:
+        if gate is None:
+            gate = edge_gate(experts)
+        if np.shape(gate) != np.shape(experts[0]):
+            raise InputError(
+                f"edge-gated weights ({w.shape[1]} columns for {m} experts) need an edge gate "
+                f"of the experts' shape {np.shape(experts[0])}; got {np.shape(gate)}"
+            )
+        edge = blend_patient(experts, grid, w[:, :m], window=window, norm=norm,
+                             brain_mask=brain_mask)
+        flat = blend_patient(experts, grid, w[:, m:], window=window, norm=norm,
+                             brain_mask=brain_mask)
+        return gated_mix(edge, flat, np.asarray(gate, np.float32))
     blend = blend_volume(
         experts,
         grid,

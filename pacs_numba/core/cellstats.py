@@ -49,6 +49,7 @@ from .._config import GRAD_OPERATORS, WINDOWS
 from ..config import FIT_REGIONS, PacsConfig, check_stride
 from ..errors import ConfigError, InputError
 from ..kernels.blend import _window_table
+from ..kernels.gated import _gated_moments
 from ..kernels.stats import (
     N_PARTS,
     _box_moments,
@@ -57,11 +58,15 @@ from ..kernels.stats import (
     _volume_moments,
 )
 from .checks import as_volume_list
+from .gating import edge_gate, gated_normal_equations
 from .statistics import PatientStats, check_option, check_volumes
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
+
+#: Parts the edge-gated model adds (value moments weighted by ``g`` and ``g^2``).
+N_GATED_PARTS = 2
 
 #: Bumped whenever the meaning or layout of a stored entry changes.
 FORMAT = 1
@@ -89,6 +94,9 @@ class StatsKey:
         Gradient operator (ignored, stored as ``""``, when ``with_grad`` is false).
     with_edge, with_grad : bool
         Which parts were computed (a ``False`` part is all zero).
+    with_gate : bool
+        Whether the two gated parts of the edge-gated model (algorithm A5.2) follow the
+        four parts (``first_block`` only).
     """
 
     region: str
@@ -99,6 +107,7 @@ class StatsKey:
     grad_operator: str
     with_edge: bool
     with_grad: bool
+    with_gate: bool = False
 
     @classmethod
     def make(
@@ -112,6 +121,7 @@ class StatsKey:
         grad_operator: str,
         with_edge: bool,
         with_grad: bool,
+        with_gate: bool = False,
     ) -> StatsKey:
         """Normalise the settings (drop those that cannot matter) and check them.
 
@@ -133,6 +143,8 @@ class StatsKey:
         stride = check_stride(patch_size, stride)
         if with_edge and not (math.isfinite(edge_power) and edge_power > 0):
             raise ConfigError(f"edge_power must be a finite number > 0, got {edge_power!r}")
+        if with_gate and region != "first_block":
+            raise ConfigError("gating: edge statistics need fit_region: first_block")
         if region == "first_block":
             patch_size, window = stride, "flat"
         elif stride >= patch_size:
@@ -141,7 +153,7 @@ class StatsKey:
             region, stride, patch_size, window,
             float(edge_power) if with_edge else 0.0,
             grad_operator if with_grad else "",
-            bool(with_edge), bool(with_grad),
+            bool(with_edge), bool(with_grad), bool(with_gate),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -151,7 +163,14 @@ class StatsKey:
             "window": self.window, "edge_power": self.edge_power,
             "grad_operator": self.grad_operator, "with_edge": self.with_edge,
             "with_grad": self.with_grad,
+            # only when set, so the keys (and cache entries) of ungated statistics stay
+            **({"with_gate": True} if self.with_gate else {}),
         }
+
+    @property
+    def n_parts(self) -> int:
+        """Parts per tile: the four of algorithm A4, plus two gated ones (A5.2)."""
+        return N_PARTS + (N_GATED_PARTS if self.with_gate else 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,10 +179,12 @@ class CellStats:
 
     Attributes
     ----------
-    parts : (T, 4, M + M (M + 1) / 2) float64
+    parts : (T, key.n_parts, M + M (M + 1) / 2) float64
         Per tile: the value, value-edge, gradient and gradient-edge parts
-        (``kernels.stats.PART_*``); in each, terms ``0..M-1`` are the cross terms with the
-        HR and the rest the upper triangle of the expert products, row-major.
+        (``kernels.stats.PART_*``), then with ``key.with_gate`` the value parts weighted
+        by the edge gate ``g`` and by ``g^2`` (algorithm A5.2); in each, terms
+        ``0..M-1`` are the cross terms with the HR and the rest the upper triangle of
+        the expert products, row-major.
     counts : (T,) int64
         Mask voxels per tile (with a non-zero window weight).
     shape : tuple of 3 int
@@ -221,7 +242,8 @@ class CellStats:
         c = c.reshape(coarse[0], f, coarse[1], f, coarse[2], f).sum(axis=(1, 3, 5))
         key = StatsKey(**{**self.key.as_dict(), "stride": stride, "patch_size": stride})
         return CellStats(
-            p.reshape(-1, N_PARTS, self.parts.shape[-1]), c.reshape(-1).astype(np.int64),
+            p.reshape(-1, self.parts.shape[1], self.parts.shape[-1]),
+            c.reshape(-1).astype(np.int64),
             self.shape, key, self.n_experts, self.mu_hr, self.sd_hr,
         )
 
@@ -232,7 +254,7 @@ def fit_stats_key(pacs: PacsConfig) -> StatsKey:
         region=pacs.fit_region, stride=pacs.stride, patch_size=pacs.patch_size,
         window=pacs.mixing_window, edge_power=pacs.edge_power,
         grad_operator=pacs.grad_operator, with_edge=pacs.lambda_edge > 0,
-        with_grad=pacs.lambda_grad > 0,
+        with_grad=pacs.lambda_grad > 0, with_gate=pacs.gating == "edge",
     )
 
 
@@ -292,6 +314,20 @@ def combine(
     terms = p[:, 0] + lambda_edge * p[:, 1] + lambda_grad * (p[:, 2] + lambda_edge * p[:, 3])
     m = stats.n_experts
     return terms[:, _term_index(m)], terms[:, :m].copy()
+
+
+def combine_gated(stats: CellStats) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-tile ``Q (T, 2M, 2M)`` and ``B (T, 2M)`` of the edge-gated fit (algorithm A5.2).
+
+    Raises
+    ------
+    ConfigError
+        If the statistics have no gated parts.
+    """
+    if not stats.key.with_gate:
+        raise ConfigError("gating: edge needs statistics with the gated parts")
+    q, b = combine(stats, lambda_edge=0.0, lambda_grad=0.0)
+    return gated_normal_equations(q, b, stats.parts[:, N_PARTS:N_PARTS + N_GATED_PARTS])
 
 
 def sum_stats(items: Sequence[CellStats]) -> CellStats:
@@ -367,6 +403,11 @@ def box_statistics(
         float(key.edge_power) if key.with_edge else 1.0, gmax, key.with_edge, key.with_grad,
         int(GRAD_OPERATORS[key.grad_operator or "sobel"]), n_chunks,
     )
+    if key.with_gate:
+        gate = edge_gate(ex)
+        gated = _gated_moments(hr_v, ex, mask, key.stride, mus, sds, gate)
+        del gate
+        parts = np.ascontiguousarray(np.concatenate([parts, gated], axis=1))
     return CellStats(parts, counts, tuple(hr_v.shape), key, len(ex),  # type: ignore[arg-type]
                      float(mus[0]), float(sds[0]))
 

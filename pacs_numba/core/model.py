@@ -50,8 +50,9 @@ class StackingModel:
 
     Parameters
     ----------
-    weights : (n_tiles, n_experts) float32
-        Weight of every tile; tiles without a learned weight hold ``1/M``.
+    weights : (n_tiles, n_experts) or (n_tiles, 2 n_experts) float32
+        Weight of every tile; tiles without a learned weight hold ``1/M``.  With
+        ``gating="edge"`` the edge weights then the flat weights (algorithm A5.2).
     learned : (n_tiles,) bool
         Which tiles had mask voxels in some training patient.
     grid : TileGrid
@@ -71,6 +72,9 @@ class StackingModel:
         The patients the weights were fitted on (empty when unknown).
     format_version : int
         The file format the model was read from (``FORMAT_VERSION`` for a new model).
+    gating : {"none", "edge"}
+        The weight model's gating (``edge``: two weight vectors per tile, mixed per voxel
+        by the experts' edge gate, algorithm A5.2).
     """
 
     weights: NDArray[np.float32]
@@ -83,14 +87,37 @@ class StackingModel:
     normalisation: str = "zscore"
     train_patients: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
+    gating: str = "none"
 
     def __post_init__(self) -> None:
         t, m = self.weights.shape
-        if t != self.grid.n_tiles or m != len(self.model_names) or self.learned.shape != (t,):
+        if self.gating not in ("none", "edge"):
+            raise ValueError(f"gating {self.gating!r}: expected 'none' or 'edge'")
+        cols = len(self.model_names) * (2 if self.gating == "edge" else 1)
+        if t != self.grid.n_tiles or m != cols or self.learned.shape != (t,):
             raise ValueError(
                 f"weights {self.weights.shape}, learned {self.learned.shape} do not fit "
-                f"{self.grid.n_tiles} tiles x {len(self.model_names)} experts"
+                f"{self.grid.n_tiles} tiles x {cols} weights ({len(self.model_names)} experts, "
+                f"gating {self.gating})"
             )
+
+
+def column_names(model: StackingModel) -> list[str]:
+    """Name of each weight column: the experts, or each expert on edges then on flat tissue.
+
+    Examples
+    --------
+    >>> from pacs_numba.core.tiling import TileGrid
+    >>> g = TileGrid((2, 2, 2), 2, 2)
+    >>> m = StackingModel(np.full((1, 4), 0.5, np.float32), np.ones(1, bool), g, ("A", "B"),
+    ...                   gating="edge")
+    >>> column_names(m)
+    ['A (edge)', 'B (edge)', 'A (flat)', 'B (flat)']
+    """
+    if model.gating == "edge":
+        return ([f"{n} (edge)" for n in model.model_names]
+                + [f"{n} (flat)" for n in model.model_names])
+    return list(model.model_names)
 
 
 def weights_json_text(weights: NDArray[np.float32], learned: NDArray[np.bool_]) -> str:
@@ -134,6 +161,8 @@ def model_members(model: StackingModel) -> dict[str, np.ndarray]:
         "train_patients": np.asarray([str(p) for p in train], dtype=str),
         "settings": np.asarray(json.dumps(model.settings, sort_keys=True, default=str)),
     }
+    if model.gating != "none":  # only then: ungated files stay what older versions write
+        members["gating"] = np.asarray(model.gating)
     members = {k: np.asarray(v) for k, v in members.items()}
     members["checksum"] = np.asarray(_checksum(members))
     return members
@@ -260,6 +289,7 @@ def model_from_members(members: dict[str, np.ndarray], where: str) -> StackingMo
             "affine": None if not np.all(np.isfinite(affine)) else affine.astype(np.float64),
             "normalisation": _member_text(members, "normalisation", where),
             "train_patients": _member_texts(members, "train_patients", where),
+            "gating": _member_text(members, "gating", where) if "gating" in members else "none",
         }
     else:
         window = settings.get("pacs_sr", {}).get("mixing_window")
@@ -310,23 +340,25 @@ def describe_model(model: StackingModel, path: Path | str | None = None) -> str:
         lines.append("task:            " + " ".join(f"{k}={v}" for k, v in task.items()))
     tp = model.train_patients
     lines.append(f"train patients:  {len(tp)}" + (f" ({', '.join(tp)})" if tp else ""))
-    if n_learned:
-        dom = np.bincount(
-            np.argmax(model.weights[model.learned], axis=1), minlength=len(model.model_names)
-        )
+    m = len(model.model_names)
+    halves = ([("", model.weights)] if model.gating == "none" else
+              [(" edge", model.weights[:, :m]), (" flat", model.weights[:, m:])])
+    for tag, w in halves if n_learned else ():
+        dom = np.bincount(np.argmax(w[model.learned], axis=1), minlength=m)
         share = ", ".join(
             f"{n} {100.0 * c / n_learned:.1f}%" for n, c in zip(model.model_names, dom, strict=True)
         )
-        lines.append(f"dominant share:  {share} (of learned tiles)")
-        mean = model.weights[model.learned].mean(axis=0)
+        lines.append(f"dominant share{tag}:".ljust(17) + f"{share} (of learned tiles)")
+        mean = w[model.learned].mean(axis=0)
         lines.append(
-            "mean weight:     "
-            + ", ".join(f"{n} {w:.3f}" for n, w in zip(model.model_names, mean, strict=True))
+            f"mean weight{tag}:".ljust(17)
+            + ", ".join(f"{n} {x:.3f}" for n, x in zip(model.model_names, mean, strict=True))
         )
     pacs = s.get("pacs_sr")
     if isinstance(pacs, dict):
         keys = ("patch_size", "stride", "mixing_window", "simplex", "lambda_ridge",
-                "laplacian_tau", "lambda_edge", "edge_power", "lambda_grad", "grad_operator")
+                "laplacian_tau", "lambda_edge", "edge_power", "lambda_grad", "grad_operator",
+                "prior", "prior_strength", "gating")
         lines.append(
             "settings:        " + " ".join(f"{k}={pacs[k]}" for k in keys if k in pacs)
         )

@@ -15,11 +15,12 @@ import numpy as np
 
 from .._version import __version__
 from ..config import config_to_dict
-from ..core.cellstats import combine, fit_stats_key
+from ..core.cellstats import combine, fit_stats_key, sum_stats
 from ..core.model import StackingModel
 from ..core.solve import fit_weights, laplacian_smooth
 from ..core.statistics import hr_is_flat
 from ..core.tiling import TileGrid
+from ..core.weightfit import fit_model
 from ..errors import InputError
 from ..resources.planning import StagePlan
 from ..store.layout import TaskLayout
@@ -52,6 +53,8 @@ class FitStage:
         p = self.pacs
 
         key = fit_stats_key(p)
+        # The published model keeps its own path (Q, B summed per patient), bit for bit.
+        weight_model = p.prior != "none" or p.gating != "none"
 
         def fit_one(pid: str):
             paths = train[pid]
@@ -100,6 +103,8 @@ class FitStage:
             log.debug(
                 "patient=%s stage=fit secs=%.3f mask=%d", pid, time.perf_counter() - t0, st.n_mask
             )
+            if weight_model:  # the fit needs the decomposed parts (coarser levels, gated parts)
+                return st
             q, b = combine(st, lambda_edge=p.lambda_edge, lambda_grad=p.lambda_grad)
             return q, b, st.counts
 
@@ -109,29 +114,40 @@ class FitStage:
             raise InputError(
                 f"task {task}: every training patient was skipped: " + join_reasons(skipped)
             )
-        Q = np.zeros_like(stats[used[0]][0])
-        B = np.zeros_like(stats[used[0]][1])
-        n = np.zeros_like(stats[used[0]][2])
-        for pid in used:
-            q, b, c = stats[pid]
-            Q += q
-            B += b
-            n += c
-        with clock("solve"):
-            weights, learned = fit_weights(
-                Q,
-                B,
-                n,
-                grid.counts,
-                simplex=p.simplex,
-                lambda_ridge=p.lambda_ridge,
-                laplacian_tau=0.0,
-            )
-        solved = weights
-        if p.laplacian_tau > 0:
-            with clock("smoothing"):  # leaves tiles without a learned weight at 1/M
-                weights = laplacian_smooth(weights, learned, grid.counts, p.laplacian_tau)
-        self._fitted(task, used, grid, (Q, B, n), solved, weights, learned)  # engine's hook
+        if weight_model:  # algorithm A5.1, A5.2: summed parts, one fit for every level
+            with clock("solve"):
+                weights, learned = fit_model(
+                    sum_stats([stats[pid] for pid in used]), simplex=p.simplex,
+                    lambda_ridge=p.lambda_ridge, lambda_edge=p.lambda_edge,
+                    lambda_grad=p.lambda_grad, laplacian_tau=p.laplacian_tau, prior=p.prior,
+                    prior_strength=p.prior_strength, gating=p.gating,
+                )
+        else:
+            Q = np.zeros_like(stats[used[0]][0])
+            B = np.zeros_like(stats[used[0]][1])
+            n = np.zeros_like(stats[used[0]][2])
+            for pid in used:
+                q, b, c = stats[pid]
+                Q += q
+                B += b
+                n += c
+            with clock("solve"):
+                weights, learned = fit_weights(
+                    Q,
+                    B,
+                    n,
+                    grid.counts,
+                    simplex=p.simplex,
+                    lambda_ridge=p.lambda_ridge,
+                    laplacian_tau=0.0,
+                )
+            solved = weights
+            if p.laplacian_tau > 0:
+                with clock("smoothing"):  # leaves tiles without a learned weight at 1/M
+                    weights = laplacian_smooth(weights, learned, grid.counts, p.laplacian_tau)
+            # the training record's solver checks (KKT of the published QP) are for this
+            # model only; the weight models' fits are checked by their tests
+            self._fitted(task, used, grid, (Q, B, n), solved, weights, learned)  # engine's hook
         log.info(
             "fit %s: %d/%d tiles learned from %d patients (%d skipped)",
             task,
@@ -158,7 +174,7 @@ class FitStage:
         model = StackingModel(
             weights, learned, grid, self.models, settings,
             window=p.mixing_window, affine=np.asarray(affine, np.float64),
-            normalisation=p.normalize, train_patients=tuple(used),
+            normalisation=p.normalize, train_patients=tuple(used), gating=p.gating,
         )
         return model
 

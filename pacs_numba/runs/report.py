@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from ..config import load_config
 from ..core.blending import brain_mask
 from ..core.metrics import volume_metrics
-from ..core.model import StackingModel, describe_model
+from ..core.model import StackingModel, column_names, describe_model
 from ..core.orientation import (
     PLANE_ACROSS,
     View,
@@ -269,7 +269,7 @@ def region_figure(model: StackingModel, path: Path, affine: NDArray | None = Non
     tiles are stacked across.
     """
     g = model.grid
-    names = model.model_names
+    names = column_names(model)  # with gating: each expert on edges, then on flat tissue
     w = model.weights.reshape(*g.counts, len(names)).astype(np.float64)
     learned = model.learned.reshape(g.counts)
     if affine is None:
@@ -478,7 +478,7 @@ def _make_report(run_dir: Path, config_path: Path | None, out_dir: Path | None,
         one = {pr: {n: {pid: m} for n, m in ms.items()} for pr, ms in per.items()}
         f1 = slices_figure(hr, exp, blend, model.model_names, f"{pid} ({title})",
                            out / f"{pid}_slices.png", affine)
-        f2 = weights_figure(hr, maps, mask, model.model_names, f"{pid} ({title})",
+        f2 = weights_figure(hr, maps, mask, column_names(model), f"{pid} ({title})",
                             out / f"{pid}_weights.png", affine)
         captions = "; ".join(v.caption for v in views(affine, hr.shape))
         sections.append(

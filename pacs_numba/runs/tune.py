@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import itertools
 import json
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .._config import GATINGS, PRIORS
 from ..config import (
     FIT_REGIONS,
     MIXING_WINDOWS,
@@ -47,17 +47,19 @@ from ..config import (
     parse_yaml,
     stride_problem,
 )
-from ..core.blending import Normalisation, blend_patient, brain_mask, expert_mean
-from ..core.cellstats import CellStats, StatsKey, combine, sum_stats
-from ..core.metrics import volume_metrics
+from ..core.cellstats import sum_stats
 from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, gain_over_best
-from ..core.solve import fit_weights, laplacian_smooth
-from ..core.tiling import TileGrid
+from ..core.weightfit import weight_model_conflict
 from ..errors import ConfigError, InputError, Interrupted
 from ..store.atomic import atomic_write_json, atomic_write_text
 from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, file_fingerprint
+from .cvunits import Patients as _Patients
+from .cvunits import digest as _digest
+from .cvunits import fit_and_score as _fit_and_score
+from .cvunits import fixed_settings
+from .cvunits import stats_key as _stats_key
 from .escape import md_text
 from .pool import StopFlag
 from .progress import progress
@@ -81,7 +83,13 @@ SWEPT = {
     "laplacian_tau": float,
     "fit_region": str,
     "mixing_window": str,
+    "prior": str,
+    "prior_strength": float,
+    "gating": str,
 }
+#: Allowed values of the swept string keys.
+_CHOICES = {"fit_region": FIT_REGIONS, "mixing_window": MIXING_WINDOWS, "prior": PRIORS,
+            "gating": GATINGS}
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,9 @@ class Candidate:
     laplacian_tau: float
     fit_region: str
     mixing_window: str
+    prior: str = "none"
+    prior_strength: float = 1.0
+    gating: str = "none"
 
     def as_dict(self) -> dict[str, Any]:
         """Return the swept keys and their values."""
@@ -121,10 +132,12 @@ def _values(file: Path, grid: Mapping[str, Any], name: str, base: Any) -> list[A
             want = "integers >= 1"
         elif kind is float:
             ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
-                and v >= 0 and (name != "laplacian_tau" or v <= 1)
-            want = "numbers in [0, 1]" if name == "laplacian_tau" else "numbers >= 0"
+                and v >= 0 and (name != "laplacian_tau" or v <= 1) \
+                and (name != "prior_strength" or v > 0)
+            want = {"laplacian_tau": "numbers in [0, 1]",
+                    "prior_strength": "numbers > 0"}.get(name, "numbers >= 0")
         else:
-            choices = FIT_REGIONS if name == "fit_region" else MIXING_WINDOWS
+            choices = _CHOICES[name]
             ok = isinstance(v, str) and v.lower() in choices
             want = f"one of {list(choices)}"
             v = v.lower() if ok else v
@@ -181,17 +194,30 @@ def load_grid(path: str | os.PathLike[str], config: FullConfig) -> list[Candidat
     lists = [_values(file, doc, k, getattr(base, k)) for k in SWEPT]
     own = Candidate(*(getattr(base, k) for k in SWEPT))
     valid = [c for c in (Candidate(*v) for v in itertools.product(*lists))
-             if stride_problem(c.patch_size, c.stride) is None]
+             if stride_problem(c.patch_size, c.stride) is None
+             and weight_model_conflict(c) is None]
     if not valid:
-        raise ConfigError(f"{file}: every combination has stride > patch_size")
+        raise ConfigError(f"{file}: every combination has stride > patch_size, or a weight "
+                          "model its other settings exclude (prior: multiscale needs "
+                          "fit_region: first_block; gating: edge needs lambda_edge and "
+                          "lambda_grad 0)")
+    return unique_candidates([own, *valid])
+
+
+def unique_candidates(cands: Iterable[Candidate]) -> list[Candidate]:
+    """Drop candidates that fit and blend exactly like an earlier one (order kept).
+
+    Without overlap a box is its label cell and the window is flat: one fit, one blend;
+    without the multi-scale prior its strength does not matter.
+    """
     seen: dict[tuple, Candidate] = {}
-    for c in [own, *valid]:
-        # Without overlap a box is its label cell and the window is flat: one fit, one blend.
+    for c in cands:
         region = "first_block" if c.stride == c.patch_size else c.fit_region
-        ident = (*dataclasses.astuple(c)[:-2], region, c.window)
+        strength = c.prior_strength if c.prior == "multiscale" else None
+        ident = (c.patch_size, c.stride, c.lambda_ridge, c.lambda_edge, c.lambda_grad,
+                 c.laplacian_tau, region, c.window, c.prior, strength, c.gating)
         seen.setdefault(ident, c)
-    cands = list(seen.values())
-    return cands
+    return list(seen.values())
 
 
 @dataclass
@@ -205,58 +231,6 @@ class TuneResult:
     units_done: int
     units_resumed: int
     timings_s: dict[str, float]
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _stats_key(c: Candidate, cell: int, pacs: Any, edge: bool, grad: bool) -> StatsKey:
-    if c.fit_region == "first_block":
-        return StatsKey.make(region="first_block", stride=cell, patch_size=cell, window="flat",
-                             edge_power=pacs.edge_power, grad_operator=pacs.grad_operator,
-                             with_edge=edge, with_grad=grad)
-    return StatsKey.make(region="window", stride=c.stride, patch_size=c.patch_size,
-                         window=c.mixing_window, edge_power=pacs.edge_power,
-                         grad_operator=pacs.grad_operator, with_edge=edge, with_grad=grad)
-
-
-class _Patients:
-    """Volumes, statistics and held-out preprocessing of one (spacing, pulse)."""
-
-    def __init__(self, store: VolumeStore, cache: StatsCache, paths: Mapping[str, Mapping]):
-        self.store = store
-        self.cache = cache
-        self.paths = paths
-        self.reads = 0
-        self._held: dict[str, tuple] = {}
-
-    def files(self, pid: str) -> list[str]:
-        return [self.paths[pid]["HR"], *self.paths[pid]["experts"]]
-
-    def load(self, pid: str) -> tuple[np.ndarray, list[np.ndarray]]:
-        self.reads += 1
-        hr = self.store.get(self.paths[pid]["HR"])
-        return hr.data, [self.store.get(p).data for p in self.paths[pid]["experts"]]
-
-    def stats(self, pid: str, key: StatsKey, pacs: Any) -> CellStats:
-        return self.cache.get(self.files(pid), key, lambda: self.load(pid),
-                              edge_power=pacs.edge_power, grad_operator=pacs.grad_operator)
-
-    def held_out(self, pid: str, ssim_axis: str) -> tuple:
-        """HR, experts, expert-derived normalisation and brain mask, single-expert scores."""
-        if pid not in self._held:
-            hr, experts = self.load(pid)
-            proxy = expert_mean(experts)
-            norm = Normalisation.from_experts(experts, proxy)
-            mask = brain_mask(proxy)
-            del proxy
-            single = [
-                volume_metrics(hr, (x * mask).astype(np.float32), ssim_axis=ssim_axis)
-                for x in experts
-            ]
-            self._held[pid] = (hr, experts, norm, mask, single)
-        return self._held[pid]
 
 
 def run_tune(
@@ -331,15 +305,14 @@ def run_tune(
                      yes=yes, max_units=max_units)
     store = VolumeStore(cache_dir)
     cache = StatsCache(store.directory / "cellstats")
-    fixed = {"simplex": pacs.simplex, "edge_power": pacs.edge_power,
-             "grad_operator": pacs.grad_operator, "ssim_axis": pacs.ssim_axis,
-             "models": list(models), "protocol": "hr-free-v1"}
+    fixed = fixed_settings(pacs, models)
 
     # Shared statistics: one first_block pass per patient at the gcd of the strides.
     fb = [c for c in candidates if c.fit_region == "first_block"]
     cell = math.gcd(*(c.stride for c in fb)) if fb else 1
     need_edge = any(c.lambda_edge > 0 for c in candidates)
     need_grad = any(c.lambda_grad > 0 for c in candidates)
+    need_gate = any(c.gating != "none" for c in candidates)
 
     def group_of(c: Candidate) -> tuple:
         if c.fit_region == "first_block":
@@ -391,7 +364,8 @@ def run_tune(
                             if (c, f, s, p) not in done]
                     if not todo:
                         continue
-                    skey = _stats_key(members[0], cell, pacs, need_edge, need_grad)
+                    skey = _stats_key(members[0], cell, pacs, need_edge, need_grad,
+                                      need_gate and gkey[0] == "first_block")
                     for f in sorted({f for _, f in todo}):
                         train, test = splits[(f, s, p)]
                         if not train:
@@ -426,42 +400,12 @@ def run_tune(
     return TuneResult(table, experts, best, out, computed, n_units - computed, timings)
 
 
-def _fit_and_score(
-    c: Candidate, st: CellStats, pats: _Patients, test: Mapping[str, Mapping], pacs: Any,
-    models: Sequence[str], timings: dict[str, float],
-) -> dict[str, Any]:
-
-    t0 = time.perf_counter()
-    grid = TileGrid(st.shape, c.patch_size, c.stride)
-    Q, B = combine(st, lambda_edge=c.lambda_edge, lambda_grad=c.lambda_grad)
-    weights, learned = fit_weights(Q, B, st.counts, grid.counts, simplex=pacs.simplex,
-                                   lambda_ridge=c.lambda_ridge, laplacian_tau=0.0)
-    if c.laplacian_tau > 0:
-        weights = laplacian_smooth(weights, learned, grid.counts, c.laplacian_tau)
-    t1 = time.perf_counter()
-    timings["fit"] += t1 - t0
-    per: dict[str, Any] = {}
-    for pid in test:
-        hr, experts, norm, mask, single = pats.held_out(pid, pacs.ssim_axis)
-        if hr.shape != grid.shape:
-            raise InputError(f"patient {pid}: HR shape {hr.shape}; the training grid is "
-                             f"{grid.shape}")
-        blend = blend_patient(experts, grid, weights, window=c.mixing_window, norm=norm,
-                              brain_mask=mask)
-        m = volume_metrics(hr, blend, ssim_axis=pacs.ssim_axis)
-        per[pid] = {
-            "psnr": float(m["psnr"]), "ssim": float(m["ssim"]),
-            "experts": {name: {"psnr": float(e["psnr"]), "ssim": float(e["ssim"])}
-                        for name, e in zip(models, single, strict=True)},
-        }
-    timings["blend_metrics"] += time.perf_counter() - t1
-    return {"patients": per, "learned_tiles": int(learned.sum()), "fit_s": t1 - t0}
-
-
 def _label(c: Candidate) -> str:
     return (f"patch={c.patch_size} stride={c.stride} ridge={c.lambda_ridge:g} "
             f"edge={c.lambda_edge:g} grad={c.lambda_grad:g} tau={c.laplacian_tau:g} "
-            f"fit={c.fit_region} window={c.window}")
+            f"fit={c.fit_region} window={c.window} prior={c.prior}"
+            + (f"({c.prior_strength:g})" if c.prior == "multiscale" else "")
+            + f" gating={c.gating}")
 
 
 def _rank(

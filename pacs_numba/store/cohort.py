@@ -477,6 +477,67 @@ def upsample_expert(
     return np.ascontiguousarray(out, dtype=F32)
 
 
+#: ``make_cohort(experts="complementary")``: expert ``j`` simulates ``COMPLEMENTARY[j % 3]``.
+COMPLEMENTARY = ("sharp_noisy", "smooth", "edge_only")
+#: Expert sets of :func:`make_cohort`.
+EXPERT_SETS = ("methods", "complementary")
+
+
+def complementary_expert(
+    lr: NDArray[np.float32], hr: NDArray[np.float32], factor: int, kind: str,
+    rng: np.random.Generator,
+) -> NDArray[np.float32]:
+    """Simulate an expert that differs from the others as real SR methods do (issue 21).
+
+    Parameters
+    ----------
+    lr : (N0, N1, n_lr) float32
+        The LR volume.
+    hr : (N0, N1, N2) float32
+        The HR volume: ``edge_only`` uses its edges, standing for a learned method that
+        restores edges well (a simulation device: no real method sees the HR).
+    factor : int
+        Slice spacing in HR voxels.
+    kind : {"sharp_noisy", "smooth", "edge_only"}
+        ``sharp_noisy``: B-spline with a strong unsharp mask plus white noise (2% of the
+        HR's 99th percentile): crisp edges, noisy flat tissue.  ``smooth``: B-spline with a
+        Gaussian in-plane blur: clean flat tissue, soft edges.  ``edge_only``: near the
+        HR's edges halfway between the B-spline and a lightly blurred HR, elsewhere the
+        B-spline plus a hallucinated texture (a smooth random field, 4%) and noise (2%):
+        right on edges only.
+    rng : numpy.random.Generator
+        Noise and texture source.
+
+    Returns
+    -------
+    (N0, N1, N2) float32, non-negative.
+    """
+    n = hr.shape[2]
+    head = hr > 0
+    scale = float(np.percentile(hr[head], 99)) if head.any() else 1.0
+    if kind == "sharp_noisy":
+        out = upsample_expert(lr, n, factor, "sharpen", 1.5)
+        out += rng.standard_normal(out.shape, dtype=F32) * F32(0.02 * scale)
+    elif kind == "smooth":
+        out = upsample_expert(lr, n, factor, "smooth", 1.0)
+    elif kind == "edge_only":
+        soft = ndimage.gaussian_filter(hr, 1.0)
+        mag = np.sqrt(sum(ndimage.sobel(soft, axis=d, mode="nearest") ** 2 for d in range(3)))
+        q = float(np.percentile(mag[head], 90)) if head.any() else 0.0
+        edge = np.clip(mag / q, 0.0, 1.0) if q > 0 else np.zeros_like(mag)
+        edge = ndimage.gaussian_filter(edge, 0.7).astype(F32)
+        bad = upsample_expert(lr, n, factor, "bspline")
+        good = F32(0.5) * ndimage.gaussian_filter(hr, 0.6) + F32(0.5) * bad
+        bad += _smooth_field(rng, hr.shape, 3.0) * F32(0.04 * scale)
+        bad += rng.standard_normal(hr.shape, dtype=F32) * F32(0.02 * scale)
+        out = edge * good + (F32(1) - edge) * bad
+    else:
+        raise ConfigError(f"complementary expert kind {kind!r}: expected one of "
+                          f"{list(COMPLEMENTARY)}")
+    np.maximum(out, 0.0, out=out)
+    return np.ascontiguousarray(out, dtype=F32)
+
+
 def _patient_ids(n: int) -> list[str]:
     width = max(3, len(str(n)))
     return [f"sub-{i + 1:0{width}d}" for i in range(n)]
@@ -503,6 +564,7 @@ def make_cohort(
     kfolds: int = 3,
     patch_size: int = 16,
     stride: int = 8,
+    experts: str = "methods",
     atlas: bool = False,
 ) -> Path:
     """Write a synthetic cohort in the published layout and a config that runs on it.
@@ -530,6 +592,11 @@ def make_cohort(
         keyed by its name), so adding patients or pulses leaves the others as they were.
     kfolds, patch_size, stride : int
         Written into the config.
+    experts : {"methods", "complementary"}
+        ``methods``: each model up-samples with its method (above).  ``complementary``:
+        model ``j`` is :func:`complementary_expert` of kind ``COMPLEMENTARY[j % 3]`` (one
+        sharp and noisy, one smooth, one right on edges only), so the best blend differs
+        between edges and flat tissue.
     atlas : bool
         Also write an atlas into ``out_dir/atlas`` with the registration section's file
         names, so that ``use_registration: true`` runs on the cohort: per template
@@ -598,6 +665,8 @@ def make_cohort(
             atlas_pulses.setdefault(name, pulse)
     atlas_sums = {pulse: np.zeros(shape, np.float64) for pulse in atlas_pulses.values()}
 
+    if experts not in EXPERT_SETS:
+        raise ConfigError(f"experts must be one of {list(EXPERT_SETS)}; got {experts!r}")
     hr_root, lr_root, models_root = out / "hr", out / "lr", out / "models"
     specs = _expert_specs(models)
     affine = np.eye(4)
@@ -628,8 +697,13 @@ def make_cohort(
                 lr_path = lr_file(lr_root, spacing, pid, pulse)
                 lr_path.parent.mkdir(parents=True, exist_ok=True)
                 write_nifti(lr_path, lr, lr_affine(affine, f))
-                for model, (kind, strength) in zip(models, specs, strict=True):
-                    sr = upsample_expert(lr, shape[2], f, kind, strength)
+                for j, (model, (kind, strength)) in enumerate(zip(models, specs, strict=True)):
+                    if experts == "complementary":
+                        erng = np.random.default_rng(
+                            [seed, i, zlib.crc32(pulse.encode()), zlib.crc32(spacing.encode()), j])
+                        sr = complementary_expert(lr, hr, f, COMPLEMENTARY[j % 3], erng)
+                    else:
+                        sr = upsample_expert(lr, shape[2], f, kind, strength)
                     sr_path = expert_file(models_root, model, spacing, pid, pulse)
                     sr_path.parent.mkdir(parents=True, exist_ok=True)
                     write_nifti(sr_path, sr, affine)

@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..core.blending import weight_analysis, weight_maps
-from ..core.model import StackingModel
+from ..core.model import StackingModel, column_names
 from ..core.weightmaps import EXPERT_COLOURS, BlendWeightMaps, dominant_labels, entropy_map, legend
 from .atomic import atomic_savez_from, atomic_write_text, npz_bytes
 from .layout import TaskLayout
@@ -139,9 +139,9 @@ class WeightNpz:
     """
 
     def __init__(self, model: StackingModel, spacing: str, pulse: str) -> None:
-        grid, names = model.grid, np.asarray(model.model_names)
+        grid, names = model.grid, np.asarray(column_names(model))  # 2M with gating (A5.2)
         maps = weight_maps(model.weights, grid)
-        analysis = weight_analysis(maps, list(model.model_names), tiles=(model.weights, grid))
+        analysis = weight_analysis(maps, list(names), tiles=(model.weights, grid))
         self.weights = npz_bytes(
             weight_maps=maps, model_names=names, split=np.asarray("test"),
             spacing=np.asarray(spacing), pulse=np.asarray(pulse),
@@ -186,10 +186,10 @@ class WeightNifti:
             same = False
         if same and all(p.exists() for p in paths.values()):
             return list(paths.values())
-        return write_blend_weight_maps(self.maps, mdir, "weight_maps_model", m.model_names,
+        return write_blend_weight_maps(self.maps, mdir, "weight_maps_model", column_names(m),
                                        m.affine, legend_extra={"model_digest": digest})
 
     def write_patient(self, mdir: Path, pid: str, affine: Any, mask: Any) -> list[Path]:
         """Write ``{pid}_weight_maps_test_*`` masked like the patient's blend."""
         return write_blend_weight_maps(self.maps, mdir, f"{pid}_weight_maps_test",
-                                       self.model.model_names, affine, mask=mask)
+                                       column_names(self.model), affine, mask=mask)

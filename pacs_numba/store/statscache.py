@@ -25,9 +25,6 @@ from numpy.typing import ArrayLike
 
 from ..core.cellstats import FORMAT, CellStats, StatsKey, box_statistics
 from ..errors import InputError
-from ..kernels.stats import (
-    N_PARTS,
-)
 from .atomic import atomic_savez
 from .locks import node_lock
 from .volumes import file_fingerprint
@@ -115,7 +112,7 @@ class StatsCache:
         shape = tuple(int(n) for n in meta["shape"])
         n_cells = math.prod(-(-n // key.stride) for n in shape)
         if meta.get("key") != key.as_dict() or parts.shape != (
-            n_cells, N_PARTS, m + m * (m + 1) // 2
+            n_cells, key.n_parts, m + m * (m + 1) // 2
         ) or counts.shape != (n_cells,):
             log.warning("statistics cache entry '%s' does not match its key; recomputing", path)
             return None
