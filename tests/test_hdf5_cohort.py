@@ -7,6 +7,7 @@ the HDF5 path is checked against the NIfTI path: same folds, same volumes, same 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -265,6 +266,19 @@ def test_paper_metrics_refuses_foreign_csv(cohort, tmp_path, capsys):
     assert main(["metrics", "--config", str(cohort / "config.yaml"), "--out", str(bad),
                  "--out-root", str(tmp_path)]) == 2
     assert f"'{bad}' is not a paper-metrics table" in capsys.readouterr().err
+
+
+def test_paper_metrics_unwritable_table_is_one_error_before_any_work(cohort, tmp_path, capsys):
+    # found by a hostile pass: an --out in a folder that cannot hold files was a traceback
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    target = (Path("/proc") if os.geteuid() == 0 else ro) / "t.csv"  # root writes anywhere else
+    assert main(["metrics", "--config", str(cohort / "config.yaml"), "--out", str(target),
+                 "--out-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the metrics table '{target}'" in err and "Traceback" not in err
+    assert "paper metrics patient=" not in err
 
 
 def test_convert_cli_both_ways(cohort, tmp_path, capsys):

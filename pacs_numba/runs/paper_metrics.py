@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import FullConfig
 from ..core.paper_metrics import mmd_mf, ms_ssim_3d
-from ..errors import BudgetError, InputError
+from ..errors import BudgetError, InputError, OutputError
 from ..resources.limits import detect_limits
 from ..resources.process import baseline_bytes
 from ..store.atomic import atomic_write_text
@@ -102,12 +102,19 @@ def _append(path: Path, row: Sequence[object]) -> None:
     """Append one whole line (one write, then fsync) under the table's lock."""
     data = _csv_text([row]).encode("utf-8")
     with node_lock(path.with_name(f".{path.name}.lock")):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OutputError(f"cannot write the metrics table '{path}': "
+                              f"{exc.strerror or exc}") from None
         try:
             if os.fstat(fd).st_size == 0:
                 data = _csv_text([COLUMNS]).encode("utf-8") + data
             os.write(fd, data)
             os.fsync(fd)
+        except OSError as exc:
+            raise OutputError(f"cannot write the metrics table '{path}': "
+                              f"{exc.strerror or exc}") from None
         finally:
             os.close(fd)
 
@@ -178,7 +185,12 @@ def paper_metrics_table(
     p = config.pacs_sr
     exp = ExperimentLayout(Path(out_root or p.out_root), p.experiment_name)
     path = Path(out) if out is not None else exp.paper_metrics_csv
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # before any volume is read: an unwritable table fails at once, naming the path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666))
+    except OSError as exc:
+        raise OutputError(f"cannot write the metrics table '{path}': "
+                          f"{exc.strerror or exc}") from None
     done = _read_done(path)
     store = VolumeStore(cache_dir)
     limit = detect_limits().memory.value
