@@ -302,6 +302,13 @@ def test_convert_cli_both_ways(cohort, tmp_path, capsys):
     data, meta = read_nifti(tmp_path / "nii" / "3mm" / "sub-001-t1c.nii.gz")
     np.testing.assert_array_equal(data, vol)
     np.testing.assert_array_equal(meta.affine, aff)
+    # a second export refuses to overwrite (found by a hostile pass), --force overwrites
+    capsys.readouterr()
+    assert main(["convert", "--blends", str(tmp_path / "exp" / "results_fold_2.h5"),
+                 "--out", str(tmp_path / "nii")]) == 2
+    assert "1 of the 1 NIfTI files exist already" in capsys.readouterr().err
+    assert main(["convert", "--blends", str(tmp_path / "exp" / "results_fold_2.h5"),
+                 "--out", str(tmp_path / "nii"), "--force"]) == 0
 
 
 def test_convert_refuses_hdf5_config(cohort, tmp_path, capsys):

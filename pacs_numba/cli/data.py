@@ -133,12 +133,14 @@ def _add_convert(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: A
     src.add_argument("--config", type=Path, help="a NIfTI-form config to convert")
     src.add_argument("--blends", type=Path, help="a results_fold_{N}.h5 to export")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="with --blends: overwrite NIfTI files that exist (default: refuse)")
     p.set_defaults(run=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
     if args.blends is not None:
-        written = blends_to_nifti(args.blends, args.out)
+        written = blends_to_nifti(args.blends, args.out, force=args.force)
         print(f"{len(written)} blends -> {args.out}")
         return EXIT_OK
     config = load_config(args.config)

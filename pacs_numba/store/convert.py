@@ -143,8 +143,8 @@ def h5_config(config: FullConfig, source_h5: Path, experts_dir: Path,
     return dataclasses.replace(config, data=data, pacs_sr=pacs)
 
 
-def blends_to_nifti(results_h5: str | os.PathLike[str], out_dir: str | os.PathLike[str]
-                    ) -> list[Path]:
+def blends_to_nifti(results_h5: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                    *, force: bool = False) -> list[Path]:
     """Export every blend of a ``results_fold_{N}.h5`` to ``{out}/{spacing}/{pid}-{pulse}.nii.gz``.
 
     Parameters
@@ -153,6 +153,9 @@ def blends_to_nifti(results_h5: str | os.PathLike[str], out_dir: str | os.PathLi
         A fold's results file (ours, or the published tool's own with real datasets).
     out_dir : str or path-like
         Created if needed.
+    force : bool
+        Overwrite NIfTI files that already exist (otherwise they are refused, all named
+        before anything is written).
 
     Returns
     -------
@@ -163,6 +166,8 @@ def blends_to_nifti(results_h5: str | os.PathLike[str], out_dir: str | os.PathLi
     ------
     InputError
         The file cannot be read, or holds no ``{spacing}/blends/{pid}/{pulse}`` dataset.
+    OutputError
+        A target exists and ``force`` is false.
     """
     h5py = h5py_module()
     path = Path(results_h5)
@@ -182,11 +187,18 @@ def blends_to_nifti(results_h5: str | os.PathLike[str], out_dir: str | os.PathLi
     if not keys:
         raise InputError(f"results file '{src.file}' holds no '{{spacing}}/blends/{{pid}}/"
                          "{pulse}' dataset")
-    written = []
+    targets = {}
     for key in sorted(keys):
         spacing, _, pid, pulse = key.split("/")
+        targets[key] = Path(out_dir) / spacing / volume_name(pid, pulse)
+    existing = [str(t) for t in targets.values() if t.exists()]
+    if existing and not force:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise OutputError(f"{len(existing)} of the {len(targets)} NIfTI files exist already "
+                          f"({shown}); pass --force to overwrite them, or choose another --out")
+    written = []
+    for key, target in targets.items():
         data, affine = read_h5_volume(H5Source(path, key))
-        target = Path(out_dir) / spacing / volume_name(pid, pulse)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_nifti(target, data, affine)
         written.append(target)
