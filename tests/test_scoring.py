@@ -15,6 +15,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy import ndimage
 
+from pacs_numba.core import scoring
 from pacs_numba.core.blending import (
     Normalisation,
     blend_patient,
@@ -23,7 +24,6 @@ from pacs_numba.core.blending import (
 )
 from pacs_numba.core.metrics import METRIC_KEYS, volume_metrics
 from pacs_numba.core.model import StackingModel
-from pacs_numba.core import scoring
 from pacs_numba.core.scoring import expert_alone, score_patient
 from pacs_numba.core.tiling import TileGrid
 from pacs_numba.errors import InputError

@@ -127,7 +127,8 @@ def _blend_pair_row_one(
                         win = w01 * h2t[k - a2]
                         acc[k] += win * v
                         den[k] += win
-                        if use_y:
+                    if use_y:  # a loop of its own: a test inside would stop vectorisation
+                        for k in range(a2, b2):
                             u = wa * y0[k]
                             if n_exp > 1:
                                 u += wb * y1[k]
@@ -135,24 +136,30 @@ def _blend_pair_row_one(
                                 u += wc * y2[k]
                             if n_exp > 3:
                                 u += wd * y3[k]
-                            acc2[k] += win * u
+                            acc2[k] += (w01 * h2t[k - a2]) * u
                 else:
                     wa = wt[0]
                     for k in range(a2, b2):
                         tmp[k] = wa * x0[k]
-                        tmp2[k] = wa * y0[k]
                     for m in range(1, n_exp):
                         wm = wt[m]
                         xm = xn[m]
-                        ym = yn[m]
                         for k in range(a2, b2):
                             tmp[k] += wm * xm[k]
-                            tmp2[k] += wm * ym[k]
                     for k in range(a2, b2):
                         win = w01 * h2t[k - a2]
                         acc[k] += win * tmp[k]
                         den[k] += win
-                        acc2[k] += win * tmp2[k]
+                    if use_y:
+                        for k in range(a2, b2):
+                            tmp2[k] = wa * y0[k]
+                        for m in range(1, n_exp):
+                            wm = wt[m]
+                            ym = yn[m]
+                            for k in range(a2, b2):
+                                tmp2[k] += wm * ym[k]
+                        for k in range(a2, b2):
+                            acc2[k] += (w01 * h2t[k - a2]) * tmp2[k]
 
 
 @njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
@@ -364,6 +371,8 @@ def _score_patient(
     acc = np.empty((n_chunks, n2), np.float32)
     acc2 = np.empty((n_chunks, n2), np.float32)
     den = np.empty((n_chunks, n2), np.float32)
+    ratio = np.empty((n_chunks, n2), np.float32)
+    inmask = np.empty((n_chunks, n2), np.bool_)
     img_t = np.empty((n_chunks, n_a, n2), np.float32)
     img_p = np.empty((n_chunks, n_pred, n_a, n2), np.float32)
     vert = np.empty((n_chunks, n_ch, n_a if do_ssim else 1, n2), np.float32)
@@ -375,6 +384,8 @@ def _score_patient(
         acc_c = acc[c]
         acc2_c = acc2[c]
         den_c = den[c]
+        ratio_c = ratio[c]
+        in_c = inmask[c]
         t_c = img_t[c]
         p_c = img_p[c]
         for sl in range(c, n_s, n_chunks):
@@ -398,52 +409,66 @@ def _score_patient(
                     weights, h0, h1, h2, i0, i1, patch_size, s, counts1, counts2, xn_c, yn_c,
                     do_free, tmp[c], tmp2[c], acc_c, acc2_c, den_c,
                 )
-                for k in range(n2):
-                    dk = den_c[k]
-                    b = acc_c[k] / (dk + eps32)
+                for k in range(n2):  # the blend, as blend._blend_volume finishes it
+                    b = acc_c[k] / (den_c[k] + eps32)
                     b = b * sd_hr32 + mu_hr32
-                    inside = not use_mask or mask[i0, i1, k] != 0
-                    if not inside:
+                    if use_mask and mask[i0, i1, k] == 0:
                         b = b * zero  # the reference multiplies by the 0/1 mask
                     out[i0, i1, k] = b
                     p_c[0, a, k] = b
-                    q = 1
-                    if do_experts:
-                        ratio = dk / (dk + eps32)
-                        for e in range(n_exp):
-                            v = (xn_c[e, k] * ratio) * sd_hr32 + mu_hr32
-                            if not inside:
+                q = 1
+                if do_experts:  # one-hot blends: x_e,n * den / (den + eps), mapped back
+                    for k in range(n2):
+                        ratio_c[k] = den_c[k] / (den_c[k] + eps32)
+                    for e in range(n_exp):
+                        pq = p_c[q]
+                        xe = xn_c[e]
+                        for k in range(n2):
+                            v = (xe[k] * ratio_c[k]) * sd_hr32 + mu_hr32
+                            if use_mask and mask[i0, i1, k] == 0:
                                 v = v * zero
-                            p_c[q, a, k] = v
-                            q += 1
-                    if do_free:
-                        v = acc2_c[k] / (dk + eps32)
+                            pq[a, k] = v
+                        q += 1
+                if do_free:
+                    pq = p_c[q]
+                    for k in range(n2):
+                        v = acc2_c[k] / (den_c[k] + eps32)
                         v = v * sd2f + mu2f
                         if use_mask2 and mask2[i0, i1, k] == 0:
                             v = v * zero
-                        p_c[q, a, k] = v
+                        pq[a, k] = v
+                for k in range(n2):  # the HR: range, metric mask, masked SSIM image
                     h = hr[i0, i1, k]
-                    if np.isfinite(h):
-                        if h < lo:
-                            lo = h
-                        if h > hi:
-                            hi = h
-                    if np.isfinite(h) and h > 0:
-                        any_mask = True
-                        cnt += 1
-                        for q in range(n_pred):
-                            d = h - p_c[q, a, k]
-                            sum_sq[q, sl] += np.float64(d * d)
-                            sum_abs[q, sl] += np.float64(abs(d))
-                    else:
+                    fin = np.isfinite(h)
+                    if fin and h < lo:
+                        lo = h
+                    if fin and h > hi:
+                        hi = h
+                    inside = fin and h > 0
+                    in_c[k] = inside
+                    if not inside:
                         h = zero
-                        for q in range(n_pred):
-                            p_c[q, a, k] = zero
                     t_c[a, k] = h
                     if h < t_lo:
                         t_lo = h
                     if h > t_hi:
                         t_hi = h
+                    if inside:
+                        cnt += 1
+                        any_mask = True
+                for q in range(n_pred):  # error sums over the mask; zero outside it
+                    pq = p_c[q]
+                    s2 = 0.0
+                    s1 = 0.0
+                    for k in range(n2):
+                        if in_c[k]:
+                            d = t_c[a, k] - pq[a, k]
+                            s2 += np.float64(d * d)
+                            s1 += np.float64(abs(d))
+                        else:
+                            pq[a, k] = zero
+                    sum_sq[q, sl] += s2
+                    sum_abs[q, sl] += s1
             count[sl] = cnt
             hr_min[sl] = lo
             hr_max[sl] = hi

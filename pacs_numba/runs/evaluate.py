@@ -12,10 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..core.blending import Normalisation, blend_patient
-from ..core.metrics import volume_metrics
 from ..core.model import StackingModel
-from ..core.scoring import test_extras
+from ..core.scoring import score_patient
 from ..core.tiling import TileGrid
 from ..errors import InputError
 from ..resources.planning import StagePlan, check_tile_settings
@@ -93,11 +91,13 @@ class EvaluateStage:
         lay = self.layout(task)
         npz: WeightNpz | None = None
         nifti_maps: WeightNifti | None = None
-        if p.save_weight_volumes and split == "test":
+        if split == "test" and (p.save_weight_volumes or p.save_weight_maps):
             with clock("writes"):  # before the pool: the maps never meet a patient in flight
-                npz = WeightNpz(model, task.spacing, task.pulse)
-                nifti_maps = WeightNifti(model, p.mixing_window)
-                nifti_maps.write_model(lay.model_dir)
+                if p.save_weight_volumes:
+                    npz = WeightNpz(model, task.spacing, task.pulse)
+                if p.save_weight_maps:
+                    nifti_maps = WeightNifti(model, p.mixing_window)
+                    nifti_maps.write_model(lay.model_dir)
 
         def eval_one(pid: str):
             paths = patients[pid]
@@ -111,35 +111,32 @@ class EvaluateStage:
             self._check_grid(pid, paths["HR"], hr.data.shape, grid)
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
+            extras = split == "test"
+            # One pass scores the blend and, on the test split, each expert alone and the
+            # HR-free blend (core/scoring.py): "blend" holds the metrics' time too.
             with clock("blend"):
                 try:  # algorithm A7: statistics from the HR; brain mask from the HR or atlas
-                    norm = Normalisation.from_hr(hr.data, exp)
                     bmask = self._brain_mask(task, hr.data)
-                    blend = blend_patient(
-                        exp, grid, model.weights, window=p.mixing_window, norm=norm,
-                        brain_mask=bmask,
+                    scored = score_patient(
+                        hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
+                        brain_mask=bmask, experts_alone=extras and p.score_experts,
+                        hr_free=extras and p.score_hr_free,
+                        # with registration every blend, the HR-free one too, takes the atlas
+                        hr_free_mask=bmask if self.registrar is not None else None,
                     )
                 except InputError as exc:
                     msg = f"HR '{paths['HR']}': {exc}"
                     log.warning("skipping patient %s: %s", pid, msg)
                     skipped[pid] = msg
                     raise PatientSkipped(pid) from exc
-            with clock("metrics"):
-                m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
+            m, extra, blend = scored.metrics, scored.extras, scored.blend
+            del scored
             with clock("writes"):
                 if p.save_blends:
                     target = lay.blend(split, pid)
                     write_nifti(target, blend, hr.meta.affine, hr.meta.header)
                     outputs.append(target)
-                del blend  # before the extras below: their blend then replaces it in memory
-            extra: dict[str, Any] = {}
-            if split == "test":
-                with clock("metrics"):  # each expert alone, and the HR-free protocol
-                    # with registration every blend, the HR-free one too, takes the atlas mask
-                    extra = test_extras(
-                        hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
-                        mask=bmask if self.registrar is not None else None,
-                    )
+                del blend
             if nifti_maps is None:
                 del bmask
             affine = hr.meta.affine
