@@ -83,7 +83,7 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
     engine = make_engine(args, config)
     startup_log(engine)
     tasks = engine.tasks(args.fold, args.spacing, args.pulse)
-    compiled_before = load_kernels()
+    compiled_before = load_kernels("evaluate" if evaluate else "train", config.pacs_sr)
     verb = "evaluate" if evaluate else "train"
     single = len(tasks) == 1
     states: list[tuple[object, str, str]] = []

@@ -29,7 +29,14 @@ from .._config import SSIM_AXES, SSIM_MIN_RANGE, WINDOWS
 from ..errors import InputError
 from ..kernels.score import _score_patient
 from .blending import Normalisation, blend_patient, brain_mask, expert_mean
-from .checks import as_mask_u8, as_tile_weights, as_volume, as_volume_list, check_shape
+from .checks import (
+    as_mask_u8,
+    as_tile_weights,
+    as_volume,
+    as_volume_list,
+    check_shape,
+    readonly,
+)
 from .metrics import METRIC_KEYS, aggregate, metrics_from_sums, volume_metrics
 from .model import StackingModel
 from .predict import model_window
@@ -158,15 +165,21 @@ def score_patient(
         return _score_separately(t, vols, model, window, ssim_axis, norm, brain_mask,
                                  experts_alone, free, free_mask)
     w = as_tile_weights(model.weights, grid, len(vols))
-    empty = np.zeros((1, 1, 1), np.uint8)
+    # every array read-only and every flag a Python bool: one compiled specialisation
+    empty = readonly(np.zeros((1, 1, 1), np.uint8))
     mask_u8 = empty if brain_mask is None else as_mask_u8(brain_mask, grid.shape)
     mask2_u8 = empty if free_mask is None else as_mask_u8(free_mask, grid.shape)
     f = free if free is not None else norm
+
+    def stats(a: ArrayLike) -> NDArray[np.float64]:
+        return readonly(np.ascontiguousarray(a, dtype=np.float64).reshape(-1))
+
     kind = "flat" if grid.stride >= grid.patch_size else window
     blend, count, sum_sq, sum_abs, lo, hi, ssim = _score_patient(
-        t, vols, w, norm.mus, norm.sds, norm.mu_out, norm.sd_out, mask_u8, brain_mask is not None,
-        f.mus, f.sds, f.mu_out, f.sd_out, mask2_u8, free_mask is not None,
-        experts_alone, free is not None, grid.patch_size, grid.stride, WINDOWS[kind], axis,
+        t, vols, w, stats(norm.mus), stats(norm.sds), float(norm.mu_out), float(norm.sd_out),
+        mask_u8, brain_mask is not None, stats(f.mus), stats(f.sds), float(f.mu_out),
+        float(f.sd_out), mask2_u8, free_mask is not None, bool(experts_alone),
+        free is not None, grid.patch_size, grid.stride, WINDOWS[kind], axis,
         SSIM_MIN_RANGE, numba.get_num_threads(),
     )
     # Slice partial sums added in slice order, as metrics._volume_metrics adds its planes.
