@@ -544,3 +544,19 @@ def test_savez_from_template_appends_members_and_loads_like_any_npz(tmp_path):
             np.testing.assert_array_equal(z["weight_maps"], big)
             assert z["statistics"].item() == {"a": {"mean": 1.0}} and int(z["n"]) == 3
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_store_info_counts_every_cache_folder(vol_gz, tmp_path):
+    """The statistics and registration folders are on the same disk: counted (issue 18)."""
+    cache = tmp_path / "cache"
+    store = VolumeStore(cache)
+    store.get(vol_gz)
+    before = store.info()["total_bytes"]
+    (cache / "cellstats").mkdir()
+    (cache / "cellstats" / "a.npz").write_bytes(b"x" * 100)
+    (cache / "registered" / "deep").mkdir(parents=True)
+    (cache / "registered" / "deep" / "t.mat").write_bytes(b"y" * 30)
+    info = store.info()
+    assert (info["cellstats_files"], info["cellstats_bytes"]) == (1, 100)
+    assert (info["registered_files"], info["registered_bytes"]) == (1, 30)
+    assert info["total_bytes"] == before + 130

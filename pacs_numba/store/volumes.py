@@ -136,6 +136,10 @@ def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "ctime_ns": int(st.st_ctime_ns), "sample": sample}
 
 
+#: Subfolders of the volume cache that other caches keep (statistics, registration).
+_SUBFOLDERS = ("cellstats", "registered")
+
+
 @dataclass(frozen=True, eq=False)
 class CachedVolume:
     """A volume served from the cache.
@@ -280,6 +284,19 @@ class VolumeStore:
                 if self._temp_gone(Path(e.path), st.st_mtime_ns, now_ns):
                     stale += 1
                     stale_bytes += st.st_size
+        sub: dict[str, int] = {}
+        for name in _SUBFOLDERS:
+            files = size = 0
+            for root, _, names in os.walk(self.directory / name):
+                for f in names:
+                    try:
+                        size += os.lstat(os.path.join(root, f)).st_size
+                    except OSError:
+                        continue
+                    files += 1
+            sub[f"{name}_files"] = files
+            sub[f"{name}_bytes"] = size
+            total += size
         return {
             "directory": str(self.directory),
             "entries": len(keys & npys),
@@ -288,6 +305,7 @@ class VolumeStore:
             "stale_temp_files": stale,
             "stale_temp_bytes": stale_bytes,
             "writable": os.access(self.directory, os.W_OK | os.X_OK),
+            **sub,
         }
 
     @staticmethod
