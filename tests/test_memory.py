@@ -569,10 +569,11 @@ def test_evaluate_cost_terms():
     # (or, if larger, the NIfTI maps' 29N while they are built)
     assert c.setup_bytes == max(4 * n * m + 8 * n + 4 * n * m, 29 * n)
     assert _cost("evaluate", shape, 1, patch=8, stride=4).setup_bytes == 29 * n
-    # the npz templates + the NIfTI maps' float32 1/den and entropy and uint8 labels
-    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n)) + 9 * n
+    # the npz templates + the NIfTI maps' float32 1/den and entropy and uint8 labels + the
+    # background writer's queue: 2 patients' float32 blend and uint8 brain mask
+    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n)) + 9 * n + 2 * 5 * n
     off = _cost("evaluate", shape, m, patch=8, stride=4, save_weight_volumes=False,
-                save_weight_maps=False)
+                save_weight_maps=False, save_blends=False)
     assert off.setup_bytes == off.per_task_bytes == 0
     assert off.per_patient_bytes == 4 * n * (m + 1) + 11 * n
     # the SSIM scratch follows the slice axis

@@ -250,6 +250,21 @@ def score_thread_bytes(shape: Sequence[int], ssim_axis: str | int, n_experts: in
 
 
 # ------------------------------------------------------------------ writes
+#: Patients whose outputs may wait in the background writer's queue (runs/writer.py).
+WRITE_QUEUE_DEPTH = 1
+
+
+def queued_outputs_bytes(n_voxels: int, *, save_blends: bool, save_weight_maps: bool,
+                         depth: int = WRITE_QUEUE_DEPTH) -> int:
+    """Return what the background writer holds: ``depth + 1`` patients' outputs.
+
+    Per patient: the float32 blend ``4N`` (``save_blends``) and the uint8 brain mask ``N``
+    of its NIfTI weight maps (``save_weight_maps``); the npz files are per-task templates.
+    """
+    one = (4 * n_voxels if save_blends else 0) + (n_voxels if save_weight_maps else 0)
+    return (int(depth) + 1) * one
+
+
 def nifti_write_bytes(n0: int, n1: int) -> int:
     """``io.write_nifti`` of a C-order float32 volume: one ``N0 x N1`` slice.
 
@@ -280,7 +295,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
                stride: int, lambda_grad: float = 0.0, lambda_edge: float = 0.0,
                grad_operator: str = "sobel", ssim_axis: str | int = "axial",
                save_weight_volumes: bool = True, save_weight_maps: bool = True,
-               n_patients: int = 1) -> StageCost:
+               save_blends: bool = True, n_patients: int = 1) -> StageCost:
     """Cost ``stage`` for volumes of ``shape`` and ``n_experts`` experts.
 
     Parameters
@@ -304,6 +319,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         Whether evaluate writes the weight npz files of algorithm A8.
     save_weight_maps : bool, optional
         Whether evaluate writes the NIfTI weight maps (the model's and each test patient's).
+    save_blends : bool, optional
+        Whether evaluate writes the blends (held in the background writer's queue).
     n_patients : int, optional
         Patients of the stage (the fit keeps every patient's statistics until the
         ordered sum).
@@ -391,7 +408,10 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         # with the blend and the HR-free mask N
         "scores": n + max(max(v for k, v in hr_free.items() if k != "write"), blend),
     }
-    task = template
+    # the background writer (runs/writer.py) holds the outputs of up to WRITE_QUEUE_DEPTH
+    # queued patients and the one being written
+    task = template + queued_outputs_bytes(n, save_blends=save_blends,
+                                           save_weight_maps=save_weight_maps)
     setup = 0
     if save_weight_volumes:
         setup = weight_maps_bytes(n, m) + min(SAVEZ_CHUNK_BYTES, 4 * n * m)

@@ -609,6 +609,7 @@ def plan_stage(stage: str, pacs: Any, n_experts: int, shape: Sequence[int], n_pa
                       grad_operator=pacs.grad_operator, ssim_axis=pacs.ssim_axis,
                       save_weight_volumes=pacs.save_weight_volumes,
                       save_weight_maps=getattr(pacs, "save_weight_maps", False),
+                      save_blends=getattr(pacs, "save_blends", True),
                       n_patients=n_patients)
     pool = plan_pool(limits, per_patient_bytes=cost.per_patient_bytes,
                      baseline_bytes=int(baseline_bytes), n_patients=max(1, int(n_patients)),

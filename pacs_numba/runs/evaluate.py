@@ -16,6 +16,7 @@ from ..core.model import StackingModel
 from ..core.scoring import score_patient
 from ..core.tiling import TileGrid
 from ..errors import InputError
+from ..resources.costs import WRITE_QUEUE_DEPTH
 from ..resources.planning import StagePlan, check_tile_settings
 from ..store.layout import MODEL_FILE
 from ..store.mapfiles import WeightNifti, WeightNpz
@@ -24,6 +25,7 @@ from ..store.nifti import write_nifti
 from ..store.record import RunRecord, fingerprints
 from .pool import PatientSkipped, describe_plan, join_reasons
 from .tasks import StageClock, Task
+from .writer import OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,6 @@ class EvaluateStage:
             if kept is not None:
                 log.info("patient=%s split=%s resumed (outputs complete)", pid, split)
                 return kept
-            outputs: list[Path] = []
             hr, experts = self._load(pid, paths, clock, skipped, nonfinite)
             self._check_grid(pid, paths["HR"], hr.data.shape, grid)
             t0 = time.perf_counter()
@@ -131,24 +132,6 @@ class EvaluateStage:
                     raise PatientSkipped(pid) from exc
             m, extra, blend = scored.metrics, scored.extras, scored.blend
             del scored
-            with clock("writes"):
-                if p.save_blends:
-                    target = lay.blend(split, pid)
-                    write_nifti(target, blend, hr.meta.affine, hr.meta.header)
-                    outputs.append(target)
-                del blend
-            if nifti_maps is None:
-                del bmask
-            affine = hr.meta.affine
-            with clock("writes"):
-                # The npz writes below are the slowest step: release this patient's mapped
-                # volumes first so they do not count against other patients.
-                del exp, experts, hr
-                if npz is not None:
-                    outputs += npz.write(lay, pid)
-                if nifti_maps is not None:
-                    outputs += nifti_maps.write_patient(lay.model_dir, pid, affine, bmask)
-                    del bmask
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -161,10 +144,35 @@ class EvaluateStage:
             )
             result: dict[str, Any] = {k: float(v) for k, v in m.items()}  # every metric made
             result.update(extra)
-            record.add_patient(split, pid, inputs, outputs, result)
+            affine, header = hr.meta.affine, hr.meta.header
+            # Release this patient's mapped volumes before the writes: they never need them.
+            del exp, experts, hr
+            keep_blend = blend if p.save_blends else None
+            keep_mask = bmask if nifti_maps is not None else None
+            del blend, bmask
+
+            def write() -> None:
+                """Write the patient's outputs, then record it (runs in the writer thread)."""
+                outputs: list[Path] = []
+                with clock("writes"):
+                    if keep_blend is not None:
+                        target = lay.blend(split, pid)
+                        write_nifti(target, keep_blend, affine, header)
+                        outputs.append(target)
+                    if npz is not None:
+                        outputs += npz.write(lay, pid)
+                    if nifti_maps is not None:
+                        outputs += nifti_maps.write_patient(lay.model_dir, pid, affine,
+                                                            keep_mask)
+                record.add_patient(split, pid, inputs, outputs, result)
+
+            writer.submit(write)
             return result
 
-        res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
+        # Outputs are written on the writer's thread while the pool computes the next
+        # patient; leaving the block drains it (also on SIGTERM: only whole, recorded files).
+        with OutputWriter(depth=WRITE_QUEUE_DEPTH, name=f"writer-{split}") as writer:
+            res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
         if not res:
             raise InputError(
                 f"task {task}: every {split} patient was skipped: "

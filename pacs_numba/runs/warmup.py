@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 STEPS = ("normalisation", "statistics", "solve", "solve_unconstrained", "solve_many_experts",
          "smoothing", "brain_mask", "blend", "score", "weight_maps", "weight_analysis",
          "metrics")
-#: Rough first-ever compile seconds of each step on 2 free cores (measured with an empty
-#: NUMBA_CACHE_DIR), for the line that says how long the wait will be.
-TYPICAL_COMPILE_S = {"normalisation": 2.0, "statistics": 9.0, "solve": 6.0,
-                     "solve_unconstrained": 2.0, "solve_many_experts": 4.0, "smoothing": 1.0,
-                     "brain_mask": 3.0, "blend": 4.0, "score": 8.0, "weight_maps": 1.0,
-                     "weight_analysis": 1.0, "metrics": 3.0}
+#: Rough first-ever compile seconds of each step (CPU seconds measured one step at a time
+#: with an empty NUMBA_CACHE_DIR, see profiling/2026-12-07-issue18-vm.md; Numba
+#: compiles on one core), for the line that says how long the wait will be.
+TYPICAL_COMPILE_S = {"normalisation": 5.0, "statistics": 19.0, "solve": 3.5,
+                     "solve_unconstrained": 2.5, "solve_many_experts": 4.0, "smoothing": 1.5,
+                     "brain_mask": 6.0, "blend": 3.0, "score": 17.0, "weight_maps": 1.0,
+                     "weight_analysis": 1.2, "metrics": 7.0}
 
 
 def steps_for(command: str, pacs: Any = None) -> tuple[str, ...]:
@@ -134,8 +135,9 @@ def warm_kernels(steps: tuple[str, ...] | None = None) -> dict[str, float]:
     timed("solve_many_experts", lambda: solve_simplex_qp(q_many, np.ones((3, many)), 1e-4))
     timed("smoothing", lambda: laplacian_smooth(w, learned, grid.counts, 0.05))
     mu, sd, mus, sds = norm() if {"blend", "metrics"} & todo else (0.0, 1.0, None, None)
-    bm = brain_mask(hr) if "brain_mask" not in todo else timed("brain_mask",
-                                                                 lambda: brain_mask(hr))
+    bm = timed("brain_mask", lambda: brain_mask(hr))
+    if bm is None and {"blend", "score"} & todo:
+        bm = np.ones(shape, np.uint8)  # a mask without compiling the brain-mask kernel
     pred = timed("blend", lambda: blend_volume(
         experts, grid, w, mus=mus, sds=sds, mu_hr=mu, sd_hr=sd, mask=bm, window="hann"))
     model = StackingModel(w, learned, grid, ("a", "b"), {})
