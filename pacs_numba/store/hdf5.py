@@ -201,7 +201,7 @@ def _open_h5(src: H5Source) -> Any:
 
 
 def h5_reason(exc: BaseException) -> str:
-    """The first line of an h5py/HDF5 error, for a one-line message."""
+    """Return the first line of an h5py/HDF5 error, for a one-line message."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
 
