@@ -557,10 +557,9 @@ def test_evaluate_cost_terms():
     # largest step is the HR proxy with the proxy's brain mask (4N + int32 labels, the mask
     # and a copy) while the HR's brain mask N is alive
     assert c.steps["scores"] == 11 * n
-    # with weight volumes the patient's NIfTI maps are the peak: its brain mask and one
-    # expert's float64 map with its float32 copy
-    assert c.steps["weight maps"] == 13 * n
-    assert c.per_patient_bytes == 4 * n * (m + 1) + 13 * n
+    # the writes (the NIfTI maps' 13N the largest) run on the background writer: per task
+    assert "weight maps" not in c.steps and "writes" not in c.steps
+    assert c.per_patient_bytes == 4 * n * (m + 1) + 11 * n
     # per thread: the one-pass scoring's rows and axial slices (P = M + 2 predictions)
     ch = 2 + 3 * (m + 2)
     score = 4 * n2 * (2 * m + 5) + 4 * n1 * n2 * (m + 3) + 4 * ch * n1 * n2 + 8 * ch * (n2 + 1)
@@ -570,8 +569,9 @@ def test_evaluate_cost_terms():
     assert c.setup_bytes == max(4 * n * m + 8 * n + 4 * n * m, 29 * n)
     assert _cost("evaluate", shape, 1, patch=8, stride=4).setup_bytes == 29 * n
     # the npz templates + the NIfTI maps' float32 1/den and entropy and uint8 labels + the
-    # background writer's queue: 2 patients' float32 blend and uint8 brain mask
-    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n)) + 9 * n + 2 * 5 * n
+    # background writer: 2 patients' float32 blend and uint8 brain mask, and the maps'
+    # float64 map of one expert with its float32 copy while one is written
+    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n)) + 9 * n + 2 * 5 * n + 12 * n
     off = _cost("evaluate", shape, m, patch=8, stride=4, save_weight_volumes=False,
                 save_weight_maps=False, save_blends=False)
     assert off.setup_bytes == off.per_task_bytes == 0

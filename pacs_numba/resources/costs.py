@@ -254,15 +254,19 @@ def score_thread_bytes(shape: Sequence[int], ssim_axis: str | int, n_experts: in
 WRITE_QUEUE_DEPTH = 1
 
 
-def queued_outputs_bytes(n_voxels: int, *, save_blends: bool, save_weight_maps: bool,
-                         depth: int = WRITE_QUEUE_DEPTH) -> int:
-    """Return what the background writer holds: ``depth + 1`` patients' outputs.
+def queued_outputs_bytes(n_voxels: int, n0: int, n1: int, *, save_blends: bool,
+                         save_weight_maps: bool, depth: int = WRITE_QUEUE_DEPTH) -> int:
+    """Return what the background writer holds: ``depth + 1`` patients' outputs and scratch.
 
     Per patient: the float32 blend ``4N`` (``save_blends``) and the uint8 brain mask ``N``
     of its NIfTI weight maps (``save_weight_maps``); the npz files are per-task templates.
+    While one is written: one slice of the blend's NIfTI write, or the maps' float64 map
+    of one expert and its float32 copy ``12N`` (``nifti_weight_maps_bytes`` less the mask).
     """
     one = (4 * n_voxels if save_blends else 0) + (n_voxels if save_weight_maps else 0)
-    return (int(depth) + 1) * one
+    scratch = max(nifti_write_bytes(n0, n1) if save_blends else 0,
+                  nifti_weight_maps_bytes(n_voxels) - n_voxels if save_weight_maps else 0)
+    return (int(depth) + 1) * one + scratch
 
 
 def nifti_write_bytes(n0: int, n1: int) -> int:
@@ -344,8 +348,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     evaluate
         per patient: the mapped HR and experts + the largest of: the valid mask; the
         brain mask; the blend (brain mask, its ``!= 0`` copy, the output, the window
-        tables); the metrics (blend + ``hr > 0`` mask); the writes (blend + one
-        slice, or after the blend is freed a copy of the npz templates).
+        tables); the metrics (blend + ``hr > 0`` mask); the one-pass scores.  The writes
+        run on the background writer: `queued_outputs_bytes` per task.
         Per thread: the larger of the blend's and the SSIM's scratch.  Per task: the
         npz templates; setup: the maps they are compressed from and one savez chunk
         (the templates made from them are the per-task term, already alive then).
@@ -402,23 +406,20 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         "brain mask": brain_mask_bytes(n),
         "blend": blend,
         "metrics": 4 * n + metrics_bytes(n),
-        "writes": max(4 * n + nifti_write_bytes(n0, n1), template),
         # test split (scoring.score_patient): with the HR's brain mask N alive, the HR-free
         # statistics and mask (the largest predict step before its blend), then one pass
         # with the blend and the HR-free mask N
         "scores": n + max(max(v for k, v in hr_free.items() if k != "write"), blend),
     }
-    # the background writer (runs/writer.py) holds the outputs of up to WRITE_QUEUE_DEPTH
-    # queued patients and the one being written
-    task = template + queued_outputs_bytes(n, save_blends=save_blends,
+    # the writes run on the background writer (runs/writer.py), not in the patient's
+    # worker: the outputs of the queued patients and of the one being written, and its
+    # scratch, are the task's
+    task = template + queued_outputs_bytes(n, n0, n1, save_blends=save_blends,
                                            save_weight_maps=save_weight_maps)
     setup = 0
     if save_weight_volumes:
         setup = weight_maps_bytes(n, m) + min(SAVEZ_CHUNK_BYTES, 4 * n * m)
     if save_weight_maps:
-        # the patient's NIfTI weight maps (mapfiles.write_blend_weight_maps): its brain
-        # mask N + one expert's float64 map and its float32 copy 12N
-        steps["weight maps"] = nifti_weight_maps_bytes(n)
         task += nifti_weight_maps_task_bytes(n)
         setup = max(setup, nifti_weight_maps_setup_bytes(n))
     per = max(load, mapped_bytes(n, m + 1) + max(steps.values()))
