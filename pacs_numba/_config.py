@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +20,6 @@ from typing import Any
 import llvmlite
 import numba
 import numpy as np
-from numba.misc.appdirs import AppDirs  # where Numba itself falls back to
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -152,23 +153,78 @@ def kernel_cache_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _writable_dir(path: Path) -> bool:
-    while not path.exists():
-        if path.parent == path:
-            return False
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+def _usable_cache_dir(path: Path) -> bool:
+    """Tell whether Numba can keep a cache in ``path`` (create it, write a file there).
+
+    Numba's locator makes the same check before it accepts a folder.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError:
+        return False
+    return True
 
 
-def _kernel_cache_base() -> Path:
-    """NUMBA_CACHE_DIR if set; else the kernels' __pycache__, or Numba's per-user folder."""
-    if numba.config.CACHE_DIR:
-        return Path(numba.config.CACHE_DIR)
+def user_cache_base() -> Path:
+    """Return the per-user folder for compiled kernels: ``$XDG_CACHE_HOME/pacs_numba/numba``.
+
+    ``XDG_CACHE_HOME`` defaults to ``~/.cache`` (the system temp folder without a home).
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    try:
+        root = Path(xdg) if xdg else Path.home() / ".cache"
+    except RuntimeError:  # no home directory
+        root = Path(tempfile.gettempdir()) / f"pacs_numba-{os.getuid()}"
+    return root / "pacs_numba" / "numba"
+
+
+def _seed_from(read_only: Path, target: Path) -> None:
+    """Copy an administrator's warm cache (read-only) into a new per-user folder.
+
+    Numba accepts only a writable cache folder, so a warm cache in a read-only install is
+    never read where it is; copying its few megabytes once is what loads it instead of
+    compiling again.  A partial copy is harmless (missing kernels compile).
+    """
+    if not read_only.is_dir() or any(target.iterdir()):
+        return
+    try:
+        shutil.copytree(read_only, target, dirs_exist_ok=True)
+    except OSError:
+        pass
+
+
+def choose_kernel_cache(digest: str) -> tuple[Path | None, str | None]:
+    """Return the compile-cache folder of this digest and a WARNING to log, if any.
+
+    One place for every run, ``diagnose --warmup`` and SLURM array tasks alike:
+    ``NUMBA_CACHE_DIR`` if the user set it, else the kernels' ``__pycache__`` in the
+    package, else (a read-only install) the per-user :func:`user_cache_base`, seeded from
+    a warm cache in the package.  None when nothing is writable: kernels then compile in
+    every run, uncached.
+    """
+    folder = f"pacs_numba-{digest}"
     in_tree = Path(__file__).resolve().parent / "kernels" / "__pycache__"
-    if _writable_dir(in_tree):
-        return in_tree
-
-    return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+    tried = []
+    if numba.config.CACHE_DIR:
+        tried.append(("NUMBA_CACHE_DIR", Path(numba.config.CACHE_DIR)))
+    tried += [("the package folder", in_tree), ("the per-user folder", user_cache_base())]
+    for i, (what, base) in enumerate(tried):
+        path = base / folder
+        if not _usable_cache_dir(path):
+            continue
+        note = None
+        if i > 0:
+            first_what, first = tried[0]
+            note = (f"{first_what} {first} is not writable; compiled kernels are cached in "
+                    f"{what} {base} instead")
+            if base != in_tree:
+                _seed_from(in_tree / folder, path)
+        return path, note
+    where = ", ".join(f"{w} {b}" for w, b in tried)
+    return None, (f"no writable folder for compiled kernels (tried {where}); kernels are "
+                  "compiled in every run, uncached: set NUMBA_CACHE_DIR to a writable folder")
 
 
 #: Everything the compiled kernels depend on besides their source (see kernel_cache_key).
@@ -177,6 +233,11 @@ KERNEL_CACHE_KEY: dict[str, Any] = kernel_cache_key(globals())
 KERNEL_CACHE_DIGEST: str = kernel_cache_digest(KERNEL_CACHE_KEY)
 #: The folder compiled kernels are saved in and loaded from (None when caching is off).
 KERNEL_CACHE_DIR: Path | None = None
+#: Why the compile cache is not where it would normally be (logged as a WARNING), or None.
+KERNEL_CACHE_NOTE: str | None = None
 if CACHE:
-    KERNEL_CACHE_DIR = _kernel_cache_base() / f"pacs_numba-{KERNEL_CACHE_DIGEST}"
-    numba.config.CACHE_DIR = str(KERNEL_CACHE_DIR)
+    KERNEL_CACHE_DIR, KERNEL_CACHE_NOTE = choose_kernel_cache(KERNEL_CACHE_DIGEST)
+    if KERNEL_CACHE_DIR is None:
+        CACHE = False  # kernels read this when they are decorated, after this module
+    else:
+        numba.config.CACHE_DIR = str(KERNEL_CACHE_DIR)

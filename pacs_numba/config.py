@@ -211,6 +211,9 @@ class PacsConfig:
     evaluate_train: bool = True
     save_weight_volumes: bool
     save_blends: bool
+    save_weight_maps: bool = False
+    score_experts: bool = True
+    score_hr_free: bool = True
     log_level: str = "INFO"
     log_to_file: bool = True
     log_region_freq: int = 10
@@ -789,6 +792,11 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> Pacs
         evaluate_train=s.boolean("evaluate_train", True),
         save_weight_volumes=s.boolean("save_weight_volumes"),
         save_blends=s.boolean("save_blends"),
+        # outputs beyond the published tool's (README, "What each output costs"): the NIfTI
+        # weight maps are off by default (gzip of 4-D maps); the test scores are cheap
+        save_weight_maps=s.boolean("save_weight_maps", False),
+        score_experts=s.boolean("score_experts", True),
+        score_hr_free=s.boolean("score_hr_free", True),
         log_level=s.choice("log_level", LOG_LEVELS, "INFO", case="upper"),
         log_to_file=s.boolean("log_to_file", True),
         log_region_freq=s.integer("log_region_freq", 10, minimum=1, maximum=2**31 - 1),

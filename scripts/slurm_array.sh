@@ -15,8 +15,8 @@
 # on: activate the environment where pacs_numba is installed before sbatch, or set
 # PACS_VENV=/path/to/venv.  Other knobs (all optional):
 #   PACS_NUMBA_CACHE_DIR   volume cache (default: node-local scratch, see below)
-#   NUMBA_CACHE_DIR        compiled kernels (default: ~/.cache/pacs_numba/numba; set but empty:
-#                          Numba's own default next to the sources)
+#   NUMBA_CACHE_DIR        compiled kernels (default: the package's own, as plain runs and
+#                          `diagnose --warmup` use; tasks on a node compile once, under a lock)
 #   PACS_NUMBA_DIAGNOSE=1  run `pacs-numba diagnose` before training (=warmup: also
 #                          compile every kernel)
 #   PACS_NUMBA_MAX_WORKERS cap on the patients run at once (the memory plan still applies)
@@ -198,10 +198,8 @@ fi
 export NUMBA_NUM_THREADS=$CPUS OMP_NUM_THREADS=$CPUS
 export OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMEXPR_NUM_THREADS=1
 export PYTHONUNBUFFERED=1
-# Compiled kernels: a persistent per-user folder, so only the first task ever compiles.
-if [[ -z ${NUMBA_CACHE_DIR+set} ]]; then
-    export NUMBA_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/pacs_numba/numba
-fi
+# Compiled kernels: the package's own place (its kernels' __pycache__, or for a read-only
+# install ${XDG_CACHE_HOME:-~/.cache}/pacs_numba/numba), the one `diagnose --warmup` fills.
 
 # Volume cache: decompressed volumes, shared by every task of this user on the node (one
 # folder per user, not per job, so array tasks that land on the same node share it).

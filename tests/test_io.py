@@ -544,3 +544,68 @@ def test_savez_from_template_appends_members_and_loads_like_any_npz(tmp_path):
             np.testing.assert_array_equal(z["weight_maps"], big)
             assert z["statistics"].item() == {"a": {"mean": 1.0}} and int(z["n"]) == 3
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_store_info_counts_every_cache_folder(vol_gz, tmp_path):
+    """The statistics and registration folders are on the same disk: counted (issue 18)."""
+    cache = tmp_path / "cache"
+    store = VolumeStore(cache)
+    store.get(vol_gz)
+    before = store.info()["total_bytes"]
+    (cache / "cellstats").mkdir()
+    (cache / "cellstats" / "a.npz").write_bytes(b"x" * 100)
+    (cache / "registered" / "deep").mkdir(parents=True)
+    (cache / "registered" / "deep" / "t.mat").write_bytes(b"y" * 30)
+    info = store.info()
+    assert (info["cellstats_files"], info["cellstats_bytes"]) == (1, 100)
+    assert (info["registered_files"], info["registered_bytes"]) == (1, 30)
+    assert info["total_bytes"] == before + 130
+
+
+def _entries(cache: Path) -> set[str]:
+    return {p.stem for p in cache.glob("*.json")}
+
+
+def test_prune_removes_entries_whose_source_is_gone(tmp_path):
+    cache = tmp_path / "cache"
+    a = _save(tmp_path / "a.nii", _vol(seed=1))
+    b = _save(tmp_path / "b.nii", _vol(seed=2))
+    VolumeStore(cache).get(a), VolumeStore(cache).get(b)
+    both = _entries(cache)
+    b.unlink()
+    res = VolumeStore(cache).prune()
+    assert (res["gone"], res["evicted"], res["in_use"]) == (1, 0, 0)
+    assert len(_entries(cache)) == 1 and _entries(cache) < both
+    assert len(list(cache.glob("*.npy"))) == 1
+
+
+def test_prune_evicts_least_recently_used_but_never_one_in_use(tmp_path):
+    cache = tmp_path / "cache"
+    srcs = [_save(tmp_path / f"{i}.nii", _vol(seed=i)) for i in range(3)]
+    for i, src in enumerate(srcs):
+        VolumeStore(cache).get(src)
+        for side in cache.glob("*.json"):  # make the use times strictly ordered
+            if side.stat().st_mtime_ns > time.time_ns() - int(1e9):
+                os.utime(side, (time.time() - 100 + i,) * 2)
+    one = sum(p.stat().st_size for p in cache.iterdir() if p.suffix in {".npy", ".json"}) // 3
+    holder = VolumeStore(cache)
+    oldest = holder.get(srcs[0])  # in use here: mapped by this process
+    side0 = next(p for p in cache.glob("*.json") if json.loads(p.read_text())["source"]
+                 == str(srcs[0]))
+    os.utime(side0, (time.time() - 1000,) * 2)  # still the least recently used
+    res = VolumeStore(cache).prune(2 * one + 10)  # another store: only the maps tell
+    assert (res["in_use"], res["evicted"], res["gone"]) == (1, 1, 0)
+    assert oldest.data.sum() == pytest.approx(_vol(seed=0).astype(np.float32).sum(), rel=1e-6)
+    left = VolumeStore(cache)
+    assert left.get(srcs[0]) is not None and left.read_count == 0  # kept: it was in use
+    assert left.get(srcs[2]) is not None and left.read_count == 0  # most recently used
+
+
+def test_cache_max_size_must_be_a_size(monkeypatch, tmp_path):
+    from pacs_numba import cli
+
+    monkeypatch.setenv("PACS_NUMBA_CACHE_MAX", "lots")
+    with pytest.raises(InputError, match=r"PACS_NUMBA_CACHE_MAX='lots' is not a size"):
+        pio.cache_max_bytes()
+    assert cli.main(["cache", "prune", "--cache-dir", str(tmp_path / "c"),
+                     "--cache-max-size", "lots"]) == 2

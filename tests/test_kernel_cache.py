@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,57 @@ def test_editing_a_sibling_kernel_file_changes_the_compile_cache_key(tmp_path):
     assert _config.kernel_cache_digest(key) != _config.KERNEL_CACHE_DIGEST
     (copy / "new_kernel.py").write_text("X = 1\n")  # a new file counts too
     assert _config.kernels_source_digest(copy) != after
+
+
+# ---------------------------------------------------------------------------- issue 18
+WHERE = """
+import json
+import numpy as np
+from pacs_numba import _config
+from pacs_numba.kernels.blend import _entropy_dominant_one as k
+k(np.array([0.25, 0.75], np.float32), np.float32(1e-10))
+d = _config.KERNEL_CACHE_DIR
+print(json.dumps({"dir": None if d is None else str(d),
+                  "cache": _config.CACHE, "note": _config.KERNEL_CACHE_NOTE}))
+"""
+
+
+def _where(tmp_path: Path, **env_over: str) -> dict:
+    """Import a copy of the package whose kernels' ``__pycache__`` cannot be a folder."""
+    pkg = tmp_path / "site" / "pacs_numba"
+    shutil.copytree(ROOT / "pacs_numba", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "kernels" / "__pycache__").write_text("a file: no cache folder can be made here")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "PACS_", "XDG_"))}
+    env.update(PYTHONPATH=str(pkg.parent), **env_over)
+    res = subprocess.run([sys.executable, "-c", WHERE], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_read_only_package_falls_back_to_the_per_user_folder(tmp_path):
+    got = _where(tmp_path, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    assert got["cache"] and got["dir"].startswith(str(tmp_path / "xdg" / "pacs_numba" / "numba"))
+    assert "the package folder" in got["note"] and "is not writable" in got["note"]
+
+
+def test_nothing_writable_runs_uncached_with_a_warning(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    got = _where(tmp_path, XDG_CACHE_HOME=str(blocker / "xdg"),
+                 NUMBA_CACHE_DIR=str(blocker / "numba"))
+    assert got["cache"] is False and got["dir"] is None
+    assert got["note"].startswith("no writable folder for compiled kernels (tried NUMBA_CACHE_DIR")
+
+
+def test_a_warm_read_only_cache_seeds_the_per_user_folder(tmp_path):
+    warm = tmp_path / "warm"
+    (warm / "sub").mkdir(parents=True)
+    (warm / "sub" / "k.nbi").write_bytes(b"index")
+    target = tmp_path / "user"
+    target.mkdir()
+    _config._seed_from(warm, target)
+    assert (target / "sub" / "k.nbi").read_bytes() == b"index"
+    (warm / "sub" / "k.nbi").write_bytes(b"newer")
+    _config._seed_from(warm, target)  # only a new, empty folder is seeded
+    assert (target / "sub" / "k.nbi").read_bytes() == b"index"

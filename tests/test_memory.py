@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 from conftest import write_tree as _tree
@@ -33,6 +34,13 @@ from pacs_numba.resources.limits import (
 )
 from pacs_numba.resources.planning import plan_pool
 from pacs_numba.resources.units import parse_size
+
+
+@pytest.fixture(autouse=True)
+def _numba_pool_of_the_simulated_node(monkeypatch):
+    """The plans here are for simulated nodes with more CPUs than this machine: let Numba's
+    thread pool be as large (the cap at the real pool has its own test)."""
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 1024)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -545,24 +553,29 @@ def test_evaluate_cost_terms():
     tables = 4 * 8 * (10 + 12 + 10)
     # the blend step dominates: brain mask + its != 0 copy + float32 blend + window tables
     assert c.steps["blend"] == 6 * n + tables
-    # the test split then scores each expert alone and the HR-free blend: its largest step
-    # is the HR proxy with the proxy's brain mask (4N + int32 labels, the mask and a copy)
-    assert c.steps["scores"] == 10 * n
-    # with weight volumes the patient's NIfTI maps are the peak: its brain mask and one
-    # expert's float64 map with its float32 copy
-    assert c.steps["weight maps"] == 13 * n
-    assert c.per_patient_bytes == 4 * n * (m + 1) + 13 * n
-    # per thread: the larger of the blend's rows and the SSIM's axial slices
-    assert c.per_thread_bytes == max(16 * n2 * (m + 3), 28 * n1 * n2 + 40 * n2 + 40)
+    # the test split then scores each expert alone and the HR-free blend in one pass: its
+    # largest step is the HR proxy with the proxy's brain mask (4N + int32 labels, the mask
+    # and a copy) while the HR's brain mask N is alive
+    assert c.steps["scores"] == 11 * n
+    # the writes (the NIfTI maps' 13N the largest) run on the background writer: per task
+    assert "weight maps" not in c.steps and "writes" not in c.steps
+    assert c.per_patient_bytes == 4 * n * (m + 1) + 11 * n
+    # per thread: the one-pass scoring's rows and axial slices (P = M + 2 predictions)
+    ch = 2 + 3 * (m + 2)
+    score = 4 * n2 * (2 * m + 5) + 4 * n1 * n2 * (m + 3) + 4 * ch * n1 * n2 + 8 * ch * (n2 + 1)
+    assert c.per_thread_bytes == max(16 * n2 * (m + 3), 28 * n1 * n2 + 40 * n2 + 40, score)
     # the weight maps exist before the pool; their compressed templates during it
     # (or, if larger, the NIfTI maps' 29N while they are built)
     assert c.setup_bytes == max(4 * n * m + 8 * n + 4 * n * m, 29 * n)
     assert _cost("evaluate", shape, 1, patch=8, stride=4).setup_bytes == 29 * n
-    # the npz templates + the NIfTI maps' float32 1/den and entropy and uint8 labels
-    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n)) + 9 * n
-    off = _cost("evaluate", shape, m, patch=8, stride=4, save_weight_volumes=False)
+    # the npz templates + the NIfTI maps' float32 1/den and entropy and uint8 labels + the
+    # background writer: 2 patients' float32 blend and uint8 brain mask, and the maps'
+    # float64 map of one expert with its float32 copy while one is written
+    assert c.per_task_bytes == int(0.05 * (8 * n * m + 8 * n)) + 9 * n + 2 * 5 * n + 12 * n
+    off = _cost("evaluate", shape, m, patch=8, stride=4, save_weight_volumes=False,
+                save_weight_maps=False, save_blends=False)
     assert off.setup_bytes == off.per_task_bytes == 0
-    assert off.per_patient_bytes == 4 * n * (m + 1) + 10 * n
+    assert off.per_patient_bytes == 4 * n * (m + 1) + 11 * n
     # the SSIM scratch follows the slice axis
     sag = _cost("evaluate", shape, m, patch=8, stride=4, ssim_axis="sagittal")
     assert sag.per_thread_bytes == 28 * n0 * n1 + 40 * n1 + 40
@@ -811,3 +824,15 @@ def test_rss_sampler_sees_200mb():
     assert s.peak_bytes - start >= 180 * MiB
     assert len(s.samples) >= 3
     assert all(t2 >= t1 for (t1, _), (t2, _) in zip(s.samples, s.samples[1:], strict=False))
+
+
+def test_threads_capped_at_numbas_pool(monkeypatch):
+    """NUMBA_NUM_THREADS=1 on a 2-CPU node: set_num_threads(2) would refuse (issue 18)."""
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 1)
+    lim = Limits(Figure(64 * GiB, "test"), Figure(2, "test"), {})
+    p = plan_pool(lim, per_patient_bytes=GiB, baseline_bytes=0, n_patients=1, env={})
+    assert (p.width, p.threads) == (1, 1)
+    assert p.for_patients(1).threads == 1
+    assert planning.numba_threads(0) == 1
+    wide = plan_pool(lim, per_patient_bytes=GiB, baseline_bytes=0, n_patients=8, env={})
+    assert wide.width * wide.threads <= 2 and wide.threads == 1

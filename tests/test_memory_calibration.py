@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from rss_sampler import RssSampler
 
 from pacs_numba._config import CACHE
@@ -91,6 +92,10 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cfg_path = make_cohort(root / "cohort", patients=N_PATIENTS, shape=SHAPE, spacings=("3mm",),
                            pulses=("t1c",), models=MODELS, kfolds=2, patch_size=PATCH,
                            stride=STRIDE)
+    # every output on, the NIfTI weight maps too (off by default): their memory is calibrated
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["pacs_sr"]["save_weight_maps"] = True
+    cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     cfg = load_config(cfg_path)
     write_manifest(build_manifest(cfg.data), cfg.data.out)
     return cfg_path, root / "volumes"
@@ -131,6 +136,7 @@ def _cost(p, stage: str) -> costs.StageCost:
                             stride=p.stride, lambda_grad=p.lambda_grad,
                             lambda_edge=p.lambda_edge, grad_operator=p.grad_operator,
                             ssim_axis=p.ssim_axis, save_weight_volumes=p.save_weight_volumes,
+                            save_weight_maps=p.save_weight_maps, save_blends=p.save_blends,
                             n_patients=n)
 
 
@@ -186,7 +192,10 @@ def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None
     stage = preds[2][0]
     growth = peaks[2] - peaks[1]
     per = _cost(p, stage).per_patient_bytes
-    assert _within(growth, per), (
+    # An upper bound, not an estimate: since the test patients are scored in one short pass
+    # and written on the background writer (issue 18), two workers' peaks seldom coincide, so
+    # the second one adds less than a whole patient; it must never add more.
+    assert growth <= (1 + TOLERANCE) * per, (
         f"growth per extra worker: measured {growth / MiB:.0f} MiB, predicted "
         f"per-patient memory of {stage} {per / MiB:.0f} MiB (ratio {growth / per:.2f}); {report}"
     )

@@ -41,6 +41,7 @@ def run(tmp_path_factory):
                       seed=5, kfolds=3, patch_size=8, stride=4)
     doc = yaml.safe_load(cfg.read_text())
     doc["pacs_sr"].update(num_workers=2, log_to_file=False, save_weight_volumes=True,
+                          save_weight_maps=True,
                           save_blends=True, mixing_window="hann")
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     config = load_config(cfg)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..resources.units import human_size
+from ..errors import InputError
+from ..resources.units import human_size, parse_size
 from ..store.registration import clear_registered
 from ..store.statscache import StatsCache
-from ..store.volumes import VolumeStore
+from ..store.volumes import VolumeStore, cache_max_bytes
 from .common import EXIT_OK, HelpFormatter
 
 log = logging.getLogger(__name__)
@@ -18,12 +19,19 @@ def _add_cache(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN
     p = sub.add_parser(
         "cache",
         parents=[plain_common],
-        help="inspect or empty the volume cache",
+        help="inspect, prune or empty the volume cache",
         description="The volume cache holds each input decompressed to float32 once.  'info' "
-        "prints its folder, entry count and size; 'clear' removes every entry.",
+        "prints its folder, entry count and the size of every folder in it; 'prune' removes "
+        "the entries whose source file is gone and, with --cache-max-size (or "
+        "PACS_NUMBA_CACHE_MAX), the least recently used ones over that size, never one a "
+        "process of this node has mapped; 'clear' removes every entry.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("action", choices=["info", "clear"], help="info: show; clear: empty")
+    p.add_argument("action", choices=["info", "prune", "clear"],
+                   help="info: show; prune: drop stale and least recently used; clear: empty")
+    p.add_argument("--cache-max-size", metavar="SIZE", default=None,
+                   help="prune: keep the volume entries within SIZE (e.g. 200G); default "
+                   "PACS_NUMBA_CACHE_MAX, which runs also apply after each new entry")
     p.set_defaults(run=_cache)
 
 
@@ -39,6 +47,19 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"removed {n} cache entries from {store.directory}"
               + (f", {n_reg} registration entries" if n_reg else "")
               + (f" and {n_stats} statistics entries" if n_stats else ""))
+    elif args.action == "prune":
+        if args.cache_max_size is not None:
+            try:
+                limit = parse_size(args.cache_max_size)
+            except ValueError as exc:
+                raise InputError(f"--cache-max-size {args.cache_max_size!r} is not a size "
+                                 f"such as 200G: {exc}") from exc
+        else:
+            limit = cache_max_bytes()
+        res = store.prune(limit)
+        print(f"removed {res['gone']} entries whose source is gone and {res['evicted']} least "
+              f"recently used from {store.directory} ({human_size(res['freed_bytes'])} freed; "
+              f"{res['in_use']} in use kept; {human_size(res['bytes'])} left)")
     else:
 
         info = store.info()

@@ -199,7 +199,7 @@ def _make_cohort(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
 
-    load_kernels()
+    load_kernels("demo")
     with _DemoStop() as stop:
         text = run_demo(
             args.out,

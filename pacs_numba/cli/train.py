@@ -84,7 +84,7 @@ def _run_tasks(args: argparse.Namespace, evaluate: bool) -> int:
     startup_log(engine)
     tasks = engine.tasks(args.fold, args.spacing, args.pulse)
     engine.write_metadata(tasks, args.command)  # HDF5-form configs only
-    compiled_before = load_kernels()
+    compiled_before = load_kernels("evaluate" if evaluate else "train", config.pacs_sr)
     verb = "evaluate" if evaluate else "train"
     single = len(tasks) == 1
     states: list[tuple[object, str, str]] = []

@@ -152,6 +152,54 @@ def volume_metrics(hr: ArrayLike, pred: ArrayLike, *, ssim_axis: str = "axial") 
     t, p = _pair(hr, pred)
     axis = _axis_code(ssim_axis)
     n, sum_sq, sum_abs, hr_min, hr_max = _volume_metrics(t, p)
+    # The kernel drops non-finite hr voxels itself, so hr > 0 (1 byte per voxel) is enough.
+    mask = t > 0
+    per_slice = _ssim_slices(
+        t, p, as_mask_u8(mask, t.shape), axis, SSIM_MIN_RANGE, numba.get_num_threads()
+    )
+    return metrics_from_sums(n, sum_sq, sum_abs, hr_min, hr_max, per_slice)
+
+
+def metrics_from_sums(
+    n: int,
+    sum_sq: float,
+    sum_abs: float,
+    hr_min: float,
+    hr_max: float,
+    per_slice: NDArray[np.float64],
+) -> dict[str, float]:
+    """Finish mse, mae, psnr and ssim from a kernel's masked sums (algorithm A7.6).
+
+    The one place the reference's scalar expressions are evaluated, for
+    :func:`volume_metrics` and the one-pass scoring of :mod:`pacs_numba.core.scoring`.
+
+    Parameters
+    ----------
+    n : int
+        Mask voxels (``hr > 0`` and finite).
+    sum_sq, sum_abs : float
+        ``sum float32(d*d)`` and ``sum |d|`` over the mask (float64 sums).
+    hr_min, hr_max : float
+        Range of the finite HR voxels.
+    per_slice : (n_slices,) float64
+        SSIM per slice, NaN where skipped.
+
+    Returns
+    -------
+    dict of str to float
+        ``{mse, mae, psnr, ssim}`` as :func:`volume_metrics` documents them.
+
+    Warns
+    -----
+    UserWarning
+        If ``n == 0``; mse, mae and psnr are then NaN.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> metrics_from_sums(4, 4.0, 4.0, 0.0, 10.0, np.array([0.5, np.nan]))["mae"]
+    1.0
+    """
     if n == 0:
         warnings.warn("the HR volume has no voxel > 0: mse, mae and psnr are NaN", stacklevel=2)
         mse = mae = psnr = math.nan
@@ -167,11 +215,6 @@ def volume_metrics(hr: ArrayLike, pred: ArrayLike, *, ssim_axis: str = "axial") 
             psnr = float(
                 20.0 * np.log10((data_range + PSNR_EPS) / np.sqrt(mse32 + np.float32(PSNR_EPS)))
             )
-    # The kernel drops non-finite hr voxels itself, so hr > 0 (1 byte per voxel) is enough.
-    mask = t > 0
-    per_slice = _ssim_slices(
-        t, p, as_mask_u8(mask, t.shape), axis, SSIM_MIN_RANGE, numba.get_num_threads()
-    )
     kept = per_slice[~np.isnan(per_slice)]
     ssim = float(np.mean(kept)) if kept.size else 0.0
     return dict(zip(METRIC_KEYS, (mse, mae, psnr, ssim), strict=True))

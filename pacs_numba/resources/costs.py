@@ -231,7 +231,45 @@ def ssim_thread_bytes(shape: Sequence[int], ssim_axis: str | int) -> int:
     return 28 * n_a * n_b + 40 * n_b + 40
 
 
+def score_thread_bytes(shape: Sequence[int], ssim_axis: str | int, n_experts: int,
+                       n_predictions: int) -> int:
+    """``kernels.score._score_patient`` per thread (one chunk of slices).
+
+    Rows: ``xn`` and ``yn (M, N2)``, ``tmp``, ``tmp2``, ``acc``, ``acc2``, ``den (N2,)``
+    float32; slices: the HR's and ``P`` predictions' float32 images, ``2 + 3P`` float32
+    filtered images and ``2 + 3P`` float64 columns and running sums.  Along the sagittal
+    axis the scoring runs the blend and metric kernels instead (0 here).
+    """
+    axis = SSIM_AXES[ssim_axis] if isinstance(ssim_axis, str) else int(ssim_axis)
+    if axis == 2:
+        return 0
+    n_a, n_b = ssim_slice_shape(shape, axis)
+    p, ch = int(n_predictions), 2 + 3 * int(n_predictions)
+    rows = 4 * n_b * (2 * int(n_experts) + 5)
+    vert = 4 * ch * n_a * n_b if n_a >= _SSIM_WIN and n_b >= _SSIM_WIN else 4 * ch * n_b
+    return rows + 4 * n_a * n_b * (1 + p) + vert + 8 * ch * (n_b + 1)
+
+
 # ------------------------------------------------------------------ writes
+#: Patients whose outputs may wait in the background writer's queue (runs/writer.py).
+WRITE_QUEUE_DEPTH = 1
+
+
+def queued_outputs_bytes(n_voxels: int, n0: int, n1: int, *, save_blends: bool,
+                         save_weight_maps: bool, depth: int = WRITE_QUEUE_DEPTH) -> int:
+    """Return what the background writer holds: ``depth + 1`` patients' outputs and scratch.
+
+    Per patient: the float32 blend ``4N`` (``save_blends``) and the uint8 brain mask ``N``
+    of its NIfTI weight maps (``save_weight_maps``); the npz files are per-task templates.
+    While one is written: one slice of the blend's NIfTI write, or the maps' float64 map
+    of one expert and its float32 copy ``12N`` (``nifti_weight_maps_bytes`` less the mask).
+    """
+    one = (4 * n_voxels if save_blends else 0) + (n_voxels if save_weight_maps else 0)
+    scratch = max(nifti_write_bytes(n0, n1) if save_blends else 0,
+                  nifti_weight_maps_bytes(n_voxels) - n_voxels if save_weight_maps else 0)
+    return (int(depth) + 1) * one + scratch
+
+
 def nifti_write_bytes(n0: int, n1: int) -> int:
     """``io.write_nifti`` of a C-order float32 volume: one ``N0 x N1`` slice.
 
@@ -261,7 +299,8 @@ def npz_template_bytes(n_voxels: int, n_experts: int) -> int:
 def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: int,
                stride: int, lambda_grad: float = 0.0, lambda_edge: float = 0.0,
                grad_operator: str = "sobel", ssim_axis: str | int = "axial",
-               save_weight_volumes: bool = True, n_patients: int = 1) -> StageCost:
+               save_weight_volumes: bool = True, save_weight_maps: bool = True,
+               save_blends: bool = True, n_patients: int = 1) -> StageCost:
     """Cost ``stage`` for volumes of ``shape`` and ``n_experts`` experts.
 
     Parameters
@@ -283,6 +322,10 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         Slice axis of the SSIM (its per-thread slice buffers).
     save_weight_volumes : bool, optional
         Whether evaluate writes the weight npz files of algorithm A8.
+    save_weight_maps : bool, optional
+        Whether evaluate writes the NIfTI weight maps (the model's and each test patient's).
+    save_blends : bool, optional
+        Whether evaluate writes the blends (held in the background writer's queue).
     n_patients : int, optional
         Patients of the stage (the fit keeps every patient's statistics until the
         ordered sum).
@@ -306,8 +349,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     evaluate
         per patient: the mapped HR and experts + the largest of: the valid mask; the
         brain mask; the blend (brain mask, its ``!= 0`` copy, the output, the window
-        tables); the metrics (blend + ``hr > 0`` mask); the writes (blend + one
-        slice, or after the blend is freed a copy of the npz templates).
+        tables); the metrics (blend + ``hr > 0`` mask); the one-pass scores.  The writes
+        run on the background writer: `queued_outputs_bytes` per task.
         Per thread: the larger of the blend's and the SSIM's scratch.  Per task: the
         npz templates; setup: the maps they are compressed from and one savez chunk
         (the templates made from them are the per-task term, already alive then).
@@ -364,22 +407,25 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         "brain mask": brain_mask_bytes(n),
         "blend": blend,
         "metrics": 4 * n + metrics_bytes(n),
-        "writes": max(4 * n + nifti_write_bytes(n0, n1), template),
-        # test split, after the blend is freed: each expert alone and the HR-free blend
-        # (scoring.test_extras), the largest predict step without the mapped pages
-        "scores": max(hr_free.values()),
+        # test split (scoring.score_patient): with the HR's brain mask N alive, the HR-free
+        # statistics and mask (the largest predict step before its blend), then one pass
+        # with the blend and the HR-free mask N
+        "scores": n + max(max(v for k, v in hr_free.items() if k != "write"), blend),
     }
-    task = template
+    # the writes run on the background writer (runs/writer.py), not in the patient's
+    # worker: the outputs of the queued patients and of the one being written, and its
+    # scratch, are the task's
+    task = template + queued_outputs_bytes(n, n0, n1, save_blends=save_blends,
+                                           save_weight_maps=save_weight_maps)
     setup = 0
     if save_weight_volumes:
-        # the patient's NIfTI weight maps (mapfiles.write_blend_weight_maps): its brain
-        # mask N + one expert's float64 map and its float32 copy 12N
-        steps["weight maps"] = nifti_weight_maps_bytes(n)
+        setup = weight_maps_bytes(n, m) + min(SAVEZ_CHUNK_BYTES, 4 * n * m)
+    if save_weight_maps:
         task += nifti_weight_maps_task_bytes(n)
-        setup = max(weight_maps_bytes(n, m) + min(SAVEZ_CHUNK_BYTES, 4 * n * m),
-                    nifti_weight_maps_setup_bytes(n))
+        setup = max(setup, nifti_weight_maps_setup_bytes(n))
     per = max(load, mapped_bytes(n, m + 1) + max(steps.values()))
-    thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis))
+    thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis),
+                 score_thread_bytes(shape, ssim_axis, m, m + 2))
     return StageCost(stage, int(per), int(thread), int(task), int(setup), steps)
 
 

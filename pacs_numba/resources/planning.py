@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
+
 from ..config import stride_problem
 from ..errors import BudgetError, ConfigError
 from .costs import StageCost, stage_cost
@@ -186,8 +188,22 @@ class PoolPlan:
         if n >= self.width:
             return self
         return dataclasses.replace(
-            self, width=n, threads=max(1, int(self.cpus.value) // n),
+            self, width=n, threads=numba_threads(int(self.cpus.value) // n),
             reason=f"patients: {n} in this split (stage plan: {self.width} x {self.reason})")
+
+
+def numba_threads(wanted: int) -> int:
+    """Return the Numba threads a worker may use: ``wanted``, at least 1, at most Numba's pool.
+
+    ``numba.set_num_threads`` refuses more than ``NUMBA_NUM_THREADS`` (fixed when Numba
+    starts, e.g. ``NUMBA_NUM_THREADS=1`` on a 2-CPU node), so every plan is capped there.
+
+    Examples
+    --------
+    >>> numba_threads(0)
+    1
+    """
+    return max(1, min(int(wanted), int(numba.config.NUMBA_NUM_THREADS)))
 
 
 _OVERRIDE_ENV = ("PACS_NUMBA_MAX_WORKERS", "PACS_SR_MAX_WORKERS")
@@ -396,7 +412,7 @@ def plan_pool(limits: Limits, *, per_patient_bytes: int, baseline_bytes: int, n_
     ignored = [n for n in overrides if n != override_name]
     if ignored:
         reason += f" ({', '.join(ignored)} ignored: {override_name} takes precedence)"
-    threads = max(1, cpus // width)
+    threads = numba_threads(cpus // width)
     plan = PoolPlan(width=width, threads=threads, per_patient_bytes=int(per_patient_bytes),
                     baseline_bytes=int(baseline_bytes), margin_bytes=margin, limit=limit,
                     cpus=limits.cpus, reason=reason, overrides=overrides,
@@ -633,14 +649,17 @@ def plan_stage(stage: str, pacs: Any, n_experts: int, shape: Sequence[int], n_pa
     cost = stage_cost(stage, shape3, n_experts, patch_size=patch, stride=stride,
                       lambda_grad=pacs.lambda_grad, lambda_edge=pacs.lambda_edge,
                       grad_operator=pacs.grad_operator, ssim_axis=pacs.ssim_axis,
-                      save_weight_volumes=pacs.save_weight_volumes, n_patients=n_patients)
+                      save_weight_volumes=pacs.save_weight_volumes,
+                      save_weight_maps=getattr(pacs, "save_weight_maps", False),
+                      save_blends=getattr(pacs, "save_blends", True),
+                      n_patients=n_patients)
     pool = plan_pool(limits, per_patient_bytes=cost.per_patient_bytes,
                      baseline_bytes=int(baseline_bytes), n_patients=max(1, int(n_patients)),
                      num_workers=pacs.num_workers, workers_override=workers, env=env,
                      mem_budget_bytes=mem_budget_bytes, per_task_bytes=cost.per_task_bytes,
                      per_thread_bytes=cost.per_thread_bytes, setup_bytes=cost.setup_bytes)
     if pool.width > 1 and not thread_safe:
-        pool = dataclasses.replace(pool, width=1, threads=pool.threads * pool.width,
+        pool = dataclasses.replace(pool, width=1, threads=numba_threads(pool.threads * pool.width),
                                    reason=pool.reason + "; 1 worker: workqueue layer")
     plan = StagePlan(stage, shape3, int(n_experts), int(n_patients), cost, pool, 0, 0)
     return dataclasses.replace(plan, needed_bytes=plan.needed_bytes_for(pool.width),

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from ..core.blending import NonFiniteBlend, Normalisation, blend_patient
-from ..core.metrics import volume_metrics
+from ..core.blending import NonFiniteBlend
 from ..core.model import StackingModel
-from ..core.scoring import test_extras
+from ..core.scoring import experts_as_they_are, score_patient
 from ..core.tiling import TileGrid
 from ..errors import InputError
+from ..resources.costs import WRITE_QUEUE_DEPTH
 from ..resources.planning import StagePlan, check_tile_settings
 from ..store.layout import MODEL_FILE
 from ..store.mapfiles import WeightNifti, WeightNpz
@@ -30,6 +30,7 @@ from ..store.record import RunRecord, fingerprints
 from ..store.results_h5 import TIME_KEY, ResultsH5
 from .pool import PatientSkipped, describe_plan, join_reasons
 from .tasks import StageClock, Task
+from .writer import OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,13 @@ class EvaluateStage:
         lay = self.layout(task)
         npz: WeightNpz | None = None
         nifti_maps: WeightNifti | None = None
-        if p.save_weight_volumes and split == "test":
+        if split == "test" and (p.save_weight_volumes or p.save_weight_maps):
             with clock("writes"):  # before the pool: the maps never meet a patient in flight
-                npz = WeightNpz(model, task.spacing, task.pulse)
-                nifti_maps = WeightNifti(model, p.mixing_window)
-                nifti_maps.write_model(lay.model_dir)
+                if p.save_weight_volumes:
+                    npz = WeightNpz(model, task.spacing, task.pulse)
+                if p.save_weight_maps:
+                    nifti_maps = WeightNifti(model, p.mixing_window)
+                    nifti_maps.write_model(lay.model_dir)
 
         def eval_one(pid: str):
             paths = patients[pid]
@@ -155,64 +158,35 @@ class EvaluateStage:
             if kept is not None:
                 log.info("patient=%s split=%s resumed (outputs complete)", pid, split)
                 return kept
-            outputs: list[Path] = []
             hr, experts = self._load(pid, paths, clock, skipped, nonfinite)
             self._check_grid(pid, paths["HR"], hr.data.shape, grid)
             t0 = time.perf_counter()
             exp = [e.data for e in experts]
+            extras = split == "test"
+            # One pass scores the blend and, on the test split, each expert alone and the
+            # HR-free blend (core/scoring.py): "blend" holds the metrics' time too.
             with clock("blend"):
                 try:  # algorithm A7: statistics from the HR; brain mask from the HR or atlas
-                    norm = Normalisation.from_hr(hr.data, exp)
                     bmask = self._brain_mask(task, hr.data)
-                    blend = blend_patient(
-                        exp, grid, model.weights, window=p.mixing_window, norm=norm,
-                        brain_mask=bmask,
+                    scored = score_patient(
+                        hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
+                        brain_mask=bmask, experts_alone=extras and p.score_experts,
+                        hr_free=extras and p.score_hr_free,
+                        # with registration every blend, the HR-free one too, takes the atlas
+                        hr_free_mask=bmask if self.registrar is not None else None,
                     )
-                except InputError as exc:
+                except InputError as exc:  # a NonFiniteBlend names the expert behind it
                     msg = _cause(exc, paths)
                     log.warning("skipping patient %s: %s", pid, msg)
                     skipped[pid] = msg
                     raise PatientSkipped(pid) from exc
-            with clock("metrics"):
-                m = volume_metrics(hr.data, blend, ssim_axis=p.ssim_axis)
-            with clock("writes"):
-                if p.save_blends and self.config.data.schema == "hdf5":
-                    # the current release's form: results_fold_{N}.h5 (train blends too)
-                    outputs.append(ResultsH5(lay.experiment_layout.root, task.fold).write_blend(
-                        task.spacing, task.pulse, pid, blend, hr.meta.affine))
-                elif p.save_blends:
-                    target = lay.blend(split, pid)
-                    write_nifti(target, blend, hr.meta.affine, hr.meta.header)
-                    outputs.append(target)
-                del blend  # before the extras below: their blend then replaces it in memory
-            extra: dict[str, Any] = {}
-            if split == "test":
-                with clock("metrics"):  # each expert alone, and the HR-free protocol
-                    # with registration every blend, the HR-free one too, takes the atlas mask
-                    try:
-                        extra = test_extras(
-                            hr.data, exp, model, window=p.mixing_window, ssim_axis=p.ssim_axis,
-                            mask=bmask if self.registrar is not None else None,
-                        )
-                    except NonFiniteBlend as exc:  # the HR-free blend overflowed
-                        msg = f"HR-free blend: {_cause(exc, paths)}"
-                        log.warning("skipping patient %s: %s", pid, msg)
-                        skipped[pid] = msg
-                        for out in outputs:  # nothing of a skipped patient is left behind
-                            out.unlink(missing_ok=True)
-                        raise PatientSkipped(pid) from exc
-            if nifti_maps is None:
-                del bmask
-            affine = hr.meta.affine
-            with clock("writes"):
-                # The npz writes below are the slowest step: release this patient's mapped
-                # volumes first so they do not count against other patients.
-                del exp, experts, hr
-                if npz is not None:
-                    outputs += npz.write(lay, pid)
-                if nifti_maps is not None:
-                    outputs += nifti_maps.write_patient(lay.model_dir, pid, affine, bmask)
-                    del bmask
+            m, extra, blend = scored.metrics, scored.extras, scored.blend
+            del scored
+            if "hr_free" in extra:  # the HR-free protocol's experts as a user gets them
+                extra["hr_free"]["experts"] = experts_as_they_are(
+                    hr.data, exp, model.model_names, ssim_axis=p.ssim_axis,
+                    mask=bmask if self.registrar is not None else None,
+                )
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
@@ -225,12 +199,42 @@ class EvaluateStage:
             )
             result: dict[str, Any] = {k: float(v) for k, v in m.items()}  # every metric made
             result.update(extra)
-            record.add_patient(split, pid, inputs, outputs, result)
+            affine, header = hr.meta.affine, hr.meta.header
+            # Release this patient's mapped volumes before the writes: they never need them.
+            del exp, experts, hr
+            keep_blend = blend if p.save_blends else None
+            keep_mask = bmask if nifti_maps is not None else None
+            del blend, bmask
+
+            def write() -> None:
+                """Write the patient's outputs, then record it (runs in the writer thread)."""
+                outputs: list[Path] = []
+                with clock("writes"):
+                    if keep_blend is not None and self.config.data.schema == "hdf5":
+                        # the current release's form: results_fold_{N}.h5 (train blends too)
+                        outputs.append(ResultsH5(lay.experiment_layout.root, task.fold)
+                                       .write_blend(task.spacing, task.pulse, pid, keep_blend,
+                                                    affine))
+                    elif keep_blend is not None:
+                        target = lay.blend(split, pid)
+                        write_nifti(target, keep_blend, affine, header)
+                        outputs.append(target)
+                    if npz is not None:
+                        outputs += npz.write(lay, pid)
+                    if nifti_maps is not None:
+                        outputs += nifti_maps.write_patient(lay.model_dir, pid, affine,
+                                                            keep_mask)
+                record.add_patient(split, pid, inputs, outputs, result)
+
+            writer.submit(write)
             # the current release's time_seconds: the engine takes it out of the means (a
             # resumed patient has none)
             return {**result, TIME_KEY: time.perf_counter() - t0}
 
-        res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
+        # Outputs are written on the writer's thread while the pool computes the next
+        # patient; leaving the block drains it (also on SIGTERM: only whole, recorded files).
+        with OutputWriter(depth=WRITE_QUEUE_DEPTH, name=f"writer-{split}") as writer:
+            res = self._map_patients(f"{split} {task}", list(patients), eval_one, plan)
         if not res:
             raise InputError(
                 f"task {task}: every {split} patient was skipped: "

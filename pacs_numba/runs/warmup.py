@@ -10,28 +10,88 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numba
 import numpy as np
 from numba.core.dispatcher import Dispatcher
 
 from .. import kernels
-from .._config import CACHE
+from .._config import CACHE, KERNEL_CACHE_DIR, KERNEL_CACHE_NOTE
 from ..core.blending import blend_volume, brain_mask, weight_analysis, weight_maps
 from ..core.cellstats import StatsKey, box_statistics, combine
 from ..core.metrics import volume_metrics
+from ..core.model import StackingModel
+from ..core.scoring import score_patient
 from ..core.solve import fit_weights, laplacian_smooth, solve_simplex_qp
 from ..core.statistics import normalisation, valid_mask
 from ..core.tiling import TileGrid
 from ..resources.threads import ensure_threading_layer
+from ..store.locks import node_lock
 
 log = logging.getLogger(__name__)
 
 
-def warm_kernels(on_step: Callable[[str, float], Any] | None = None) -> dict[str, float]:
-    """Compile (or load from cache) every kernel on a tiny input; seconds per kernel.
+#: Every warm-up step, in the order it runs.  A run compiles only the steps it needs
+#: (:func:`steps_for`) at start; anything else it meets compiles lazily, and is cached.
+STEPS = ("normalisation", "statistics", "solve", "solve_unconstrained", "solve_many_experts",
+         "smoothing", "brain_mask", "blend", "score", "weight_maps", "weight_analysis",
+         "metrics")
+#: Rough first-ever compile seconds of each step (CPU seconds measured one step at a time
+#: with an empty NUMBA_CACHE_DIR, see profiling/2026-12-07-issue18-vm.md; Numba
+#: compiles on one core), for the line that says how long the wait will be.
+TYPICAL_COMPILE_S = {"normalisation": 5.0, "statistics": 19.0, "solve": 3.5,
+                     "solve_unconstrained": 2.5, "solve_many_experts": 4.0, "smoothing": 1.5,
+                     "brain_mask": 6.0, "blend": 3.0, "score": 17.0, "weight_maps": 1.0,
+                     "weight_analysis": 1.2, "metrics": 7.0}
+
+
+def steps_for(command: str, pacs: Any = None) -> tuple[str, ...]:
+    """Return the warm-up steps a command's run uses, from its ``pacs_sr`` settings.
+
+    Parameters
+    ----------
+    command : {"train", "evaluate", "predict", "demo", "all"}
+        ``all`` (``diagnose --warmup``) is every step.
+    pacs : PacsConfig, optional
+        The run's settings (solver, smoothing, outputs, SSIM axis); None: the defaults of
+        a published config.
+
+    Examples
+    --------
+    >>> steps_for("predict")
+    ('normalisation', 'brain_mask', 'blend')
+    """
+    if command == "all":
+        return STEPS
+    if command == "predict":
+        return ("normalisation", "brain_mask", "blend")
+    want = {"normalisation", "brain_mask"}
+    if command in {"train", "demo"}:
+        want.add("statistics")
+        simplex = True if pacs is None else bool(pacs.simplex)
+        want.add("solve" if simplex else "solve_unconstrained")
+        if pacs is None or pacs.laplacian_tau > 0:
+            want.add("smoothing")
+    axis = "axial" if pacs is None else pacs.ssim_axis
+    want |= {"blend", "metrics"} if axis == "sagittal" else {"score"}
+    if pacs is None or pacs.save_weight_volumes:
+        want |= {"weight_maps", "weight_analysis"}
+    if command == "demo":
+        want.add("blend")  # the demo's prediction
+    return tuple(s for s in STEPS if s in want)
+
+
+def warm_kernels(
+    steps: tuple[str, ...] | None = None,
+    on_step: Callable[[str, float], Any] | None = None,
+) -> dict[str, float]:
+    """Compile (or load from cache) the kernels of ``steps`` on a tiny input (None: all).
 
     ``on_step(name, seconds)`` is called after each step (``load_kernels`` logs progress).
+    Returns the seconds of each step.
     """
+    todo = set(STEPS if steps is None else steps)
+    unknown = todo - set(STEPS)
+    if unknown:
+        raise ValueError(f"unknown warm-up steps {sorted(unknown)}; known: {list(STEPS)}")
     ensure_threading_layer()
     rng = np.random.default_rng(0)
     shape = (12, 11, 10)
@@ -41,6 +101,8 @@ def warm_kernels(on_step: Callable[[str, float], Any] | None = None) -> dict[str
     times: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
+        if name not in todo:
+            return None
         t0 = time.perf_counter()
         res = fn()
         times[name] = time.perf_counter() - t0
@@ -48,47 +110,51 @@ def warm_kernels(on_step: Callable[[str, float], Any] | None = None) -> dict[str
             on_step(name, times[name])
         return res
 
-
-    # the engine's fit pass: the statistics cache computes its entries with box_statistics
-    st = timed(
-        "statistics",
-        lambda: box_statistics(hr, experts, StatsKey.make(
+    def stats():
+        # the engine's fit pass: the statistics cache computes its entries with box_statistics
+        return box_statistics(hr, experts, StatsKey.make(
             region="first_block", stride=grid.stride, patch_size=grid.patch_size,
             window="hann", edge_power=2.0, grad_operator="sobel", with_edge=True,
-            with_grad=True)),
-    )
-    q, b = combine(st, lambda_edge=0.25, lambda_grad=0.2)
-    w, learned = timed(
-        "solve",
-        lambda: fit_weights(
-            q, b, st.counts, grid.counts, simplex=True, lambda_ridge=1e-4, laplacian_tau=0.0
-        ),
-    )
-    timed(
-        "solve_unconstrained",
-        lambda: fit_weights(
-            q, b, st.counts, grid.counts, simplex=False, lambda_ridge=1e-4, laplacian_tau=0.0
-        ),
-    )
+            with_grad=True))
+
+    def norm():
+        mask, _ = valid_mask(hr, experts)
+        return normalisation(hr, experts, mask)
+
+    timed("normalisation", norm)
+    st = timed("statistics", stats)
+    # the solve and everything after it need weights: made without the kernels if not warmed
+    w = np.full((grid.n_tiles, 2), 0.5, np.float32)
+    learned = np.ones(grid.n_tiles, bool)
+    if {"solve", "solve_unconstrained", "smoothing"} & todo:
+        st = st if st is not None else stats()
+        q, b = combine(st, lambda_edge=0.25, lambda_grad=0.2)
+        got = timed("solve", lambda: fit_weights(
+            q, b, st.counts, grid.counts, simplex=True, lambda_ridge=1e-4, laplacian_tau=0.0))
+        timed("solve_unconstrained", lambda: fit_weights(
+            q, b, st.counts, grid.counts, simplex=False, lambda_ridge=1e-4, laplacian_tau=0.0))
+        if got is not None:
+            w, learned = got
     # more experts than the support enumeration takes: the active-set solver
     many = 8
     q_many = np.tile(np.eye(many) + 0.5, (3, 1, 1))
-    timed(
-        "solve_many_experts",
-        lambda: solve_simplex_qp(q_many, np.ones((3, many)), 1e-4),
-    )
+    timed("solve_many_experts", lambda: solve_simplex_qp(q_many, np.ones((3, many)), 1e-4))
     timed("smoothing", lambda: laplacian_smooth(w, learned, grid.counts, 0.05))
-    mask, _ = valid_mask(hr, experts)
-    mu, sd, mus, sds = normalisation(hr, experts, mask)
+    mu, sd, mus, sds = norm() if {"blend", "metrics"} & todo else (0.0, 1.0, None, None)
     bm = timed("brain_mask", lambda: brain_mask(hr))
-    pred = timed(
-        "blend",
-        lambda: blend_volume(
-            experts, grid, w, mus=mus, sds=sds, mu_hr=mu, sd_hr=sd, mask=bm, window="hann"
-        ),
-    )
+    if bm is None and {"blend", "score"} & todo:
+        bm = np.ones(shape, np.uint8)  # a mask without compiling the brain-mask kernel
+    pred = timed("blend", lambda: blend_volume(
+        experts, grid, w, mus=mus, sds=sds, mu_hr=mu, sd_hr=sd, mask=bm, window="hann"))
+    model = StackingModel(w, learned, grid, ("a", "b"), {})
+    timed("score", lambda: score_patient(hr, experts, model, window="hann", ssim_axis="axial",
+                                         brain_mask=bm, experts_alone=True, hr_free=True))
     maps = timed("weight_maps", lambda: weight_maps(w, grid))
+    if maps is None and "weight_analysis" in todo:
+        maps = weight_maps(w, grid)
     timed("weight_analysis", lambda: weight_analysis(maps, ["a", "b"]))
+    if pred is None and "metrics" in todo:
+        pred = hr
     timed("metrics", lambda: volume_metrics(hr, pred, ssim_axis="axial"))
     return times
 
@@ -109,6 +175,8 @@ def cache_counts() -> tuple[int, int]:
         hits += sum(obj.stats.cache_hits.values())
         misses += sum(obj.stats.cache_misses.values())
     return hits, misses
+
+
 def kernel_index_files() -> tuple[int, int]:
     """(kernels with a compile-cache index file, kernels) over the package's dispatchers."""
     have = total = 0
@@ -132,38 +200,63 @@ def _log_progress(step: str, secs: float) -> None:
     log.info("compiling kernels: %d/%d ready (%s: %.1f s)", ready, total, step, secs)
 
 
-def load_kernels() -> int:
-    """Compile the kernels, or load them from Numba's cache, before the first patient.
+def compiled_where() -> str:
+    """Return the folder Numba really keeps the compiled kernels in.
 
-    On a first run this takes 20-60 s (minutes on a busy node), and a person watching a
-    terminal should know why nothing moves: an INFO line announces it when the compile cache
-    lacks kernels, one per step says how many kernels are ready out of all, and one gives the
-    time it took.  Returns the number of kernels compiled so far (cache misses),
-    for :func:`check_no_compile`.
+    Numba takes ``NUMBA_CACHE_DIR`` only if it can write there, and otherwise quietly
+    tries other folders; a kernel's own cache object knows which one it took.
     """
+    if not CACHE:
+        return "nowhere (the compile cache is off)"
+    for disp in dispatchers():
+        path = getattr(getattr(disp, "_cache", None), "cache_path", None)
+        if path:
+            return str(path)
+    return str(KERNEL_CACHE_DIR)
+
+
+def load_kernels(command: str = "all", pacs: Any = None) -> int:
+    """Compile the kernels a run needs, or load them from Numba's cache, before its first patient.
+
+    Only the steps of :func:`steps_for` are compiled here; anything else compiles when it
+    is first met.  A first run announces what it compiles and roughly how long that takes,
+    and logs after each step how many kernels are ready out of all, since nothing else moves
+    meanwhile.  Processes on one node that start together (SLURM
+    array tasks) take a node lock in the cache folder around the compile, so one compiles
+    and the others wait, then load.  Returns the number of kernels compiled so far (cache
+    misses), for :func:`check_no_compile`.
+    """
+    if KERNEL_CACHE_NOTE:
+        log.warning("%s", KERNEL_CACHE_NOTE)
+    steps = steps_for(command, pacs)
     have, _ = kernel_index_files()
-    where = numba.config.CACHE_DIR or "the kernels' __pycache__ (set NUMBA_CACHE_DIR to move it)"
     # Some kernels (e.g. predict's) may never have been compiled, so "no index file at all"
     # is the sign of a first run; a partial cache only gets the line with the time below.
-    announce = not CACHE or have == 0
-    if announce:
+    first = not CACHE or have == 0
+    if first:
         why = "the compile cache is off (PACS_NUMBA_CACHE=0)" if not CACHE else "first run only"
-        log.info("compiling kernels (%s) ...", why)
+        usual = sum(TYPICAL_COMPILE_S.get(s, 2.0) for s in steps)
+        log.info("compiling %d kernel groups for %s (%s; usually ~%.0f s on 2 cores, "
+                 "longer on a busy node): %s", len(steps), command, why, usual,
+                 ", ".join(steps))
     _, misses0 = cache_counts()
     t0 = time.perf_counter()
-    warm_kernels(_log_progress if announce else None)
+    if CACHE and KERNEL_CACHE_DIR is not None and first:
+        with node_lock(KERNEL_CACHE_DIR / ".compile.lock"):
+            waited = time.perf_counter() - t0
+            if waited > 1.0:
+                log.info("waited %.0f s for another process compiling the kernels", waited)
+            warm_kernels(steps, _log_progress)
+    else:
+        warm_kernels(steps, _log_progress if first else None)
     secs = time.perf_counter() - t0
     _, total_misses = cache_counts()
     misses = total_misses - misses0
     if misses or not CACHE:
-        log.info(
-            "compiling kernels (first run only) took %.1f s: %d compiled%s",
-            secs,
-            misses,
-            f", cached in {where}" if CACHE else "",
-        )
+        log.info("compiling kernels took %.1f s: %d compiled%s", secs, misses,
+                 f", cached in {compiled_where()}" if CACHE else "")
     else:
-        log.debug("kernels loaded from the compile cache in %.2f s (%s)", secs, where)
+        log.debug("kernels loaded from the compile cache in %.2f s (%s)", secs, compiled_where())
     return total_misses
 
 

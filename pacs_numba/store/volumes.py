@@ -46,6 +46,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import InputError, OutputError
+from ..resources.units import parse_size
 from .atomic import host_tag, install_file
 from .hdf5 import H5Source, h5_identity, parse_source, read_h5_header, read_h5_volume
 from .integrity import file_identity, sweep_temp_files, writer_gone
@@ -123,6 +124,10 @@ def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(os.path.abspath(path))
     _, ident = file_identity(p, open_verb="examine")
     return {"path": str(p), **{k: ident[k] for k in ("size", "mtime_ns", "ctime_ns", "sample")}}
+
+
+#: Subfolders of the volume cache that other caches keep (statistics, registration).
+_SUBFOLDERS = ("cellstats", "registered")
 
 
 @dataclass(frozen=True, eq=False)
@@ -274,6 +279,19 @@ class VolumeStore:
                 if self._temp_gone(Path(e.path), st.st_mtime_ns, now_ns):
                     stale += 1
                     stale_bytes += st.st_size
+        sub: dict[str, int] = {}
+        for name in _SUBFOLDERS:
+            files = size = 0
+            for root, _, names in os.walk(self.directory / name):
+                for f in names:
+                    try:
+                        size += os.lstat(os.path.join(root, f)).st_size
+                    except OSError:
+                        continue
+                    files += 1
+            sub[f"{name}_files"] = files
+            sub[f"{name}_bytes"] = size
+            total += size
         return {
             "directory": str(self.directory),
             "entries": len(keys & npys),
@@ -282,6 +300,7 @@ class VolumeStore:
             "stale_temp_files": stale,
             "stale_temp_bytes": stale_bytes,
             "writable": os.access(self.directory, os.W_OK | os.X_OK),
+            **sub,
         }
 
     @staticmethod
@@ -349,6 +368,76 @@ class VolumeStore:
         except FileNotFoundError:
             return
 
+    def prune(self, max_bytes: int | None = None, *, keep: str | None = None) -> dict[str, int]:
+        """Remove entries whose source file is gone, then the least recently used over a size.
+
+        Parameters
+        ----------
+        max_bytes : int, optional
+            Keep the entries' ``.npy`` and ``.json`` files within this many bytes, removing
+            the least recently used first (an entry's use time is its sidecar's mtime, set at
+            every open).  None: only the entries whose source is gone.
+        keep : str, optional
+            A key never removed (the entry just built).
+
+        Returns
+        -------
+        dict
+            ``gone`` and ``evicted`` (entries removed), ``freed_bytes``, ``in_use`` (entries
+            that would have gone but are held: mapped by a live process of this node, or
+            open in this one) and ``bytes`` (what the entries hold afterwards).
+
+        Notes
+        -----
+        An entry in use is never removed: this process's open entries, and any file that a
+        process of this node maps (``/proc/<pid>/maps``, the processes this user may read).
+        Each removal holds the entry's node lock, as its builder does.
+        """
+        entries = []
+        for e in self._scan():
+            m = _ENTRY_RE.match(e.name)
+            if m and m.group(2) == "json":
+                entries.append(m.group(1))
+        mapped = _mapped_files()
+        with self._guard:
+            live = set(self._live)
+        out = {"gone": 0, "evicted": 0, "freed_bytes": 0, "in_use": 0, "bytes": 0}
+        rows = []
+        for key in entries:
+            npy, side = self.directory / f"{key}.npy", self.directory / f"{key}.json"
+            try:
+                size = npy.stat().st_size + side.stat().st_size
+                used = side.stat().st_mtime
+                source = json.loads(side.read_text(encoding="utf-8")).get("source", "")
+            except (OSError, ValueError):
+                continue
+            busy = key in live or key == keep or str(npy) in mapped
+            rows.append([used, key, size, busy, bool(source) and not os.path.exists(source)])
+        total = sum(r[2] for r in rows)
+        for r in sorted(rows, key=lambda r: r[0]):  # least recently used first
+            used, key, size, busy, gone = r
+            over = max_bytes is not None and total > max_bytes
+            if not (gone or over):
+                continue
+            if busy:
+                out["in_use"] += 1
+                continue
+            with node_lock(self.directory / f".{key}.lock"):
+                for suffix in ("json", "npy"):  # the sidecar first: the entry stops existing
+                    try:
+                        os.unlink(self.directory / f"{key}.{suffix}")
+                    except FileNotFoundError:
+                        pass
+            total -= size
+            out["freed_bytes"] += size
+            out["gone" if gone else "evicted"] += 1
+        out["bytes"] = total
+        if out["gone"] or out["evicted"]:
+            log.info("volume cache %s: removed %d entries whose source is gone and %d least "
+                     "recently used (%d bytes freed; %d in use kept)", self.directory,
+                     out["gone"], out["evicted"], out["freed_bytes"], out["in_use"])
+        return out
+
     # -- entries ----------------------------------------------------------------------
 
     def get(self, path: str | os.PathLike[str]) -> CachedVolume:
@@ -399,6 +488,8 @@ class VolumeStore:
                     cv = self._open_entry(key, source, ident)
                 except _BadEntry:
                     cv = None
+                if cv is not None:
+                    _touch(self.directory / f"{key}.json")  # last use, for prune's LRU order
                 if cv is None:
                     # Missing or bad: let one process of the node build it while the others
                     # wait, then look again, since a waiter usually finds it ready.
@@ -412,6 +503,9 @@ class VolumeStore:
                             )
                         if cv is None:
                             cv = self._build(key, source, ident, st)
+                            limit = cache_max_bytes()
+                            if limit is not None:
+                                self.prune(limit, keep=key)
                 if cv is not None:
                     with self._guard:
                         self._live[key] = cv
@@ -545,6 +639,50 @@ class VolumeStore:
             source, npy.name, 1e3 * (time.perf_counter() - t0), nonfinite,
         )
         return CachedVolume(data, meta, source, nonfinite, npy)
+
+
+def cache_max_bytes() -> int | None:
+    """Return the volume cache's size limit from ``PACS_NUMBA_CACHE_MAX`` (e.g. ``200G``).
+
+    Raises
+    ------
+    InputError
+        If the variable is set but not a size.
+    """
+    raw = os.environ.get("PACS_NUMBA_CACHE_MAX", "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_size(raw)
+    except ValueError as exc:
+        raise InputError(f"PACS_NUMBA_CACHE_MAX={raw!r} is not a size such as 200G: {exc}") \
+            from exc
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache: its LRU order is its creation order
+
+
+def _mapped_files() -> set[str]:
+    """Files mapped by the processes of this node that this user may inspect."""
+    out: set[str] = set()
+    try:
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    i = line.find("/")
+                    if i >= 0:
+                        out.add(line[i:].rstrip("\n"))
+        except OSError:
+            continue
+    return out
 
 
 def _user_tag() -> str:
