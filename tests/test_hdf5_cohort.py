@@ -402,3 +402,20 @@ def test_missing_h5py_is_one_line(cohort, tmp_path, capsys, monkeypatch):
     lines = [ln for ln in err.splitlines() if " ERROR " in ln]
     assert len(lines) == 1
     assert lines[0].endswith("reading HDF5 cohorts needs h5py: pip install 'pacs-numba[hdf5]'")
+
+
+def test_paper_metrics_table_that_is_empty_or_has_a_cut_header_counts_as_no_row(tmp_path):
+    # the table is created empty before any volume is read (to fail early when unwritable),
+    # and a run killed inside its first write leaves part of the header: neither is foreign
+    from pacs_numba.runs.paper_metrics import _read_done
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert _read_done(empty) == set()
+    cut = tmp_path / "cut.csv"
+    cut.write_text("patient,spac")
+    assert _read_done(cut) == set() and cut.read_text() == ""
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("a,b\n")
+    with pytest.raises(InputError, match="is not a paper-metrics table"):
+        _read_done(foreign)

@@ -82,7 +82,12 @@ def _read_done(path: Path) -> set[tuple[str, str, str, str]]:
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
     rows = list(csv.reader(lines))
-    if not rows or tuple(rows[0]) != COLUMNS:
+    if not rows:  # empty, or only a header cut short by a killed run: no row yet
+        if text:
+            atomic_write_text(path, "")
+            log.warning("'%s': dropped an incomplete header left by an interrupted run", path)
+        return set()
+    if tuple(rows[0]) != COLUMNS:
         raise InputError(f"'{path}' is not a paper-metrics table (its header is not "
                          f"{','.join(COLUMNS)}); choose another --out or remove it")
     good = [r for r in rows[1:] if len(r) == len(COLUMNS)]
