@@ -20,7 +20,7 @@ import yaml
 from pacs_numba.cli import main
 from pacs_numba.config import load_config
 from pacs_numba.core.harmonise import common_shape, zoom_to
-from pacs_numba.errors import ConfigError
+from pacs_numba.errors import ConfigError, InputError
 from pacs_numba.store.convert import make_h5_cohort
 from pacs_numba.store.manifest import build_manifest, load_manifest, select_task, write_manifest
 from pacs_numba.store.nifti import read_nifti
