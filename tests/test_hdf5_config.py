@@ -140,3 +140,14 @@ def test_round_trip_hdf5_form(tmp_path, doc):
     dump_config(cfg, out)
     again = load_config(out)
     assert again.data == cfg.data and again.pacs_sr == cfg.pacs_sr
+
+
+def test_ssim_axis_z_of_the_current_release_reads_as_axial(tmp_path, doc, caplog):
+    # the current release does not validate ssim_axis and its configs say "z" (axial); the
+    # 2025 release's NIfTI form still refuses an unknown name (test_config.test_enum_values)
+    doc["pacs_sr"]["ssim_axis"] = "z"
+    with pytest.warns(UserWarning, match=r"pacs_sr\.ssim_axis='z' is not one of axial, "
+                      r"coronal, sagittal; read as 'axial'") as rec:
+        cfg = load_config(_write(tmp_path, doc))
+    assert cfg.pacs_sr.ssim_axis == "axial"
+    assert len([w for w in rec if "ssim_axis" in str(w.message)]) == 1  # named once

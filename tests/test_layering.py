@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "pacs_numba"
 
 # Lower number = lower layer.  Top-level modules are named by their stem, the rest by folder.
 LAYERS = {
-    "_version": 0, "_config": 0, "errors": 0,
+    "_version": 0, "_config": 0, "errors": 0, "yamlfile": 0,
     "kernels": 1, "config": 1,
     "core": 2, "resources": 2,
     "store": 3,

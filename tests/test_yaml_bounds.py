@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from pacs_numba import cli
-from pacs_numba.config import MAX_YAML_DEPTH, MAX_YAML_VALUES, load_config
+from pacs_numba.config import load_config
 from pacs_numba.store.cohort import make_cohort
+from pacs_numba.yamlfile import MAX_YAML_DEPTH, MAX_YAML_VALUES
 
 # A hang guard, not a timing assertion: each refusal takes well under a second here
 # (measured in the loader alone), while the unbounded loader ran for minutes.

@@ -44,7 +44,6 @@ from ..config import (
     MIXING_WINDOWS,
     FullConfig,
     dump_config,
-    parse_yaml,
     stride_problem,
 )
 from ..core.cellstats import sum_stats
@@ -55,6 +54,7 @@ from ..store.atomic import atomic_write_json, atomic_write_text
 from ..store.manifest import filter_tasks, load_manifest, select_task
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, file_fingerprint
+from ..yamlfile import parse_yaml
 from .cvunits import Patients as _Patients
 from .cvunits import digest as _digest
 from .cvunits import fit_and_score as _fit_and_score
