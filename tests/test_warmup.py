@@ -37,7 +37,7 @@ def test_unknown_step_is_an_error():
 def test_first_run_is_announced_and_compiles_under_the_node_lock(monkeypatch, caplog):
     seen = {}
 
-    def fake_warm(steps):
+    def fake_warm(steps, on_step=None):
         seen["steps"] = steps
         seen["lock"] = (_config.KERNEL_CACHE_DIR / ".compile.lock").exists()
         return {}

@@ -260,7 +260,8 @@ def test_train_predict_and_maps_of_a_gated_multiscale_model(tmp_path, capsys):
                       stride=4, experts="complementary")
     doc = yaml.safe_load(cfg.read_text())
     doc["pacs_sr"].update(num_workers=1, log_to_file=False, lambda_edge=0.0, lambda_grad=0.0,
-                          gating="edge", prior="multiscale", prior_strength=0.5)
+                          gating="edge", prior="multiscale", prior_strength=0.5,
+                          save_weight_maps=True)  # the NIfTI maps are off by default
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     config = load_config(cfg)
     write_manifest(build_manifest(config.data), config.data.out)

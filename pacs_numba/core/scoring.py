@@ -417,7 +417,9 @@ def experts_as_they_are(
         del proxy
     out = {}
     for name, x in zip(names, experts, strict=True):
-        masked = (np.asarray(x, dtype=np.float32) * mask).astype(np.float32, copy=False)
+        # a non-finite expert voxel reads as 0, as in every blend (docs/algorithm.md)
+        vol = np.asarray(x, dtype=np.float32)
+        masked = np.where(np.isfinite(vol) & np.asarray(mask, bool), vol, np.float32(0))
         out[name] = _floats(volume_metrics(hr, masked, ssim_axis=ssim_axis))
         del masked
     return out
