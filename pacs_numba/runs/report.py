@@ -20,7 +20,6 @@ drawn with its object API on the Agg canvas (no pyplot state, no display needed)
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -57,7 +56,7 @@ from ..core.scoring import (
 )
 from ..core.weightmaps import EXPERT_COLOURS, blend_weight_maps, dominant_labels, entropy_map
 from ..errors import ConfigError, InputError
-from ..store.atomic import atomic_write_bytes, atomic_write_text
+from ..store.atomic import atomic_write_text
 from ..store.layout import (
     MODEL_FILE,
     RECORD_FILE,
@@ -70,7 +69,7 @@ from ..store.manifest import load_manifest, select_task
 from ..store.modelfile import load_model
 from ..store.volumes import VolumeStore
 from .escape import html_src, html_text
-from .summary_figures import FIGURE_KINDS, figure_name
+from .summary_figures import FIGURE_KINDS, figure_name, new_figure, save_png
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,6 @@ INSTALL_HINT = (
 )
 
 
-DPI = 110
 
 
 def _require_matplotlib() -> None:
@@ -90,23 +88,6 @@ def _require_matplotlib() -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
-
-
-def _figure(width_in: float, height_in: float):  # noqa: ANN202
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def _window(hr: NDArray) -> tuple[float, float]:
@@ -186,7 +167,7 @@ def slices_figure(hr: NDArray, experts: Sequence[NDArray], blend: NDArray,
     cols = [("HR", hr), *zip(names, experts, strict=True), ("PaCS-SR", blend),
             ("|PaCS-SR − HR|", err)]
     n = len(cols)
-    fig = _figure(1.9 * n + 1.6, 1.9 * 3 + 1.0)
+    fig = new_figure(1.9 * n + 1.6, 1.9 * 3 + 1.0)
     axes = fig.subplots(3, n, squeeze=False)
     fig.subplots_adjust(left=0.1, right=0.92, top=0.86, bottom=0.02, wspace=0.04, hspace=0.08)
     im = None
@@ -209,7 +190,7 @@ def slices_figure(hr: NDArray, experts: Sequence[NDArray], blend: NDArray,
     fig.suptitle(f"{title}: one intensity window [{lo:.3g}, {hi:.3g}] for every image but "
                  f"the error\norientation {vs[0].codes}; neurological view (patient's right "
                  "on the right)", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def weights_figure(hr: NDArray, maps: NDArray, mask: NDArray, names: Sequence[str],
@@ -229,7 +210,7 @@ def weights_figure(hr: NDArray, maps: NDArray, mask: NDArray, names: Sequence[st
     colours = np.array([EXPERT_COLOURS[e % len(EXPERT_COLOURS)] for e in range(len(names))])
     cmap = ListedColormap(colours / 255.0)
     lo, hi = _window(hr)
-    fig = _figure(3 * 2.6 + 2.0, 2 * 2.6 + 1.3)
+    fig = new_figure(3 * 2.6 + 2.0, 2 * 2.6 + 1.3)
     axes = fig.subplots(2, 3, squeeze=False)
     fig.subplots_adjust(left=0.06, right=0.8, top=0.82, bottom=0.03, wspace=0.05, hspace=0.12)
     ent_max = float(np.log(len(names))) if len(names) > 1 else 1.0
@@ -258,7 +239,7 @@ def weights_figure(hr: NDArray, maps: NDArray, mask: NDArray, names: Sequence[st
     cax.tick_params(labelsize=9)
     fig.suptitle(f"{title}: which expert the blend trusts, inside the brain mask\n"
                  f"orientation {vs[0].codes}; neurological view", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def region_figure(model: StackingModel, path: Path, affine: NDArray | None = None) -> Path:
@@ -274,7 +255,7 @@ def region_figure(model: StackingModel, path: Path, affine: NDArray | None = Non
     learned = model.learned.reshape(g.counts)
     if affine is None:
         affine = model.affine
-    fig = _figure(13.5, 3.9)
+    fig = new_figure(13.5, 3.9)
     axes = fig.subplots(1, 4, squeeze=True, gridspec_kw={"width_ratios": [3, 3, 3, 2]})
     fig.subplots_adjust(left=0.05, right=0.98, top=0.76, bottom=0.2, wspace=0.3)
     worlds = axis_worlds(affine) if affine is not None else None
@@ -312,7 +293,7 @@ def region_figure(model: StackingModel, path: Path, affine: NDArray | None = Non
     fig.suptitle(f"mean weight per expert by region: {int(model.learned.sum())} of "
                  f"{g.n_tiles} tiles learned (patch {g.patch_size}, stride {g.stride})",
                  fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _metrics_table(blocks: Sequence[tuple[Gain, dict[str, dict[str, float]]]],

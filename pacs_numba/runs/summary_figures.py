@@ -61,7 +61,8 @@ def figure_name(experiment: str, spacing: str, pulse: str, kind: str) -> str:
     return "_".join([*parts, kind]) + ".png"
 
 
-def _figure(width_in: float, height_in: float) -> Any:
+def new_figure(width_in: float, height_in: float) -> Any:
+    """Return a matplotlib Figure on the Agg canvas at :data:`DPI` (no pyplot, no globals)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -70,7 +71,8 @@ def _figure(width_in: float, height_in: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG at :data:`DPI`, atomically; return ``path``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
     atomic_write_bytes(path, buf.getvalue())
@@ -101,7 +103,7 @@ def gain_figure(group: Any, path: Path) -> Path | None:
         panels.append((protocol, g, np.asarray(diffs, dtype=np.float64)))
     if not panels:
         return None
-    fig = _figure(5.2 * len(panels) + 0.6, 4.4)
+    fig = new_figure(5.2 * len(panels) + 0.6, 4.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
     fig.subplots_adjust(left=0.1, right=0.98, top=0.78, bottom=0.2, wspace=0.3)
     for ax, (protocol, g, d) in zip(axes, panels, strict=True):
@@ -124,7 +126,7 @@ def gain_figure(group: Any, path: Path) -> Path | None:
     fig.suptitle(f"{group.experiment} {group.spacing} {group.pulse}: PaCS-SR minus the best "
                  f"single expert, per test {group.unit} ({len(group.folds)} fold(s))",
                  fontsize=FONT_PT + 1)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def experts_figure(group: Any, path: Path) -> Path | None:
@@ -133,7 +135,7 @@ def experts_figure(group: Any, path: Path) -> Path | None:
     if not protocols:
         return None
     n_methods = max(len(group.values[p]) for p in protocols)
-    fig = _figure(max(4.0, 0.9 * n_methods + 1.5) * len(protocols), 4.6)
+    fig = new_figure(max(4.0, 0.9 * n_methods + 1.5) * len(protocols), 4.6)
     axes = np.atleast_1d(fig.subplots(1, len(protocols), squeeze=False, sharey=True)[0])
     fig.subplots_adjust(left=0.08, right=0.98, top=0.8, bottom=0.3, wspace=0.08)
     rng = np.random.default_rng(0)  # a fixed jitter: the same figure on every run
@@ -156,7 +158,7 @@ def experts_figure(group: Any, path: Path) -> Path | None:
     axes[0].set_ylabel(f"PSNR (dB), one point per test {group.unit}", fontsize=FONT_PT)
     fig.suptitle(f"{group.experiment} {group.spacing} {group.pulse}: each expert alone and "
                  "PaCS-SR (compare within a panel, not across)", fontsize=FONT_PT + 1)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def dominance_figure(group: Any, path: Path) -> Path | None:
@@ -165,7 +167,7 @@ def dominance_figure(group: Any, path: Path) -> Path | None:
         return None
     folds = sorted(group.dominance)
     experts = [e for e in group.experts if any(e in d for d in group.dominance.values())]
-    fig = _figure(max(4.5, 0.8 * len(folds) + 3.2), 4.2)
+    fig = new_figure(max(4.5, 0.8 * len(folds) + 3.2), 4.2)
     ax = fig.subplots()
     fig.subplots_adjust(left=0.13, right=0.7, top=0.85, bottom=0.15)
     bottom = np.zeros(len(folds))
@@ -183,7 +185,7 @@ def dominance_figure(group: Any, path: Path) -> Path | None:
               title="largest weight", title_fontsize=FONT_PT - 1)
     ax.set_title(f"{group.experiment} {group.spacing} {group.pulse}: which expert each tile "
                  "trusts most", fontsize=FONT_PT)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def draw_group_figures(groups: Sequence[Any], folder: Path) -> list[Path]:
