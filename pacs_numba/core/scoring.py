@@ -171,8 +171,9 @@ def score_patient(
     # The one-pass kernel blends one weight vector per tile; the sagittal SSIM axis and the
     # edge-gated model (two vectors mixed per voxel) take the separate, per-prediction path.
     if axis == 2 or model.gating != "none":
-        return _score_separately(t, vols, model, window, ssim_axis, norm, brain_mask,
-                                 experts_alone, free, free_mask)
+        score = _score_separately(t, vols, model, window, ssim_axis, norm, brain_mask,
+                                  experts_alone, free, free_mask)
+        return _with_experts_as_they_are(score, t, vols, names, ssim_axis, free_mask)
     w = as_tile_weights(model.weights, grid, len(vols))
     # every array read-only and every flag a Python bool: one compiled specialisation
     empty = readonly(np.zeros((1, 1, 1), np.uint8))
@@ -215,7 +216,23 @@ def score_patient(
             # the HR-free blend overflowed float32: blend it alone to name the cause
             blend_patient(vols, grid, model.weights, window=window, norm=free,
                           brain_mask=free_mask)
-    return PatientScore(blend, finish(0), extras)
+    return _with_experts_as_they_are(PatientScore(blend, finish(0), extras), t, vols, names,
+                                     ssim_axis, free_mask)
+
+
+def _with_experts_as_they_are(
+    score: PatientScore, hr: NDArray[np.float32], experts: Sequence[NDArray[np.float32]],
+    names: Sequence[str], ssim_axis: str, free_mask: ArrayLike | None,
+) -> PatientScore:
+    """Add the HR-free protocol's experts as a user gets them, under the HR-free blend's mask.
+
+    ``scoring.gain_over_best`` needs them for that protocol's best expert; the mask is the
+    one the HR-free blend was just scored with, so the experts' mean is not computed again.
+    """
+    if "hr_free" in score.extras:
+        score.extras["hr_free"]["experts"] = experts_as_they_are(
+            hr, experts, names, ssim_axis=ssim_axis, mask=free_mask)
+    return score
 
 
 def _score_separately(
@@ -268,13 +285,9 @@ def test_extras(
     Returns ``{"experts": {name: {mse, mae, psnr, ssim}}, "hr_free": {mse, mae, psnr, ssim}}``.
     """
     bmask = brain_mask(hr) if mask is None else mask
-    extras = score_patient(hr, experts, model, window=window, ssim_axis=ssim_axis,
-                           brain_mask=bmask, experts_alone=True, hr_free=True,
-                           hr_free_mask=mask).extras
-    # the HR-free protocol's experts as a user gets them (scoring.gain_over_best needs them)
-    extras["hr_free"]["experts"] = experts_as_they_are(hr, experts, model.model_names,
-                                                       ssim_axis=ssim_axis, mask=mask)
-    return extras
+    return score_patient(hr, experts, model, window=window, ssim_axis=ssim_axis,
+                         brain_mask=bmask, experts_alone=True, hr_free=True,
+                         hr_free_mask=mask).extras
 
 
 def expert_alone(

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.blending import NonFiniteBlend
 from ..core.model import StackingModel
-from ..core.scoring import experts_as_they_are, score_patient
+from ..core.scoring import score_patient
 from ..core.tiling import TileGrid
 from ..errors import InputError
 from ..resources.costs import WRITE_QUEUE_DEPTH
@@ -182,11 +182,6 @@ class EvaluateStage:
                     raise PatientSkipped(pid) from exc
             m, extra, blend = scored.metrics, scored.extras, scored.blend
             del scored
-            if "hr_free" in extra:  # the HR-free protocol's experts as a user gets them
-                extra["hr_free"]["experts"] = experts_as_they_are(
-                    hr.data, exp, model.model_names, ssim_axis=p.ssim_axis,
-                    mask=bmask if self.registrar is not None else None,
-                )
             log.info(
                 "patient=%s split=%s secs=%.2f psnr=%.4f ssim=%.4f mse=%.6g mae=%.6g",
                 pid,
