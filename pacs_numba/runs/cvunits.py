@@ -20,6 +20,7 @@ from ..core.blending import Normalisation, blend_patient, brain_mask, expert_mea
 from ..core.cellstats import CellStats, StatsKey
 from ..core.gating import edge_gate
 from ..core.metrics import volume_metrics
+from ..core.scoring import experts_as_they_are
 from ..core.tiling import TileGrid
 from ..core.weightfit import fit_model
 from ..errors import InputError
@@ -85,10 +86,9 @@ class Patients:
             norm = Normalisation.from_experts(experts, proxy)
             mask = brain_mask(proxy)
             del proxy
-            single = [
-                volume_metrics(hr, (x * mask).astype(np.float32), ssim_axis=ssim_axis)
-                for x in experts
-            ]
+            # each expert as a user gets it, the HR-free protocol's rule (one home: scoring)
+            single = list(experts_as_they_are(hr, experts, [str(e) for e in range(len(experts))],
+                                              ssim_axis=ssim_axis, mask=mask).values())
             # Each expert through the blend's own HR-free path (one-hot weights: z-scored,
             # mapped back with the experts' mean statistics, masked), so a gain over it is
             # the weights' alone.  A constant weight makes the overlap-add the identity (up
