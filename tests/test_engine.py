@@ -9,9 +9,12 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
+import numba
 import numpy as np
 import pytest
 import yaml
@@ -20,6 +23,8 @@ from pacs_numba import cli
 from pacs_numba.config import load_config
 from pacs_numba.core.solve import objective
 from pacs_numba.core.tiling import TileGrid
+from pacs_numba.errors import InputError
+from pacs_numba.runs.engine import Engine
 from pacs_numba.store.cohort import make_cohort
 from pacs_numba.store.manifest import build_manifest, select_task, write_manifest
 
@@ -490,3 +495,35 @@ def test_four_threads_launching_parallel_kernels_at_once():
     assert res.returncode == 0, res.stdout + res.stderr
     layer = res.stdout.split()[0]
     assert layer in {"omp", "tbb"}, res.stdout
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+def test_a_patients_volumes_are_decoded_concurrently_and_fail_in_file_order():
+    """Cold cache: a worker with 2 threads decodes 2 volumes at once; errors as if serial."""
+    barrier = threading.Barrier(2, timeout=10)  # broken if the first two never overlap
+    seen: list[str] = []
+
+    class Store:
+        def get(self, path):
+            seen.append(threading.current_thread().name)
+            if path in ("a", "b"):
+                barrier.wait()
+            if path.startswith("bad"):
+                raise InputError(f"input '{path}' is damaged")
+            return f"volume {path}"
+
+    eng = SimpleNamespace(store=Store())
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        got = Engine._get_volumes(eng, ["a", "b", "c", "d", "e"])
+        assert got == [f"volume {p}" for p in "abcde"]
+        assert all("-load" in name for name in seen)
+        with pytest.raises(InputError, match="'bad1'"):
+            Engine._get_volumes(eng, ["c", "bad1", "bad2"])
+        numba.set_num_threads(1)  # one thread: serial, in the calling thread
+        seen.clear()
+        assert Engine._get_volumes(eng, ["c", "d"]) == ["volume c", "volume d"]
+        assert seen == [threading.current_thread().name] * 2
+    finally:
+        numba.set_num_threads(before)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -609,3 +610,13 @@ def test_cache_max_size_must_be_a_size(monkeypatch, tmp_path):
         pio.cache_max_bytes()
     assert cli.main(["cache", "prune", "--cache-dir", str(tmp_path / "c"),
                      "--cache-max-size", "lots"]) == 2
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 3), (33, 17, 9)])
+def test_payload_crc32_is_zlibs_crc_of_the_c_order_bytes(shape):
+    """The cache's checksum (ISA-L's) is the standard CRC-32 of the payload in C order."""
+    vol = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
+    fortran = np.asfortranarray(vol)
+    want = zlib.crc32(vol.tobytes(order="C"))
+    assert pio.payload_crc32(vol) == want
+    assert pio.payload_crc32(fortran) == want  # the bytes it hashes are the C-order ones

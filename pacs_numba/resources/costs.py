@@ -116,8 +116,11 @@ def load_bytes(n_voxels: int) -> int:
     """Bytes of decoding one float32 NIfTI on a cold cache (``io._load``): ``8N``.
 
     The file's bytes (compressed, then decompressed: ``4N``) and the C-order copy
-    (``4N``).  A patient decodes one input at a time, before any kernel touches its
-    mapped pages, so this is an alternative to the mapped pages, not an addition.
+    (``4N``).  A patient decodes its inputs before any kernel touches their mapped pages,
+    at most half of its ``M + 1`` inputs at a time (rounded up, ``Engine._get_volumes``):
+    at most ``8N (M + 2) / 2 = 4N (M + 2)``, within the mapped pages ``4N (M + 1)`` plus any
+    stage's step (each holds at least one ``4N`` volume).  So this is an alternative to the
+    mapped pages, not an addition.
     """
     return 8 * n_voxels
 

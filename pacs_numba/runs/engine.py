@@ -14,11 +14,14 @@ import dataclasses
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 from ..config import FullConfig, config_to_dict
@@ -445,8 +448,7 @@ class Engine(FitStage, EvaluateStage):
                 if self.registrar is not None:
                     hr, experts = self._registered_volumes(pid)
                 else:
-                    hr = self.store.get(paths["HR"])
-                    experts = [self.store.get(p) for p in paths["experts"]]
+                    hr, *experts = self._get_volumes([paths["HR"], *paths["experts"]])
             except InputError as exc:
                 log.warning("skipping patient %s: %s", pid, exc)
                 skipped[pid] = str(exc)
@@ -472,6 +474,23 @@ class Engine(FitStage, EvaluateStage):
             for f, n in counts.items():
                 log.warning("patient %s: %d NaN/Inf voxels in '%s' excluded", pid, n, f)
         return hr, experts
+
+    def _get_volumes(self, files: list[Any]) -> list[CachedVolume]:
+        """Return the cached volumes of ``files``, decompressing several at once.
+
+        A patient's worker owns ``numba.get_num_threads()`` threads of the plan; on a cold
+        cache they would wait idle while its volumes are decompressed one after the other.
+        ISA-L's inflate and CRC-32 release the GIL, so up to that many volumes, and at most
+        half of the patient's files (rounded up), are decompressed at a time: their decodes
+        then fit in what the memory plan already charges the patient (``costs.load_bytes``).
+        The first failing file in the given order raises, as a serial read would.
+        """
+        k = min(numba.get_num_threads(), (len(files) + 1) // 2)
+        if k <= 1:
+            return [self.store.get(f) for f in files]
+        name = threading.current_thread().name
+        with ThreadPoolExecutor(k, thread_name_prefix=f"{name}-load") as pool:
+            return list(pool.map(self.store.get, files))
 
     # ---------------------------------------------------------------- shapes
     def _harmonise(self, pid: str, paths: Mapping[str, Any], hr: CachedVolume,
