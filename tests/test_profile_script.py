@@ -23,7 +23,8 @@ def test_profile_script_tiny(tmp_path: Path) -> None:
     # config error.
     cmd = [sys.executable, str(SCRIPT), "--shape", "24", "34", "22", "--train", "3", "--test",
            "1", "--repeats", "1", "--widths", "1", "--threads", "1", "--out", str(work),
-           "--results", str(results), "--name", "tiny", "--no-snapshot"]
+           "--results", str(results), "--name", "tiny", "--no-snapshot",
+           "--no-first-ever"]  # a first-ever run would compile every kernel again (minutes)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not work.exists()  # made by the script and removed without --keep
@@ -58,8 +59,11 @@ def test_profile_script_tiny(tmp_path: Path) -> None:
     assert base["wall_s"]["median"] > 0 and base["peak_rss_bytes"]["median"] > 0
     ratios = doc["ratios"]
     assert ratios["speedup"]["warm"]["headline"]["speedup"] > 0
-    assert set(doc["targets_met"]) == {"warm_speedup", "cold_speedup", "peak_rss_ratio",
-                                       "per_worker_rss_ratio"}
+    assert set(doc["targets_met"]) == {"first_ever_speedup", "warm_speedup", "cold_speedup",
+                                       "peak_rss_ratio", "per_worker_rss_ratio"}
+    assert doc["targets_met"]["first_ever_speedup"] is None  # --no-first-ever: not measured
+    assert doc["warmup"]["first_ever"] is False
+    assert "not measured (--no-first-ever)" in md
     assert "| pacs_numba | warm | 1 x 1 |" in md and "| literal baseline |" in md
 
 
@@ -180,3 +184,24 @@ def test_children_stop_with_the_parent(tmp_path: Path, sig):
         if parent.poll() is None:
             parent.kill()
     assert not (tmp_path / "r").exists()  # nothing written for a stopped run
+
+
+def test_first_ever_ratio_is_the_baseline_wall_over_the_whole_first_process():
+    """The first-ever figure counts imports and compile; the baseline of the same CPUs."""
+    mod = _load_script()
+
+    def summary(wall, rss=1e9):
+        st = {"median": wall, "min": wall, "max": wall}
+        return {"wall_s": st, "peak_rss_bytes": {"median": rss, "min": rss, "max": rss}}
+
+    engine = {"2x1": {"width": 2, "threads": 1, "cold": summary(10.0, 8e8),
+                      "warm": summary(5.0, 7e8)}}
+    baseline = {"2": {"workers": 2, "summary": summary(700.0, 3e9), "runs": []}}
+    first = {"width": 2, "threads": 1, "process_elapsed_s": 35.0, "wall_s": 30.0}
+    r = mod.compute_ratios(engine, baseline, 2, first)
+    assert r["first_ever"]["speedup"] == pytest.approx(20.0)  # 700 / 35, not 700 / 30
+    assert r["targets"]["first_ever_speedup"]["met"] is False  # target 25x
+    assert r["targets"]["warm_speedup"]["value"] == pytest.approx(140.0)
+    assert r["targets"]["cold_speedup"]["met"] is True  # 70x >= 60x
+    assert r["targets"]["peak_rss_ratio"]["value"] == pytest.approx(8e8 / 3e9)
+    assert mod.compute_ratios(engine, baseline, 2)["targets"]["first_ever_speedup"]["met"] is None
