@@ -181,6 +181,8 @@ def _child_engine(spec: dict, t_start: float) -> dict:
         "import_s": t_imported - t_start,
         "setup_s": t0 - t_imported,
         "timings_s": {k: float(res.timings.get(k, 0.0)) for k in STAGES},
+        # each patient's blend and scoring (test: + each expert alone and the HR-free blend)
+        "patient_seconds": res.patient_seconds,
         "pool": None if pool is None else {
             "width": pool.width, "threads": pool.threads, "reason": pool.reason,
             "per_patient_bytes": pool.per_patient_bytes, "baseline_bytes": pool.baseline_bytes,
@@ -486,6 +488,11 @@ def _summarise(runs: list[dict], n_patients: int) -> dict:
         "rss_before_run_bytes": _stat([r["rss_before_run_bytes"] for r in runs]),
         "loadavg_1min_before": _stat([r["loadavg_1min_before"] for r in runs]),
     }
+    if runs[0]["kind"] == "engine":
+        for split in ("train", "test"):
+            secs = [v for r in runs for v in r.get("patient_seconds", {}).get(split, {}).values()
+                    if v == v]  # NaN: resumed
+            out[f"{split}_patient_s"] = _stat(secs) if secs else None
     keys = STAGES if runs[0]["kind"] == "engine" else sorted(runs[0]["timings_s"])
     out["timings_s"] = {k: _stat([r["timings_s"].get(k, 0.0) for r in runs]) for k in keys}
     return out
@@ -798,6 +805,15 @@ def markdown(doc: dict) -> str:
             if s:
                 lines.append(f"| {cache} | " + " | ".join(
                     _s(_med(s["timings_s"][k]), 2) for k in STAGES) + " |")
+    if key:
+        per = [(c, doc["engine"][key][c].get("test_patient_s")) for c in ("cold", "warm")
+               if doc["engine"][key].get(c)]
+        per = [(c, s) for c, s in per if s]
+        if per:
+            lines += ["", f"One test patient's evaluation ({key}; blend, its metrics, each "
+                          "expert alone and the HR-free blend, outputs queued to the writer; "
+                          "median (min-max) over test patients and runs): " + "; ".join(
+                              f"{c} {_range(s, 2)} s" for c, s in per) + "."]
     lines += held_back(doc)
     if doc["baseline"]:
         w, b = next(reversed(doc["baseline"].items()))

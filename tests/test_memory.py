@@ -560,9 +560,11 @@ def test_evaluate_cost_terms():
     # the writes (the NIfTI maps' 13N the largest) run on the background writer: per task
     assert "weight maps" not in c.steps and "writes" not in c.steps
     assert c.per_patient_bytes == 4 * n * (m + 1) + 11 * n
-    # per thread: the one-pass scoring's rows and axial slices (P = M + 2 predictions)
-    ch = 2 + 3 * (m + 2)
-    score = 4 * n2 * (2 * m + 5) + 4 * n1 * n2 * (m + 3) + 4 * ch * n1 * n2 + 8 * ch * (n2 + 1)
+    # per thread: the one-pass scoring's rows and axial slices (P = 2M + 2 predictions: the
+    # blend, each expert alone, the HR-free blend and each raw expert under its mask)
+    p = 2 * m + 2
+    ch = 2 + 3 * p
+    score = 4 * n2 * (2 * m + 5) + 4 * n1 * n2 * (p + 1) + 4 * ch * n1 * n2 + 8 * ch * (n2 + 1)
     assert c.per_thread_bytes == max(16 * n2 * (m + 3), 28 * n1 * n2 + 40 * n2 + 40, score)
     # the weight maps exist before the pool; their compressed templates during it
     # (or, if larger, the NIfTI maps' 29N while they are built)

@@ -75,6 +75,9 @@ def test_engine_and_diagnose_plan_the_same(cohort, pinned, monkeypatch, tmp_path
     assert set(result.plans) == {"fit", "evaluate"}
     # fit: the fold's 2 train patients; evaluate: 2 test + 2 train (evaluate_train)
     assert result.plans["fit"].n_patients == 2 and result.plans["evaluate"].n_patients == 4
+    # each evaluated patient's own blend-and-score seconds, by split
+    assert {k: len(v) for k, v in result.patient_seconds.items()} == {"train": 2, "test": 2}
+    assert all(s > 0 for split in result.patient_seconds.values() for s in split.values())
     # --workers 3 < 4 patients; the CPUs may bind first
     assert result.plans["evaluate"].pool.width == min(3, int(run.limits.cpus.value))
 

@@ -54,6 +54,11 @@ def test_profile_script_tiny(tmp_path: Path) -> None:
     assert cold["timings_s"]["load"] > warm["timings_s"]["load"]  # decompress vs memory-map
     assert all(r["pool"]["width"] == 1 and r["pool"]["threads"] == 1 for r in runs)
     assert all(r["metrics"]["test"]["psnr"] > 0 for r in runs)
+    for r in runs:  # every evaluated patient's own time, by split
+        assert {k: len(v) for k, v in r["patient_seconds"].items()} == {"train": 3, "test": 1}
+        assert all(v > 0 for split in r["patient_seconds"].values() for v in split.values())
+    assert cfg["warm"]["test_patient_s"]["median"] > 0
+    assert "One test patient's evaluation (1x1;" in md
 
     base = doc["baseline"]["1"]["summary"]
     assert base["wall_s"]["median"] > 0 and base["peak_rss_bytes"]["median"] > 0

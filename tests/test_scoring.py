@@ -51,6 +51,11 @@ def _separate(hr, experts, model, window, axis, bmask, free_mask):
     fm = brain_mask(proxy) if free_mask is None else free_mask
     pred = blend_patient(experts, grid, model.weights, window=window, norm=free, brain_mask=fm)
     out["hr_free"] = volume_metrics(hr, pred, ssim_axis=axis)
+    # each expert as a user gets it: its own values (non-finite -> 0) times that mask
+    out["hr_free_experts"] = {
+        name: volume_metrics(hr, np.where(np.isfinite(x) & np.asarray(fm, bool), x,
+                                          np.float32(0)), ssim_axis=axis)
+        for name, x in zip(names, experts, strict=True)}
     return blend, out
 
 
@@ -104,6 +109,9 @@ def test_one_pass_equals_separate_passes(rng, axis, shape, patch, stride, window
     for name in model.model_names:
         _close(got.extras["experts"][name], want["experts"][name])
     _close(got.extras["hr_free"], want["hr_free"])
+    assert list(got.extras["hr_free"]["experts"]) == list(model.model_names)
+    for name in model.model_names:
+        _close(got.extras["hr_free"]["experts"][name], want["hr_free_experts"][name])
 
 
 def test_fixed_mask_and_no_extras(rng):
@@ -119,6 +127,8 @@ def test_fixed_mask_and_no_extras(rng):
     for name in model.model_names:
         _close(got["experts"][name], want["experts"][name])
     _close(got["hr_free"], want["hr_free"])
+    for name in model.model_names:  # the raw experts under the atlas mask
+        _close(got["hr_free"]["experts"][name], want["hr_free_experts"][name])
     plain = score_patient(hr, experts, model, window="hann", ssim_axis="axial",
                           brain_mask=atlas)
     assert plain.extras == {}

@@ -127,7 +127,9 @@ def score_patient(
     -----
     :mod:`pacs_numba.kernels.score` reads each voxel once for every prediction: the blend
     and the HR-free blend share one overlap-add, an expert alone is its z-scored values
-    times ``den / (den + 1e-8)``, and every SSIM shares the HR's box sums.  The numbers
+    times ``den / (den + 1e-8)``, an expert as a user gets it (HR-free protocol,
+    :func:`experts_as_they_are`) its raw values times the HR-free mask, and every SSIM
+    shares the HR's box sums.  The numbers
     equal those of separate blends and :func:`~pacs_numba.core.metrics.volume_metrics` to
     float rounding.  Along the sagittal axis a slice crosses every output row, so there
     each prediction is blended and scored on its own (same numbers, more passes).
@@ -216,8 +218,9 @@ def score_patient(
             # the HR-free blend overflowed float32: blend it alone to name the cause
             blend_patient(vols, grid, model.weights, window=window, norm=free,
                           brain_mask=free_mask)
-    return _with_experts_as_they_are(PatientScore(blend, finish(0), extras), t, vols, names,
-                                     ssim_axis, free_mask)
+        # each expert as a user gets it, scored in the same pass (experts_as_they_are)
+        extras["hr_free"]["experts"] = {name: finish(q + 1 + e) for e, name in enumerate(names)}
+    return PatientScore(blend, finish(0), extras)
 
 
 def _with_experts_as_they_are(
@@ -228,6 +231,7 @@ def _with_experts_as_they_are(
 
     ``scoring.gain_over_best`` needs them for that protocol's best expert; the mask is the
     one the HR-free blend was just scored with, so the experts' mean is not computed again.
+    (The one-pass path scores them in its own pass; this is for the separate path.)
     """
     if "hr_free" in score.extras:
         score.extras["hr_free"]["experts"] = experts_as_they_are(

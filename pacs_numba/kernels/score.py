@@ -1,9 +1,10 @@
 """Score a test patient in one pass: the blend, each expert alone and the HR-free blend.
 
 Algorithm A7 (blend, metrics) and B6 (HR-free).  The evaluate stage scores every test
-patient up to ``M + 2`` times: the blend, each expert "alone" (the blend's path with
-one-hot tile weights) and the blend ``predict`` makes without the HR.  Run one after the
-other, those are ``M + 2`` overlap-add blends and ``M + 2`` metric passes over the volume.
+patient up to ``2M + 2`` times: the blend, each expert "alone" (the blend's path with
+one-hot tile weights), the blend ``predict`` makes without the HR and each raw expert under
+that blend's mask.  Run one after the other, those are ``M + 2`` overlap-add blends and
+``2M + 2`` metric passes over the volume.
 This kernel reads each voxel once and produces all of them:
 
 * the overlap-add of the blend and of the HR-free blend share the tile loop, the windows
@@ -12,6 +13,8 @@ This kernel reads each voxel once and produces all of them:
   ``sum_tiles win * x_e,n = x_e,n * den`` up to float32 rounding, so the one-hot blend is
   ``x_e,n * den / (den + 1e-8)``; the factor keeps the reference's value where the Hann
   window makes ``den`` 0 (there the blend is the HR mean, not the expert);
+* under the HR-free protocol each expert is also scored as a user gets it: its raw values
+  times the HR-free blend's brain mask, read from the same row;
 * every prediction is scored against the same HR slice: the masked error sums and the
   SSIM, whose HR box sums (``t``, ``t*t``), mask and data range are computed once per
   slice and shared.
@@ -292,7 +295,8 @@ def _score_patient(
     mask2 : (N0, N1, N2) uint8
         Brain mask of the HR-free blend when ``use_mask2``.
     use_mask2, do_experts, do_free : bool
-        Which predictions besides the blend to score.
+        Which predictions besides the blend to score; ``do_free`` scores the HR-free blend
+        and each raw expert under its mask (the HR-free protocol's single experts).
     patch_size, stride, window : int
         Grid and ``_config.WINDOWS`` code (flat already forced without overlap).
     axis : int
@@ -311,7 +315,8 @@ def _score_patient(
     sum_sq, sum_abs : (P, n_slices) float64
         Per prediction and slice, ``sum float32(d*d)`` and ``sum |d|`` over the mask,
         ``d = hr - pred`` in float32.  Predictions: 0 the blend, then each expert alone
-        (``do_experts``), then the HR-free blend (``do_free``).
+        (``do_experts``), then the HR-free blend and each raw expert times ``mask2``
+        (``do_free``).
     hr_min, hr_max : (n_slices,) float32
         Range of the finite HR voxels per slice (+inf/-inf if none).
     ssim : (P, n_slices) float64
@@ -326,7 +331,7 @@ def _score_patient(
     """
     n0, n1, n2 = hr.shape
     n_exp = len(experts)
-    n_pred = 1 + (n_exp if do_experts else 0) + (1 if do_free else 0)
+    n_pred = 1 + (n_exp if do_experts else 0) + (1 + n_exp if do_free else 0)
     s = stride
     counts0 = _n_anchors_one(n0, s)
     counts1 = _n_anchors_one(n1, s)
@@ -437,6 +442,18 @@ def _score_patient(
                         if use_mask2 and mask2[i0, i1, k] == 0:
                             v = v * zero
                         pq[a, k] = v
+                    q += 1
+                    # each expert as a user gets it (HR-free protocol): its own values, a
+                    # non-finite one read as 0, times the HR-free blend's brain mask
+                    for e in range(n_exp):
+                        pq = p_c[q]
+                        vol = experts[e]
+                        for k in range(n2):
+                            v = vol[i0, i1, k]
+                            if not np.isfinite(v) or (use_mask2 and mask2[i0, i1, k] == 0):
+                                v = zero
+                            pq[a, k] = v
+                        q += 1
                 for k in range(n2):  # the HR: range, metric mask, masked SSIM image
                     h = hr[i0, i1, k]
                     fin = np.isfinite(h)

@@ -428,7 +428,9 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         setup = max(setup, nifti_weight_maps_setup_bytes(n))
     per = max(load, mapped_bytes(n, m + 1) + max(steps.values()))
     thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis),
-                 score_thread_bytes(shape, ssim_axis, m, m + 2))
+                 # predictions: the blend, each expert alone, the HR-free blend and each
+                 # raw expert under its mask
+                 score_thread_bytes(shape, ssim_axis, m, 2 * m + 2))
     return StageCost(stage, int(per), int(thread), int(task), int(setup), steps)
 
 

@@ -337,7 +337,8 @@ class Engine(FitStage, EvaluateStage):
         )
         log.info("task=%s secs=%.1f skipped=%d %s", task, secs, len(skipped), summary)
         return TaskResult(
-            task, results, per_patient, skipped, mdir, dict(clock.seconds), plan, plans, extras
+            task, results, per_patient, skipped, mdir, dict(clock.seconds), plan, plans, extras,
+            seconds,
         )
 
     # ---------------------------------------------------------------- checks

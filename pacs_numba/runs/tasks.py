@@ -76,6 +76,9 @@ class TaskResult:
     plans: dict[str, StagePlan] = field(default_factory=dict)
     #: ``test_experts`` (each expert alone) and ``test_hr_free`` of ``metrics.json``
     extras: dict[str, Any] = field(default_factory=dict)
+    #: ``{split: {pid: seconds}}``: each evaluated patient's blend and scoring (writes aside,
+    #: they run on the writer); NaN for a patient resumed from a previous run
+    patient_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
