@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.ndimage as ndi
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import InputError
@@ -63,6 +62,9 @@ def zoom_to(vol: ArrayLike, shape: Sequence[int], order: int = VOLUME_ORDER
     target = tuple(int(n) for n in shape)
     if v.shape == target:
         return np.ascontiguousarray(v)
+    # scipy.ndimage costs ~26 MB of RSS to import; only patients of mixed shapes need it
+    import scipy.ndimage as ndi
+
     factors = np.asarray(target, dtype=np.float64) / np.asarray(v.shape, dtype=np.float64)
     out = ndi.zoom(v, factors, order=order)
     if out.shape != target:  # pragma: no cover - zoom rounds size * (target / size) exactly

@@ -10,7 +10,6 @@ compiled work is in :mod:`pacs_numba.kernels.paper`.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from ..errors import InputError
 from ..kernels.paper import _mmd_features, _mmd_poly_sums, _ms_ssim_3d
@@ -175,6 +174,8 @@ def ms_ssim_3d(reference: object, test: object, mask: object | None = None) -> f
 
 def _scipy_weights(sigma: float, order: int) -> np.ndarray:
     """Return the correlation weights ``gaussian_filter1d`` applies (impulse response, reversed)."""
+    from scipy import ndimage as ndi  # ~26 MB of RSS: only the paper metrics need it
+
     radius = int(_LOG_TRUNCATE * sigma + 0.5)
     impulse = np.zeros(2 * radius + 1)
     impulse[radius] = 1.0

@@ -30,7 +30,6 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from scipy.stats import wilcoxon
 
 from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, PUBLISHED, STACKED, gain_over_best
 from ..errors import InputError
@@ -182,6 +181,9 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
     notes = []
     if nz < 6:
         notes.append(f"n={nz} < 6: p cannot be below {2.0 / 2**nz:.3g}")
+    # scipy.stats costs ~58 MB of RSS to import: not in every run's process, only here
+    from scipy.stats import wilcoxon
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         p = float(wilcoxon(d[d != 0], alternative="two-sided").pvalue)
