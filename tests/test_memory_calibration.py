@@ -159,8 +159,8 @@ def _predicted_peak(p, width: int, baseline: int, cpus: int,
     return best
 
 
-def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None:
-    cfg, cache = cohort
+def _ready(cfg: Path, cache: Path) -> dict:
+    """Warm the kernel and volume caches; skip where two workers cannot be measured."""
     if not CACHE:
         pytest.skip("PACS_NUMBA_CACHE=0: every run would compile the kernels (minutes)")
     if detect_limits().cpus.value < 2:
@@ -175,6 +175,12 @@ def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None
     if not prep["thread_safe"]:
         pytest.skip("no thread-safe Numba threading layer (omp/tbb): the engine runs one "
                     "patient at a time")
+    return prep
+
+
+def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None:
+    cfg, cache = cohort
+    prep = _ready(cfg, cache)
 
     p = load_config(cfg).pacs_sr
     cpus = int(detect_limits().cpus.value)
@@ -213,15 +219,7 @@ def test_memory_volume_cache_peak_within_plan(cohort: tuple[Path, Path]) -> None
     ``costs.held_load_bytes``), and never more than one patient's plan per extra worker.
     """
     cfg, cache = cohort
-    if not CACHE:
-        pytest.skip("PACS_NUMBA_CACHE=0: every run would compile the kernels (minutes)")
-    if detect_limits().cpus.value < 2:
-        pytest.skip("one CPU: the engine caps the pool at one worker")
-    prep = _prepare(cfg, cache, "compile")
-    if prep["cached"] == 0:
-        pytest.skip("the Numba cache is not written (read-only?): every run would compile")
-    if not prep["thread_safe"]:
-        pytest.skip("no thread-safe Numba threading layer: one patient at a time")
+    prep = _ready(cfg, cache)
     p = load_config(cfg).pacs_sr
     cpus = int(detect_limits().cpus.value)
     mem_cache = cache.parent / "memory-mode"  # holds the statistics only: they are computed

@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import math
-import threading
 from collections import namedtuple
 from pathlib import Path
 
@@ -79,25 +78,6 @@ def test_memory_store_decodes_into_memory_and_writes_nothing(tmp_path):
     assert store.read_count == 2
     np.testing.assert_array_equal(third.data, ref)
     assert _entries(tmp_path / "cache") == []
-
-
-def test_memory_store_threads_decode_once_while_held(tmp_path):
-    src = _nifti(tmp_path / "v.nii.gz", seed=1)
-    store = VolumeStore(tmp_path / "cache", mode="memory")
-    barrier = threading.Barrier(8)
-    out: list = [None] * 8
-
-    def work(i: int) -> None:
-        barrier.wait()
-        out[i] = store.get(src)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert store.read_count == 1
-    assert len({id(cv.data) for cv in out}) == 1
 
 
 def test_memory_store_sees_a_rewritten_source(tmp_path):

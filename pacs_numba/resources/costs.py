@@ -141,7 +141,7 @@ def load_parallelism(n_files: int, threads: int) -> int:
 
 
 def held_load_bytes(n_voxels: int, n_volumes: int, parallel: int) -> int:
-    """The ``memory`` volume cache's decodes above the volumes they leave: ``4N`` each.
+    """Return the ``memory`` volume cache's decodes above the volumes they leave: ``4N`` each.
 
     With ``io.VolumeStore(mode="memory")`` a patient's volumes are its own anonymous
     float32 arrays, ``4N`` each (`mapped_bytes`: the same size as mapped pages), and a

@@ -639,7 +639,7 @@ class VolumeStore:
         self, key: str, source: Path | H5Source, ident: dict[str, Any],
         st: os.stat_result | None,
     ) -> CachedVolume | None:
-        """The ``memory`` mode's :meth:`get` (under the key's lock): the held array or a decode.
+        """Serve :meth:`get` in the ``memory`` mode (under the key's lock): held array or decode.
 
         None if the source changed while it was read.  The returned array owns its memory,
         so any view of it keeps it alive and held.
