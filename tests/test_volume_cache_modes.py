@@ -156,6 +156,15 @@ def test_check_space_warns_before_the_disk_fills(tmp_path, monkeypatch, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "task t: volume cache" in caplog.text and "1 of 3 inputs cached" in caplog.text
 
+    caplog.clear()  # room for every input: no input is examined, the bound is logged
+    monkeypatch.setattr(pio.shutil, "disk_usage", lambda p: _Usage(10**9, 0, 3 * one))
+    monkeypatch.setattr(pio, "_identity", lambda p: pytest.fail("examined an input"))
+    with caplog.at_level(logging.INFO, logger="pacs_numba.store.volumes"):
+        need = store.check_space("task t", srcs, n)
+    assert need["needed_bytes"] == 3 * one and "3 inputs, at most" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.delenv("PACS_NUMBA_CACHE_MAX", raising=False)
+
     caplog.clear()
     monkeypatch.setattr(pio.shutil, "disk_usage", lambda p: _Usage(10**9, 0, one))
     with caplog.at_level(logging.INFO, logger="pacs_numba.store.volumes"):

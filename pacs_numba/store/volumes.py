@@ -342,7 +342,8 @@ class VolumeStore:
         }
 
     def space_needed(
-        self, sources: list[str | os.PathLike[str] | H5Source], voxels: int
+        self, sources: list[str | os.PathLike[str] | H5Source], voxels: int, *,
+        exact: bool = True,
     ) -> dict[str, int]:
         """Estimate the disk that ``get`` of every source would still take here.
 
@@ -352,6 +353,9 @@ class VolumeStore:
             Input volumes (NIfTI files or HDF5 datasets).
         voxels : int
             Voxels of one volume (a task's volumes share one grid).
+        exact : bool, optional
+            Look up which sources have an entry already (a stat and a content sample of
+            each); False counts none as cached (a bound, with no file read).
 
         Returns
         -------
@@ -364,7 +368,7 @@ class VolumeStore:
             An input that cannot be examined counts as not cached (its load reports it).
         """
         cached = 0
-        for src in sources:
+        for src in sources if exact else ():
             try:
                 h5 = parse_source(src)
                 ident = _h5_ident(_absolute(h5)) if h5 is not None else _identity(
@@ -390,24 +394,31 @@ class VolumeStore:
     def check_space(
         self, what: str, sources: list[str | os.PathLike[str] | H5Source], voxels: int
     ) -> dict[str, int]:
-        """Log what the volume cache will hold for ``what`` and warn early if it cannot.
+        """Log what the volume cache will write for ``what`` and warn early if it cannot.
 
-        One INFO line (inputs already cached, bytes still to write, free space) and a
-        WARNING when the bytes still to write (at most ``PACS_NUMBA_CACHE_MAX``, which
-        evicts older entries) exceed the free space: the run would otherwise stop with a
-        full disk after hours of work.  Returns :meth:`space_needed`'s figures.
+        One INFO line (inputs, bytes to write at most, free space) and a WARNING when the
+        bytes still to write (at most ``PACS_NUMBA_CACHE_MAX``, which evicts older entries)
+        exceed the free space: the run would otherwise stop with a full disk after hours of
+        work.  Which inputs are cached already is looked up (a content sample of each) only
+        when writing all of them would not fit.  Returns :meth:`space_needed`'s figures.
         """
-        need = self.space_needed(sources, voxels)
+        need = self.space_needed(sources, voxels, exact=False)
         if self.mode == "memory":
             log.info("%s: volume cache in memory: %d inputs decoded per patient, none written",
                      what, need["inputs"])
             return need
-        grow = need["needed_bytes"]
-        if need["limit_bytes"] >= 0:
-            grow = min(grow, need["limit_bytes"])
-        free = need["free_bytes"]
-        log.info("%s: volume cache %s: %d of %d inputs cached, ~%s to write, %s free", what,
-                 self.directory, need["cached"], need["inputs"], human_size(grow),
+
+        def growth(n: dict[str, int]) -> int:
+            limit = n["limit_bytes"]
+            return n["needed_bytes"] if limit < 0 else min(n["needed_bytes"], limit)
+
+        free, exact = need["free_bytes"], False
+        if 0 <= free < growth(need):
+            need, exact = self.space_needed(sources, voxels), True
+        grow = growth(need)
+        log.info("%s: volume cache %s: %s, at most ~%s to write, %s free", what,
+                 self.directory, f"{need['cached']} of {need['inputs']} inputs cached" if exact
+                 else f"{need['inputs']} inputs", human_size(grow),
                  "?" if free < 0 else human_size(free))
         if 0 <= free < grow:
             log.warning(
