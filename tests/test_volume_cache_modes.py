@@ -256,6 +256,19 @@ def test_a_cohort_trained_both_ways_gives_the_same_numbers_and_files(tmp_path):
     stats = list((caches["memory"] / "cellstats").glob("*.npz"))
     assert len(stats) == 4  # fold 1's training patients
 
+    # predict (no engine) follows --volume-cache too: the same blend, no entry written
+    model = next(outs["disk"].rglob("pacs_model.npz"))
+    experts = sorted((tmp_path / "cohort" / "models").rglob("sub-001*.nii.gz"))
+    assert len(experts) == 4
+    preds = {}
+    for mode in ("disk", "memory"):
+        preds[mode] = tmp_path / f"pred-{mode}.nii.gz"
+        assert cli.main(["predict", "--model", str(model), "--experts", *map(str, experts),
+                         "--out", str(preds[mode]), "--cache-dir", str(tmp_path / f"p-{mode}"),
+                         "--volume-cache", mode]) == 0
+    assert preds["disk"].read_bytes() == preds["memory"].read_bytes()
+    assert _entries(tmp_path / "p-memory") == [] and len(_entries(tmp_path / "p-disk")) == 8
+
     # statistics cached: a second memory run reads each volume only to blend it
     config = load_config(cfg)
     engine = Engine(config, RunOptions(cache_dir=caches["memory"], volume_cache="memory",
