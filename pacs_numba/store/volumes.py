@@ -376,20 +376,15 @@ class VolumeStore:
             except (InputError, OSError):
                 continue
             cached += (self.directory / f"{_entry_key(ident)}.json").exists()
-        missing = len(sources) - cached
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:
             free = -1
         limit = cache_max_bytes()
-        return {
-            "inputs": len(sources),
-            "cached": cached,
-            "needed_bytes": 0 if self.mode == "memory"
-            else missing * (4 * int(voxels) + ENTRY_OVERHEAD_BYTES),
-            "free_bytes": int(free),
-            "limit_bytes": -1 if limit is None else int(limit),
-        }
+        per = 0 if self.mode == "memory" else 4 * int(voxels) + ENTRY_OVERHEAD_BYTES
+        return {"inputs": len(sources), "cached": cached,
+                "needed_bytes": (len(sources) - cached) * per, "free_bytes": int(free),
+                "limit_bytes": -1 if limit is None else int(limit)}
 
     def check_space(
         self, what: str, sources: list[str | os.PathLike[str] | H5Source], voxels: int
