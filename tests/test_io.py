@@ -336,8 +336,9 @@ def test_store_cache_write_failure_is_reported_and_cleaned(vol_gz, tmp_path, mon
     assert [p.name[-5:] for p in (tmp_path / "cache").iterdir()] == [".lock"]
 
 
-def test_store_threads_decompress_once(vol_gz, tmp_path):
-    store = VolumeStore(tmp_path / "cache")
+@pytest.mark.parametrize("mode", ["disk", "memory"])
+def test_store_threads_decompress_once(vol_gz, tmp_path, mode):
+    store = VolumeStore(tmp_path / "cache", mode=mode)
     barrier = threading.Barrier(8)
     out: list = [None] * 8
 

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,9 +108,11 @@ def _prepare(cfg: Path, cache: Path, mode: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss(cfg: Path, cache: Path, workers: int) -> tuple[int, str]:
+def _peak_rss(cfg: Path, cache: Path, workers: int, volume_cache: str = "disk"
+              ) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "pacs_numba", "train", "--config", str(cfg), "--fold", "1",
-           "--workers", str(workers), "--force", "--no-progress", "--cache-dir", str(cache)]
+           "--workers", str(workers), "--force", "--no-progress", "--cache-dir", str(cache),
+           "--volume-cache", volume_cache]
     env = {**os.environ, "PACS_LOG_LEVEL": "INFO"}  # the pool lines are INFO
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
@@ -130,24 +133,25 @@ def _within(measured: float, predicted: float) -> bool:
 N_TRAIN, N_TEST = N_PATIENTS // 2, N_PATIENTS - N_PATIENTS // 2
 
 
-def _cost(p, stage: str) -> costs.StageCost:
+def _cost(p, stage: str, volume_cache: str = "disk") -> costs.StageCost:
     n = {"fit": N_TRAIN, "evaluate": N_TRAIN + N_TEST}[stage]
     return costs.stage_cost(stage, SHAPE, len(MODELS), patch_size=p.patch_size,
                             stride=p.stride, lambda_grad=p.lambda_grad,
                             lambda_edge=p.lambda_edge, grad_operator=p.grad_operator,
                             ssim_axis=p.ssim_axis, save_weight_volumes=p.save_weight_volumes,
                             save_weight_maps=p.save_weight_maps, save_blends=p.save_blends,
-                            n_patients=n)
+                            n_patients=n, volume_cache=volume_cache)
 
 
-def _predicted_peak(p, width: int, baseline: int, cpus: int) -> tuple[str, int]:
+def _predicted_peak(p, width: int, baseline: int, cpus: int,
+                    volume_cache: str = "disk") -> tuple[str, int]:
     """(stage, bytes): the planner's sum for the heaviest stage run ``width`` wide.
 
     Each split of evaluate runs at most its own patients at once (``PoolPlan.for_patients``).
     """
     best = ("", 0)
     for stage, n_pool in (("fit", N_TRAIN), ("evaluate", max(N_TRAIN, N_TEST))):
-        c = _cost(p, stage)
+        c = _cost(p, stage, volume_cache)
         w = min(width, n_pool)
         peak = baseline + c.per_task_bytes + max(
             c.setup_bytes, cpus * c.per_thread_bytes + w * c.per_patient_bytes)
@@ -155,8 +159,8 @@ def _predicted_peak(p, width: int, baseline: int, cpus: int) -> tuple[str, int]:
     return best
 
 
-def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None:
-    cfg, cache = cohort
+def _ready(cfg: Path, cache: Path) -> dict:
+    """Warm the kernel and volume caches; skip where two workers cannot be measured."""
     if not CACHE:
         pytest.skip("PACS_NUMBA_CACHE=0: every run would compile the kernels (minutes)")
     if detect_limits().cpus.value < 2:
@@ -171,6 +175,12 @@ def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None
     if not prep["thread_safe"]:
         pytest.skip("no thread-safe Numba threading layer (omp/tbb): the engine runs one "
                     "patient at a time")
+    return prep
+
+
+def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None:
+    cfg, cache = cohort
+    prep = _ready(cfg, cache)
 
     p = load_config(cfg).pacs_sr
     cpus = int(detect_limits().cpus.value)
@@ -199,6 +209,36 @@ def test_predicted_peak_and_growth_per_worker(cohort: tuple[Path, Path]) -> None
         f"growth per extra worker: measured {growth / MiB:.0f} MiB, predicted "
         f"per-patient memory of {stage} {per / MiB:.0f} MiB (ratio {growth / per:.2f}); {report}"
     )
+
+
+def test_memory_volume_cache_peak_within_plan(cohort: tuple[Path, Path]) -> None:
+    """``--volume-cache memory``: every volume decoded into the process, none mapped.
+
+    The same check as above for one and two workers: the peak against the plan of the
+    mode (the volumes as private copies plus the decodes above them,
+    ``costs.held_load_bytes``), and never more than one patient's plan per extra worker.
+    """
+    cfg, cache = cohort
+    prep = _ready(cfg, cache)
+    p = load_config(cfg).pacs_sr
+    cpus = int(detect_limits().cpus.value)
+    mem_cache = cache.parent / "memory-mode"  # holds the statistics only: they are computed
+    peaks, preds = {}, {}
+    for width in (1, 2):
+        shutil.rmtree(mem_cache, ignore_errors=True)  # every run decodes and fits anew
+        peaks[width], log = _peak_rss(cfg, mem_cache, width, "memory")
+        assert "volume cache in memory" in log, log
+        preds[width] = _predicted_peak(p, width, prep["baseline"], cpus, "memory")
+    assert not [f for f in mem_cache.iterdir() if f.suffix in (".npy", ".json")]
+    report = "; ".join(
+        f"memory, --workers {w}: measured peak {peaks[w] / MiB:.0f} MiB, predicted "
+        f"{preds[w][1] / MiB:.0f} MiB in {preds[w][0]} (ratio {peaks[w] / preds[w][1]:.2f})"
+        for w in (1, 2))
+    print(report)  # shown with -rP
+    for w in (1, 2):
+        assert _within(peaks[w], preds[w][1]), report
+    per = _cost(p, preds[2][0], "memory").per_patient_bytes
+    assert peaks[2] - peaks[1] <= (1 + TOLERANCE) * per, report
 
 
 # ---------------------------------------------------------------- one patient of each stage

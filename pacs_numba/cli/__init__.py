@@ -29,6 +29,7 @@ from .common import (
     EXIT_SIGTERM,
     EXIT_USAGE,
     Parser,
+    cache_options,
     common_groups_last,
     common_options,
 )
@@ -70,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_level = "WARNING" if args.command == "diagnose" else "INFO"
     setup_logging(resolve_level(args.verbose, args.quiet, default=default_level))
     try:
-        return args.run(args)
+        with cache_options(args):
+            return args.run(args)
     except Interrupted as exc:
         return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
     except KeyboardInterrupt:

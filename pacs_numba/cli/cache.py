@@ -20,7 +20,9 @@ def _add_cache(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN
         "cache",
         parents=[plain_common],
         help="inspect, prune or empty the volume cache",
-        description="The volume cache holds each input decompressed to float32 once.  'info' "
+        description="The volume cache holds each input decompressed to float32 once (runs "
+        "with --volume-cache memory write none there; the statistics cache, cellstats/, is "
+        "kept in either mode).  'info' "
         "prints its folder, entry count and the size of every folder in it; 'prune' removes "
         "the entries whose source file is gone and, with --cache-max-size (or "
         "PACS_NUMBA_CACHE_MAX), the least recently used ones over that size, never one a "

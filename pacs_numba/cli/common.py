@@ -16,6 +16,8 @@ import signal
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,6 +29,7 @@ from ..errors import ConfigError
 from ..resources.units import parse_budget
 from ..runs.engine import Engine, RunOptions
 from ..store.layout import ExperimentLayout
+from ..store.volumes import VOLUME_CACHE_ENV, VOLUME_CACHES
 from .logsetup import add_file_log
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,16 @@ def common_options(*, run: bool, cache_help: str = CACHE_HELP) -> argparse.Argum
         default=None,
         help=cache_help,
     )
+    c.add_argument(
+        "--volume-cache",
+        choices=VOLUME_CACHES,
+        default=None,
+        help="where decoded input volumes live.  disk: each decoded once into the cache "
+        "folder (3.5x the .nii.gz size) and memory-mapped from there; memory: decoded into "
+        "this process's memory when a patient needs it, none written, for a cohort whose "
+        "volumes do not fit on the node's disk (the statistics cache stays on disk) "
+        f"(default: ${VOLUME_CACHE_ENV}, else disk)",
+    )
     if run:
         r = p.add_argument_group("resources")
         r.add_argument(
@@ -230,7 +243,7 @@ def startup_log(engine) -> None:  # noqa: ANN001 - an Engine
     )
     log.info(
         "pacs-numba %s on %s (%s); %s; numba %s, threading layer %s, %d numba threads; "
-        "volume cache %s; compile cache %s",
+        "volume cache %s (%s); compile cache %s",
         __version__,
         platform.node(),
         slurm,
@@ -239,8 +252,33 @@ def startup_log(engine) -> None:  # noqa: ANN001 - an Engine
         engine.layer,
         numba.config.NUMBA_NUM_THREADS,
         engine.store.directory,
+        engine.store.mode,
         _config.KERNEL_CACHE_DIR or "off",
     )
+
+
+@contextmanager
+def cache_options(args: argparse.Namespace) -> Iterator[None]:
+    """Export ``--volume-cache`` as ``PACS_NUMBA_VOLUME_CACHE`` while the command runs.
+
+    Every volume store the command makes (the engine's, tune's, predict's, report's) and
+    every process it spawns (registration workers) then uses the chosen mode; the
+    variable's previous value is restored afterwards (``main`` may run in a caller's
+    process).
+    """
+    mode = getattr(args, "volume_cache", None)
+    if mode is None:
+        yield
+        return
+    old = os.environ.get(VOLUME_CACHE_ENV)
+    os.environ[VOLUME_CACHE_ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(VOLUME_CACHE_ENV, None)
+        else:
+            os.environ[VOLUME_CACHE_ENV] = old
 
 
 def make_engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
@@ -250,6 +288,7 @@ def make_engine(args: argparse.Namespace, config):  # noqa: ANN001, ANN202
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     opts = RunOptions(
         cache_dir=args.cache_dir,
+        volume_cache=getattr(args, "volume_cache", None),
         workers=getattr(args, "workers", None),
         mem_budget_bytes=budget,
         force=getattr(args, "force", False),

@@ -125,6 +125,48 @@ def load_bytes(n_voxels: int) -> int:
     return 8 * n_voxels
 
 
+#: Where decoded volumes live (``io.VolumeStore``'s modes).  ``disk``: decoded once into the
+#: cache directory and memory-mapped from there (the default); ``memory``: decoded into the
+#: process's memory per use, nothing written.
+VOLUME_CACHES = ("disk", "memory")
+
+
+def load_parallelism(n_files: int, threads: int) -> int:
+    """Volumes of one patient decoded at once (``Engine._get_volumes``).
+
+    As many as the patient's worker has Numba threads, at most half of its files rounded
+    up, at least one.
+    """
+    return max(1, min(int(threads), (int(n_files) + 1) // 2))
+
+
+def held_load_bytes(n_voxels: int, n_volumes: int, parallel: int) -> int:
+    """Return the ``memory`` volume cache's decodes above the volumes they leave: ``4N`` each.
+
+    With ``io.VolumeStore(mode="memory")`` a patient's volumes are its own anonymous
+    float32 arrays, ``4N`` each (`mapped_bytes`: the same size as mapped pages), and a
+    decode in flight holds `load_bytes` ``8N`` of which ``4N`` stays.  With at most
+    ``parallel`` decodes at once and the rest done, the patient holds
+    ``4N n_volumes + 4N parallel`` when its last decodes run, before any step: this term
+    is an alternative to the steps, on top of the held volumes.
+    """
+    return 4 * n_voxels * max(1, min(int(parallel), int(n_volumes)))
+
+
+def _per_patient(n: int, n_volumes: int, step: int, volume_cache: str, parallel: int) -> int:
+    """One patient's peak: its volumes and the larger of its decodes and its largest step.
+
+    ``disk``: the mapped pages and the step, or a cold decode (`load_bytes`; its several
+    decodes at once fit in the pages and a step, see there), whichever is larger.
+    ``memory``: the held copies plus the larger of `held_load_bytes` and the step.
+    """
+    if volume_cache == "memory":
+        return mapped_bytes(n, n_volumes) + max(held_load_bytes(n, n_volumes, parallel), step)
+    if volume_cache != "disk":
+        raise ValueError(f"volume_cache must be one of {VOLUME_CACHES}, got {volume_cache!r}")
+    return max(load_bytes(n), mapped_bytes(n, n_volumes) + step)
+
+
 # ------------------------------------------------------------------ statistics (fit)
 def valid_mask_bytes(n_voxels: int, n0: int, n_experts: int) -> int:
     """``kernels.stats._valid_mask``: the uint8 mask ``N`` and per-plane counts."""
@@ -303,7 +345,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
                stride: int, lambda_grad: float = 0.0, lambda_edge: float = 0.0,
                grad_operator: str = "sobel", ssim_axis: str | int = "axial",
                save_weight_volumes: bool = True, save_weight_maps: bool = True,
-               save_blends: bool = True, n_patients: int = 1) -> StageCost:
+               save_blends: bool = True, n_patients: int = 1,
+               volume_cache: str = "disk") -> StageCost:
     """Cost ``stage`` for volumes of ``shape`` and ``n_experts`` experts.
 
     Parameters
@@ -332,6 +375,10 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     n_patients : int, optional
         Patients of the stage (the fit keeps every patient's statistics until the
         ordered sum).
+    volume_cache : {"disk", "memory"}, optional
+        Where the patient's volumes live (`_per_patient`): mapped cache pages, or private
+        copies decoded per patient (``fit`` and ``evaluate`` decode up to
+        `load_parallelism` at once, ``predict`` one at a time).
 
     Returns
     -------
@@ -363,7 +410,9 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         is summed; the proxy and the valid mask; the proxy and the brain mask; the
         blend; the write.
 
-    Every stage also has the cold-cache decode `load_bytes` as an alternative peak.
+    Every stage also has the cold-cache decode `load_bytes` as an alternative peak; with
+    ``volume_cache="memory"`` the volumes are held copies and the decodes
+    `held_load_bytes` the alternative to the steps.
 
     Examples
     --------
@@ -382,14 +431,14 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     check_stride(int(patch_size), int(stride))
     c0, c1, c2 = _tiles_per_axis(shape, int(stride))
     n_tiles = c0 * c1 * c2
-    load = load_bytes(n)
+    parallel = load_parallelism(m + 1, m + 1)  # the engine's bound; predict reads serially
 
     if stage == "fit":
         # cellstats.box_statistics: the valid mask and moments, then _box_moments' parts;
         # then combine() makes the patient's Q, B (the per-task term)
         steps = {"statistics": valid_mask_bytes(n, n0, m) + moments_bytes(n0, m + 1)
                  + box_parts_bytes(n_tiles, m)}
-        per = max(load, mapped_bytes(n, m + 1) + steps["statistics"])
+        per = _per_patient(n, m + 1, steps["statistics"], volume_cache, parallel)
         thread = box_moments_thread_bytes(n2, m, lambda_grad=lambda_grad,
                                           lambda_edge=lambda_edge, grad_operator=grad_operator)
         task = (statistics_bytes(n_tiles, m) * (max(1, int(n_patients)) + 1)
@@ -400,7 +449,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     hr_free = _hr_free_steps(n, n0, n1, m, blend)
     if stage == "predict":
         steps = hr_free
-        per = max(load, mapped_bytes(n, m) + max(steps.values()))
+        per = _per_patient(n, m, max(steps.values()), volume_cache, 1)
         thread = blend_thread_bytes(n2, m)
         return StageCost(stage, int(per), int(thread), 0, 0, steps)
 
@@ -426,7 +475,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     if save_weight_maps:
         task += nifti_weight_maps_task_bytes(n)
         setup = max(setup, nifti_weight_maps_setup_bytes(n))
-    per = max(load, mapped_bytes(n, m + 1) + max(steps.values()))
+    per = _per_patient(n, m + 1, max(steps.values()), volume_cache, parallel)
     thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis),
                  # predictions: the blend, each expert alone, the HR-free blend and each
                  # raw expert under its mask

@@ -31,6 +31,7 @@ from ..core.metrics import aggregate
 from ..core.scoring import extras_summary, split_extras
 from ..core.tiling import TileGrid
 from ..errors import ConfigError, InputError, Interrupted
+from ..resources.costs import load_parallelism
 from ..resources.limits import Limits, detect_limits
 from ..resources.planning import PoolPlan, StagePlan, check_tile_settings, plan_task_stages
 from ..resources.process import baseline_bytes
@@ -99,7 +100,7 @@ class Engine(FitStage, EvaluateStage):
         self.models = tuple(config.data.models)
         if config.data.schema == "hdf5":
             h5py_module()  # one clear line now if h5py is missing, not one per volume
-        self.store = VolumeStore(self.options.cache_dir)
+        self.store = VolumeStore(self.options.cache_dir, self.options.volume_cache)
         # Per-patient fit statistics, shared by every fold, lambda and process on the node.
         self.stats_cache = StatsCache(self.store.directory / "cellstats")
         self.limits = limits if limits is not None else detect_limits()
@@ -260,6 +261,11 @@ class Engine(FitStage, EvaluateStage):
             source = {"weights": fingerprints([weights_path])}
             shape = model.grid.shape
         plans = self._plan_stages(task, shape, len(train), len(test), fit=fitting)
+        # before hours of work: will the inputs' cache entries fit on the cache's disk?
+        read = {**test, **(train if fitting or self.pacs.evaluate_train else {})}
+        self.store.check_space(f"task {task}", [f for paths in read.values() for f in
+                                                (paths["HR"], *paths["experts"])],
+                               int(np.prod(shape)))
         plan: PoolPlan | None = None
         if fitting:
             model = self._fit(task, train, clock, skipped, nonfinite, plans["fit"])
@@ -423,6 +429,7 @@ class Engine(FitStage, EvaluateStage):
             mem_budget_bytes=self.options.mem_budget_bytes,
             thread_safe=thread_safe_layer(),
             where=str(self.config.path),
+            volume_cache=self.store.mode,
         )
         if any("workqueue" in p.pool.reason for p in plans.values()):
             log.warning(
@@ -483,10 +490,11 @@ class Engine(FitStage, EvaluateStage):
         cache they would wait idle while its volumes are decompressed one after the other.
         ISA-L's inflate and CRC-32 release the GIL, so up to that many volumes, and at most
         half of the patient's files (rounded up), are decompressed at a time: their decodes
-        then fit in what the memory plan already charges the patient (``costs.load_bytes``).
+        then fit in what the memory plan already charges the patient (``costs.load_bytes``;
+        ``costs.held_load_bytes`` when the volumes are held in memory).
         The first failing file in the given order raises, as a serial read would.
         """
-        k = min(numba.get_num_threads(), (len(files) + 1) // 2)
+        k = load_parallelism(len(files), numba.get_num_threads())
         if k <= 1:
             return [self.store.get(f) for f in files]
         name = threading.current_thread().name

@@ -23,6 +23,9 @@ class RunOptions:
     ----------
     cache_dir : Path or None
         Volume cache directory (None: ``PACS_NUMBA_CACHE_DIR`` or a per-user temp dir).
+    volume_cache : {"disk", "memory"} or None
+        Where decoded volumes live (``store.volumes.VolumeStore``'s ``mode``; None:
+        ``PACS_NUMBA_VOLUME_CACHE``, else ``disk``).
     workers : int or None
         ``--workers``: an upper bound on the pool width.
     mem_budget_bytes : int or None
@@ -41,6 +44,7 @@ class RunOptions:
     """
 
     cache_dir: Path | None = None
+    volume_cache: str | None = None
     workers: int | None = None
     mem_budget_bytes: int | None = None
     force: bool = False

@@ -14,7 +14,11 @@ Caching (algorithm B1)
     order, so :class:`VolumeStore` decompresses, scales and reorders each input
     once into a float32 C-order ``.npy`` file and afterwards opens it with
     ``np.load(mmap_mode="r")``.  Every thread and every process on the node that
-    points at the same directory then shares one copy in the page cache.
+    points at the same directory then shares one copy in the page cache.  In the
+    ``memory`` mode (``PACS_NUMBA_VOLUME_CACHE=memory``, ``--volume-cache memory``)
+    nothing is written: each volume is decompressed into the process's memory when a
+    patient asks for it and freed when the patient lets go of it, for cohorts whose
+    volumes do not fit on a node's disk (docs/performance.md, "Disk").
 
 Writing (algorithm A8)
     Every writer writes a temporary file in the destination folder and moves it
@@ -31,6 +35,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -45,8 +50,9 @@ import numpy as np
 from isal import isal_zlib
 from numpy.typing import NDArray
 
-from ..errors import InputError, OutputError
-from ..resources.units import parse_size
+from ..errors import ConfigError, InputError, OutputError
+from ..resources.costs import VOLUME_CACHES
+from ..resources.units import human_size, parse_size
 from .atomic import host_tag, install_file
 from .hdf5 import H5Source, h5_identity, parse_source, read_h5_header, read_h5_volume
 from .integrity import file_identity, sweep_temp_files, writer_gone
@@ -64,6 +70,16 @@ except ImportError:  # not POSIX: no inter-process lock, atomic renames still ke
 
 #: Environment variable naming the volume cache directory.
 CACHE_DIR_ENV = "PACS_NUMBA_CACHE_DIR"
+
+
+#: Environment variable choosing where decoded volumes live (`VOLUME_CACHES`).
+VOLUME_CACHE_ENV = "PACS_NUMBA_VOLUME_CACHE"
+
+
+#: Bytes of a cache entry beside its ``4N`` payload: the ``.npy`` header (128) and the
+#: ``.json`` sidecar (header bytes, affine, identity: ~1.1 KB measured), rounded up to the
+#: 4 KB block the sidecar takes on most file systems.
+ENTRY_OVERHEAD_BYTES = 4096
 
 
 #: Version of the cache entry layout; part of the key, so a new layout never reads an old entry.
@@ -146,15 +162,16 @@ class CachedVolume:
         dataset with its file's absolute path.
     nonfinite : int
         Number of NaN or infinite voxels, counted once when the entry was made.
-    entry : pathlib.Path
-        The ``.npy`` file mapped by ``data``.
+    entry : pathlib.Path or None
+        The ``.npy`` file mapped by ``data``; None in the ``memory`` mode, where ``data``
+        is the process's own read-only array.
     """
 
     data: NDArray[np.float32]
     meta: NiftiMeta
     source: Path | H5Source
     nonfinite: int
-    entry: Path
+    entry: Path | None
 
 
 class _BadEntry(Exception):
@@ -170,12 +187,21 @@ class VolumeStore:
         The cache directory.  Default: ``$PACS_NUMBA_CACHE_DIR`` if set, else
         ``<tempfile.gettempdir()>/pacs_numba-<user>/volumes`` (created with mode 0o700).
         The directory is created if needed and checked to be writable at construction.
+        The statistics and registration caches live in it in either mode.
+    mode : {"disk", "memory"}, optional
+        Where decoded volumes live (:func:`volume_cache_mode`; default
+        ``$PACS_NUMBA_VOLUME_CACHE``, else ``disk``).  ``memory``: :meth:`get` decodes into
+        a private read-only array, writes nothing, and serves the same array to every
+        caller while any of them holds it; once none does, it is freed and the next call
+        decodes again.
 
     Raises
     ------
     InputError
         If the directory cannot be created or is not writable, or the default directory
         belongs to another user.
+    ConfigError
+        If the mode (or ``$PACS_NUMBA_VOLUME_CACHE``) is not one of `VOLUME_CACHES`.
 
     Notes
     -----
@@ -196,9 +222,18 @@ class VolumeStore:
     On SLURM, ``tempfile.gettempdir()`` is often a per-job ``$TMPDIR`` that is wiped at the end
     of the job; set ``PACS_NUMBA_CACHE_DIR`` (or ``--cache-dir``) to node-local or shared
     scratch so that array tasks share one cache.
+
+    In the ``memory`` mode no entry is read or written: each ``get`` of a file that nothing
+    in the process holds decodes it (the same bytes as an entry's payload), and concurrent
+    or later calls get the same array while any caller still holds it (the array or a view
+    of it).  Processes share nothing, and a file used again after it was let go is decoded
+    again: the fit needs a patient's volumes only while its statistics are not cached yet,
+    the evaluation once per patient.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None,
+                 mode: str | None = None) -> None:
+        self.mode = volume_cache_mode(mode)
         default = False
         if cache_dir is None:
             env = os.environ.get(CACHE_DIR_ENV, "").strip()
@@ -216,10 +251,13 @@ class VolumeStore:
         # Entries whose payload matched their CRC-32, by key: the .npy's identity then.  An
         # entry is checksummed once per store (process), again if its file changed since.
         self._verified: dict[str, tuple[int, ...]] = {}
+        # memory mode: the arrays handed out, by key, while anything holds them (a weak
+        # reference to the array, its header and its nonfinite count)
+        self._held: dict[str, tuple[weakref.ref, NiftiMeta, int]] = {}
         self._ensure_dir(default)
 
     def __repr__(self) -> str:
-        return f"VolumeStore({str(self.directory)!r})"
+        return f"VolumeStore({str(self.directory)!r}, mode={self.mode!r})"
 
     # -- directory --------------------------------------------------------------------
 
@@ -302,6 +340,91 @@ class VolumeStore:
             "writable": os.access(self.directory, os.W_OK | os.X_OK),
             **sub,
         }
+
+    def space_needed(
+        self, sources: list[str | os.PathLike[str] | H5Source], voxels: int, *,
+        exact: bool = True,
+    ) -> dict[str, int]:
+        """Estimate the disk that ``get`` of every source would still take here.
+
+        Parameters
+        ----------
+        sources : list of path-like or H5Source
+            Input volumes (NIfTI files or HDF5 datasets).
+        voxels : int
+            Voxels of one volume (a task's volumes share one grid).
+        exact : bool, optional
+            Look up which sources have an entry already (a stat and a content sample of
+            each); False counts none as cached (a bound, with no file read).
+
+        Returns
+        -------
+        dict
+            ``inputs`` (int), ``cached`` (those with a complete entry here), ``needed_bytes``
+            (``(4 * voxels + ENTRY_OVERHEAD_BYTES)`` per input without one; 0 in the
+            ``memory`` mode, which writes none), ``free_bytes`` (free space of the cache
+            directory's file system for this user, from :func:`shutil.disk_usage`; -1 if
+            it cannot be read) and ``limit_bytes`` (``PACS_NUMBA_CACHE_MAX``, -1 if unset).
+            An input that cannot be examined counts as not cached (its load reports it).
+        """
+        cached = 0
+        for src in sources if exact else ():
+            try:
+                h5 = parse_source(src)
+                ident = _h5_ident(_absolute(h5)) if h5 is not None else _identity(
+                    Path(os.path.abspath(src)))[1]  # type: ignore[arg-type]
+            except (InputError, OSError):
+                continue
+            cached += (self.directory / f"{_entry_key(ident)}.json").exists()
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            free = -1
+        limit = cache_max_bytes()
+        per = 0 if self.mode == "memory" else 4 * int(voxels) + ENTRY_OVERHEAD_BYTES
+        return {"inputs": len(sources), "cached": cached,
+                "needed_bytes": (len(sources) - cached) * per, "free_bytes": int(free),
+                "limit_bytes": -1 if limit is None else int(limit)}
+
+    def check_space(
+        self, what: str, sources: list[str | os.PathLike[str] | H5Source], voxels: int
+    ) -> dict[str, int]:
+        """Log what the volume cache will write for ``what`` and warn early if it cannot.
+
+        One INFO line (inputs, bytes to write at most, free space) and a WARNING when the
+        bytes still to write (at most ``PACS_NUMBA_CACHE_MAX``, which evicts older entries)
+        exceed the free space: the run would otherwise stop with a full disk after hours of
+        work.  Which inputs are cached already is looked up (a content sample of each) only
+        when writing all of them would not fit.  Returns :meth:`space_needed`'s figures.
+        """
+        need = self.space_needed(sources, voxels, exact=False)
+        if self.mode == "memory":
+            log.info("%s: volume cache in memory: %d inputs decoded per patient, none written",
+                     what, need["inputs"])
+            return need
+
+        def growth(n: dict[str, int]) -> int:
+            limit = n["limit_bytes"]
+            return n["needed_bytes"] if limit < 0 else min(n["needed_bytes"], limit)
+
+        free, exact = need["free_bytes"], False
+        if 0 <= free < growth(need):
+            need, exact = self.space_needed(sources, voxels), True
+        grow = growth(need)
+        log.info("%s: volume cache %s: %s, at most ~%s to write, %s free", what,
+                 self.directory, f"{need['cached']} of {need['inputs']} inputs cached" if exact
+                 else f"{need['inputs']} inputs", human_size(grow),
+                 "?" if free < 0 else human_size(free))
+        if 0 <= free < grow:
+            log.warning(
+                "%s: the volume cache '%s' needs ~%s more for %d inputs but its file system "
+                "has %s free; the run would stop with a full disk.  Free space, choose a larger "
+                "disk (--cache-dir or %s), cap the cache (%s, least recently used entries "
+                "evicted) or keep volumes in memory (--volume-cache memory or %s=memory: each "
+                "decoded per patient, nothing written)", what, self.directory, human_size(grow),
+                need["inputs"] - need["cached"], human_size(free), CACHE_DIR_ENV,
+                "PACS_NUMBA_CACHE_MAX", VOLUME_CACHE_ENV)
+        return need
 
     @staticmethod
     def _temp_gone(path: Path, mtime_ns: int, now_ns: int) -> bool:
@@ -455,7 +578,7 @@ class VolumeStore:
         -------
         CachedVolume
             ``data`` is a read-only, C-contiguous float32 memory map equal to
-            ``read_nifti(path)[0]``.
+            ``read_nifti(path)[0]`` (in the ``memory`` mode: a private array, equal too).
 
         Raises
         ------
@@ -467,7 +590,8 @@ class VolumeStore:
 
         Notes
         -----
-        Thread-safe.  Concurrent calls for the same file wait for one decompression.
+        Thread-safe.  Concurrent calls for the same file wait for one decompression (in
+        the ``memory`` mode: one per time the file is in use, see the class notes).
         """
         h5 = parse_source(path)
         source: Path | H5Source = (
@@ -480,6 +604,11 @@ class VolumeStore:
                 st, ident = _identity(source)
             key = _entry_key(ident)
             with self._lock_for(key):
+                if self.mode == "memory":
+                    cv = self._in_memory(key, source, ident, st)
+                    if cv is not None:
+                        return cv
+                    continue  # the source changed while it was read
                 with self._guard:
                     cv = self._live.get(key)
                 if cv is not None:
@@ -512,6 +641,35 @@ class VolumeStore:
                     return cv
             # The source changed between stat and read: its key is stale, start again.
         raise InputError(f"input '{source}' kept changing while it was read; is it being written?")
+
+    def _in_memory(
+        self, key: str, source: Path | H5Source, ident: dict[str, Any],
+        st: os.stat_result | None,
+    ) -> CachedVolume | None:
+        """Serve :meth:`get` in the ``memory`` mode (under the key's lock): held array or decode.
+
+        None if the source changed while it was read.  The returned array owns its memory,
+        so any view of it keeps it alive and held.
+        """
+        held = self._held.get(key)
+        data = held[0]() if held is not None else None
+        if data is not None:
+            return CachedVolume(data, held[1], source, held[2], None)
+        got = self._decode(source, ident, st)
+        if got is None:
+            return None
+        vol, meta, nonfinite = got
+        if not vol.flags.owndata:  # a view would not keep the array held (numpy bases)
+            vol = vol.copy()
+        vol.flags.writeable = False
+        held_map = self._held
+
+        def forget(ref: weakref.ref) -> None:  # the last holder let go: the memory is freed
+            if held_map.get(key, (None,))[0] is ref:
+                held_map.pop(key, None)
+
+        self._held[key] = (weakref.ref(vol, forget), meta, nonfinite)
+        return CachedVolume(vol, meta, source, nonfinite, None)
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._guard:
@@ -585,11 +743,13 @@ class VolumeStore:
         with self._guard:
             self._verified[key] = ident
 
-    def _build(
-        self, key: str, source: Path | H5Source, ident: dict[str, Any],
-        st: os.stat_result | None,
-    ) -> CachedVolume | None:
-        """Decompress ``source`` into a new entry; None if the source changed since ``st``."""
+    def _decode(
+        self, source: Path | H5Source, ident: dict[str, Any], st: os.stat_result | None,
+    ) -> tuple[NDArray[np.float32], NiftiMeta, int] | None:
+        """Read ``source`` into a C-order ``<f4`` array with its header and nonfinite count.
+
+        None if the source changed since ``st`` (or its HDF5 identity since ``ident``).
+        """
         t0 = time.perf_counter()
         if isinstance(source, H5Source):
             vol, affine = read_h5_volume(source)
@@ -604,6 +764,20 @@ class VolumeStore:
             return None
         nonfinite = _count_nonfinite(vol)
         vol = np.ascontiguousarray(vol, dtype="<f4")  # the bytes write_array stores
+        log.debug("decoded %s in %.0f ms (nonfinite=%d)", source,
+                  1e3 * (time.perf_counter() - t0), nonfinite)
+        return vol, meta, nonfinite
+
+    def _build(
+        self, key: str, source: Path | H5Source, ident: dict[str, Any],
+        st: os.stat_result | None,
+    ) -> CachedVolume | None:
+        """Decompress ``source`` into a new entry; None if the source changed since ``st``."""
+        t0 = time.perf_counter()
+        got = self._decode(source, ident, st)
+        if got is None:
+            return None
+        vol, meta, nonfinite = got
         crc = payload_crc32(vol)
         rec = {
             "format": CACHE_FORMAT,
@@ -639,6 +813,32 @@ class VolumeStore:
             source, npy.name, 1e3 * (time.perf_counter() - t0), nonfinite,
         )
         return CachedVolume(data, meta, source, nonfinite, npy)
+
+
+def volume_cache_mode(value: str | None = None) -> str:
+    """Return where decoded volumes live: ``value`` if given, else ``$PACS_NUMBA_VOLUME_CACHE``.
+
+    Default ``disk``.  Case and surrounding blanks are ignored.
+
+    Raises
+    ------
+    ConfigError
+        If the value (or the variable) is not one of `VOLUME_CACHES`; the message
+        names the variable or ``--volume-cache``.
+    """
+    where = "--volume-cache"
+    if value is None:
+        value, where = os.environ.get(VOLUME_CACHE_ENV, ""), VOLUME_CACHE_ENV
+        if not value.strip():
+            return "disk"
+    mode = str(value).strip().lower()
+    if mode not in VOLUME_CACHES:
+        raise ConfigError(
+            f"{where}={value!r} is not a volume cache mode; expected one of "
+            f"{', '.join(VOLUME_CACHES)} (disk: decoded once into the cache folder; "
+            "memory: decoded per patient, nothing written)"
+        )
+    return mode
 
 
 def cache_max_bytes() -> int | None:
