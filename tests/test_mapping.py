@@ -1,4 +1,4 @@
-"""The HR-free ``weighted`` map-back (algorithm B6, ``pacs_sr.hr_free_mapping``) against its twin."""
+"""The HR-free weighted map-back (algorithm B6, pacs_sr.hr_free_mapping) against its twin."""
 
 from __future__ import annotations
 
