@@ -66,6 +66,7 @@ GRAD_OPERATORS = {"sobel": 0, "prewitt": 1, "scharr": 2}
 WINDOWS = {"flat": 0, "hann": 1}
 PRIORS = ("none", "multiscale")   # A5.1 pacs_sr.prior (first = default)
 GATINGS = ("none", "edge")        # A5.2 pacs_sr.gating (first = default)
+HR_FREE_MAPPINGS = ("mean", "weighted")  # B6 pacs_sr.hr_free_mapping (first = default)
 SSIM_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 # Numba's default "workqueue" threading layer aborts the process when two Python

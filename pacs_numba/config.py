@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ._config import GATINGS, GRAD_OPERATORS, PRIORS, SSIM_AXES, WINDOWS
+from ._config import GATINGS, GRAD_OPERATORS, HR_FREE_MAPPINGS, PRIORS, SSIM_AXES, WINDOWS
 from .errors import ConfigError
 from .yamlfile import parse_yaml
 
@@ -201,6 +201,7 @@ class PacsConfig:
     prior: str = "none"
     prior_strength: float = 1.0
     gating: str = "none"
+    hr_free_mapping: str = "mean"
     normalize: str
     use_registration: bool = False
     num_workers: int
@@ -651,6 +652,7 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> Pacs
         prior=s.choice("prior", PRIORS, "none", case="lower"),
         prior_strength=s.number("prior_strength", 1.0, low=0.0, low_open=True),
         gating=s.choice("gating", GATINGS, "none", case="lower"),
+        hr_free_mapping=s.choice("hr_free_mapping", HR_FREE_MAPPINGS, "mean", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
         num_workers=s.integer("num_workers", minimum=-MAX_WORKERS, maximum=MAX_WORKERS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def test_nested_chooses_on_inner_folds_only_and_resumes(cohort, tmp_path, capsys
     assert len(summary["chosen"]) == 3 and summary["wilcoxon"]["n"] == 6
     assert set(summary["families"]) == {"published", "multiscale", "edge-gated",
                                         "multiscale+edge-gated"}
-    assert "| chosen among all settings |" in (out / "nested.md").read_text()
+    md = (out / "nested.md").read_text()
+    assert "| chosen among all settings and the best expert alone |" in md
+    assert "| chosen among all blend settings |" in md
+    assert set(summary["mappings"]) == {"mean"}
     assert isinstance(summary["gain_psnr_vs_expert_path"], float)
     # No peeking: an inner unit of outer fold f neither trains nor tests on test(f).
     n_inner = 0
@@ -90,7 +94,16 @@ def test_nested_chooses_on_inner_folds_only_and_resumes(cohort, tmp_path, capsys
                 key = json.dumps(unit["candidate"], sort_keys=True)
                 means.setdefault(key, []).extend(r["psnr"] for r in unit["patients"].values())
         best = max(means, key=lambda k: np.mean(means[k]))
-        assert json.loads(best) == summary["chosen"][fi]
+        assert json.loads(best) == summary["blends_only"]["chosen"][fi]
+        # the best expert alone is chosen when no blend beat it on the same inner units
+        inner = summary["inner"][fi]
+        alone = inner["best_expert_psnr"] >= np.mean(means[best])
+        assert summary["expert_alone_chosen"][fi] == alone == inner["expert_alone_chosen"]
+        if alone:
+            assert summary["chosen"][fi] == {"expert": summary["best_expert"][fi]}
+            assert summary["gain_psnr_per_fold"][fi] == 0.0
+        else:
+            assert summary["chosen"][fi] == summary["blends_only"]["chosen"][fi]
 
 
 def test_outer_units_are_the_plain_sweeps_units(cohort, tmp_path):
@@ -102,8 +115,9 @@ def test_outer_units_are_the_plain_sweeps_units(cohort, tmp_path):
     plain = run_tune(config, cands, out, cache_dir=cache, no_progress=True)
     assert plain.units_done == sum(  # only outer units of settings no fold chose remain
         1 for c in cands for f in (1, 2, 3) if c.as_dict() not in
-        [res.summary["chosen"][f - 1], cands[0].as_dict()]
-        and all(c.as_dict() != fam["chosen"][f - 1] for fam in res.summary["families"].values())
+        [res.summary["blends_only"]["chosen"][f - 1], cands[0].as_dict()]
+        and all(c.as_dict() != fam["chosen"][f - 1] for fam in [
+            *res.summary["families"].values(), *res.summary["mappings"].values()])
     )
 
 
@@ -234,3 +248,41 @@ def test_sigterm_stops_nested_between_units_and_a_rerun_resumes(cohort, tmp_path
     res = run_nested(config, load_grid(_grid(tmp_path / "g.yaml"), config), out,
                      cache_dir=cache, no_progress=True)
     assert res.units_resumed >= 1 and (out / "nested.json").exists()
+
+
+def test_an_expert_no_blend_beats_is_chosen_alone_with_a_gain_of_exactly_zero(tmp_path):
+    # One expert is the HR with a little noise: no blend beats it, so every outer fold
+    # chooses it on its inner folds, and then its held-out gain is exactly 0 (its own volume).
+    import nibabel as nib
+
+    cfg = _cohort(tmp_path / "c")
+    config = load_config(cfg)
+    manifest = load_manifest(config.data.out)
+    first = config.data.models[0]
+    rng = np.random.default_rng(5)
+    for fold in manifest["folds"]:
+        for entry in fold["test"].values():
+            img = nib.load(entry["HR"]["3mm"]["t1c"])
+            hr = img.get_fdata(dtype=np.float32)
+            noisy = hr + rng.normal(0, 0.002 * float(hr.max()), hr.shape).astype(np.float32)
+            nib.save(nib.Nifti1Image(noisy, img.affine, img.header),
+                     entry[first]["3mm"]["t1c"])
+    out = tmp_path / "out"
+    cands = load_grid(_grid(tmp_path / "g.yaml"), config)[:2]
+    res = run_nested(config, cands, out, cache_dir=tmp_path / "cache", no_progress=True)
+    s = res.summary
+    assert s["best_expert"] == [first] * 3 and s["expert_alone_chosen"] == [True] * 3
+    assert s["chosen"] == [{"expert": first}] * 3
+    assert s["gain_psnr"] == 0.0 and s["gain_psnr_per_fold"] == [0.0] * 3
+    assert s["wilcoxon"]["p_value"] is None  # all differences are 0
+    assert s["blends_only"]["gain_psnr"] < 0  # the blends alone would have lost
+    assert "fold 1: expert " + first + " alone" in (out / "nested.md").read_text()
+
+
+def test_default_grid_sweeps_the_hr_free_mapping(cohort):
+    grid = default_grid(load_config(cohort[0]))
+    weighted = [c for c in grid if c.hr_free_mapping == "weighted"]
+    assert grid[0].hr_free_mapping == "mean" and weighted
+    plain = {dataclasses.replace(c, hr_free_mapping="mean") for c in weighted}
+    assert plain <= set(grid)  # each weighted setting is the twin of a mean one
+    assert all(c.lambda_edge == 0 and c.lambda_grad == 0 for c in weighted)

@@ -42,14 +42,15 @@ def _add_tune(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN0
         default=None,
         help="YAML mapping of pacs_sr keys to lists of values: patch_size, stride, "
         "lambda_ridge, lambda_edge, lambda_grad, laplacian_tau, fit_region, mixing_window, "
-        "prior, prior_strength, gating (a key given twice is refused; required without "
-        "--nested)",
+        "prior, prior_strength, gating, hr_free_mapping (a key given twice is refused; "
+        "required without --nested)",
     )
     io.add_argument(
         "--nested",
         action="store_true",
-        help="nested cross-validation: choose the setting and the best expert on inner folds "
-        "of each outer fold's training patients, score the choice on its held-out patients; "
+        help="nested cross-validation: choose the setting (or the best expert alone, when no "
+        "setting beats it) on inner folds of each outer fold's training patients, score the "
+        "choice on its held-out patients; "
         "writes nested.json and nested.md (without --grid: a default grid of the config's "
         "setting and the weight models)",
     )
@@ -111,7 +112,8 @@ def _tune(args: argparse.Namespace) -> int:
             f"{s['n_candidates']} settings, {len(s['outer_folds'])} outer folds; nested held-out "
             f"gain {s['gain_psnr']:+.4f} dB PSNR over the best expert (per fold "
             + " ".join(f"{g:+.3f}" for g in s["gain_psnr_per_fold"])
-            + f") -> {nres.out_dir / 'nested.json'}",
+            + f"; the best expert alone chosen in {sum(s['expert_alone_chosen'])} of them)"
+            + f" -> {nres.out_dir / 'nested.json'}",
             flush=True,
         )
         return EXIT_OK

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .._config import BRAIN_THRESHOLD, WINDOWS
+from .._config import BRAIN_THRESHOLD, HR_FREE_MAPPINGS, WINDOWS
 from ..errors import InputError
 from ..kernels.blend import _blend_volume, _brain_mask, _weight_analysis, _weight_maps
 from .checks import (
@@ -28,6 +28,7 @@ from .checks import (
     readonly,
 )
 from .gating import edge_gate, gated_mix
+from .mapping import map_back_weighted
 from .statistics import hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
@@ -129,6 +130,10 @@ class Normalisation:
         Mean and std the blend is mapped back to.
     source : str
         ``"hr"`` or ``"experts"`` (for messages).
+    mapping : {"mean", "weighted"}
+        ``mean``: map back with ``mu_out``/``sd_out``; ``weighted`` (HR-free only,
+        ``pacs_sr.hr_free_mapping``): with the blend-weighted mean and std of the experts
+        at every voxel (:mod:`pacs_numba.core.mapping`).
     """
 
     mus: NDArray[np.float64]
@@ -136,6 +141,7 @@ class Normalisation:
     mu_out: float
     sd_out: float
     source: str
+    mapping: str = "mean"
 
     @classmethod
     def from_hr(cls, hr: ArrayLike, experts: Sequence[ArrayLike]) -> Normalisation:
@@ -159,7 +165,8 @@ class Normalisation:
 
     @classmethod
     def from_experts(
-        cls, experts: Sequence[ArrayLike], proxy: ArrayLike | None = None
+        cls, experts: Sequence[ArrayLike], proxy: ArrayLike | None = None,
+        mapping: str = "mean",
     ) -> Normalisation:
         """Statistics without an HR (algorithm B6).
 
@@ -167,20 +174,26 @@ class Normalisation:
         being :func:`expert_mean` (pass it when already computed).  Each expert is
         z-scored with its own mean/std over that mask, and the blend is mapped back with
         the mean of the experts' means and the mean of their stds: the experts all
-        estimate the same scan, so these estimate the HR's.
+        estimate the same scan, so these estimate the HR's.  ``mapping="weighted"``
+        maps back voxel by voxel with the blend-weighted experts' statistics instead.
 
         Raises
         ------
         InputError
             If the experts have no valid voxel > 0.
+        ValueError
+            On an unknown ``mapping``.
         """
+        if mapping not in HR_FREE_MAPPINGS:
+            raise ValueError(f"hr_free_mapping must be one of {list(HR_FREE_MAPPINGS)}, got "
+                             f"{mapping!r}")
         if proxy is None:
             proxy = expert_mean(experts)
         valid, _ = valid_mask(proxy, experts)
         if not valid.any():
             raise InputError("the experts have no voxel > 0: nothing to blend")
         _, _, mus, sds = normalisation(proxy, experts, valid)
-        return cls(mus, sds, float(np.mean(mus)), float(np.mean(sds)), "experts")
+        return cls(mus, sds, float(np.mean(mus)), float(np.mean(sds)), "experts", mapping)
 
 
 def blend_patient(
@@ -247,9 +260,18 @@ def blend_patient(
     """
     m = len(experts)
     w = np.asarray(weights)
-    if w.ndim == 2 and w.shape[1] == 2 * m:
-        if gate is None:
-            gate = edge_gate(experts)
+    gated = w.ndim == 2 and w.shape[1] == 2 * m
+    if gated and gate is None:
+        gate = edge_gate(experts)
+    if norm.mapping == "weighted":  # B6 hr_free_mapping: weighted, per voxel
+        z_space = Normalisation(norm.mus, norm.sds, 0.0, 1.0, norm.source)
+        blend = blend_patient(experts, grid, weights, window=window, norm=z_space,
+                              brain_mask=None, gate=gate)
+        blend = map_back_weighted(blend, w, grid, window=window, mus=norm.mus, sds=norm.sds,
+                                  brain_mask=brain_mask, gate=gate)
+        check_blend_finite(blend, weights, norm)
+        return blend
+    if gated:
         if np.shape(gate) != np.shape(experts[0]):
             raise InputError(
                 f"edge-gated weights ({w.shape[1]} columns for {m} experts) need an edge gate "

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from .._config import HR_FREE_MAPPINGS
 from ..errors import InputError
 from .blending import Normalisation, blend_patient, brain_mask, expert_mean
 from .model import StackingModel
@@ -36,7 +37,8 @@ def predict_volume(
         Mixing window where tiles overlap; None: the model's own (``model.window``).
     norm_source : (N0, N1, N2) float32 or None
         Where the statistics mask, the intensity mapping and the brain mask come from.
-        None (a new patient): the experts, as the module docstring says.  An HR volume:
+        None (a new patient): the experts, as the module docstring says, mapped back as
+        the model's ``hr_free_mapping`` says (:func:`model_mapping`).  An HR volume:
         exactly ``evaluate``'s blend (algorithm A7).
     norm : Normalisation, optional
         An explicit statistics source (overrides ``norm_source`` for the statistics).
@@ -75,13 +77,31 @@ def predict_volume(
     if norm is None or mask is None:
         proxy = expert_mean(experts)
         if norm is None:
-            norm = Normalisation.from_experts(experts, proxy)
+            norm = Normalisation.from_experts(experts, proxy, mapping=model_mapping(model))
         if mask is None:
             mask = brain_mask(proxy)
         del proxy
     return blend_patient(
         experts, model.grid, model.weights, window=window, norm=norm, brain_mask=mask
     )
+
+
+def model_mapping(model: StackingModel) -> str:
+    """Return how the model's HR-free blends are mapped back (``pacs_sr.hr_free_mapping``).
+
+    The setting the model was trained with (algorithm B6); ``mean``, the published rule,
+    for a model that does not record one (older files, a published ``weights.json``).
+
+    Raises
+    ------
+    InputError
+        If the recorded value is not one this version knows.
+    """
+    mapping = (model.settings.get("pacs_sr") or {}).get("hr_free_mapping", "mean")
+    if mapping not in HR_FREE_MAPPINGS:
+        raise InputError(f"the model was trained with hr_free_mapping: {mapping!r}; this "
+                         f"version knows {list(HR_FREE_MAPPINGS)}")
+    return str(mapping)
 
 
 def model_window(model: StackingModel, requested: str | None) -> str:

@@ -46,7 +46,7 @@ from .checks import (
 )
 from .metrics import METRIC_KEYS, aggregate, metrics_from_sums, volume_metrics
 from .model import StackingModel
-from .predict import model_window
+from .predict import model_mapping, model_window
 
 #: The blend's brain mask (algorithm A7.5); ``score_patient`` has a parameter of that name.
 _component_mask = brain_mask
@@ -165,14 +165,15 @@ def score_patient(
     if hr_free:
         model_window(model, window)  # the HR-free blend is predict's: same window check
         proxy = expert_mean(vols)
-        free = Normalisation.from_experts(vols, proxy)
+        free = Normalisation.from_experts(vols, proxy, mapping=model_mapping(model))
         if free_mask is None:
             free_mask = _component_mask(proxy)
         del proxy
     axis = SSIM_AXES[ssim_axis]
-    # The one-pass kernel blends one weight vector per tile; the sagittal SSIM axis and the
-    # edge-gated model (two vectors mixed per voxel) take the separate, per-prediction path.
-    if axis == 2 or model.gating != "none":
+    # The one-pass kernel blends one weight vector per tile, mapped back by one affine map;
+    # the sagittal SSIM axis, the edge-gated model (two vectors mixed per voxel) and the
+    # weighted HR-free mapping (per voxel) take the separate, per-prediction path.
+    if axis == 2 or model.gating != "none" or (free is not None and free.mapping != "mean"):
         score = _score_separately(t, vols, model, window, ssim_axis, norm, brain_mask,
                                   experts_alone, free, free_mask)
         return _with_experts_as_they_are(score, t, vols, names, ssim_axis, free_mask)

@@ -8,6 +8,7 @@ edge-gated model, the edge gate come from the experts; the HR is used only for t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -139,7 +140,9 @@ def fit_and_score(
             raise InputError(f"patient {pid}: HR shape {hr.shape}; the training grid is "
                              f"{grid.shape}")
         gate = pats.gate(pid) if weights.shape[1] != len(experts) else None
-        blend = blend_patient(experts, grid, weights, window=c.mixing_window, norm=norm,
+        mapping = getattr(c, "hr_free_mapping", "mean")  # algorithm B6
+        blend = blend_patient(experts, grid, weights, window=c.mixing_window,
+                              norm=dataclasses.replace(norm, mapping=mapping),
                               brain_mask=mask, gate=gate)
         m = volume_metrics(hr, blend, ssim_axis=pacs.ssim_axis)
         per[pid] = {

@@ -70,7 +70,10 @@ def default_grid(config: FullConfig) -> list[Candidate]:
       at tiles of half the size (6);
     - the edge-gated model without the prior at the config's tiles, and with the prior at
       strengths 1 and 4 at both tile sizes (5): the gated model has twice the unknowns,
-      so it is the one that needs the prior most.
+      so it is the one that needs the prior most;
+    - each of those without ``lambda_edge`` and ``lambda_grad`` again with the other HR-free
+      map-back (``hr_free_mapping``: ``weighted`` when the config's is ``mean``; up to 15),
+      which changes the blend, not the fit.
 
     The options use the ``first_block`` fit with ``lambda_edge = lambda_grad = 0`` and no
     smoothing, which they need (gating) or replace (the prior smooths across scales).
@@ -102,6 +105,9 @@ def default_grid(config: FullConfig) -> list[Candidate]:
         for strength in DEFAULT_PRIOR_STRENGTHS[1:]:
             out.append(dataclasses.replace(plain, patch_size=patch, stride=stride, gating="edge",
                                            prior="multiscale", prior_strength=strength))
+    other = "weighted" if own.hr_free_mapping == "mean" else "mean"
+    out += [dataclasses.replace(c, hr_free_mapping=other) for c in out[1:]
+            if c.lambda_edge == 0 and c.lambda_grad == 0]
     return unique_candidates(out)
 
 
@@ -304,9 +310,11 @@ def run_nested(
 
     # Choose per outer fold, on its inner units only.
     fams = list(dict.fromkeys(family(c) for c in candidates))
+    mappings = list(dict.fromkeys(c.hr_free_mapping for c in candidates))
     chosen: dict[tuple[int, str], Candidate] = {}
     best_expert: dict[int, str] = {}
     best_path: dict[int, str] = {}  # best expert through the blend's path (old units: none)
+    use_expert: dict[int, bool] = {}  # the expert alone beat every blend on the inner folds
     inner_scores: dict[int, dict[str, Any]] = {}
     for f in outer:
         inner = [sp for sp in splits if sp[2] == f and sp[3] != 0]
@@ -330,8 +338,15 @@ def run_nested(
         for fam in ["all", *fams]:
             pool = [c for c in candidates if fam == "all" or family(c) == fam]
             chosen[(f, fam)] = max(pool, key=lambda c: means[c])  # first on ties: grid order
-        inner_scores[f] = {"best_expert_psnr": float(np.mean(expert_psnr[best_expert[f]])),
-                           "chosen_psnr": means[chosen[(f, "all")]]}
+        for mp in mappings:  # the best setting with each HR-free map-back (algorithm B6)
+            chosen[(f, f"mapping {mp}")] = max(
+                (c for c in candidates if c.hr_free_mapping == mp), key=lambda c: means[c])
+        expert_inner = float(np.mean(expert_psnr[best_expert[f]]))
+        # "the best expert alone" is a candidate too: a blend must beat it on the inner folds
+        use_expert[f] = expert_inner >= means[chosen[(f, "all")]]
+        inner_scores[f] = {"best_expert_psnr": expert_inner,
+                           "chosen_psnr": means[chosen[(f, "all")]],
+                           "expert_alone_chosen": use_expert[f]}
 
     own = candidates[0]
     outer_units = list(dict.fromkeys(
@@ -342,18 +357,22 @@ def run_nested(
                   disabled=no_progress) as bar:
         run_units(outer_units, bar)
 
-    def score(pick: Mapping[int, Candidate]) -> dict[str, Any]:
+    def score(pick: Mapping[int, Candidate],
+              expert_alone: Mapping[int, bool] | None = None) -> dict[str, Any]:
         per_fold, per_fold_ssim, diffs, per_fold_path = [], [], [], []
         for f in outer:
             d_psnr, d_ssim, d_path = [], [], []
+            alone = bool(expert_alone and expert_alone[f])
             for s in spacing_list:
                 for p in pulse_list:
                     for _pid, r in sorted(read(pick[f], (s, p, f, 0))["patients"].items()):
                         e = r["experts"][best_expert[f]]
-                        d_psnr.append(r["psnr"] - e["psnr"])
-                        d_ssim.append(r["ssim"] - e["ssim"])
+                        # the expert chosen alone is its raw volume: the gain is exactly 0
+                        got = e if alone else r
+                        d_psnr.append(got["psnr"] - e["psnr"])
+                        d_ssim.append(got["ssim"] - e["ssim"])
                         if f in best_path and "experts_path" in r:
-                            d_path.append(r["psnr"] - r["experts_path"][best_path[f]]["psnr"])
+                            d_path.append(got["psnr"] - r["experts_path"][best_path[f]]["psnr"])
             per_fold.append(float(np.mean(d_psnr)))
             per_fold_ssim.append(float(np.mean(d_ssim)))
             diffs.extend(d_psnr)
@@ -372,12 +391,15 @@ def run_nested(
             # path: what the weights add, without the normalisation's own effect
             "gain_psnr_vs_expert_path": float(np.mean(per_fold_path)) if path_ok else None,
             "gain_psnr_vs_expert_path_per_fold": per_fold_path if path_ok else None,
-            "chosen": [pick[f].as_dict() for f in outer],
+            "chosen": [{"expert": best_expert[f]} if expert_alone and expert_alone[f]
+                       else pick[f].as_dict() for f in outer],
+            "expert_alone_chosen": [bool(expert_alone and expert_alone[f]) for f in outer],
         }
 
     summary: dict[str, Any] = {
         "protocol": "nested cross-validation; settings and best expert chosen on the inner "
-                    "folds of each outer fold's training patients; outer held-out patients "
+                    "folds of each outer fold's training patients, the best expert alone "
+                    "(its raw volume) being one more choice; outer held-out patients "
                     "scored HR-free (normalisation, brain mask and edge gate from the experts)",
         "outer_folds": outer, "inner_folds_per_outer": k - 1,
         "spacings": spacing_list, "pulses": pulse_list, "n_candidates": len(candidates),
@@ -385,9 +407,13 @@ def run_nested(
         "best_expert_path": [best_path.get(f) for f in outer],
         "inner": [inner_scores[f] for f in outer],
     }
-    overall = score({f: chosen[(f, "all")] for f in outer})
+    overall = score({f: chosen[(f, "all")] for f in outer}, use_expert)
     summary.update(overall)
+    # the same choice without the expert-alone option: what the best blend gains or loses
+    summary["blends_only"] = score({f: chosen[(f, "all")] for f in outer})
     summary["families"] = {fam: score({f: chosen[(f, fam)] for f in outer}) for fam in fams}
+    summary["mappings"] = {mp: score({f: chosen[(f, f"mapping {mp}")] for f in outer})
+                           for mp in mappings}
     summary["config_setting"] = score({f: own for f in outer})
     timings["total"] = time.perf_counter() - t_start
     summary["timings_s"] = timings
@@ -405,8 +431,11 @@ def _fmt(v: float | None, spec: str = "+.4f") -> str:
 
 
 def _table(summary: Mapping[str, Any]) -> str:
-    rows = [("chosen among all settings", summary)]
+    rows = [("chosen among all settings and the best expert alone", summary),
+            ("chosen among all blend settings", summary["blends_only"])]
     rows += [(f"best {fam} setting", r) for fam, r in summary["families"].items()]
+    rows += [(f"best setting with hr_free_mapping {mp}", r)
+             for mp, r in summary["mappings"].items()]
     rows.append(("config setting (fixed, no choice)", summary["config_setting"]))
     lines = [
         "# pacs-numba tune --nested",
@@ -431,7 +460,10 @@ def _table(summary: Mapping[str, Any]) -> str:
             + f" | {_fmt(r['gain_ssim'])} | {_fmt(w['p_value'], '.3g')} ({w['n']}) | "
             f"{_fmt(r['gain_psnr_vs_expert_path'])} |"
         )
-    lines += ["", "Settings chosen per outer fold (all settings):", ""]
+    lines += ["", "Chosen per outer fold (all settings and the best expert alone; an expert "
+              "is chosen when no blend setting beat it on the inner folds, and then a user "
+              "takes that expert's own volume, no PaCS-SR model):", ""]
     for f, c in zip(summary["outer_folds"], summary["chosen"], strict=True):
-        lines.append(f"- fold {f}: " + ", ".join(f"{k}={v}" for k, v in c.items()))
+        lines.append(f"- fold {f}: " + (f"expert {c['expert']} alone" if "expert" in c else
+                                        ", ".join(f"{k}={v}" for k, v in c.items())))
     return "\n".join(lines) + "\n"

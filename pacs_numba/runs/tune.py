@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .._config import GATINGS, PRIORS
+from .._config import GATINGS, HR_FREE_MAPPINGS, PRIORS
 from ..config import (
     FIT_REGIONS,
     MIXING_WINDOWS,
@@ -86,10 +86,11 @@ SWEPT = {
     "prior": str,
     "prior_strength": float,
     "gating": str,
+    "hr_free_mapping": str,
 }
 #: Allowed values of the swept string keys.
 _CHOICES = {"fit_region": FIT_REGIONS, "mixing_window": MIXING_WINDOWS, "prior": PRIORS,
-            "gating": GATINGS}
+            "gating": GATINGS, "hr_free_mapping": HR_FREE_MAPPINGS}
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Candidate:
     prior: str = "none"
     prior_strength: float = 1.0
     gating: str = "none"
+    hr_free_mapping: str = "mean"
 
     def as_dict(self) -> dict[str, Any]:
         """Return the swept keys and their values."""
@@ -215,7 +217,8 @@ def unique_candidates(cands: Iterable[Candidate]) -> list[Candidate]:
         region = "first_block" if c.stride == c.patch_size else c.fit_region
         strength = c.prior_strength if c.prior == "multiscale" else None
         ident = (c.patch_size, c.stride, c.lambda_ridge, c.lambda_edge, c.lambda_grad,
-                 c.laplacian_tau, region, c.window, c.prior, strength, c.gating)
+                 c.laplacian_tau, region, c.window, c.prior, strength, c.gating,
+                 c.hr_free_mapping)
         seen.setdefault(ident, c)
     return list(seen.values())
 
@@ -405,7 +408,7 @@ def _label(c: Candidate) -> str:
             f"edge={c.lambda_edge:g} grad={c.lambda_grad:g} tau={c.laplacian_tau:g} "
             f"fit={c.fit_region} window={c.window} prior={c.prior}"
             + (f"({c.prior_strength:g})" if c.prior == "multiscale" else "")
-            + f" gating={c.gating}")
+            + f" gating={c.gating} mapping={c.hr_free_mapping}")
 
 
 def _rank(
