@@ -233,9 +233,9 @@ def test_modules_stay_readable():
 
 
 def test_a_run_does_not_import_the_heavy_scipy_modules():
-    """Every patient-pool process pays RSS for what it imports: scipy's optimize, ndimage and
-    stats (20-60 MB each) load only on the rare paths that need them."""
-    code = ("import sys, pacs_numba.runs.engine, pacs_numba.runs.predict; "
+    """Every patient-pool process (and the command line) pays RSS for what it imports: scipy's
+    optimize, ndimage and stats (20-60 MB each) load only on the rare paths that need them."""
+    code = ("import sys, pacs_numba.runs.engine, pacs_numba.runs.predict, pacs_numba.cli; "
             "print(sorted(m for m in ('scipy.optimize', 'scipy.ndimage', 'scipy.stats', "
             "'scipy.spatial') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

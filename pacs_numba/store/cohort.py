@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 from ..config import (
     DataConfig,
@@ -424,6 +423,8 @@ def _upsample_matrix(n_hr: int, n_lr: int, factor: int, order: int) -> NDArray[n
     is linear in the data, so interpolating each unit vector gives the matrix
     exactly (edges replicate, scipy ``mode="nearest"``).
     """
+    from scipy import ndimage  # ~26 MB of RSS: only cohort generation needs it
+
     z = np.arange(n_hr, dtype=np.float64)
     if order == 0:
         # Nearest LR centre = the slab that contains the slice.
@@ -462,6 +463,8 @@ def upsample_expert(
     -------
     (N0, N1, n_hr) float32, non-negative.
     """
+    from scipy import ndimage  # ~26 MB of RSS: only cohort generation needs it
+
     order = {"bspline": 3, "linear": 1, "nearest": 0, "sharpen": 3, "smooth": 3}[kind]
     n0, n1, n_lr = lr.shape
     w = _upsample_matrix(n_hr, n_lr, factor, order)
@@ -512,6 +515,8 @@ def complementary_expert(
     -------
     (N0, N1, N2) float32, non-negative.
     """
+    from scipy import ndimage  # ~26 MB of RSS: only cohort generation needs it
+
     n = hr.shape[2]
     head = hr > 0
     scale = float(np.percentile(hr[head], 99)) if head.any() else 1.0
