@@ -396,6 +396,9 @@ def run_tune(
     best = Candidate(**table[0]["candidate"])
     _write_outputs(out, config, table, experts, best)
     timings["total"] = time.perf_counter() - t_start
+    log.info("tune: seconds: statistics %.1f, fits %.1f, held-out blends and scores %.1f, "
+             "total %.1f", timings["statistics"], timings["fit"], timings["blend_metrics"],
+             timings["total"])
     log.info("tune: best %s: held-out PSNR %.4f dB (%+.4f dB vs the best expert %s; %s); "
              "%d units computed, %d resumed", _label(best), table[0]["psnr"],
              table[0]["gain_psnr"], experts["_best"]["name"], PROTOCOLS[HR_FREE], computed,
