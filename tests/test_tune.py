@@ -20,6 +20,7 @@ from pacs_numba.core.metrics import volume_metrics
 from pacs_numba.core.solve import fit_weights
 from pacs_numba.core.tiling import TileGrid
 from pacs_numba.errors import ConfigError
+from pacs_numba.runs import cvunits
 from pacs_numba.runs.engine import Engine, RunOptions
 from pacs_numba.runs.tune import Candidate, load_grid, run_tune
 from pacs_numba.store.cohort import make_cohort
@@ -258,3 +259,26 @@ def test_bad_fit_region_is_a_config_error_naming_the_key(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="fit_region"):
         load_config(cfg)
+
+
+def test_tune_holds_one_folds_held_out_patients_at_a_time(cohort, tmp_path, monkeypatch):
+    """Memory flat in the cohort: a fold's held-out preparation is dropped after the fold,
+    and no held-out patient's volumes stay mapped between units."""
+    cfg, cache = cohort
+    config = load_config(cfg)
+    manifest = json.loads(Path(config.data.out).read_text())
+    most_test = max(len(f["test"]) for f in manifest["folds"])
+    held_sizes: list[int] = []
+    real = cvunits.Patients.held_out
+
+    def spy(self, pid, ssim_axis):
+        out = real(self, pid, ssim_axis)
+        held_sizes.append(len(self._held))
+        return out
+
+    monkeypatch.setattr(cvunits.Patients, "held_out", spy)
+    grid = _grid(tmp_path / "g.yaml", lambda_ridge=[0.001, 0.01], patch_size=[4, 8])
+    run_tune(config, load_grid(grid, config), tmp_path / "o", cache_dir=cache,
+             no_progress=True)
+    assert held_sizes and max(held_sizes) <= most_test  # never two folds' patients at once
+    assert len(held_sizes) > len(manifest["folds"]) * most_test  # reused across settings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import signal
 from pathlib import Path
@@ -68,7 +69,11 @@ def test_a_grid_above_the_bound_needs_yes_and_its_size_is_logged(cohort, tmp_pat
                        yes=True, no_progress=True)
     assert res.units_done == 2 * len(cands)
     assert f"the grid is {len(cands)} setting(s) x 2 fold(s)" in caplog.text
-    assert "first unit took" in caplog.text and "for the other" in caplog.text
+    # the estimate multiplies the unit's own fit and scoring, not the statistics before it
+    est = re.search(r"first unit took ([\d.]+) s to fit and score \(after ([\d.]+) s of "
+                    r"statistics\); about \S+ for the other (\d+) unit", caplog.text)
+    assert est and int(est.group(3)) == 2 * len(cands) - 1
+    assert float(est.group(2)) > 0  # the first fold's statistics came before it
     assert cli.main(base) == 0  # below the default bound: runs (everything resumed)
 
 

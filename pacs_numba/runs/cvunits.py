@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,28 +80,42 @@ class Patients:
                               edge_power=pacs.edge_power, grad_operator=pacs.grad_operator)
 
     def held_out(self, pid: str, ssim_axis: str) -> tuple:
-        """Return HR, experts, expert normalisation and brain mask, single-expert scores."""
-        if pid not in self._held:
+        """Return HR, experts, expert normalisation and brain mask, single-expert scores.
+
+        The normalisation, mask and scores are computed once and kept until
+        :meth:`release`; the volumes are mapped again at each call (a few ms from a warm
+        cache) rather than kept, so a sweep does not hold every held-out patient's
+        volumes in memory at once.
+        """
+        if pid in self._held:
             hr, experts = self.load(pid)
-            proxy = expert_mean(experts)
-            norm = Normalisation.from_experts(experts, proxy)
-            mask = brain_mask(proxy)
-            del proxy
-            # each expert as a user gets it, the HR-free protocol's rule (one home: scoring)
-            single = list(experts_as_they_are(hr, experts, [str(e) for e in range(len(experts))],
-                                              ssim_axis=ssim_axis, mask=mask).values())
-            # Each expert through the blend's own HR-free path (one-hot weights: z-scored,
-            # mapped back with the experts' mean statistics, masked), so a gain over it is
-            # the weights' alone.  A constant weight makes the overlap-add the identity (up
-            # to the blend's 1e-8 guard), so the volume is computed directly.
-            path = []
-            for e, x in enumerate(experts):
-                z = (np.where(np.isfinite(x), x, 0).astype(np.float64) - norm.mus[e]) / norm.sds[e]
-                vol = ((z * norm.sd_out + norm.mu_out) * mask).astype(np.float32)
-                path.append(volume_metrics(hr, vol, ssim_axis=ssim_axis))
-                del z, vol
-            self._held[pid] = (hr, experts, norm, mask, (single, path))
-        return self._held[pid]
+            return (hr, experts, *self._held[pid])
+        hr, experts = self.load(pid)
+        proxy = expert_mean(experts)
+        norm = Normalisation.from_experts(experts, proxy)
+        mask = brain_mask(proxy)
+        del proxy
+        # each expert as a user gets it, the HR-free protocol's rule (one home: scoring)
+        single = list(experts_as_they_are(hr, experts, [str(e) for e in range(len(experts))],
+                                          ssim_axis=ssim_axis, mask=mask).values())
+        # Each expert through the blend's own HR-free path (one-hot weights: z-scored,
+        # mapped back with the experts' mean statistics, masked), so a gain over it is
+        # the weights' alone.  A constant weight makes the overlap-add the identity (up
+        # to the blend's 1e-8 guard), so the volume is computed directly.
+        path = []
+        for e, x in enumerate(experts):
+            z = (np.where(np.isfinite(x), x, 0).astype(np.float64) - norm.mus[e]) / norm.sds[e]
+            vol = ((z * norm.sd_out + norm.mu_out) * mask).astype(np.float32)
+            path.append(volume_metrics(hr, vol, ssim_axis=ssim_axis))
+            del z, vol
+        self._held[pid] = (norm, mask, (single, path))
+        return (hr, experts, *self._held[pid])
+
+    def release(self, pids: Iterable[str]) -> None:
+        """Forget the held-out data and gates of ``pids`` (their fold is done)."""
+        for pid in pids:
+            self._held.pop(pid, None)
+            self._gates.pop(pid, None)
 
     def gate(self, pid: str) -> np.ndarray:
         """Return the edge gate of the experts of ``pid`` (algorithm A5.2), computed once."""

@@ -350,7 +350,6 @@ def run_tune(
              len(groups), cell)
     timings = {"statistics": 0.0, "fit": 0.0, "blend_metrics": 0.0}
     computed = 0
-    t_units = time.perf_counter()
     with progress(n_units, "tune", unit="fits", disabled=no_progress) as bar:
         if done:
             bar.update(len(done))
@@ -362,18 +361,19 @@ def run_tune(
                     paths.update(train)
                     paths.update(test)
                 pats = _Patients(store, cache, paths)
-                for gkey, members in groups.items():
-                    todo = [(c, f) for c in members for f in fold_list
-                            if (c, f, s, p) not in done]
-                    if not todo:
-                        continue
-                    skey = _stats_key(members[0], cell, pacs, need_edge, need_grad,
-                                      need_gate and gkey[0] == "first_block")
-                    for f in sorted({f for _, f in todo}):
-                        train, test = splits[(f, s, p)]
+                # Fold by fold: a fold's held-out patients are prepared once for every
+                # setting, then forgotten, so memory does not grow with the cohort.
+                for f in fold_list:
+                    train, test = splits[(f, s, p)]
+                    for gkey, members in groups.items():
+                        todo = [c for c in members if (c, f, s, p) not in done]
+                        if not todo:
+                            continue
                         if not train:
                             raise InputError(f"fold {f} {s} {p}: the manifest has no training "
                                              "patients")
+                        skey = _stats_key(members[0], cell, pacs, need_edge, need_grad,
+                                          need_gate and gkey[0] == "first_block")
                         t0 = time.perf_counter()
                         per = [pats.stats(pid, skey, pacs) for pid in train]
                         st = sum_stats(per)
@@ -381,16 +381,18 @@ def run_tune(
                         if gkey[0] == "first_block":
                             st = st.coarsen(gkey[1])
                         timings["statistics"] += time.perf_counter() - t0
-                        for c in [c for c, ff in todo if ff == f]:
+                        for c in todo:
                             _stop_point(stop, computed, n_units - len(done))
+                            t_unit = time.perf_counter()
                             unit = _fit_and_score(c, st, pats, test, pacs, models, timings)
                             unit.update(candidate=c.as_dict(), fold=f, spacing=s, pulse=p)
                             atomic_write_json(unit_paths[(c, f, s, p)], unit, indent=1)
                             computed += 1
                             bar.update(1)
                             if computed == 1:
-                                _log_estimate(time.perf_counter() - t_units,
-                                              n_units - len(done))
+                                _log_estimate(time.perf_counter() - t_unit,
+                                              timings["statistics"], n_units - len(done))
+                    pats.release(test)
                 log.debug("tune %s %s: %d volume reads", s, p, pats.reads)
     table, experts = _rank(candidates, unit_paths)
     best = Candidate(**table[0]["candidate"])
@@ -470,13 +472,17 @@ def _check_grid_size(n_settings: int, n_folds: int, n_spacings: int, n_pulses: i
                           "the blends of the fold's held-out patients)")
 
 
-def _log_estimate(first_unit_s: float, todo: int) -> None:
-    """After the first unit: an estimate of the sweep's remaining time."""
-    # The first unit also reads (or computes) the patients' statistics, which later units
-    # share, so this is an upper bound.
+def _log_estimate(first_unit_s: float, statistics_s: float, todo: int) -> None:
+    """After the first unit: an estimate of the sweep's remaining time.
+
+    ``first_unit_s`` is the unit's own fit and held-out scoring, which every other unit
+    repeats; ``statistics_s`` what the statistics before it took, which later units share
+    (each patient's are read or computed once), so they are not multiplied.
+    """
     left_s = first_unit_s * (todo - 1)
-    log.info("tune: first unit took %.1f s; at most about %s for the other %d unit(s)",
-             first_unit_s, _duration(left_s), todo - 1)
+    log.info("tune: first unit took %.1f s to fit and score (after %.1f s of statistics); "
+             "about %s for the other %d unit(s), plus the statistics of patients not read "
+             "yet", first_unit_s, statistics_s, _duration(left_s), todo - 1)
 
 
 def _duration(secs: float) -> str:
