@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -86,9 +85,9 @@ def test_split_covers_every_step_once_and_balances_the_typical_times():
 
 def test_only_a_step_and_what_it_pulls_is_compiled(tmp_path):
     # the helper process compiles its steps alone: nothing outside their PULLS may compile
-    script = ("import json; from pacs_numba.runs import warmup as w; w.warm_kernels(('smoothing',));"
-              "print(json.dumps(sorted(d.py_func.__name__ for d in w.dispatchers() "
-              "if d.signatures)))")
+    script = ("import json; from pacs_numba.runs import warmup as w; "
+              "w.warm_kernels(('smoothing',)); print(json.dumps(sorted("
+              "d.py_func.__name__ for d in w.dispatchers() if d.signatures)))")
     got = _run(tmp_path, script)
     assert set(json.loads(got)) <= {"_laplacian_smooth", "_parallel_probe", "_n_anchors_one",
                                      "_tile_id_one", "_tile_index_one"}, got
@@ -181,7 +180,6 @@ os._exit(0)
 def test_the_node_lock_serialises_two_processes(tmp_path):
     script = f"""
 import time
-from pathlib import Path
 from pacs_numba.store.locks import node_lock
 with node_lock(Path({str(tmp_path / 'x.lock')!r})):
     t0 = time.time(); time.sleep(0.6); print(t0, time.time())

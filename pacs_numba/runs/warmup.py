@@ -21,7 +21,7 @@ from numba.core.dispatcher import Dispatcher
 from .. import kernels
 from .._config import CACHE, KERNEL_CACHE_DIR, KERNEL_CACHE_NOTE
 from ..core.blending import blend_volume, brain_mask, weight_analysis, weight_maps
-from ..core.cellstats import StatsKey, box_statistics, combine
+from ..core.cellstats import StatsKey, box_statistics
 from ..core.metrics import volume_metrics
 from ..core.model import StackingModel
 from ..core.scoring import score_patient
@@ -40,15 +40,15 @@ log = logging.getLogger(__name__)
 STEPS = ("normalisation", "statistics", "solve", "solve_unconstrained", "solve_many_experts",
          "smoothing", "brain_mask", "blend", "score", "weight_maps", "weight_analysis",
          "metrics")
-#: Rough first-ever compile seconds of each step (CPU seconds measured one step at a time
-#: with an empty NUMBA_CACHE_DIR, see profiling/2026-12-07-issue18-vm.md; Numba
-#: compiles on one core), for the line that says how long the wait will be.
-TYPICAL_COMPILE_S = {"normalisation": 5.0, "statistics": 19.0, "solve": 3.5,
-                     "solve_unconstrained": 2.5, "solve_many_experts": 4.0, "smoothing": 1.5,
-                     "brain_mask": 6.0, "blend": 3.0, "score": 17.0, "weight_maps": 1.0,
-                     "weight_analysis": 1.2, "metrics": 7.0}
-
-
+#: Rough first-ever compile seconds of each step's own kernels (without what it pulls in,
+#: :data:`PULLS`), on one core of an idle 2-core machine: CPU seconds measured one step at a
+#: time with an empty NUMBA_CACHE_DIR on a busy machine (load 8-12), less the steps it
+#: pulls, times 0.7 (the ratio of last round's idle figures to these); docs/performance.md.
+#: They split a first run between two processes and say how long the wait will be.
+TYPICAL_COMPILE_S = {"normalisation": 5.0, "statistics": 13.5, "solve": 4.0,
+                     "solve_unconstrained": 3.5, "solve_many_experts": 5.5, "smoothing": 2.0,
+                     "brain_mask": 4.2, "blend": 6.0, "score": 13.0, "weight_maps": 1.5,
+                     "weight_analysis": 1.0, "metrics": 7.0}
 #: Steps whose warm-up also compiles other steps' kernels on the way (scoring normalises,
 #: masks and scores the experts as they are; the statistics pass starts with the valid mask
 #: and the moments).  A step and what it pulls in compile in one process.
@@ -326,8 +326,10 @@ class CompileChild:
         )
 
     def wait(self, until: float) -> bool:
-        """Wait until the child ends or ``time.perf_counter()`` reaches ``until``; True if it
-        compiled everything."""
+        """Wait until the child ends or ``time.perf_counter()`` reaches ``until``.
+
+        Returns True if it compiled everything.
+        """
         while self.proc.poll() is None and time.perf_counter() < until:
             time.sleep(0.05)
         return self.proc.poll() == 0
@@ -425,8 +427,8 @@ def load_kernels(command: str = "all", pacs: Any = None) -> int:
     meanwhile.  With two CPUs or more a first run compiles about half of the steps in a
     helper process (:func:`compile_in_two`), then loads them.  Processes on one node that
     start together (SLURM array tasks) take a node lock in the cache folder around the
-    compile, so one compiles and the others wait, then load.  Returns the number of kernels compiled so far (cache
-    misses), for :func:`check_no_compile`.
+    compile, so one compiles and the others wait, then load.  Returns the number of kernels
+    compiled so far (cache misses), for :func:`check_no_compile`.
     """
     if KERNEL_CACHE_NOTE:
         log.warning("%s", KERNEL_CACHE_NOTE)
