@@ -45,14 +45,6 @@ def _env_flag(name: str, default: bool) -> bool:
 FASTMATH: set[str] | bool = (
     {"nsz", "arcp", "contract", "afn", "reassoc"} if _env_flag("PACS_FASTMATH", True) else False
 )
-#: Numba's ``parallel`` option for every parallel kernel: only explicit ``prange`` loops run
-#: in parallel.  Numba would also turn each ``np.zeros``/``np.ones``, array expression and
-#: reduction into a parallel loop of its own, each an extra function to compile (seconds
-#: on a first run) for work that is a small part of the kernel's.
-PARALLEL: dict[str, bool] = {
-    "prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
-    "setitem": False, "numpy": False, "stencil": False, "fusion": False,
-}
 #: Numba on-disk compile cache (``PACS_NUMBA_CACHE=0`` turns it off).
 CACHE: bool = _env_flag("PACS_NUMBA_CACHE", True)
 #: Volume dtype everywhere outside the accumulators.

@@ -180,6 +180,7 @@ os._exit(0)
 def test_the_node_lock_serialises_two_processes(tmp_path):
     script = f"""
 import time
+from pathlib import Path
 from pacs_numba.store.locks import node_lock
 with node_lock(Path({str(tmp_path / 'x.lock')!r})):
     t0 = time.time(); time.sleep(0.6); print(t0, time.time())

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._config import CACHE, FASTMATH, PARALLEL
+from .._config import CACHE, FASTMATH
 from .grid import _n_anchors_one, _tile_id_one
 
 # --------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def _blend_row_one(
                         den[k] += win
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _blend_volume(
     experts, weights, mus, sds, mu_hr, sd_hr, mask, use_mask, patch_size, stride, window, n_chunks
 ):
@@ -313,7 +313,7 @@ def _blend_volume(
 # --------------------------------------------------------------------------------------
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _weight_maps(weights, n0, n1, n2, stride):
     """Per-voxel tile weights (algorithm A8 ``weight_maps``).
 
@@ -379,7 +379,7 @@ def _entropy_dominant_one(w, eps):
     return -ent, best
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _weight_analysis(maps):
     """Entropy and dominant-expert maps of a weight map (algorithm A8 analysis npz).
 
@@ -518,7 +518,7 @@ def _label_slab_one(hr, thr, parent, lo, hi):
                     _union_one(parent, v, v - 1)
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _brain_mask(hr, threshold, parent, n_slabs):
     """Largest 26-connected component of ``hr >= threshold`` (algorithm A7.5).
 

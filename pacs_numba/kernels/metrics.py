@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._config import CACHE, FASTMATH, PARALLEL
+from .._config import CACHE, FASTMATH
 
 # skimage defaults: 7x7 uniform window, K1, K2, sample covariance.
 _WIN = 7
@@ -59,7 +59,7 @@ def _metrics_plane_one(hr, pred, i0, count, sum_sq, sum_abs, hr_min, hr_max):
     hr_max[i0] = hi
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _volume_metrics(hr, pred):
     """Compute the masked sums behind mse, mae and psnr (algorithm A7.6).
 
@@ -250,7 +250,7 @@ def _ssim_slice_one(t, p, data_range, vert, col, run):
     return total / ((n_a - 2 * _HALF) * (n_b - 2 * _HALF))
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _ssim_slices(hr, pred, mask, axis, min_range, n_chunks):
     """Slice-wise SSIM of ``hr*m`` vs ``pred*m`` along ``axis`` (algorithm A7.6).
 

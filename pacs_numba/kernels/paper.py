@@ -29,7 +29,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._config import CACHE, FASTMATH, PARALLEL
+from .._config import CACHE, FASTMATH
 
 # Work blocks of the parallel loops (each with its own scratch).  A constant, not the
 # thread count: numba.get_num_threads() inside a kernel defeats the on-disk cache, and
@@ -147,7 +147,7 @@ def _ssim_plane_one(x, y, g, c1, c2, i0, acc, ring, row):
     return ssim_sum, cs_sum
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _ssim_scale(x, y, g, c1, c2):
     """Mean SSIM and mean CS of one scale (valid separable Gaussian filtering).
 
@@ -199,7 +199,7 @@ def _ssim_scale(x, y, g, c1, c2):
     return ssim_total / count, cs_total / count
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _avg_pool_3d(x):
     """2x2x2 average pooling, stride 2, zero padding of ``N_d % 2`` on both sides.
 
@@ -521,7 +521,7 @@ def _local_variance_one(v, p0, p1, p2, box_m, box_q):
     return var
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _mmd_features(vol, flat_idx, g1, d1, g2, d2, g4, d4, out):
     """Compute the five MMD-MF features at the given voxels.
 
@@ -586,7 +586,7 @@ def _mmd_features(vol, flat_idx, g1, d1, g2, d2, g4, d4, out):
 # --------------------------------------------------------------------------------------
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _mmd_poly_sums(fx, fy):
     """Off-diagonal and cross sums of the cubic polynomial kernel.
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numba
 
-from .._config import CACHE, FASTMATH, PARALLEL
+from .._config import CACHE, FASTMATH
 
 
-@numba.njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@numba.njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _parallel_probe(x):
     """Sum ``x`` (1-D float64) with a parallel reduction.
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._config import CACHE, FASTMATH, PARALLEL, SMOOTH_EPS
+from .._config import CACHE, FASTMATH, SMOOTH_EPS
 from .grid import _tile_index_one
 
 # Numerical thresholds of the solvers.  They act on problems rescaled so that the mean
@@ -262,7 +262,7 @@ def _simplex_qp_one(q, bvec, lam, out, a, b, aug, sol, idx, best_w):
             out[i] = np.nan
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _solve_simplex_qp(q_all, b_all, lam, active, n_chunks):
     """Exact simplex-constrained QP for every tile (algorithm A5, B3).
 
@@ -538,7 +538,7 @@ def _active_set_qp_one(q, bvec, lam, out, a, b, aug, sol, free, in_free, w):
         out[i] = w[i] / s
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _solve_simplex_qp_active_set(q_all, b_all, lam, active, n_chunks):
     """Exact simplex-constrained QP for every tile, by an active-set method (A5, B3).
 
@@ -711,7 +711,7 @@ def _unconstrained_one(q, bvec, lam, out, a, b, v):
             out[i] = np.nan
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _solve_unconstrained(q_all, b_all, lam, active, n_chunks):
     """Least-norm solution of ``(Q_t + lam I) w = B_t`` for every tile (algorithm A5).
 
@@ -763,7 +763,7 @@ def _solve_unconstrained(q_all, b_all, lam, active, n_chunks):
     return out
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _laplacian_smooth(weights, learned, n0, n1, n2, tau):
     """One Jacobi step of Laplacian smoothing on the tile grid (algorithm A6).
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._config import CACHE, FASTMATH, PARALLEL
+from .._config import CACHE, FASTMATH
 from .blend import _window_table
 from .grid import _n_anchors_one, _tile_id_one
 
@@ -262,7 +262,7 @@ def _ssim_shared_one(t, preds, n_pred, data_range, vert, col, run, out, s):
         out[q, s] = out[q, s] / area
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _score_patient(
     hr, experts, weights, mus, sds, mu_hr, sd_hr, mask, use_mask,
     mus2, sds2, mu2, sd2, mask2, use_mask2, do_experts, do_free,

@@ -32,7 +32,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._config import CACHE, EDGE_EPS, FASTMATH, GRAD_OPERATORS, PARALLEL, SD_FLOOR
+from .._config import CACHE, EDGE_EPS, FASTMATH, GRAD_OPERATORS, SD_FLOOR
 from .grid import _n_anchors_one, _tile_id_one
 
 # Operator codes as plain ints (compile-time constants for Numba).
@@ -257,7 +257,7 @@ def _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, va
 # --------------------------------------------------------------------------- kernels
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _valid_mask(hr, experts):
     """Valid-voxel mask and per-volume count of non-finite voxels.
 
@@ -313,7 +313,7 @@ def _valid_mask(hr, experts):
     return mask, nonfinite
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _volume_moments(vols, mask):
     """Mean and population standard deviation of each volume over the mask.
 
@@ -393,7 +393,7 @@ def _volume_moments(vols, mask):
     return out
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _sobel_magnitude_max(hr, mu, sd, n_chunks):
     """Maximum over the whole volume of the Sobel gradient magnitude of the z-scored HR.
 
@@ -675,7 +675,7 @@ def _box_chunk_one(
                            win2, out, counts)
 
 
-@njit(parallel=PARALLEL, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _box_moments(
     hr, experts, mask, patch, stride, win0, win1, win2, mus, sds, edge_power, gmax,
     use_edge, use_grad, grad_op, n_chunks,
