@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -44,12 +50,13 @@ def test_first_run_is_announced_and_compiles_under_the_node_lock(monkeypatch, ca
 
     monkeypatch.setattr(warmup, "kernel_index_files", lambda: (0, 10))
     monkeypatch.setattr(warmup, "warm_kernels", fake_warm)
+    monkeypatch.setenv(warmup.COMPILE_CHILD_ENV, "0")  # no helper process here
     with caplog.at_level(logging.INFO, logger="pacs_numba.runs.warmup"):
         warmup.load_kernels("evaluate", _pacs())
     assert seen["steps"] == ("normalisation", "brain_mask", "score") and seen["lock"]
     line = next(r.getMessage() for r in caplog.records if "compiling 3 kernel groups" in
                 r.getMessage())
-    usual = sum(warmup.TYPICAL_COMPILE_S[k] for k in seen["steps"])
+    usual = warmup.expected_seconds(seen["steps"])
     assert f"for evaluate (first run only; usually ~{usual:.0f} s on 2 cores" in line
 
 
@@ -59,3 +66,126 @@ def test_compiled_where_names_numbas_real_folder():
         assert where.startswith(str(_config.KERNEL_CACHE_DIR))
     else:
         assert where.startswith("nowhere")
+
+
+# --------------------------------------------------------------------------- compiling in two
+
+def test_split_covers_every_step_once_and_balances_the_typical_times():
+    steps = warmup.steps_for("train")
+    own, other = warmup.split_steps(steps)
+    assert sorted(own + other) == sorted(steps) and other
+    one = warmup.compile_seconds(steps)
+    both = max(warmup.compile_seconds(own), warmup.compile_seconds(other) + warmup.CHILD_START_S)
+    assert both < one
+    # scoring pulls the normalisation, the masks and the metrics into its side
+    side = own if "score" in own else other
+    assert {"normalisation", "brain_mask", "metrics"} <= warmup.with_pulled(side)
+    assert warmup.split_steps(("brain_mask",)) == (("brain_mask",), ())
+
+
+def test_only_a_step_and_what_it_pulls_is_compiled(tmp_path):
+    # the helper process compiles its steps alone: nothing outside their PULLS may compile
+    script = ("import json; from pacs_numba.runs import warmup as w; "
+              "w.warm_kernels(('smoothing',)); print(json.dumps(sorted("
+              "d.py_func.__name__ for d in w.dispatchers() if d.signatures)))")
+    got = _run(tmp_path, script)
+    assert set(json.loads(got)) <= {"_laplacian_smooth", "_parallel_probe", "_n_anchors_one",
+                                     "_tile_id_one", "_tile_index_one"}, got
+
+
+def _run(tmp_path, script, **env_over):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CACHE", "PACS_"))}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path / "nb"), PACS_LOG_LEVEL="WARNING", **env_over)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().splitlines()[-1]
+
+
+#: Compile two cheap steps in two processes with an empty cache; report who compiled what.
+TWO = """
+import json, sys
+from pacs_numba.runs import warmup as w
+w.split_steps = lambda steps: (("smoothing",), ("weight_maps",))
+w.usable_cpus = lambda: 2
+mode = sys.argv[1] if len(sys.argv) > 1 else ""
+if mode:
+    real = w.CompileChild.__init__
+    def init(self, steps):
+        real(self, steps)
+        if mode == "kill":
+            self.proc.kill()
+            self.proc.wait()
+    w.CompileChild.__init__ = init
+    if mode == "fail":  # the child is told a cache folder that is not its own: it exits 2
+        w.KERNEL_CACHE_DIR = w.KERNEL_CACHE_DIR.parent / "elsewhere"
+        w.KERNEL_CACHE_DIR.mkdir()
+times = w.compile_in_two(("smoothing", "weight_maps"))
+import numpy as np
+from pacs_numba.core.blending import weight_maps
+from pacs_numba.core.tiling import TileGrid
+g = TileGrid((6, 5, 4), 2, 2)
+wts = np.arange(g.n_tiles * 2, dtype=np.float32).reshape(-1, 2)
+maps = weight_maps(wts, g)
+ok = bool(np.array_equal(maps[1, 3, 2], wts[(0 * 3 + 1) * 2 + 1]))
+d = {x.py_func.__name__: x for x in w.dispatchers()}
+wm = d["_weight_maps"].stats
+print(json.dumps({"steps": sorted(times), "ok": ok,
+                  "hits": sum(wm.cache_hits.values()), "misses": sum(wm.cache_misses.values())}))
+"""
+
+
+def test_the_main_process_loads_what_the_helper_compiled(tmp_path):
+    got = json.loads(_run(tmp_path, TWO))
+    assert got["steps"] == ["smoothing", "weight_maps"] and got["ok"]
+    assert got["hits"] >= 1 and got["misses"] == 0  # compiled by the child, loaded here
+
+
+@pytest.mark.parametrize("mode", ["kill", "fail"])
+def test_a_helper_that_dies_or_fails_only_costs_time(tmp_path, mode):
+    got = json.loads(_run(tmp_path, TWO.replace("sys.argv[1] if len(sys.argv) > 1 else \"\"",
+                                                repr(mode))))
+    assert got["steps"] == ["smoothing", "weight_maps"] and got["ok"]
+    assert got["misses"] >= 1  # compiled here after all
+
+
+def test_the_helper_dies_with_its_parent(tmp_path):
+    script = """
+import os, sys
+from pacs_numba.runs import warmup as w
+child = w.CompileChild(("score", "statistics"))
+print(child.proc.pid, flush=True)
+os._exit(0)
+"""
+    pid = int(_run(tmp_path, script))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # a zombie of ours would still answer: reap it if it is our child
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split()[2] == "Z":
+                return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the helper compile process outlived its parent")
+
+
+def test_the_node_lock_serialises_two_processes(tmp_path):
+    script = f"""
+import time
+from pathlib import Path
+from pacs_numba.store.locks import node_lock
+with node_lock(Path({str(tmp_path / 'x.lock')!r})):
+    t0 = time.time(); time.sleep(0.6); print(t0, time.time())
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    spans = sorted(tuple(map(float, p.communicate(timeout=120)[0].split())) for p in procs)
+    assert spans[0][1] <= spans[1][0]

@@ -237,16 +237,15 @@ def _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, va
     Serial; writes ``val``, ``grad`` and ``tmp``.  Shared by both statistics kernels, so the
     direct and the decomposed fit read the volumes the same way.
     """
-    m = len(experts)
-    if use_grad:
-        _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], w_side, w_mid, val, grad, 0, tmp)
-        for e in range(m):
-            _line_gradients_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1],
-                                w_side, w_mid, val, grad, e + 1, tmp)
-    else:
-        _line_values_one(hr, v0, v1, mus[0], inv_sds[0], val, 0)
-        for e in range(m):
-            _line_values_one(experts[e], v0, v1, mus[e + 1], inv_sds[e + 1], val, e + 1)
+    # one call per volume with a run-time row: a literal row 0 would be a specialisation
+    # of its own, compiled once more
+    for r in range(len(experts) + 1):
+        vol = hr if r == 0 else experts[r - 1]
+        if use_grad:
+            _line_gradients_one(vol, v0, v1, mus[r], inv_sds[r], w_side, w_mid, val, grad, r,
+                                tmp)
+        else:
+            _line_values_one(vol, v0, v1, mus[r], inv_sds[r], val, r)
 
 
 
@@ -439,7 +438,7 @@ def _sobel_magnitude_max(hr, mu, sd, n_chunks):
         for line in range(c * n_lines // n_chunks, (c + 1) * n_lines // n_chunks):
             v0 = line // n1
             v1 = line - v0 * n1
-            _line_gradients_one(hr, v0, v1, mu, inv_sd, 1.0, 2.0, val, der, 0, tmp)
+            _line_gradients_one(hr, v0, v1, mu, inv_sd, 1.0, 2.0, val, der, np.int64(0), tmp)
             for k in range(n2):
                 g2 = der[0, 0, k] * der[0, 0, k] + der[1, 0, k] * der[1, 0, k] \
                     + der[2, 0, k] * der[2, 0, k]
@@ -615,6 +614,67 @@ def _flush_box_row_one(acc, cnt, r_base, t2, patch, stride, win2, out, counts):
                 acc[p, t, k] = 0.0
 
 
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _box_chunk_one(
+    hr, experts, mask, patch, stride, win0, win1, win2, mus, inv_sds, edge_power, inv_edge,
+    use_edge, use_grad, reuse_hr, w_side, w_mid, c, n_chunks, val, grad, sob, tmp, et, wp, we,
+    acc, cnt, out, counts,
+):
+    """Fill the tiles of the tile-grid rows ``c, c + n_chunks, ...``: one chunk of the kernel.
+
+    The parameters are :func:`_box_moments`'s; the rest is the chunk's scratch.
+
+    Serial; writes only its own scratch and its rows' tiles of ``out`` and ``counts``.
+    """
+    n0, n1, n2 = hr.shape
+    m = len(experts)
+    t1 = _n_anchors_one(n1, stride)
+    t2 = _n_anchors_one(n2, stride)
+    n_rows = _n_anchors_one(n0, stride) * t1
+    for row in range(c, n_rows, n_chunks):
+        j0 = row // t1
+        j1 = row - j0 * t1
+        a0 = j0 * stride
+        a1 = j1 * stride
+        for v0 in range(a0, min(a0 + patch, n0)):
+            w0 = np.float64(win0[j0, v0 - a0])
+            if w0 == 0.0:
+                continue
+            for v1 in range(a1, min(a1 + patch, n1)):
+                w01 = w0 * np.float64(win1[j1, v1 - a1])
+                if w01 == 0.0:
+                    continue
+                n_in = 0
+                for k in range(n2):
+                    inside = mask[v0, v1, k] != 0
+                    n_in += inside
+                    cnt[k] += inside
+                if n_in == 0:
+                    continue
+                _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, val,
+                              grad, tmp)
+                if use_edge:
+                    if reuse_hr:
+                        _line_edge_one(mask, v0, v1, grad, edge_power, inv_edge, et)
+                    else:
+                        _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], 1.0, 2.0,
+                                            val, sob, np.int64(0), tmp)
+                        _line_edge_one(mask, v0, v1, sob, edge_power, inv_edge, et)
+                    for k in range(n2):
+                        we[k] = w01 * et[k]
+                for k in range(n2):
+                    wp[k] = w01 if mask[v0, v1, k] != 0 else 0.0
+                t = m
+                for a in range(1, m + 1):
+                    _add_term_one(val, grad, wp, we, a, np.int64(0), a - 1, use_edge, use_grad,
+                                  acc)
+                    for cc in range(a, m + 1):
+                        _add_term_one(val, grad, wp, we, a, cc, t, use_edge, use_grad, acc)
+                        t += 1
+        _flush_box_row_one(acc, cnt, _tile_id_one(j0, j1, 0, t1, t2), t2, patch, stride,
+                           win2, out, counts)
+
+
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _box_moments(
     hr, experts, mask, patch, stride, win0, win1, win2, mus, sds, edge_power, gmax,
@@ -701,54 +761,12 @@ def _box_moments(
     cnts = np.zeros((n_chunks, n2), np.int64)
 
     for c in prange(n_chunks):
-        val = vals[c]
-        grad = grads[c]
-        sob = sobs[c]
-        tmp = tmps[c]
-        et = ets[c]
-        wp = wps[c]
-        we = wes[c]
-        acc = accs[c]
-        cnt = cnts[c]
-        for row in range(c, n_rows, n_chunks):
-            j0 = row // t1
-            j1 = row - j0 * t1
-            a0 = j0 * stride
-            a1 = j1 * stride
-            for v0 in range(a0, min(a0 + patch, n0)):
-                w0 = np.float64(win0[j0, v0 - a0])
-                if w0 == 0.0:
-                    continue
-                for v1 in range(a1, min(a1 + patch, n1)):
-                    w01 = w0 * np.float64(win1[j1, v1 - a1])
-                    if w01 == 0.0:
-                        continue
-                    n_in = 0
-                    for k in range(n2):
-                        inside = mask[v0, v1, k] != 0
-                        n_in += inside
-                        cnt[k] += inside
-                    if n_in == 0:
-                        continue
-                    _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, val,
-                                  grad, tmp)
-                    if use_edge:
-                        if reuse_hr:
-                            _line_edge_one(mask, v0, v1, grad, edge_power, inv_edge, et)
-                        else:
-                            _line_gradients_one(hr, v0, v1, mus[0], inv_sds[0], 1.0, 2.0,
-                                                val, sob, 0, tmp)
-                            _line_edge_one(mask, v0, v1, sob, edge_power, inv_edge, et)
-                        for k in range(n2):
-                            we[k] = w01 * et[k]
-                    for k in range(n2):
-                        wp[k] = w01 if mask[v0, v1, k] != 0 else 0.0
-                    t = m
-                    for a in range(1, m + 1):
-                        _add_term_one(val, grad, wp, we, a, 0, a - 1, use_edge, use_grad, acc)
-                        for cc in range(a, m + 1):
-                            _add_term_one(val, grad, wp, we, a, cc, t, use_edge, use_grad, acc)
-                            t += 1
-            _flush_box_row_one(acc, cnt, _tile_id_one(j0, j1, 0, t1, t2), t2, patch, stride,
-                               win2, out, counts)
+        # the whole chunk in one serial helper: Numba types and compiles a prange body twice
+        # (in the kernel and in its parallel function), a call costs nothing to type twice
+        _box_chunk_one(
+            hr, experts, mask, patch, stride, win0, win1, win2, mus, inv_sds, edge_power,
+            inv_edge, use_edge, use_grad, reuse_hr, w_side, w_mid, np.int64(c), n_chunks,
+            vals[c], grads[c], sobs[c], tmps[c], ets[c], wps[c], wes[c], accs[c], cnts[c],
+            out, counts,
+        )
     return out, counts
