@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
+import re
 import signal
 from pathlib import Path
 

@@ -77,9 +77,11 @@ def test_split_covers_every_step_once_and_balances_the_typical_times():
     one = warmup.compile_seconds(steps)
     both = max(warmup.compile_seconds(own), warmup.compile_seconds(other) + warmup.CHILD_START_S)
     assert both < one
-    # scoring pulls the normalisation, the masks and the metrics into its side
+    # scoring pulls the normalisation and the brain mask into its side (it scores the raw
+    # experts itself: no metrics kernel)
     side = own if "score" in own else other
-    assert {"normalisation", "brain_mask", "metrics"} <= warmup.with_pulled(side)
+    assert {"normalisation", "brain_mask"} <= warmup.with_pulled(side)
+    assert "metrics" not in warmup.with_pulled(("score",))
     assert warmup.split_steps(("brain_mask",)) == (("brain_mask",), ())
 
 

@@ -49,11 +49,12 @@ TYPICAL_COMPILE_S = {"normalisation": 5.0, "statistics": 13.5, "solve": 4.0,
                      "solve_unconstrained": 3.5, "solve_many_experts": 5.5, "smoothing": 2.0,
                      "brain_mask": 4.2, "blend": 6.0, "score": 13.0, "weight_maps": 1.5,
                      "weight_analysis": 1.0, "metrics": 7.0}
-#: Steps whose warm-up also compiles other steps' kernels on the way (scoring normalises,
-#: masks and scores the experts as they are; the statistics pass starts with the valid mask
-#: and the moments).  A step and what it pulls in compile in one process.
+#: Steps whose warm-up also compiles other steps' kernels on the way (scoring normalises and
+#: masks, and scores the raw experts in its own kernel, so it needs no metrics kernel; the
+#: statistics pass starts with the valid mask and the moments).  A step and what it pulls in
+#: compile in one process.
 PULLS = {"statistics": ("normalisation",), "blend": ("normalisation",),
-         "score": ("normalisation", "brain_mask", "metrics"),
+         "score": ("normalisation", "brain_mask"),
          "weight_analysis": ("weight_maps",)}
 #: Set to 0 to compile a first run in one process (no helper process).
 COMPILE_CHILD_ENV = "PACS_NUMBA_COMPILE_CHILD"
