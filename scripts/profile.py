@@ -1105,8 +1105,8 @@ def _main_run(args: argparse.Namespace, argv: list[str], env: dict,
     # Key order for readers: what, where, then the numbers.
     doc = {k: doc[k] for k in ("date", "command", "argv", "cwd", "started", "finished",
                                "parameters", "environment", "threading_layer", "targets_met",
-                               "ratios", "engine", "baseline", "warmup", "cohort_s", "notes",
-                               "runs")}
+                               "ratios", "engine", "baseline", "warmup", "cohort_s", "floors",
+                               "notes", "runs")}
     args.results.mkdir(parents=True, exist_ok=True)
     _write_new(jpath, json.dumps(doc, indent=1) + "\n")
     _write_new(mpath, markdown(doc))

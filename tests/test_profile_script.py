@@ -59,6 +59,9 @@ def test_profile_script_tiny(tmp_path: Path) -> None:
         assert all(v > 0 for split in r["patient_seconds"].values() for v in split.values())
     assert cfg["warm"]["test_patient_s"]["median"] > 0
     assert "One test patient's evaluation (1x1;" in md
+    fl = doc["floors"]  # inflating the fold's inputs once: 4 patients x (HR + 4 experts)
+    assert fl["inputs"] == 20 and fl["gzip_cpu_s"] > 0 and fl["raw_bytes"] > 0
+    assert "Floor here: inflating the fold's 20 .nii.gz inputs" in md
 
     base = doc["baseline"]["1"]["summary"]
     assert base["wall_s"]["median"] > 0 and base["peak_rss_bytes"]["median"] > 0
