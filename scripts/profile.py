@@ -90,7 +90,7 @@ ROOT = SCRIPTS.parent
 # baseline child appends it at the end to import literal_baseline.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != SCRIPTS]
 sys.path.append(str(ROOT / "tests"))  # the repository's one RSS sampler
-from rss_sampler import RssSampler  # noqa: E402
+from rss_sampler import wait_sampled  # noqa: E402
 
 log = logging.getLogger("profile")
 
@@ -309,23 +309,9 @@ def _run_child(spec: dict, work: Path, label: str, src: Path | None = None,
     with open(logs / f"{label}.stderr", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, cwd=str(work), env=env,
                                 start_new_session=True)
-        sampler = RssSampler(SAMPLE_INTERVAL_S, pid=proc.pid, include_children=True)
-        sampler.start()
-        try:
-            # Poll instead of blocking in wait4: a signal may be delivered to the sampler thread,
-            # and then a blocking wait4 in the main thread would not return to run our handler.
-            while True:
-                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                time.sleep(0.05)
-        except BaseException:
-            # Ctrl-C, SIGTERM/SIGHUP (Stopped) or an error here: the child's own session holds
-            # only what we started (the child and its loky workers).
-            _stop_group(proc)
-            raise
-        finally:
-            sampler.stop()
+        # Ctrl-C, SIGTERM/SIGHUP (Stopped) or an error while waiting: the child's own session
+        # holds only what we started (the child and its loky workers), _stop_group ends it.
+        status, ru, sampler = wait_sampled(proc, SAMPLE_INTERVAL_S, _stop_group)
         proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:

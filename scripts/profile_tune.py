@@ -61,7 +61,7 @@ from typing import Any
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 sys.path.append(str(ROOT / "tests"))  # the repository's one RSS sampler
-from rss_sampler import RssSampler  # noqa: E402
+from rss_sampler import wait_sampled  # noqa: E402
 
 MIB = 2**20
 SAMPLE_INTERVAL_S = 0.025
@@ -154,18 +154,7 @@ def measure(cmd: list[str], log_path: Path) -> dict[str, Any]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True,
                                 env={**os.environ, "PACS_LOG_LEVEL": "INFO"})
-        sampler = RssSampler(SAMPLE_INTERVAL_S, pid=proc.pid, include_children=True).start()
-        try:
-            while True:  # poll: a blocking wait4 would delay Ctrl-C until the child ends
-                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                time.sleep(0.05)
-        except BaseException:
-            _kill_group(proc)
-            raise
-        finally:
-            sampler.stop()
+        status, ru, sampler = wait_sampled(proc, SAMPLE_INTERVAL_S, _kill_group)
     wall = time.perf_counter() - t0
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
     text = log_path.read_text(errors="replace")

@@ -8,9 +8,13 @@ over time, and psutil is the only dependency.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import psutil
 
@@ -165,3 +169,26 @@ class RssSampler:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def wait_sampled(proc: subprocess.Popen, interval_s: float,
+                 on_interrupt: Callable[[subprocess.Popen], None]) -> tuple[int, Any, RssSampler]:
+    """Wait for ``proc`` while sampling the RSS of its process tree; its status, rusage, samples.
+
+    Polls ``wait4`` rather than blocking in it: a signal may be delivered to the sampler
+    thread, and a blocking ``wait4`` in the main thread would not return to run the handler.
+    On any exception here (Ctrl-C, a signal handler's exception) ``on_interrupt(proc)`` stops
+    what was started before the exception goes on.
+    """
+    sampler = RssSampler(interval_s, pid=proc.pid, include_children=True).start()
+    try:
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                return status, ru, sampler
+            time.sleep(0.05)
+    except BaseException:
+        on_interrupt(proc)
+        raise
+    finally:
+        sampler.stop()
