@@ -420,9 +420,11 @@ def run_nested(
     summary["timings_s"] = timings
     atomic_write_json(out / "nested.json", strict_json(summary), indent=2)
     atomic_write_text(out / "nested.md", _table(summary))
+    sd = summary["gain_psnr_sd"]
     log.info("tune --nested: held-out gain %+.4f dB PSNR over the best expert (sd over %d outer "
              "folds %s); %d units computed, %d resumed", summary["gain_psnr"], len(outer),
-             summary["gain_psnr_sd"], counter["computed"], counter["resumed"])
+             "n/a" if sd is None or not math.isfinite(sd) else f"{sd:.4f}",
+             counter["computed"], counter["resumed"])
     return NestedResult(summary, out, counter["computed"], counter["resumed"], timings)
 
 
