@@ -73,7 +73,6 @@ def test_a_grid_above_the_bound_needs_yes_and_its_size_is_logged(cohort, tmp_pat
     est = re.search(r"first unit took ([\d.]+) s to fit and score \(after ([\d.]+) s of "
                     r"statistics\); about \S+ for the other (\d+) unit", caplog.text)
     assert est and int(est.group(3)) == 2 * len(cands) - 1
-    assert float(est.group(2)) > 0  # the first fold's statistics came before it
     assert cli.main(base) == 0  # below the default bound: runs (everything resumed)
 
 
