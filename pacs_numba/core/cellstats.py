@@ -58,7 +58,7 @@ from ..kernels.stats import (
     _volume_moments,
 )
 from .checks import as_volume_list
-from .gating import edge_gate, gated_normal_equations
+from .gating import edge_gate, gated_normal_equations, term_index
 from .statistics import PatientStats, check_option, check_volumes
 from .tiling import TileGrid
 
@@ -258,17 +258,6 @@ def fit_stats_key(pacs: PacsConfig) -> StatsKey:
     )
 
 
-def _term_index(m: int) -> NDArray[np.int64]:
-    """``(M, M)`` index of each expert-product term in a part (upper triangle, symmetric)."""
-    idx = np.empty((m, m), np.int64)
-    t = m
-    for a in range(m):
-        for c in range(a, m):
-            idx[a, c] = idx[c, a] = t
-            t += 1
-    return idx
-
-
 def combine(
     stats: CellStats, *, lambda_edge: float, lambda_grad: float
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -313,7 +302,7 @@ def combine(
     p = stats.parts
     terms = p[:, 0] + lambda_edge * p[:, 1] + lambda_grad * (p[:, 2] + lambda_edge * p[:, 3])
     m = stats.n_experts
-    return terms[:, _term_index(m)], terms[:, :m].copy()
+    return terms[:, term_index(m)], terms[:, :m].copy()
 
 
 def combine_gated(stats: CellStats) -> tuple[NDArray[np.float64], NDArray[np.float64]]:

@@ -88,7 +88,7 @@ def gated_normal_equations(
         ``(sum g x y, s - sum g x y)``.
     """
     m = plain_b.shape[1]
-    idx = _term_index(m)
+    idx = term_index(m)
     g1 = gated_parts[:, 0][:, idx]
     g2 = gated_parts[:, 1][:, idx]
     gy = gated_parts[:, 0, :m]
@@ -102,7 +102,12 @@ def gated_normal_equations(
     return q, b
 
 
-def _term_index(m: int) -> NDArray[np.int64]:
+def term_index(m: int) -> NDArray[np.int64]:
+    """``(M, M)`` index of each expert-product term in a part (upper triangle, symmetric).
+
+    A part's columns hold the ``M`` single-expert terms, then the products ``a <= c`` in
+    row order; the statistics (``cellstats``) and the gated normal equations read them so.
+    """
     idx = np.empty((m, m), np.int64)
     t = m
     for a in range(m):
