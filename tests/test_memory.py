@@ -559,7 +559,22 @@ def test_evaluate_cost_terms():
     assert c.steps["scores"] == 11 * n
     # the writes (the NIfTI maps' 13N the largest) run on the background writer: per task
     assert "weight maps" not in c.steps and "writes" not in c.steps
-    assert c.per_patient_bytes == 4 * n * (m + 1) + 11 * n
+    # scored in one pass along the axial axis, a patient keeps mapped of every volume a slab
+    # of 16 planes, the next one and the 64 KiB fault-around at each end (at most the whole
+    # volumes), and the HR whole while the brain mask reads it (its step: the mask and its
+    # labels 6N); a cold cache may decode (M + 2) // 2 inputs at once, 8N each
+    slab = min(4 * n * (m + 1), (m + 1) * (2 * 16 * 4 * n1 * n2 + 2 * 65536))
+    assert c.steps["brain mask"] == 6 * n
+    held = slab + max(11 * n, 4 * n + 6 * n)
+    assert c.per_patient_bytes == max(8 * n * ((m + 2) // 2), held)
+    warm = _cost("evaluate", shape, m, patch=8, stride=4, cold=False)
+    assert warm.per_patient_bytes == held
+    # every volume mapped whole: a slice of the coronal axis spans every plane, and the
+    # separate path (edge gates, the weighted HR-free mapping) reads whole volumes
+    assert _cost("evaluate", shape, m, patch=8, stride=4, ssim_axis="coronal",
+                 cold=False).per_patient_bytes == 4 * n * (m + 1) + 11 * n
+    assert _cost("evaluate", shape, m, patch=8, stride=4, one_pass=False,
+                 cold=False).per_patient_bytes == 4 * n * (m + 1) + 11 * n
     # per thread: the one-pass scoring's rows and axial slices (P = 2M + 2 predictions: the
     # blend, each expert alone, the HR-free blend and each raw expert under its mask)
     p = 2 * m + 2
@@ -577,7 +592,7 @@ def test_evaluate_cost_terms():
     off = _cost("evaluate", shape, m, patch=8, stride=4, save_weight_volumes=False,
                 save_weight_maps=False, save_blends=False)
     assert off.setup_bytes == off.per_task_bytes == 0
-    assert off.per_patient_bytes == 4 * n * (m + 1) + 11 * n
+    assert off.per_patient_bytes == c.per_patient_bytes
     # the SSIM scratch follows the slice axis
     sag = _cost("evaluate", shape, m, patch=8, stride=4, ssim_axis="sagittal")
     assert sag.per_thread_bytes == 28 * n0 * n1 + 40 * n1 + 40

@@ -133,14 +133,16 @@ def _within(measured: float, predicted: float) -> bool:
 N_TRAIN, N_TEST = N_PATIENTS // 2, N_PATIENTS - N_PATIENTS // 2
 
 
-def _cost(p, stage: str, volume_cache: str = "disk") -> costs.StageCost:
+def _cost(p, stage: str, volume_cache: str = "disk", cold: bool = False) -> costs.StageCost:
+    """The plan's cost of ``stage``; the measured runs read a warm disk cache (``cold=False``,
+    as the engine plans it then) or decode every volume (the ``memory`` cache)."""
     n = {"fit": N_TRAIN, "evaluate": N_TRAIN + N_TEST}[stage]
     return costs.stage_cost(stage, SHAPE, len(MODELS), patch_size=p.patch_size,
                             stride=p.stride, lambda_grad=p.lambda_grad,
                             lambda_edge=p.lambda_edge, grad_operator=p.grad_operator,
                             ssim_axis=p.ssim_axis, save_weight_volumes=p.save_weight_volumes,
                             save_weight_maps=p.save_weight_maps, save_blends=p.save_blends,
-                            n_patients=n, volume_cache=volume_cache)
+                            n_patients=n, volume_cache=volume_cache, cold=cold)
 
 
 def _predicted_peak(p, width: int, baseline: int, cpus: int,

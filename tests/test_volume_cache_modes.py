@@ -203,7 +203,16 @@ def test_memory_mode_charges_held_copies_and_their_decodes(stage, shape, m):
     volumes = m if stage == "predict" else m + 1
     parallel = 1 if stage == "predict" else (m + 2) // 2
     step = max(disk.steps.values())
-    assert disk.per_patient_bytes == max(8 * n, 4 * n * volumes + step)  # unchanged
+    # mapped: every volume whole, but evaluate's one axial pass keeps the HR whole and a
+    # slab of each (costs.evaluate_mapped_bytes); a cold cache decodes ``parallel`` at once
+    mapped = (costs.evaluate_mapped_bytes(shape, volumes) if stage == "evaluate"
+              else 4 * n * volumes)
+    if stage == "evaluate":  # and the HR whole while the brain mask reads it
+        step = max(step, 4 * n + disk.steps["brain mask"])
+    assert mapped <= 4 * n * volumes
+    assert disk.per_patient_bytes == max(8 * n * parallel, mapped + step)
+    warm = costs.stage_cost(stage, shape, m, cold=False, **kw)
+    assert warm.per_patient_bytes == mapped + step
     assert mem.per_patient_bytes == 4 * n * volumes + max(4 * n * parallel, step)
     assert mem.per_patient_bytes >= disk.per_patient_bytes
     assert (mem.per_thread_bytes, mem.per_task_bytes, mem.setup_bytes, mem.steps) == (

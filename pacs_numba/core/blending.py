@@ -29,7 +29,7 @@ from .checks import (
 )
 from .gating import edge_gate, gated_mix
 from .mapping import map_back_weighted
-from .statistics import hr_is_flat, normalisation, valid_mask
+from .statistics import by_slabs, hr_is_flat, normalisation, valid_mask
 from .tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,17 @@ def brain_mask(hr: ArrayLike, *, threshold: float = BRAIN_THRESHOLD) -> NDArray[
     return _brain_mask(vol, float(threshold), parent, numba.get_num_threads())
 
 
-def expert_mean(experts: Sequence[ArrayLike]) -> NDArray[np.float32]:
+def expert_mean(experts: Sequence[ArrayLike], *, slab: int | None = None) -> NDArray[np.float32]:
     """Voxelwise mean of the experts, non-finite values read as 0 (algorithm B6's HR proxy).
 
     Parameters
     ----------
     experts : sequence of (N0, N1, N2) array_like
         Expert volumes.
+    slab : int, optional
+        Go ``slab`` axis-0 planes at a time (small temporaries) and give back each slab's
+        pages of volumes mapped from the volume cache (``statistics.by_slabs``); the same
+        values.
 
     Returns
     -------
@@ -106,10 +110,20 @@ def expert_mean(experts: Sequence[ArrayLike]) -> NDArray[np.float32]:
     """
     shape = check_volume_list(experts)
     proxy = np.zeros(shape, dtype=np.float32)
-    for vol in experts:  # one expert at a time: no list of converted copies
-        vol = np.asarray(vol)
-        proxy += np.where(np.isfinite(vol), vol, np.float32(0))
-    proxy /= np.float32(len(experts))
+    vols = [np.asarray(v) for v in experts]
+    zero, n = np.float32(0), np.float32(len(vols))
+
+    def fill(lo: int, hi: int) -> None:
+        out = proxy[lo:hi]
+        for vol in vols:  # summed in expert order, voxel by voxel: any slab gives the same
+            part = vol[lo:hi]
+            out += np.where(np.isfinite(part), part, zero)
+        out /= n
+
+    if slab is None:
+        fill(0, shape[0])
+    else:
+        by_slabs(shape[0], slab, vols, fill)
     return proxy
 
 
@@ -144,10 +158,12 @@ class Normalisation:
     mapping: str = "mean"
 
     @classmethod
-    def from_hr(cls, hr: ArrayLike, experts: Sequence[ArrayLike]) -> Normalisation:
+    def from_hr(cls, hr: ArrayLike, experts: Sequence[ArrayLike], *,
+                slab: int | None = None) -> Normalisation:
         """Statistics over the valid HR mask, mapped back with the HR's own (algorithm A7.1).
 
-        The mask is ``hr > 0`` where the HR and every expert are finite.
+        The mask is ``hr > 0`` where the HR and every expert are finite.  ``slab``: go
+        that many planes at a time, giving back mapped pages (``statistics.by_slabs``).
 
         Raises
         ------
@@ -155,10 +171,10 @@ class Normalisation:
             If the HR has no valid voxel > 0 (nothing to normalise over), or no variance
             inside that mask.
         """
-        mask, _ = valid_mask(hr, experts)
+        mask, _ = valid_mask(hr, experts, slab=slab)
         if not mask.any():
             raise InputError("the HR has no voxel > 0 (empty mask)")
-        mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask)
+        mu_hr, sd_hr, mus, sds = normalisation(hr, experts, mask, slab=slab)
         if hr_is_flat(mu_hr, sd_hr):
             raise InputError(f"the HR has no variance inside its mask (constant {mu_hr:.6g})")
         return cls(mus, sds, mu_hr, sd_hr, "hr")
@@ -166,7 +182,7 @@ class Normalisation:
     @classmethod
     def from_experts(
         cls, experts: Sequence[ArrayLike], proxy: ArrayLike | None = None,
-        mapping: str = "mean",
+        mapping: str = "mean", *, slab: int | None = None,
     ) -> Normalisation:
         """Statistics without an HR (algorithm B6).
 
@@ -176,6 +192,7 @@ class Normalisation:
         the mean of the experts' means and the mean of their stds: the experts all
         estimate the same scan, so these estimate the HR's.  ``mapping="weighted"``
         maps back voxel by voxel with the blend-weighted experts' statistics instead.
+        ``slab``: as for :meth:`from_hr`.
 
         Raises
         ------
@@ -188,11 +205,11 @@ class Normalisation:
             raise ValueError(f"hr_free_mapping must be one of {list(HR_FREE_MAPPINGS)}, got "
                              f"{mapping!r}")
         if proxy is None:
-            proxy = expert_mean(experts)
-        valid, _ = valid_mask(proxy, experts)
+            proxy = expert_mean(experts, slab=slab)
+        valid, _ = valid_mask(proxy, experts, slab=slab)
         if not valid.any():
             raise InputError("the experts have no voxel > 0: nothing to blend")
-        _, _, mus, sds = normalisation(proxy, experts, valid)
+        _, _, mus, sds = normalisation(proxy, experts, valid, slab=slab)
         return cls(mus, sds, float(np.mean(mus)), float(np.mean(sds)), "experts", mapping)
 
 

@@ -29,6 +29,7 @@ from numpy.typing import ArrayLike, NDArray
 from .._config import SSIM_AXES, SSIM_MIN_RANGE, WINDOWS
 from ..errors import InputError
 from ..kernels.score import _score_patient
+from ..resources.pages import SLAB_PLANES, release_pages
 from .blending import (
     Normalisation,
     blend_patient,
@@ -50,6 +51,10 @@ from .predict import model_mapping, model_window
 
 #: The blend's brain mask (algorithm A7.5); ``score_patient`` has a parameter of that name.
 _component_mask = brain_mask
+
+#: Planes of every volume one call of the one-pass kernel scores along the axial SSIM axis,
+#: and the slab of the statistics before it: what a patient keeps mapped while it is scored.
+SCORE_SLAB_PLANES = SLAB_PLANES
 
 HR_FREE_PROTOCOL = (
     "HR-free: expert z-score statistics over mean(experts) > 0, blend mapped back with the "
@@ -159,13 +164,17 @@ def score_patient(
         raise InputError(
             f"the model blends {len(names)} experts {list(names)}; got {len(vols)} volumes"
         )
-    norm = Normalisation.from_hr(t, vols)
+    # Every pass below goes slab by slab and gives back the pages of volumes mapped from the
+    # volume cache as it goes (resources/pages.py): a patient holds a few MB of its volumes at
+    # a time instead of all of them, whatever it is doing.
+    slab = SCORE_SLAB_PLANES
+    norm = Normalisation.from_hr(t, vols, slab=slab)
     free: Normalisation | None = None
     free_mask = hr_free_mask
     if hr_free:
         model_window(model, window)  # the HR-free blend is predict's: same window check
-        proxy = expert_mean(vols)
-        free = Normalisation.from_experts(vols, proxy, mapping=model_mapping(model))
+        proxy = expert_mean(vols, slab=slab)
+        free = Normalisation.from_experts(vols, proxy, mapping=model_mapping(model), slab=slab)
         if free_mask is None:
             free_mask = _component_mask(proxy)
         del proxy
@@ -176,7 +185,9 @@ def score_patient(
     if axis == 2 or model.gating != "none" or (free is not None and free.mapping != "mean"):
         score = _score_separately(t, vols, model, window, ssim_axis, norm, brain_mask,
                                   experts_alone, free, free_mask)
-        return _with_experts_as_they_are(score, t, vols, names, ssim_axis, free_mask)
+        score = _with_experts_as_they_are(score, t, vols, names, ssim_axis, free_mask)
+        _release(t, vols)
+        return score
     w = as_tile_weights(model.weights, grid, len(vols))
     # every array read-only and every flag a Python bool: one compiled specialisation
     empty = readonly(np.zeros((1, 1, 1), np.uint8))
@@ -188,13 +199,32 @@ def score_patient(
         return readonly(np.ascontiguousarray(a, dtype=np.float64).reshape(-1))
 
     kind = "flat" if grid.stride >= grid.patch_size else window
-    blend, count, sum_sq, sum_abs, lo, hi, ssim = _score_patient(
-        t, vols, w, stats(norm.mus), stats(norm.sds), float(norm.mu_out), float(norm.sd_out),
-        mask_u8, brain_mask is not None, stats(f.mus), stats(f.sds), float(f.mu_out),
-        float(f.sd_out), mask2_u8, free_mask is not None, bool(experts_alone),
-        free is not None, grid.patch_size, grid.stride, WINDOWS[kind], axis,
-        SSIM_MIN_RANGE, numba.get_num_threads(),
-    )
+    n_pred = 1 + len(vols) * (int(experts_alone) + int(free is not None)) + int(free is not None)
+    n_s = t.shape[axis]
+    blend = np.empty(t.shape, np.float32)
+    count = np.zeros(n_s, np.int64)
+    sum_sq = np.zeros((n_pred, n_s), np.float64)
+    sum_abs = np.zeros((n_pred, n_s), np.float64)
+    lo = np.empty(n_s, np.float32)
+    hi = np.empty(n_s, np.float32)
+    ssim = np.full((n_pred, n_s), np.nan)
+    threads = numba.get_num_threads()
+    mus, sds, mus2, sds2 = stats(norm.mus), stats(norm.sds), stats(f.mus), stats(f.sds)
+    # Along axis 0 a slice is a slab of planes of every volume; along axis 1 it spans them all.
+    step = max(slab, 2 * threads) if axis == 0 else n_s
+    for a in range(0, n_s, step):
+        b = min(a + step, n_s)
+        _score_patient(
+            t, vols, w, mus, sds, float(norm.mu_out),
+            float(norm.sd_out), mask_u8, brain_mask is not None, mus2, sds2,
+            float(f.mu_out), float(f.sd_out), mask2_u8, free_mask is not None,
+            bool(experts_alone), free is not None, grid.patch_size, grid.stride,
+            WINDOWS[kind], axis, SSIM_MIN_RANGE, threads,
+            a, b, blend, count, sum_sq, sum_abs, lo, hi, ssim,
+        )
+        if axis == 0:
+            _release(t, vols, a, b)
+    _release(t, vols)  # and what the kernel's reads mapped around the last slabs' edges
     # Slice partial sums added in slice order, as metrics._volume_metrics adds its planes.
     n = int(count.sum())
     lo_all = float(lo.min()) if lo.size else np.inf
@@ -222,6 +252,12 @@ def score_patient(
         # each expert as a user gets it, scored in the same pass (experts_as_they_are)
         extras["hr_free"]["experts"] = {name: finish(q + 1 + e) for e, name in enumerate(names)}
     return PatientScore(blend, finish(0), extras)
+
+
+def _release(hr: NDArray, experts: Sequence[NDArray], lo: int = 0, hi: int | None = None) -> None:
+    """Give back the mapped pages of planes ``lo:hi`` of the HR and the experts (if mapped)."""
+    for v in (hr, *experts):
+        release_pages(v, lo, hi)
 
 
 def _with_experts_as_they_are(

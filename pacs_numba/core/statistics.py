@@ -26,7 +26,14 @@ from numba.typed import List
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import ConfigError, InputError
-from ..kernels.stats import _valid_mask, _volume_moments
+from ..kernels.stats import (
+    _merge_moments,
+    _moments_planes,
+    _valid_mask,
+    _valid_mask_planes,
+    _volume_moments,
+)
+from ..resources.pages import release_pages
 from .checks import as_mask_u8, as_volume, as_volume_list, check_volume_list
 
 
@@ -77,7 +84,7 @@ def check_volumes(
 
 
 def valid_mask(
-    hr: ArrayLike, experts: Sequence[ArrayLike]
+    hr: ArrayLike, experts: Sequence[ArrayLike], *, slab: int | None = None,
 ) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
     """Voxels used by the statistics, and non-finite counts.
 
@@ -87,6 +94,9 @@ def valid_mask(
         HR volume (any real dtype; converted to float32).
     experts : sequence of M (N0, N1, N2) array_like
         Expert volumes.
+    slab : int, optional
+        Go ``slab`` axis-0 planes at a time and give back each slab's pages of volumes
+        mapped from the volume cache (:func:`by_slabs`); the same result.
 
     Returns
     -------
@@ -109,7 +119,31 @@ def valid_mask(
     ([1, 0, 0, 1], [1, 0])
     """
     hr_v, ex = check_volumes(hr, experts)
-    return _valid_mask(hr_v, ex)
+    if slab is None:
+        return _valid_mask(hr_v, ex)
+    mask = np.empty(hr_v.shape, np.uint8)
+    bad = np.zeros((hr_v.shape[0], len(ex) + 1), np.int64)
+    by_slabs(hr_v.shape[0], slab, [hr_v, *map(np.asarray, experts)],
+             lambda lo, hi: _valid_mask_planes(hr_v, ex, lo, hi, mask, bad))
+    return mask, bad.sum(axis=0)
+
+
+def by_slabs(n0: int, slab: int, volumes: Sequence[NDArray], fill) -> None:
+    """Call ``fill(lo, hi)`` for axis-0 slabs of ``slab`` planes, in order, then let go of them.
+
+    After each slab the pages of its planes are given back for every volume mapped from the
+    volume cache (:func:`~pacs_numba.resources.pages.release_pages`; other arrays are left
+    alone), so a pass over a patient holds a slab of its volumes at a time rather than all
+    of them.  What the reads mapped around a slab's edges is given back at the end.
+    """
+    step = max(1, int(slab))
+    for lo in range(0, n0, step):
+        hi = min(lo + step, n0)
+        fill(lo, hi)
+        for v in volumes:
+            release_pages(v, lo, hi)
+    for v in volumes:
+        release_pages(v)
 
 
 def volume_moments(
@@ -154,7 +188,7 @@ def volume_moments(
 
 
 def normalisation(
-    hr: ArrayLike, experts: Sequence[ArrayLike], mask: ArrayLike
+    hr: ArrayLike, experts: Sequence[ArrayLike], mask: ArrayLike, *, slab: int | None = None,
 ) -> tuple[float, float, NDArray[np.float64], NDArray[np.float64]]:
     """z-score statistics of the HR and of every expert over the HR mask (algorithm A3.2-3).
 
@@ -166,6 +200,9 @@ def normalisation(
         Expert volumes.
     mask : (N0, N1, N2) array_like
         Voxels to use, normally :func:`valid_mask`'s mask.
+    slab : int, optional
+        As for :func:`valid_mask`: slab by slab, the same numbers (the per-plane partial
+        sums are merged in plane order either way).
 
     Returns
     -------
@@ -188,7 +225,17 @@ def normalisation(
     """
     hr_v, ex = check_volumes(hr, experts)
     vols = as_volume_list([hr_v, *ex])
-    mom = _volume_moments(vols, as_mask_u8(mask, hr_v.shape))
+    mask_u8 = as_mask_u8(mask, hr_v.shape)
+    if slab is None:
+        mom = _volume_moments(vols, mask_u8)
+    else:
+        n0, k = hr_v.shape[0], len(vols)
+        cnt = np.zeros(n0, np.int64)
+        psum = np.zeros((n0, k))
+        pm2 = np.zeros((n0, k))
+        by_slabs(n0, slab, [hr_v, *map(np.asarray, experts)],
+                 lambda lo, hi: _moments_planes(vols, mask_u8, lo, hi, cnt, psum, pm2))
+        mom = _merge_moments(cnt, psum, pm2)
     return float(mom[0, 0]), float(mom[0, 1]), mom[1:, 0].copy(), mom[1:, 1].copy()
 
 

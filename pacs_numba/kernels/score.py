@@ -270,8 +270,10 @@ def _score_patient(
     hr, experts, weights, mus, sds, mu_hr, sd_hr, mask, use_mask,
     mus2, sds2, mu2, sd2, mask2, use_mask2, do_experts, do_free,
     patch_size, stride, window, axis, min_range, n_chunks,
+    sl_lo, sl_hi, out, count, sum_sq, sum_abs, hr_min, hr_max, ssim,
 ):
-    """Blend one patient and score the blend, each expert alone and the HR-free blend.
+    """Blend slices ``sl_lo:sl_hi`` of one patient and score the blend, each expert alone
+    and the HR-free blend there.
 
     Parameters
     ----------
@@ -305,22 +307,24 @@ def _score_patient(
         ``SSIM_MIN_RANGE``.
     n_chunks : int
         Work chunks (each with its own scratch); the result does not depend on it.
-
-    Returns
-    -------
-    blend : (N0, N1, N2) float32
-        The blend, as ``blend._blend_volume`` makes it.
+    sl_lo, sl_hi : int
+        The slices along ``axis`` to do now (``0, n_slices`` for all).  Slice ``sl`` reads
+        only the rows of that slice, so along axis 0 a caller can score a volume slab by
+        slab and let go of each slab's pages once done (``core.scoring``).
+    out : (N0, N1, N2) float32
+        Written in these slices: the blend, as ``blend._blend_volume`` makes it.
     count : (n_slices,) int64
-        Mask voxels per slice along ``axis``.
-    sum_sq, sum_abs : (P, n_slices) float64
-        Per prediction and slice, ``sum float32(d*d)`` and ``sum |d|`` over the mask,
-        ``d = hr - pred`` in float32.  Predictions: 0 the blend, then each expert alone
+        Written: mask voxels per slice along ``axis``.
+    sum_sq, sum_abs : (P, n_slices) float64, zero on entry
+        Added to: per prediction and slice, ``sum float32(d*d)`` and ``sum |d|`` over the
+        mask, ``d = hr - pred`` in float32.  Predictions: 0 the blend, then each expert alone
         (``do_experts``), then the HR-free blend and each raw expert times ``mask2``
         (``do_free``).
     hr_min, hr_max : (n_slices,) float32
-        Range of the finite HR voxels per slice (+inf/-inf if none).
-    ssim : (P, n_slices) float64
-        SSIM per prediction and slice, NaN where skipped (as ``metrics._ssim_slices``).
+        Written: range of the finite HR voxels per slice (+inf/-inf if none).
+    ssim : (P, n_slices) float64, NaN on entry
+        Written: SSIM per prediction and slice, left NaN where skipped (as
+        ``metrics._ssim_slices``).
 
     Notes
     -----
@@ -359,15 +363,10 @@ def _score_patient(
         n_s, n_a = n0, n1
     else:
         n_s, n_a = n1, n0
-    out = np.empty((n0, n1, n2), np.float32)
-    count = np.zeros(n_s, np.int64)
-    sum_sq = np.zeros((n_pred, n_s), np.float64)
-    sum_abs = np.zeros((n_pred, n_s), np.float64)
-    hr_min = np.empty(n_s, np.float32)
-    hr_max = np.empty(n_s, np.float32)
-    ssim = np.full((n_pred, n_s), np.nan)
     do_ssim = n_a >= _WIN and n2 >= _WIN
-    n_chunks = max(1, min(n_chunks, n_s))
+    sl_lo = max(sl_lo, 0)
+    sl_hi = min(sl_hi, n_s)
+    n_chunks = max(1, min(n_chunks, sl_hi - sl_lo))
     n_ch = 2 + 3 * n_pred
     xn = np.empty((n_chunks, n_exp, n2), np.float32)
     yn = np.zeros((n_chunks, n_exp, n2), np.float32)
@@ -393,7 +392,7 @@ def _score_patient(
         in_c = inmask[c]
         t_c = img_t[c]
         p_c = img_p[c]
-        for sl in range(c, n_s, n_chunks):
+        for sl in range(sl_lo + c, sl_hi, n_chunks):
             cnt = 0
             lo = np.float32(np.inf)
             hi = np.float32(-np.inf)
@@ -495,4 +494,3 @@ def _score_patient(
             if not np.float64(data_range) >= min_range:
                 continue
             _ssim_shared_one(t_c, p_c, n_pred, data_range, vert[c], col[c], run[c], ssim, sl)
-    return out, count, sum_sq, sum_abs, hr_min, hr_max, ssim

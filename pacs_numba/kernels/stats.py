@@ -19,7 +19,8 @@ Conventions shared by all kernels
   in the valid mask, so they only enter statistics through their neighbours'
   gradient stencils, and no NaN can reach Q or B.
 * "nearest" boundaries: stencil indices are clamped to the volume.
-* Every kernel writes only arrays it allocates itself, so any kernel may run
+* Every kernel writes only arrays it allocates itself (the ``*_planes`` kernels: the
+  planes they are given of their caller's arrays), so any kernel may run
   concurrently from several Python threads (given a thread-safe Numba threading
   layer, see ``_config``).  Results do not depend on the number of Numba threads:
   every output element is reduced by one thread in a fixed order.
@@ -258,6 +259,54 @@ def _line_all_one(hr, experts, v0, v1, mus, inv_sds, w_side, w_mid, use_grad, va
 
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _valid_mask_planes(hr, experts, lo, hi, mask, bad):
+    """Fill axis-0 planes ``lo:hi`` of the valid mask and of the per-plane non-finite counts.
+
+    Parameters
+    ----------
+    hr : (N0, N1, N2) float32
+        Raw HR volume.
+    experts : numba.typed.List of M (N0, N1, N2) float32
+        Raw expert volumes.
+    lo, hi : int
+        Planes to do.
+    mask : (N0, N1, N2) uint8
+        Written in those planes: 1 where ``hr`` is finite and ``> 0`` and every expert is
+        finite, else 0 (algorithm A3.1 plus finiteness).
+    bad : (N0, M + 1) int64
+        Written in those rows: NaN/Inf voxels of the plane in the HR (column 0) and in each
+        expert.
+
+    Notes
+    -----
+    Plane ``i`` reads plane ``i`` of every volume only, so a caller may go slab by slab
+    (``core.statistics``, to let go of each slab's mapped pages).  Parallel over planes.
+    """
+    n1, n2 = hr.shape[1], hr.shape[2]
+    m = len(experts)
+    for i in prange(lo, hi):
+        mi = mask[i]
+        hi_ = hr[i]
+        nb = 0
+        for j in range(n1):
+            for k in range(n2):
+                x = hi_[j, k]
+                ok = math.isfinite(x)
+                nb += not ok
+                mi[j, k] = ok and x > 0
+        bad[i, 0] = nb
+        for e in range(m):
+            xi = experts[e][i]
+            nb = 0
+            for j in range(n1):
+                for k in range(n2):
+                    ok = math.isfinite(xi[j, k])
+                    nb += not ok
+                    mi[j, k] = mi[j, k] & ok
+            bad[i, e + 1] = nb
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _valid_mask(hr, experts):
     """Valid-voxel mask and per-volume count of non-finite voxels.
 
@@ -278,34 +327,15 @@ def _valid_mask(hr, experts):
 
     Notes
     -----
-    Parallel over axis-0 planes; each plane writes its own slice of ``mask`` and
-    its own row of a per-plane count table, summed after the loop (integer sums:
-    exact).  Writes only the arrays it returns; safe to run concurrently.
+    :func:`_valid_mask_planes` over every plane (parallel), then the per-plane counts
+    summed (integer sums: exact).  Writes only the arrays it returns; safe to run
+    concurrently.
     """
     n0, n1, n2 = hr.shape
     m = len(experts)
     mask = np.empty((n0, n1, n2), np.uint8)
     bad = np.zeros((n0, m + 1), np.int64)
-    for i in prange(n0):
-        mi = mask[i]
-        hi = hr[i]
-        nb = 0
-        for j in range(n1):
-            for k in range(n2):
-                x = hi[j, k]
-                ok = math.isfinite(x)
-                nb += not ok
-                mi[j, k] = ok and x > 0
-        bad[i, 0] = nb
-        for e in range(m):
-            xi = experts[e][i]
-            nb = 0
-            for j in range(n1):
-                for k in range(n2):
-                    ok = math.isfinite(xi[j, k])
-                    nb += not ok
-                    mi[j, k] = mi[j, k] & ok
-            bad[i, e + 1] = nb
+    _valid_mask_planes(hr, experts, 0, n0, mask, bad)
     nonfinite = np.zeros(m + 1, np.int64)
     for i in range(n0):
         for e in range(m + 1):
@@ -314,8 +344,8 @@ def _valid_mask(hr, experts):
 
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
-def _volume_moments(vols, mask):
-    """Mean and population standard deviation of each volume over the mask.
+def _moments_planes(vols, mask, lo, hi, cnt, psum, pm2):
+    """Per-plane masked count, sum and sum of squared deviations, planes ``lo:hi``.
 
     Parameters
     ----------
@@ -323,29 +353,24 @@ def _volume_moments(vols, mask):
         Raw volumes.
     mask : (N0, N1, N2) uint8
         Voxels to use (non-zero).
-
-    Returns
-    -------
-    (K, 2) float64
-        Row ``e``: ``[mean, max(std, SD_FLOOR)]`` of ``vols[e][mask]`` (algorithm A3.2,
-        ``ddof=0``).  An empty mask gives ``[0.0, 1.0]``, the identity z-score, so
-        that callers stay finite (the reference would produce NaN).
+    lo, hi : int
+        Planes to do.
+    cnt : (N0,) int64
+        Written in those rows: mask voxels of the plane.
+    psum, pm2 : (N0, K) float64
+        Written in those rows: per volume, the plane's masked sum and the sum of squared
+        deviations from the plane's own mean (an exact two-pass; the plane is still in
+        cache on the second pass).  Left as they are where the plane has no mask voxel.
 
     Notes
     -----
-    float64 throughout.  Each axis-0 plane is reduced with an exact two-pass
-    mean/sum of squared deviations (the plane is still in cache on the second
-    pass); plane results are merged serially with Chan et al.'s pairwise update
-    ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``, so the result is accurate and
-    independent of the thread count.  A non-finite value under the mask is read as
-    0.  Parallel over planes; writes only the arrays it returns.
+    Plane ``i`` reads plane ``i`` of every volume only (slab by slab is possible, as for
+    :func:`_valid_mask_planes`).  A non-finite value under the mask is read as 0.
+    Parallel over planes.
     """
     k_vols = len(vols)
-    n0, n1, n2 = mask.shape
-    cnt = np.zeros(n0, np.int64)
-    psum = np.zeros((n0, k_vols))
-    pm2 = np.zeros((n0, k_vols))
-    for i in prange(n0):
+    n1, n2 = mask.shape[1], mask.shape[2]
+    for i in prange(lo, hi):
         mi = mask[i]
         c = 0
         for j in range(n1):
@@ -370,6 +395,31 @@ def _volume_moments(vols, mask):
                         ss += d * d
             psum[i, e] = s
             pm2[i, e] = ss
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _merge_moments(cnt, psum, pm2):
+    """Mean and floored population std per volume from per-plane partials.
+
+    Parameters
+    ----------
+    cnt : (N0,) int64
+    psum, pm2 : (N0, K) float64
+        As :func:`_moments_planes` writes them (rows of empty planes are not read).
+
+    Returns
+    -------
+    (K, 2) float64
+        Row ``e``: ``[mean, max(std, SD_FLOOR)]`` (algorithm A3.2, ``ddof=0``); an empty
+        mask gives ``[0.0, 1.0]``, the identity z-score.
+
+    Notes
+    -----
+    Planes merged serially in order with Chan et al.'s pairwise update
+    ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``: accurate, and independent of the thread
+    count and of how the planes were split into calls.
+    """
+    n0, k_vols = psum.shape
     n = 0
     for i in range(n0):
         n += cnt[i]
@@ -391,6 +441,38 @@ def _volume_moments(vols, mask):
         out[e, 0] = mean
         out[e, 1] = max(math.sqrt(m2 / n), SD_FLOOR)
     return out
+
+
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _volume_moments(vols, mask):
+    """Mean and population standard deviation of each volume over the mask.
+
+    Parameters
+    ----------
+    vols : numba.typed.List of K (N0, N1, N2) float32
+        Raw volumes.
+    mask : (N0, N1, N2) uint8
+        Voxels to use (non-zero).
+
+    Returns
+    -------
+    (K, 2) float64
+        Row ``e``: ``[mean, max(std, SD_FLOOR)]`` of ``vols[e][mask]`` (algorithm A3.2,
+        ``ddof=0``).  An empty mask gives ``[0.0, 1.0]``, the identity z-score, so
+        that callers stay finite (the reference would produce NaN).
+
+    Notes
+    -----
+    float64 throughout: :func:`_moments_planes` over every plane (parallel), then
+    :func:`_merge_moments`.  Writes only the arrays it returns.
+    """
+    k_vols = len(vols)
+    n0 = mask.shape[0]
+    cnt = np.zeros(n0, np.int64)
+    psum = np.zeros((n0, k_vols))
+    pm2 = np.zeros((n0, k_vols))
+    _moments_planes(vols, mask, 0, n0, cnt, psum, pm2)
+    return _merge_moments(cnt, psum, pm2)
 
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from .._config import SSIM_AXES
 from ..config import check_stride
+from .pages import slab_resident_bytes
 
 STAGES = ("fit", "evaluate", "predict")
 
@@ -153,18 +154,33 @@ def held_load_bytes(n_voxels: int, n_volumes: int, parallel: int) -> int:
     return 4 * n_voxels * max(1, min(int(parallel), int(n_volumes)))
 
 
-def _per_patient(n: int, n_volumes: int, step: int, volume_cache: str, parallel: int) -> int:
+def _per_patient(n: int, n_volumes: int, step: int, volume_cache: str, parallel: int,
+                 mapped: int | None = None, cold: bool = True) -> int:
     """One patient's peak: its volumes and the larger of its decodes and its largest step.
 
-    ``disk``: the mapped pages and the step, or a cold decode (`load_bytes`; its several
-    decodes at once fit in the pages and a step, see there), whichever is larger.
+    ``disk``: the mapped pages and the step, or the cold decodes (``parallel`` times
+    `load_bytes`; none when not ``cold``), whichever is larger.  ``mapped``: what stays mapped at once when the
+    passes give pages back as they go (`evaluate_mapped_bytes`); default every volume whole.
     ``memory``: the held copies plus the larger of `held_load_bytes` and the step.
     """
     if volume_cache == "memory":
         return mapped_bytes(n, n_volumes) + max(held_load_bytes(n, n_volumes, parallel), step)
     if volume_cache != "disk":
         raise ValueError(f"volume_cache must be one of {VOLUME_CACHES}, got {volume_cache!r}")
-    return max(load_bytes(n), mapped_bytes(n, n_volumes) + step)
+    held = mapped_bytes(n, n_volumes) if mapped is None else mapped
+    return max(int(parallel) * load_bytes(n) if cold else 0, held + step)
+
+
+def evaluate_mapped_bytes(shape: Sequence[int], n_volumes: int) -> int:
+    """Mapped pages of one patient in evaluate when it is scored in one pass, slab by slab.
+
+    Every pass (the z-score statistics, the HR-free proxy, the one-pass scores) goes slab by
+    slab and gives back each slab (`pages.slab_resident_bytes`), at most the whole volumes.
+    Two reads are whole, one volume at a time: a cache entry's first check (given back at
+    once) and the HR's brain mask, which `stage_cost` adds to that step.
+    """
+    n, n0, n1, n2 = _voxels(shape)
+    return min(4 * n * int(n_volumes), slab_resident_bytes(4 * n1 * n2, n_volumes))
 
 
 # ------------------------------------------------------------------ statistics (fit)
@@ -346,7 +362,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
                grad_operator: str = "sobel", ssim_axis: str | int = "axial",
                save_weight_volumes: bool = True, save_weight_maps: bool = True,
                save_blends: bool = True, n_patients: int = 1,
-               volume_cache: str = "disk") -> StageCost:
+               volume_cache: str = "disk", one_pass: bool = True,
+               cold: bool = True) -> StageCost:
     """Cost ``stage`` for volumes of ``shape`` and ``n_experts`` experts.
 
     Parameters
@@ -379,6 +396,15 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         Where the patient's volumes live (`_per_patient`): mapped cache pages, or private
         copies decoded per patient (``fit`` and ``evaluate`` decode up to
         `load_parallelism` at once, ``predict`` one at a time).
+    one_pass : bool, optional
+        Whether evaluate scores its patients in the one pass that goes slab by slab and
+        gives mapped pages back (`evaluate_mapped_bytes`): the axial SSIM axis, one weight
+        vector per tile and the ``mean`` HR-free mapping (``core.scoring.score_patient``).
+        False: every volume stays mapped whole while a patient is scored.
+    cold : bool, optional
+        Whether a patient's inputs may still have to be decoded into the ``disk`` cache
+        (the decodes are an alternative peak, `_per_patient`); False when every input has
+        an entry already.  The ``memory`` cache decodes every time.
 
     Returns
     -------
@@ -397,8 +423,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         thread: `box_moments_thread_bytes`;
         per task: every patient's Q, B, counts + their sums + `solve_bytes`.
     evaluate
-        per patient: the mapped HR and experts + the largest of: the valid mask; the
-        brain mask; the blend (brain mask, its ``!= 0`` copy, the output, the window
+        per patient: the mapped HR and experts (scored in one pass: the HR and a slab of
+        each, `evaluate_mapped_bytes`) + the largest of: the valid mask; the brain mask; the blend (brain mask, its ``!= 0`` copy, the output, the window
         tables); the metrics (blend + ``hr > 0`` mask); the one-pass scores.  The writes
         run on the background writer: `queued_outputs_bytes` per task.
         Per thread: the larger of the blend's and the SSIM's scratch.  Per task: the
@@ -418,7 +444,10 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     --------
     >>> c = stage_cost("evaluate", (160, 192, 160), 4, patch_size=32, stride=16)
     >>> c.per_patient_bytes // 2**20, c.setup_bytes // 2**20
-    (145, 135)
+    (112, 135)
+    >>> stage_cost("evaluate", (160, 192, 160), 4, patch_size=32, stride=16,
+    ...            cold=False).per_patient_bytes // 2**20  # every input cached: no decode
+    70
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be 'fit', 'evaluate' or 'predict', got {stage!r}")
@@ -438,7 +467,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         # then combine() makes the patient's Q, B (the per-task term)
         steps = {"statistics": valid_mask_bytes(n, n0, m) + moments_bytes(n0, m + 1)
                  + box_parts_bytes(n_tiles, m)}
-        per = _per_patient(n, m + 1, steps["statistics"], volume_cache, parallel)
+        per = _per_patient(n, m + 1, steps["statistics"], volume_cache, parallel, cold=cold)
         thread = box_moments_thread_bytes(n2, m, lambda_grad=lambda_grad,
                                           lambda_edge=lambda_edge, grad_operator=grad_operator)
         task = (statistics_bytes(n_tiles, m) * (max(1, int(n_patients)) + 1)
@@ -449,7 +478,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     hr_free = _hr_free_steps(n, n0, n1, m, blend)
     if stage == "predict":
         steps = hr_free
-        per = _per_patient(n, m, max(steps.values()), volume_cache, 1)
+        per = _per_patient(n, m, max(steps.values()), volume_cache, 1, cold=cold)
         thread = blend_thread_bytes(n2, m)
         return StageCost(stage, int(per), int(thread), 0, 0, steps)
 
@@ -475,7 +504,12 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
     if save_weight_maps:
         task += nifti_weight_maps_task_bytes(n)
         setup = max(setup, nifti_weight_maps_setup_bytes(n))
-    per = _per_patient(n, m + 1, max(steps.values()), volume_cache, parallel)
+    axial = (SSIM_AXES[ssim_axis] if isinstance(ssim_axis, str) else int(ssim_axis)) == 0
+    mapped, step = None, max(steps.values())
+    if one_pass and axial:
+        mapped = evaluate_mapped_bytes(shape, m + 1)
+        step = max(step, 4 * n + steps["brain mask"])  # the brain mask reads the HR whole
+    per = _per_patient(n, m + 1, step, volume_cache, parallel, mapped, cold)
     thread = max(blend_thread_bytes(n2, m), ssim_thread_bytes(shape, ssim_axis),
                  # predictions: the blend, each expert alone, the HR-free blend and each
                  # raw expert under its mask

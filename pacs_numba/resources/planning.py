@@ -604,7 +604,7 @@ def plan_stage(stage: str, pacs: Any, n_experts: int, shape: Sequence[int], n_pa
                limits: Limits, *, baseline_bytes: int, workers: int | None = None,
                mem_budget_bytes: int | None = None, thread_safe: bool = True,
                env: Mapping[str, str] | None = None, where: str = "the config",
-               volume_cache: str = "disk") -> StagePlan:
+               volume_cache: str = "disk", cold: bool = True) -> StagePlan:
     """Plan one stage: check the tile settings, cost the stage, size its pool.
 
     Parameters
@@ -635,6 +635,9 @@ def plan_stage(stage: str, pacs: Any, n_experts: int, shape: Sequence[int], n_pa
         Names the config in error messages.
     volume_cache : {"disk", "memory"}, optional
         Where the volumes live (``costs.stage_cost``).
+    cold : bool, optional
+        Whether some inputs still have to be decoded into the disk cache (default: assume
+        so); False leaves the decodes out of the ``disk`` cost (``costs.stage_cost``).
 
     Returns
     -------
@@ -655,7 +658,9 @@ def plan_stage(stage: str, pacs: Any, n_experts: int, shape: Sequence[int], n_pa
                       save_weight_volumes=pacs.save_weight_volumes,
                       save_weight_maps=getattr(pacs, "save_weight_maps", False),
                       save_blends=getattr(pacs, "save_blends", True),
-                      n_patients=n_patients, volume_cache=volume_cache)
+                      n_patients=n_patients, volume_cache=volume_cache, cold=cold,
+                      one_pass=(getattr(pacs, "gating", "none") == "none"
+                                and getattr(pacs, "hr_free_mapping", "mean") == "mean"))
     pool = plan_pool(limits, per_patient_bytes=cost.per_patient_bytes,
                      baseline_bytes=int(baseline_bytes), n_patients=max(1, int(n_patients)),
                      num_workers=pacs.num_workers, workers_override=workers, env=env,
@@ -702,15 +707,15 @@ def plan_task_stages(pacs: Any, n_experts: int, shape: Sequence[int], n_train: i
                      limits: Limits, *, baseline_bytes: int, fit: bool = True,
                      workers: int | None = None, mem_budget_bytes: int | None = None,
                      thread_safe: bool = True, env: Mapping[str, str] | None = None,
-                     where: str = "the config", volume_cache: str = "disk"
-                     ) -> dict[str, StagePlan]:
+                     where: str = "the config", volume_cache: str = "disk",
+                     cold: bool = True) -> dict[str, StagePlan]:
     """Plan every stage of a task at once, before any volume is read.
 
     Parameters
     ----------
     pacs, n_experts, shape, limits, baseline_bytes
         As for `plan_stage`.
-    workers, mem_budget_bytes, thread_safe, env, where, volume_cache
+    workers, mem_budget_bytes, thread_safe, env, where, volume_cache, cold
         As for `plan_stage`.
     n_train, n_test : int
         The fold's train and test patients (see `stage_patients`).
@@ -734,7 +739,8 @@ def plan_task_stages(pacs: Any, n_experts: int, shape: Sequence[int], n_train: i
             plans[stage] = plan_stage(stage, pacs, n_experts, shape, n, limits,
                                       baseline_bytes=baseline_bytes, workers=workers,
                                       mem_budget_bytes=mem_budget_bytes, thread_safe=thread_safe,
-                                      env=env, where=where, volume_cache=volume_cache)
+                                      env=env, where=where, volume_cache=volume_cache,
+                                      cold=cold)
         except BudgetError as exc:
             exc.stage = stage  # type: ignore[attr-defined]  # for diagnose's check name
             raise

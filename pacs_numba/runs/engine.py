@@ -260,12 +260,15 @@ class Engine(FitStage, EvaluateStage):
             model = self._load_weights(task, weights_path, train, test)
             source = {"weights": fingerprints([weights_path])}
             shape = model.grid.shape
-        plans = self._plan_stages(task, shape, len(train), len(test), fit=fitting)
         # before hours of work: will the inputs' cache entries fit on the cache's disk?
         read = {**test, **(train if fitting or self.pacs.evaluate_train else {})}
-        self.store.check_space(f"task {task}", [f for paths in read.values() for f in
-                                                (paths["HR"], *paths["experts"])],
-                               int(np.prod(shape)))
+        space = self.store.check_space(f"task {task}", [f for paths in read.values() for f in
+                                                        (paths["HR"], *paths["experts"])],
+                                       int(np.prod(shape)), exact=True)
+        # every entry there already: no patient decodes, so the plan leaves the decodes out
+        plans = self._plan_stages(task, shape, len(train), len(test), fit=fitting,
+                                  cold=self.store.mode == "memory"
+                                  or space["cached"] < space["inputs"])
         plan: PoolPlan | None = None
         if fitting:
             model = self._fit(task, train, clock, skipped, nonfinite, plans["fit"])
@@ -414,7 +417,8 @@ class Engine(FitStage, EvaluateStage):
         return self._plan_stages(task, shape, len(train), len(test), fit=fit)
 
     def _plan_stages(
-        self, task: Task, shape: tuple[int, int, int], n_train: int, n_test: int, *, fit: bool
+        self, task: Task, shape: tuple[int, int, int], n_train: int, n_test: int, *, fit: bool,
+        cold: bool = True,
     ) -> dict[str, StagePlan]:
         plans = plan_task_stages(
             self.pacs,
@@ -430,6 +434,7 @@ class Engine(FitStage, EvaluateStage):
             thread_safe=thread_safe_layer(),
             where=str(self.config.path),
             volume_cache=self.store.mode,
+            cold=cold,
         )
         if any("workqueue" in p.pool.reason for p in plans.values()):
             log.warning(
