@@ -272,8 +272,7 @@ def _score_patient(
     patch_size, stride, window, axis, min_range, n_chunks,
     sl_lo, sl_hi, out, count, sum_sq, sum_abs, hr_min, hr_max, ssim,
 ):
-    """Blend slices ``sl_lo:sl_hi`` of one patient and score the blend, each expert alone
-    and the HR-free blend there.
+    """Blend and score slices ``sl_lo:sl_hi``: the blend, each expert alone, the HR-free blend.
 
     Parameters
     ----------

@@ -159,8 +159,9 @@ def _per_patient(n: int, n_volumes: int, step: int, volume_cache: str, parallel:
     """One patient's peak: its volumes and the larger of its decodes and its largest step.
 
     ``disk``: the mapped pages and the step, or the cold decodes (``parallel`` times
-    `load_bytes`; none when not ``cold``), whichever is larger.  ``mapped``: what stays mapped at once when the
-    passes give pages back as they go (`evaluate_mapped_bytes`); default every volume whole.
+    `load_bytes`; none when not ``cold``), whichever is larger.  ``mapped``: what stays
+    mapped at once when the passes give pages back as they go (`evaluate_mapped_bytes`);
+    default every volume whole.
     ``memory``: the held copies plus the larger of `held_load_bytes` and the step.
     """
     if volume_cache == "memory":
@@ -172,7 +173,7 @@ def _per_patient(n: int, n_volumes: int, step: int, volume_cache: str, parallel:
 
 
 def evaluate_mapped_bytes(shape: Sequence[int], n_volumes: int) -> int:
-    """Mapped pages of one patient in evaluate when it is scored in one pass, slab by slab.
+    """Return the mapped pages of one evaluate patient scored in one pass, slab by slab.
 
     Every pass (the z-score statistics, the HR-free proxy, the one-pass scores) goes slab by
     slab and gives back each slab (`pages.slab_resident_bytes`), at most the whole volumes.
@@ -423,9 +424,10 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         thread: `box_moments_thread_bytes`;
         per task: every patient's Q, B, counts + their sums + `solve_bytes`.
     evaluate
-        per patient: the mapped HR and experts (scored in one pass: the HR and a slab of
-        each, `evaluate_mapped_bytes`) + the largest of: the valid mask; the brain mask; the blend (brain mask, its ``!= 0`` copy, the output, the window
-        tables); the metrics (blend + ``hr > 0`` mask); the one-pass scores.  The writes
+        per patient: the mapped HR and experts (scored in one pass: a slab of each, and
+        the HR whole during the brain mask, `evaluate_mapped_bytes`) + the largest of: the
+        valid mask; the brain mask; the blend (brain mask, its ``!= 0`` copy, the output,
+        the window tables); the metrics (blend + ``hr > 0`` mask); the one-pass scores.  The writes
         run on the background writer: `queued_outputs_bytes` per task.
         Per thread: the larger of the blend's and the SSIM's scratch.  Per task: the
         npz templates; setup: the maps they are compressed from and one savez chunk

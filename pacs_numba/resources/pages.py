@@ -34,7 +34,7 @@ _FAULT_AROUND = 64 << 10
 
 
 def slab_resident_bytes(plane_bytes: int, n_volumes: int, planes: int = SLAB_PLANES) -> int:
-    """What a slab-by-slab pass keeps mapped of ``n_volumes`` volumes at most.
+    """Return what a slab-by-slab pass keeps mapped of ``n_volumes`` volumes at most.
 
     One slab of each (plus the slab after it, which the reads' fault-around and the kernel's
     threads may have started) and the fault-around window at each end.
@@ -43,7 +43,7 @@ def slab_resident_bytes(plane_bytes: int, n_volumes: int, planes: int = SLAB_PLA
 
 
 def _read_only_map(arr: np.ndarray) -> np.memmap | None:
-    """The read-only ``np.memmap`` whose buffer ``arr`` views, else None."""
+    """Return the read-only ``np.memmap`` whose buffer ``arr`` views, else None."""
     b: object = arr
     for _ in range(16):  # a view of a view of ...: a short chain in practice
         if isinstance(b, np.memmap):
