@@ -129,8 +129,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
         If the file cannot be written; the message names ``path`` and the OS error.  Nothing
         is left under ``path`` or under a temporary name.
     """
+    view = memoryview(data).cast("B")
     with atomic_file(path) as f:
-        f.write(data)
+        for i in range(0, len(view), WRITE_CHUNK_BYTES):  # see write_npy
+            f.write(view[i : i + WRITE_CHUNK_BYTES])
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
