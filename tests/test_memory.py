@@ -575,6 +575,19 @@ def test_evaluate_cost_terms():
                  cold=False).per_patient_bytes == 4 * n * (m + 1) + 11 * n
     assert _cost("evaluate", shape, m, patch=8, stride=4, one_pass=False,
                  cold=False).per_patient_bytes == 4 * n * (m + 1) + 11 * n
+    # the weighted HR-free mapping holds three float32 maps per voxel beside the blend, two
+    # sets with edge gates, which also hold the gate and the edge blend: both leave the
+    # one pass, so every volume is mapped whole
+    for gated, weighted in ((False, True), (True, False), (True, True)):
+        o = _cost("evaluate", shape, m, patch=8, stride=4, cold=False, gated=gated,
+                  weighted_mapping=weighted)
+        blend = c.steps["blend"] + (8 * n if gated else 0)
+        assert o.steps["blend"] == blend
+        free_blend = blend + (12 * n * (2 if gated else 1) if weighted else 0)
+        assert o.steps["scores"] == n + max(11 * n - n, free_blend)
+        assert o.per_patient_bytes == 4 * n * (m + 1) + max(o.steps.values())
+        p = _cost("predict", shape, m, patch=8, stride=4, gated=gated, weighted_mapping=weighted)
+        assert p.steps["blend"] == free_blend
     # per thread: the one-pass scoring's rows and axial slices (P = 2M + 2 predictions: the
     # blend, each expert alone, the HR-free blend and each raw expert under its mask)
     p = 2 * m + 2

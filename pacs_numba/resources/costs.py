@@ -364,7 +364,8 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
                save_weight_volumes: bool = True, save_weight_maps: bool = True,
                save_blends: bool = True, n_patients: int = 1,
                volume_cache: str = "disk", one_pass: bool = True,
-               cold: bool = True) -> StageCost:
+               cold: bool = True, gated: bool = False,
+               weighted_mapping: bool = False) -> StageCost:
     """Cost ``stage`` for volumes of ``shape`` and ``n_experts`` experts.
 
     Parameters
@@ -406,6 +407,13 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         Whether a patient's inputs may still have to be decoded into the ``disk`` cache
         (the decodes are an alternative peak, `_per_patient`); False when every input has
         an entry already.  The ``memory`` cache decodes every time.
+    gated : bool, optional
+        Edge-gated weights (``pacs_sr.gating: edge``): a blend also holds the float32 edge
+        gate and the edge blend ``8N`` while it makes the flat one.
+    weighted_mapping : bool, optional
+        ``pacs_sr.hr_free_mapping: weighted``: an HR-free blend also holds its per-voxel
+        statistic maps, three float32 per voxel ``12N`` (``24N`` when gated).
+        Either option scores test patients on the separate path (not ``one_pass``).
 
     Returns
     -------
@@ -476,8 +484,10 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
                 + solve_bytes(n_tiles, m))
         return StageCost(stage, int(per), int(thread), int(task), 0, steps)
 
-    blend = blend_bytes(n, shape, patch_size, stride)
+    blend = blend_bytes(n, shape, patch_size, stride) + (8 * n if gated else 0)
     hr_free = _hr_free_steps(n, n0, n1, m, blend)
+    if weighted_mapping:
+        hr_free["blend"] += 12 * n * (2 if gated else 1)
     if stage == "predict":
         steps = hr_free
         per = _per_patient(n, m, max(steps.values()), volume_cache, 1, cold=cold)
@@ -508,7 +518,7 @@ def stage_cost(stage: str, shape: Sequence[int], n_experts: int, *, patch_size: 
         setup = max(setup, nifti_weight_maps_setup_bytes(n))
     axial = (SSIM_AXES[ssim_axis] if isinstance(ssim_axis, str) else int(ssim_axis)) == 0
     mapped, step = None, max(steps.values())
-    if one_pass and axial:
+    if one_pass and axial and not (gated or weighted_mapping):
         mapped = evaluate_mapped_bytes(shape, m + 1)
         step = max(step, 4 * n + steps["brain mask"])  # the brain mask reads the HR whole
     per = _per_patient(n, m + 1, step, volume_cache, parallel, mapped, cold)

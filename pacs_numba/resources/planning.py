@@ -659,8 +659,8 @@ def plan_stage(stage: str, pacs: Any, n_experts: int, shape: Sequence[int], n_pa
                       save_weight_maps=getattr(pacs, "save_weight_maps", False),
                       save_blends=getattr(pacs, "save_blends", True),
                       n_patients=n_patients, volume_cache=volume_cache, cold=cold,
-                      one_pass=(getattr(pacs, "gating", "none") == "none"
-                                and getattr(pacs, "hr_free_mapping", "mean") == "mean"))
+                      gated=getattr(pacs, "gating", "none") != "none",
+                      weighted_mapping=getattr(pacs, "hr_free_mapping", "mean") == "weighted")
     pool = plan_pool(limits, per_patient_bytes=cost.per_patient_bytes,
                      baseline_bytes=int(baseline_bytes), n_patients=max(1, int(n_patients)),
                      num_workers=pacs.num_workers, workers_override=workers, env=env,
