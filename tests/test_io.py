@@ -23,12 +23,10 @@ from isal import igzip
 import pacs_numba.store.volumes as pio
 from pacs_numba.errors import InputError, PacsError
 from pacs_numba.store.atomic import (
-    WRITE_CHUNK_BYTES,
     atomic_savez,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    write_npy,
 )
 from pacs_numba.store.nifti import read_nifti, write_nifti
 from pacs_numba.store.volumes import VolumeStore, file_fingerprint
@@ -328,11 +326,11 @@ def test_store_unwritable_dir_is_an_input_error(tmp_path):
 
 
 def test_store_cache_write_failure_is_reported_and_cleaned(vol_gz, tmp_path, monkeypatch):
-    def full(f, array):  # the disk fills up after the first MiB
+    def full(f, array, allow_pickle):  # the disk fills up after the first MiB
         f.write(b"\0" * (1 << 20))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pio, "write_npy", full)
+    monkeypatch.setattr(pio.np.lib.format, "write_array", full)
     store = VolumeStore(tmp_path / "cache")
     with pytest.raises(PacsError, match=r"cannot write volume cache entry .*No space left"):
         store.get(vol_gz)
@@ -624,29 +622,3 @@ def test_payload_crc32_is_zlibs_crc_of_the_c_order_bytes(shape):
     want = zlib.crc32(vol.tobytes(order="C"))
     assert pio.payload_crc32(vol) == want
     assert pio.payload_crc32(fortran) == want  # the bytes it hashes are the C-order ones
-
-
-@pytest.mark.parametrize("shape", [(3, 4, 5), (70, 61, 67), (1,)])
-def test_write_npy_writes_what_np_save_writes_in_small_calls(tmp_path, shape):
-    """The cache's .npy writer: np.save's bytes exactly, in calls of at most 1 MiB."""
-    arr = np.random.default_rng(1).random(shape).astype("<f4")
-    want = tmp_path / "want.npy"
-    np.save(want, arr)
-    sizes: list[int] = []
-
-    class Counting:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, b):
-            sizes.append(len(b))
-            return self.f.write(b)
-
-    got = tmp_path / "got.npy"
-    with open(got, "wb") as f:
-        write_npy(Counting(f), arr)
-    assert got.read_bytes() == want.read_bytes()
-    assert max(sizes) <= WRITE_CHUNK_BYTES
-    assert sum(sizes) == want.stat().st_size
-    if arr.nbytes > WRITE_CHUNK_BYTES:
-        assert len(sizes) > arr.nbytes // WRITE_CHUNK_BYTES

@@ -64,25 +64,6 @@ def install_file(final: Path, write: Any) -> None:
         raise
 
 
-#: Bytes per ``write`` call of :func:`write_npy`.  On the build machine's ext4 (Linux 6, in a
-#: memory cgroup) writing a new 35 MB file in one call takes ~95 ms of CPU, in 1 MiB calls
-#: ~8-11 ms; 2 MiB calls are already slow (profiling/2026-12-07-vm-issue18-pages.md).
-WRITE_CHUNK_BYTES = 1 << 20
-
-
-def write_npy(f: BinaryIO, array: np.ndarray) -> None:
-    """Write ``array`` as a ``.npy`` file (what ``np.save`` writes) in `WRITE_CHUNK_BYTES` calls.
-
-    ``np.lib.format.write_array`` hands a whole volume to one ``write``; the same bytes in
-    1 MiB pieces are up to ten times cheaper for the kernel to take into the page cache.
-    """
-    arr = np.ascontiguousarray(array)
-    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
-    data = memoryview(arr.reshape(-1)).cast("B")
-    for i in range(0, len(data), WRITE_CHUNK_BYTES):
-        f.write(data[i : i + WRITE_CHUNK_BYTES])
-
-
 def unlink_quiet(p: Path) -> None:
     """Remove ``p`` if it exists; a file already gone or unremovable is no error here."""
     try:
@@ -129,10 +110,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
         If the file cannot be written; the message names ``path`` and the OS error.  Nothing
         is left under ``path`` or under a temporary name.
     """
-    view = memoryview(data).cast("B")
     with atomic_file(path) as f:
-        for i in range(0, len(view), WRITE_CHUNK_BYTES):  # see write_npy
-            f.write(view[i : i + WRITE_CHUNK_BYTES])
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:

@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..core.checks import readonly
 from ..errors import InputError
-from .atomic import GZIP_LEVEL, WRITE_CHUNK_BYTES, atomic_file
+from .atomic import GZIP_LEVEL, atomic_file
 from .integrity import (
     open_regular,
     require_regular_file,
@@ -472,6 +472,10 @@ def write_nifti(
             img.to_file_map({"header": FileHolder(fileobj=f), "image": FileHolder(fileobj=f)})
 
 
+#: Bytes of a volume :func:`write_nifti_volumes` converts and writes at a time.
+_WRITE_PIECE_BYTES = 1 << 20
+
+
 def write_nifti_volumes(
     path: str | os.PathLike[str],
     volumes: Iterable[ArrayLike],
@@ -527,10 +531,10 @@ def write_nifti_volumes(
                 if v.shape != tuple(shape[:3]):
                     raise ValueError(f"volume {written} has shape {v.shape}; expected {shape[:3]}")
                 # Fortran order: NIfTI's first axis varies fastest, so a run of planes of
-                # the last axis is one contiguous piece of the file; written ~1 MiB at a
-                # time (no copy of the whole volume, and small writes are cheap: atomic.py)
+                # the last axis is one contiguous piece of the file: written ~1 MiB at a
+                # time, with no Fortran-order copy of the whole volume
                 plane = int(np.prod(v.shape[:2])) * out_dtype.itemsize
-                step = max(1, WRITE_CHUNK_BYTES // max(plane, 1))
+                step = max(1, _WRITE_PIECE_BYTES // max(plane, 1))
                 for k in range(0, v.shape[2], step):
                     sink.write(np.asarray(v[:, :, k : k + step], dtype=out_dtype)
                                .tobytes(order="F"))

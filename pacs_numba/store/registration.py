@@ -62,7 +62,7 @@ from ..config import REGISTRATION_MODES, RegistrationConfig
 from ..errors import BudgetError, ConfigError, InputError, OutputError
 from ..resources.planning import limit_for, margin_bytes
 from ..resources.units import gib
-from .atomic import install_file, write_npy
+from .atomic import install_file
 from .locks import node_lock
 from .nifti import NiftiMeta, affine_difference
 from .volumes import CachedVolume, VolumeStore, file_fingerprint, map_npy
@@ -642,7 +642,7 @@ class Registrar:
                    "transform": tx["key"], "nonfinite": 0, **meta._to_json()}
             text = json.dumps(rec, indent=1)
             try:
-                install_file(npy, partial(write_npy, array=out))
+                install_file(npy, partial(np.lib.format.write_array, array=out, allow_pickle=False))
                 install_file(side, lambda f: f.write(text.encode("utf-8")))
             except OSError as exc:
                 raise self._write_error(npy, exc) from exc

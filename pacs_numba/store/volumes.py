@@ -54,7 +54,7 @@ from ..errors import ConfigError, InputError, OutputError
 from ..resources.costs import VOLUME_CACHES
 from ..resources.pages import release_pages
 from ..resources.units import human_size, parse_size
-from .atomic import host_tag, install_file, write_npy
+from .atomic import host_tag, install_file
 from .hdf5 import H5Source, h5_identity, parse_source, read_h5_header, read_h5_volume
 from .integrity import file_identity, sweep_temp_files, writer_gone
 from .locks import node_lock
@@ -796,7 +796,7 @@ class VolumeStore:
         side = self.directory / f"{key}.json"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)  # survives a tmp cleaner
-            install_file(npy, partial(write_npy, array=vol))
+            install_file(npy, partial(np.lib.format.write_array, array=vol, allow_pickle=False))
             install_file(side, lambda f: f.write(side_text.encode("utf-8")))
         except OSError as exc:
             raise OutputError(
