@@ -491,6 +491,11 @@ def _label_slab_one(hr, thr, parent, lo, hi):
     to its 13 already-visited 26-neighbours inside the slab.  Touches only the
     ``parent`` entries of the slab, so slabs can be labelled concurrently.
     NaN voxels are background (``NaN >= thr`` is false).
+
+    When the previous voxel ``v - 1`` is foreground, ``v`` is linked to it, and then only
+    to the 4 visited neighbours at ``k + 1``: those at ``k - 1`` and ``k`` are 26-neighbours
+    of ``v - 1`` as well, visited before it, so already in its tree.  The components are
+    the same as with all 13 unions (about 3x fewer inside the brain).
     """
     n0, n1, n2 = hr.shape
     for i in range(lo, hi):
@@ -500,22 +505,34 @@ def _label_slab_one(hr, thr, parent, lo, hi):
                 if not hr[i, j, k] >= thr:
                     parent[v] = -1
                     continue
-                parent[v] = v
-                # previous plane (9 neighbours), inside the slab only
+                if k > 0 and parent[v - 1] >= 0:
+                    parent[v] = v - 1  # a link to a smaller index, as every link
+                    dk_lo = 1
+                else:
+                    parent[v] = v
+                    dk_lo = -1
+                # previous plane (9 neighbours, or the 3 at k + 1), inside the slab only
                 if i > lo:
-                    _union_previous_plane_one(parent, v, i, j, k, n1, n2)
-                # previous row (3 neighbours)
+                    for dj in range(-1, 2):
+                        jj = j + dj
+                        if jj < 0 or jj >= n1:
+                            continue
+                        for dk in range(dk_lo, 2):
+                            kk = k + dk
+                            if kk < 0 or kk >= n2:
+                                continue
+                            u = ((i - 1) * n1 + jj) * n2 + kk
+                            if parent[u] >= 0:
+                                _union_one(parent, v, u)
+                # previous row (3 neighbours, or the one at k + 1)
                 if j > 0:
-                    for dk in range(-1, 2):
+                    for dk in range(dk_lo, 2):
                         kk = k + dk
                         if kk < 0 or kk >= n2:
                             continue
                         u = (i * n1 + j - 1) * n2 + kk
                         if parent[u] >= 0:
                             _union_one(parent, v, u)
-                # previous voxel
-                if k > 0 and parent[v - 1] >= 0:
-                    _union_one(parent, v, v - 1)
 
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
