@@ -464,17 +464,19 @@ def _union_one(parent, a, b):
         parent[ra] = rb
 
 
-@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
-def _union_previous_plane_one(parent, v, i, j, k, n1, n2):
-    """Link foreground voxel ``v = (i, j, k)`` to its 9 foreground 26-neighbours in plane ``i-1``.
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH, inline="always")
+def _union_previous_plane_one(parent, v, i, j, k, n1, n2, dk_lo):
+    """Link foreground voxel ``v = (i, j, k)`` to its foreground 26-neighbours in plane ``i-1``.
 
-    Used inside a slab and again where two slabs meet; writes only through ``_union_one``.
+    The 9 of them with ``dk_lo = -1``, the 3 at ``k + 1`` with ``dk_lo = 1``.  Used inside a
+    slab and again where two slabs meet; writes only through ``_union_one``.  Inlined into
+    both (Numba IR): as a call the labelling pass took ~15% longer.
     """
     for dj in range(-1, 2):
         jj = j + dj
         if jj < 0 or jj >= n1:
             continue
-        for dk in range(-1, 2):
+        for dk in range(dk_lo, 2):
             kk = k + dk
             if kk < 0 or kk >= n2:
                 continue
@@ -513,17 +515,7 @@ def _label_slab_one(hr, thr, parent, lo, hi):
                     dk_lo = -1
                 # previous plane (9 neighbours, or the 3 at k + 1), inside the slab only
                 if i > lo:
-                    for dj in range(-1, 2):
-                        jj = j + dj
-                        if jj < 0 or jj >= n1:
-                            continue
-                        for dk in range(dk_lo, 2):
-                            kk = k + dk
-                            if kk < 0 or kk >= n2:
-                                continue
-                            u = ((i - 1) * n1 + jj) * n2 + kk
-                            if parent[u] >= 0:
-                                _union_one(parent, v, u)
+                    _union_previous_plane_one(parent, v, i, j, k, n1, n2, dk_lo)
                 # previous row (3 neighbours, or the one at k + 1)
                 if j > 0:
                     for dk in range(dk_lo, 2):
@@ -587,7 +579,7 @@ def _brain_mask(hr, threshold, parent, n_slabs):
             for k in range(n2):
                 v = (i * n1 + j) * n2 + k
                 if parent[v] >= 0:
-                    _union_previous_plane_one(parent, v, i, j, k, n1, n2)
+                    _union_previous_plane_one(parent, v, i, j, k, n1, n2, -1)
     n_roots = 0
     for v in prange(n):
         if parent[v] == v:
