@@ -61,6 +61,7 @@ from .paper_metrics import paper_metrics_table
 from .pool import PatientSkipped, StopFlag, join_reasons, map_patients
 from .tasks import RunOptions, StageClock, Task, TaskResult, registration_settings
 from .training_record import experiment_metadata, training_record
+from .warmup import load_kernels
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Engine(FitStage, EvaluateStage):
     ) -> None:
         self.config = config
         self.options = options or RunOptions()
+        self._kernels_loaded = False
         self.pacs = config.pacs_sr
         self.models = tuple(config.data.models)
         if config.data.schema == "hdf5":
@@ -179,6 +181,13 @@ class Engine(FitStage, EvaluateStage):
         self._check_files_exist(task, {**train, **test})
         if weights_path is not None:
             require_regular_file(weights_path, "weights file")
+        if not self._kernels_loaded:
+            # Before any patient, as the command line does: on a first run this compiles in
+            # two processes under the node lock rather than inside the stages, one kernel at
+            # a time on whichever pool thread meets it first; otherwise it loads them.
+            fitting = weights_path is None and not own_model
+            load_kernels("train" if fitting else "evaluate", self.pacs)
+            self._kernels_loaded = True
         lay = self.layout(task)
         if own_model and not lay.model_dir.is_dir():  # no train ran here: no folder to lock
             raise InputError(
