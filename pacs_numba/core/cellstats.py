@@ -62,6 +62,7 @@ from ..kernels.stats import (
     _valid_mask,
     _volume_moments,
 )
+from .blending import Normalisation
 from .checks import as_volume_list
 from .gating import edge_gate, gated_normal_equations, term_index
 from .statistics import PatientStats, check_option, check_volumes
@@ -75,6 +76,17 @@ N_GATED_PARTS = 2
 
 #: Bumped whenever the meaning or layout of a stored entry changes.
 FORMAT = 1
+
+
+def effective_region(region: str, patch_size: int, stride: int, window: str) -> str:
+    """Return the fit region a setting really uses (algorithm A4).
+
+    ``centre`` without overlap, or with flat windows (every covering tile weighs a voxel
+    alike, ties go to the largest id), is the label cell: ``first_block``.
+    """
+    if region == "centre" and (stride >= patch_size or window == "flat"):
+        return "first_block"
+    return region
 
 
 @dataclass(frozen=True)
@@ -158,10 +170,9 @@ class StatsKey:
         if normalisation not in FIT_NORMALISATIONS:
             raise ConfigError(f"fit_normalisation {normalisation!r}: expected one of "
                               f"{list(FIT_NORMALISATIONS)}")
-        if region != "window" and (stride >= patch_size or window == "flat"):
-            # without overlap, or with flat windows (every covering tile weighs a voxel
-            # alike, ties go to the largest id), the centre region is the label cell
-            region, patch_size, window = "first_block", stride, "flat"
+        region = effective_region(region, patch_size, stride, window)
+        if region == "first_block":
+            patch_size, window = stride, "flat"
         elif stride >= patch_size:
             window = "flat"
         return cls(
@@ -452,22 +463,23 @@ def experts_moments(experts: Sequence[NDArray[np.float32]]) -> NDArray[np.float6
     Returns
     -------
     (M + 1, 2) float64
-        Row ``1 + e``: mean and floored std of expert ``e`` over the experts' mask (the
-        voxels where their mean is > 0, every expert finite), as ``predict`` z-scores it
-        (algorithm B6); row 0, standing for the HR's: the mean of the experts' means and
-        the mean of their stds, the ``mean`` map-back.  The HR is then z-scored with the
-        statistics its blend is mapped back with, so the fit minimises the squared error
-        ``predict`` makes, divided by the squared mapped-back std.
+        Row ``1 + e``: mean and floored std of expert ``e`` as ``predict`` z-scores it
+        (:meth:`Normalisation.from_experts`, algorithm B6); row 0, standing for the HR's:
+        the mean of the experts' means and of their stds, the ``mean`` map-back.  The HR is
+        then z-scored with the statistics its blend is mapped back with, so the fit
+        minimises the squared error ``predict`` makes, divided by the squared std.
+
+    Raises
+    ------
+    InputError
+        If the experts have no voxel > 0 (nothing ``predict`` could blend either).
     """
-    ex = as_volume_list(list(experts))
-    proxy = np.zeros(ex[0].shape, np.float32)
-    for v in ex:
-        proxy += np.where(np.isfinite(v), v, np.float32(0))
-    proxy /= np.float32(len(ex))
-    valid, _ = _valid_mask(proxy, ex)
-    mom = _volume_moments(as_volume_list([proxy, *ex]), valid)
-    mom[0] = mom[1:].mean(axis=0)
-    return np.ascontiguousarray(mom, np.float64)
+    norm = Normalisation.from_experts(experts)
+    mom = np.empty((len(experts) + 1, 2))
+    mom[0] = norm.mu_out, norm.sd_out
+    mom[1:, 0] = norm.mus
+    mom[1:, 1] = norm.sds
+    return mom
 
 
 def centre_windows(table: NDArray[np.float32], n: int, stride: int) -> NDArray[np.float32]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..core.blending import Normalisation, blend_patient, brain_mask, expert_mean
-from ..core.cellstats import CellStats, StatsKey
+from ..core.cellstats import CellStats, StatsKey, effective_region
 from ..core.gating import edge_gate
 from ..core.metrics import volume_metrics
 from ..core.scoring import experts_as_they_are
@@ -65,9 +65,7 @@ def statistics_group(c: Any) -> tuple:
     candidate without overlap or with flat windows is ``first_block`` (``StatsKey.make``).
     """
     norm = getattr(c, "fit_normalisation", "hr")
-    region = c.fit_region
-    if region == "centre" and (c.stride >= c.patch_size or c.mixing_window == "flat"):
-        region = "first_block"
+    region = effective_region(c.fit_region, c.patch_size, c.stride, c.mixing_window)
     if region == "first_block":
         return ("first_block", norm)
     return (region, c.stride, c.patch_size, c.window, norm)

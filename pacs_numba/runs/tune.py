@@ -46,7 +46,7 @@ from ..config import (
     dump_config,
     stride_problem,
 )
-from ..core.cellstats import sum_stats
+from ..core.cellstats import effective_region, sum_stats
 from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, gain_over_best
 from ..core.weightfit import weight_model_conflict
 from ..errors import ConfigError, InputError, Interrupted
@@ -218,9 +218,8 @@ def unique_candidates(cands: Iterable[Candidate]) -> list[Candidate]:
     """
     seen: dict[tuple, Candidate] = {}
     for c in cands:
-        region = "first_block" if c.stride == c.patch_size else c.fit_region
-        if region == "centre" and c.window == "flat":
-            region = "first_block"  # flat windows: the label cell (StatsKey.make)
+        region = "first_block" if c.stride == c.patch_size else \
+            effective_region(c.fit_region, c.patch_size, c.stride, c.window)
         strength = c.prior_strength if c.prior == "multiscale" else None
         ident = (c.patch_size, c.stride, c.lambda_ridge, c.lambda_edge, c.lambda_grad,
                  c.laplacian_tau, region, c.window, c.prior, strength, c.gating,
