@@ -67,6 +67,7 @@ WINDOWS = {"flat": 0, "hann": 1}
 PRIORS = ("none", "multiscale")   # A5.1 pacs_sr.prior (first = default)
 GATINGS = ("none", "edge")        # A5.2 pacs_sr.gating (first = default)
 HR_FREE_MAPPINGS = ("mean", "weighted")  # B6 pacs_sr.hr_free_mapping (first = default)
+FIT_NORMALISATIONS = ("hr", "experts")   # A4 pacs_sr.fit_normalisation (first = default)
 SSIM_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 # Numba's default "workqueue" threading layer aborts the process when two Python

@@ -27,7 +27,15 @@ from typing import Any
 
 import yaml
 
-from ._config import GATINGS, GRAD_OPERATORS, HR_FREE_MAPPINGS, PRIORS, SSIM_AXES, WINDOWS
+from ._config import (
+    FIT_NORMALISATIONS,
+    GATINGS,
+    GRAD_OPERATORS,
+    HR_FREE_MAPPINGS,
+    PRIORS,
+    SSIM_AXES,
+    WINDOWS,
+)
 from .errors import ConfigError
 from .yamlfile import parse_yaml
 
@@ -80,7 +88,7 @@ SSIM_AXIS_NAMES = tuple(SSIM_AXES)
 NORMALIZATIONS = ("zscore",)
 # Where each tile is fitted: the published label cell, or its whole box weighted by the
 # blending window (pacs_numba only; see cellstats.py).
-FIT_REGIONS = ("first_block", "window")
+FIT_REGIONS = ("first_block", "window", "centre")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PARALLEL_BACKENDS = ("loky", "threading", "multiprocessing", "sequential")
 #: ``registration.mode`` and ``registration.settings`` (pacs_numba's own keys); first = default.
@@ -202,6 +210,7 @@ class PacsConfig:
     prior_strength: float = 1.0
     gating: str = "none"
     hr_free_mapping: str = "mean"
+    fit_normalisation: str = "hr"
     normalize: str
     use_registration: bool = False
     num_workers: int
@@ -653,6 +662,7 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> Pacs
         prior_strength=s.number("prior_strength", 1.0, low=0.0, low_open=True),
         gating=s.choice("gating", GATINGS, "none", case="lower"),
         hr_free_mapping=s.choice("hr_free_mapping", HR_FREE_MAPPINGS, "mean", case="lower"),
+        fit_normalisation=s.choice("fit_normalisation", FIT_NORMALISATIONS, "hr", case="lower"),
         normalize=s.choice("normalize", NORMALIZATIONS),
         use_registration=s.boolean("use_registration", False),
         num_workers=s.integer("num_workers", minimum=-MAX_WORKERS, maximum=MAX_WORKERS,
@@ -680,8 +690,12 @@ def _load_pacs(file: Path, mapping: dict, notes: list[str], schema: str) -> Pacs
                               case="lower"),
         compute_paper_metrics=s.boolean("compute_paper_metrics", False),
     )
-    if cfg.prior == "multiscale" and cfg.fit_region != "first_block":  # algorithm A5.1
-        raise s.fail("prior", "multiscale needs fit_region: first_block (its parent tiles)")
+    if cfg.prior == "multiscale" and cfg.fit_region == "window":  # algorithm A5.1
+        raise s.fail("prior", "multiscale needs fit_region: first_block or centre (its "
+                              "parent tiles)")
+    if (cfg.gating == "edge" and cfg.fit_region == "centre" and cfg.stride < cfg.patch_size
+            and cfg.mixing_window != "flat"):  # A5.2: gated statistics per label cell
+        raise s.fail("gating", "edge needs fit_region: first_block")
     if cfg.gating == "edge" and (cfg.lambda_edge > 0 or cfg.lambda_grad > 0):  # A5.2
         raise s.fail("gating", "edge needs lambda_edge: 0 and lambda_grad: 0")
     notes.extend(s.unknown())

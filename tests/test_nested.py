@@ -126,8 +126,10 @@ def test_default_grid_covers_the_config_and_every_weight_model(cohort):
     grid = default_grid(config)
     own = grid[0]
     assert (own.patch_size, own.stride, own.lambda_edge) == (8, 4, 0.25)
+    aligned = "fitted centre + experts' z-scores"
     assert {family(c) for c in grid} == {"published", "multiscale", "edge-gated",
-                                         "multiscale+edge-gated"}
+                                         "multiscale+edge-gated", f"published, {aligned}",
+                                         f"multiscale, {aligned}"}
     assert any(c.stride == 2 and c.prior == "multiscale" for c in grid)
     assert all(c.lambda_edge == 0 and c.lambda_grad == 0 for c in grid if c.gating == "edge")
 
@@ -286,3 +288,17 @@ def test_default_grid_sweeps_the_hr_free_mapping(cohort):
     plain = {dataclasses.replace(c, hr_free_mapping="mean") for c in weighted}
     assert plain <= set(grid)  # each weighted setting is the twin of a mean one
     assert all(c.lambda_edge == 0 and c.lambda_grad == 0 for c in weighted)
+
+
+def test_default_grid_fits_as_predict_blends_at_both_tile_sizes(cohort):
+    """The options fitted as predict blends (algorithm A4): the published model and the prior
+    on each window's central block with the experts' z-scores, both sizes, both map-backs;
+    every setting of the grid without them is still there."""
+    grid = default_grid(load_config(cohort[0]))
+    aligned = [c for c in grid if c.fit_region == "centre"]
+    assert all(c.fit_normalisation == "experts" and c.gating == "none" for c in aligned)
+    assert {(c.patch_size, c.stride) for c in aligned} == {(8, 4), (4, 2)}
+    assert {c.prior for c in aligned} == {"none", "multiscale"}
+    assert {c.hr_free_mapping for c in aligned} == {"mean", "weighted"}
+    assert all(c.fit_normalisation == "hr" for c in grid if c.fit_region != "centre")
+    assert len(grid) == len(set(grid)) == 36 + len(aligned)

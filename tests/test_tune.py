@@ -282,3 +282,49 @@ def test_tune_holds_one_folds_held_out_patients_at_a_time(cohort, tmp_path, monk
              no_progress=True)
     assert held_sizes and max(held_sizes) <= most_test  # never two folds' patients at once
     assert len(held_sizes) > len(manifest["folds"]) * most_test  # reused across settings
+
+
+def test_tune_sweeps_the_centre_region_and_the_experts_z_scores(cohort, tmp_path):
+    """``fit_region: centre`` and ``fit_normalisation: experts`` (algorithm A4) are swept keys;
+    a unit equals a recomputation from each training patient's own statistics."""
+    from pacs_numba.core.cellstats import StatsKey, box_statistics, sum_stats
+    from pacs_numba.core.weightfit import fit_model
+
+    cfg, cache = cohort
+    config = load_config(cfg)
+    grid = _grid(tmp_path / "g.yaml", patch_size=[8], stride=[4], lambda_edge=[0.0],
+                 lambda_grad=[0.0], laplacian_tau=[0.0], mixing_window=["hann", "flat"],
+                 fit_region=["first_block", "centre"], fit_normalisation=["hr", "experts"])
+    cands = load_grid(grid, config)[1:]
+    # with flat windows the centre region is the label cell: one candidate per normalisation
+    assert sorted((c.window, c.fit_region, c.fit_normalisation) for c in cands) == sorted(
+        (w, r, n) for w in ("flat", "hann") for r in ("first_block", "centre")
+        for n in ("hr", "experts") if not (w == "flat" and r == "centre"))
+    out = tmp_path / "tune"
+    res = run_tune(config, cands, out, folds=[1], cache_dir=cache, no_progress=True)
+    assert res.units_done == len(cands)
+    c = next(c for c in cands if c.fit_region == "centre" and c.fit_normalisation == "experts")
+    unit = next(u for u in (json.loads(p.read_text()) for p in (out / "results").glob("*.json"))
+                if u["candidate"] == c.as_dict())
+    store = VolumeStore(cache)
+    train, test = select_task(json.loads(Path(config.data.out).read_text()), 1, SPACING, PULSE,
+                              config.data.models)
+    key = StatsKey.make(region="centre", stride=4, patch_size=8, window="hann", edge_power=1.0,
+                        grad_operator="sobel", with_edge=False, with_grad=False,
+                        normalisation="experts")
+    st = sum_stats([box_statistics(store.get(p["HR"]).data,
+                                   [store.get(x).data for x in p["experts"]], key)
+                    for p in train.values()])
+    w, _ = fit_model(st, simplex=config.pacs_sr.simplex, lambda_ridge=c.lambda_ridge)
+    for pid, paths in test.items():
+        hr = store.get(paths["HR"]).data
+        ex = [store.get(p).data for p in paths["experts"]]
+        proxy = expert_mean(ex)
+        blend = blend_patient(ex, TileGrid(SHAPE, 8, 4), w, window="hann",
+                              norm=Normalisation.from_experts(ex, proxy),
+                              brain_mask=brain_mask(proxy))
+        m = volume_metrics(hr, blend, ssim_axis=config.pacs_sr.ssim_axis)
+        assert_allclose(unit["patients"][pid]["psnr"], m["psnr"], rtol=1e-6)
+    psnr = {(r["candidate"]["fit_region"], r["candidate"]["fit_normalisation"],
+             r["candidate"]["mixing_window"]): r["psnr"] for r in res.table}
+    assert len(set(psnr.values())) == len(psnr)  # every setting fits differently

@@ -42,7 +42,8 @@ def _add_tune(sub, plain_common: argparse.ArgumentParser) -> None:  # noqa: ANN0
         default=None,
         help="YAML mapping of pacs_sr keys to lists of values: patch_size, stride, "
         "lambda_ridge, lambda_edge, lambda_grad, laplacian_tau, fit_region, mixing_window, "
-        "prior, prior_strength, gating, hr_free_mapping (a key given twice is refused; "
+        "prior, prior_strength, gating, hr_free_mapping, fit_normalisation (a key given "
+        "twice is refused; "
         "required without --nested)",
     )
     io.add_argument(

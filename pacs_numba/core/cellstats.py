@@ -23,6 +23,11 @@ statistics themselves and depends on the patch size and the window anyway; so th
 makes a direct pass per (patch, stride, window) and caches that, still decomposed in the
 lambdas.
 
+The ``centre`` fit region (algorithm A4) fits each tile on the voxels its blending window
+weighs most (:func:`centre_windows`): the same pass as ``window`` with 0/1 windows, so
+a voxel is read once, as in the cell pass.  ``StatsKey.normalisation`` says whether the
+z-scores are the HR's (algorithm A3) or the experts' own (``fit_normalisation: experts``).
+
 Cache
 -----
 Entries live in ``<volume cache dir>/cellstats/<key>.npz``; ``key`` hashes the format
@@ -45,7 +50,7 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .._config import GRAD_OPERATORS, WINDOWS
+from .._config import FIT_NORMALISATIONS, GRAD_OPERATORS, WINDOWS
 from ..config import FIT_REGIONS, PacsConfig, check_stride
 from ..errors import ConfigError, InputError
 from ..kernels.blend import _window_table
@@ -57,6 +62,7 @@ from ..kernels.stats import (
     _valid_mask,
     _volume_moments,
 )
+from .blending import Normalisation
 from .checks import as_volume_list
 from .gating import edge_gate, gated_normal_equations, term_index
 from .statistics import PatientStats, check_option, check_volumes
@@ -70,6 +76,17 @@ N_GATED_PARTS = 2
 
 #: Bumped whenever the meaning or layout of a stored entry changes.
 FORMAT = 1
+
+
+def effective_region(region: str, patch_size: int, stride: int, window: str) -> str:
+    """Return the fit region a setting really uses (algorithm A4).
+
+    ``centre`` without overlap, or with flat windows (every covering tile weighs a voxel
+    alike, ties go to the largest id), is the label cell: ``first_block``.
+    """
+    if region == "centre" and (stride >= patch_size or window == "flat"):
+        return "first_block"
+    return region
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,9 @@ class StatsKey:
     with_gate : bool
         Whether the two gated parts of the edge-gated model (algorithm A5.2) follow the
         four parts (``first_block`` only).
+    normalisation : {"hr", "experts"}
+        z-scores of the fit: the HR's mask and statistics (algorithm A3), or the experts'
+        own as at predict (``pacs_sr.fit_normalisation``, algorithm A4).
     """
 
     region: str
@@ -108,6 +128,7 @@ class StatsKey:
     with_edge: bool
     with_grad: bool
     with_gate: bool = False
+    normalisation: str = "hr"
 
     @classmethod
     def make(
@@ -122,6 +143,7 @@ class StatsKey:
         with_edge: bool,
         with_grad: bool,
         with_gate: bool = False,
+        normalisation: str = "hr",
     ) -> StatsKey:
         """Normalise the settings (drop those that cannot matter) and check them.
 
@@ -145,6 +167,10 @@ class StatsKey:
             raise ConfigError(f"edge_power must be a finite number > 0, got {edge_power!r}")
         if with_gate and region != "first_block":
             raise ConfigError("gating: edge statistics need fit_region: first_block")
+        if normalisation not in FIT_NORMALISATIONS:
+            raise ConfigError(f"fit_normalisation {normalisation!r}: expected one of "
+                              f"{list(FIT_NORMALISATIONS)}")
+        region = effective_region(region, patch_size, stride, window)
         if region == "first_block":
             patch_size, window = stride, "flat"
         elif stride >= patch_size:
@@ -153,7 +179,7 @@ class StatsKey:
             region, stride, patch_size, window,
             float(edge_power) if with_edge else 0.0,
             grad_operator if with_grad else "",
-            bool(with_edge), bool(with_grad), bool(with_gate),
+            bool(with_edge), bool(with_grad), bool(with_gate), normalisation,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -165,6 +191,7 @@ class StatsKey:
             "with_grad": self.with_grad,
             # only when set, so the keys (and cache entries) of ungated statistics stay
             **({"with_gate": True} if self.with_gate else {}),
+            **({"normalisation": self.normalisation} if self.normalisation != "hr" else {}),
         }
 
     @property
@@ -231,8 +258,32 @@ class CellStats:
             )
         if stride == cell:
             return self
-        f = stride // cell
-        fine = tuple(math.ceil(n / cell) for n in self.shape)
+        key = StatsKey(**{**self.key.as_dict(), "stride": stride, "patch_size": stride})
+        return self._grouped(stride // cell, key)
+
+    def parents(self) -> CellStats:
+        """Statistics of the parent tiles of the multi-scale prior (algorithm A5.1).
+
+        Parent ``(i0, i1, i2)`` holds the tiles ``(2 i0 + a, 2 i1 + b, 2 i2 + c)``: for
+        ``first_block`` this is :meth:`coarsen` to twice the stride; for ``centre`` the
+        union of the children's regions (a parent only serves as a prior, it is never
+        blended, so its region need not be a tile's).
+
+        Raises
+        ------
+        ConfigError
+            For ``window`` statistics, whose boxes overlap.
+        """
+        if self.key.region == "first_block":
+            return self.coarsen(2 * self.key.stride)
+        if self.key.region != "centre":
+            raise ConfigError(f"{self.key.region} statistics have no parent tiles")
+        key = StatsKey(**{**self.key.as_dict(), "stride": 2 * self.key.stride,
+                          "patch_size": 2 * self.key.patch_size})
+        return self._grouped(2, key)
+
+    def _grouped(self, f: int, key: StatsKey) -> CellStats:
+        fine = tuple(math.ceil(n / self.key.stride) for n in self.shape)
         coarse = tuple(math.ceil(n / f) for n in fine)
         pad = [(0, c * f - n) for c, n in zip(coarse, fine, strict=True)]
         p = self.parts.reshape(*fine, -1)
@@ -240,7 +291,6 @@ class CellStats:
         p = p.reshape(coarse[0], f, coarse[1], f, coarse[2], f, -1).sum(axis=(1, 3, 5))
         c = np.pad(self.counts.reshape(fine), pad)
         c = c.reshape(coarse[0], f, coarse[1], f, coarse[2], f).sum(axis=(1, 3, 5))
-        key = StatsKey(**{**self.key.as_dict(), "stride": stride, "patch_size": stride})
         return CellStats(
             p.reshape(-1, self.parts.shape[1], self.parts.shape[-1]),
             c.reshape(-1).astype(np.int64),
@@ -255,6 +305,7 @@ def fit_stats_key(pacs: PacsConfig) -> StatsKey:
         window=pacs.mixing_window, edge_power=pacs.edge_power,
         grad_operator=pacs.grad_operator, with_edge=pacs.lambda_edge > 0,
         with_grad=pacs.lambda_grad > 0, with_gate=pacs.gating == "edge",
+        normalisation=pacs.fit_normalisation,
     )
 
 
@@ -376,6 +427,9 @@ def box_statistics(
     mask, _ = _valid_mask(hr_v, ex)
     mask.flags.writeable = False
     mom = _volume_moments(as_volume_list([hr_v, *ex]), mask)
+    mu_hr, sd_hr = float(mom[0, 0]), float(mom[0, 1])
+    if key.normalisation == "experts":
+        mom = experts_moments(ex)
     mus = np.ascontiguousarray(mom[:, 0])
     sds = np.ascontiguousarray(mom[:, 1])
     n_chunks = numba.get_num_threads()
@@ -387,6 +441,8 @@ def box_statistics(
         _window_table(-(-n // key.stride), n, key.patch_size, key.stride, code)
         for n in hr_v.shape
     ]
+    if key.region == "centre":
+        wins = [centre_windows(w, n, key.stride) for w, n in zip(wins, hr_v.shape, strict=True)]
     parts, counts = _box_moments(
         hr_v, ex, mask, key.patch_size, key.stride, wins[0], wins[1], wins[2], mus, sds,
         float(key.edge_power) if key.with_edge else 1.0, gmax, key.with_edge, key.with_grad,
@@ -398,7 +454,76 @@ def box_statistics(
         del gate
         parts = np.ascontiguousarray(np.concatenate([parts, gated], axis=1))
     return CellStats(parts, counts, tuple(hr_v.shape), key, len(ex),  # type: ignore[arg-type]
-                     float(mus[0]), float(sds[0]))
+                     mu_hr, sd_hr)
+
+
+def experts_moments(experts: Sequence[NDArray[np.float32]]) -> NDArray[np.float64]:
+    """z-score moments of ``fit_normalisation: experts``: predict's, for the fit (algorithm A4).
+
+    Returns
+    -------
+    (M + 1, 2) float64
+        Row ``1 + e``: mean and floored std of expert ``e`` as ``predict`` z-scores it
+        (:meth:`Normalisation.from_experts`, algorithm B6); row 0, standing for the HR's:
+        the mean of the experts' means and of their stds, the ``mean`` map-back.  The HR is
+        then z-scored with the statistics its blend is mapped back with, so the fit
+        minimises the squared error ``predict`` makes, divided by the squared std.
+
+    Raises
+    ------
+    InputError
+        If the experts have no voxel > 0 (nothing ``predict`` could blend either).
+    """
+    norm = Normalisation.from_experts(experts)
+    mom = np.empty((len(experts) + 1, 2))
+    mom[0] = norm.mu_out, norm.sd_out
+    mom[1:, 0] = norm.mus
+    mom[1:, 1] = norm.sds
+    return mom
+
+
+def centre_windows(table: NDArray[np.float32], n: int, stride: int) -> NDArray[np.float32]:
+    """0/1 windows of the ``centre`` fit region along one axis (algorithm A4).
+
+    Parameters
+    ----------
+    table : (n_tiles, patch) float32
+        The blend's windows along the axis (``kernels.blend._window_table``).
+    n : int
+        Axis length.
+    stride : int
+
+    Returns
+    -------
+    (n_tiles, patch) float32
+        1 where the tile's window weighs the voxel more than every other tile's window
+        that covers it (ties: the largest tile id, the label rule of algorithm A2), else
+        0.  Each voxel belongs to exactly one tile.  With a Hann window of ``p = 2 s``
+        tile ``t`` gets ``[t s + s/2, t s + 3 s/2)``: its box's central block, where the
+        blend uses its weights most, instead of the box's first block.
+
+    Examples
+    --------
+    >>> from pacs_numba.kernels.blend import _window_table
+    >>> w = centre_windows(_window_table(3, 12, 8, 4, 1), 12, 4)  # Hann, p = 8, s = 4
+    >>> [next(t for t in range(3) if 0 <= v - 4 * t < 8 and w[t, v - 4 * t])
+    ...  for v in range(12)]
+    [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    """
+    n_tiles, patch = table.shape
+    out = np.zeros_like(table)
+    best = np.full(n, -1.0)
+    owner = np.zeros(n, np.int64)
+    for t in range(n_tiles):  # increasing id: ">=" gives ties to the largest
+        lo = t * stride
+        hi = min(lo + patch, n)
+        h = table[t, : hi - lo].astype(np.float64)
+        take = h >= best[lo:hi]
+        best[lo:hi] = np.where(take, h, best[lo:hi])
+        owner[lo:hi] = np.where(take, t, owner[lo:hi])
+    v = np.arange(n)
+    out[owner, v - owner * stride] = 1.0
+    return out
 
 
 def patient_statistics(

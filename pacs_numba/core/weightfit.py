@@ -28,14 +28,19 @@ from .solve import laplacian_smooth, solve_simplex_qp, solve_unconstrained
 def weight_model_conflict(pacs: Any) -> tuple[str, str] | None:
     """Say which key makes the weight model of ``pacs`` impossible, or return None.
 
-    ``prior: multiscale`` builds parent tiles from label cells, so it needs
-    ``fit_region: first_block``; ``gating: edge`` has value statistics only, so it needs
+    ``prior: multiscale`` builds parent tiles from disjoint regions, so it needs
+    ``fit_region: first_block`` or ``centre``; ``gating: edge`` has value statistics per
+    label cell only, so it needs ``first_block`` (``centre`` without overlap is that), and
     ``lambda_edge`` and ``lambda_grad`` 0 (algorithm A5.1, A5.2).  ``pacs`` is any object with
     those attributes (a :class:`PacsConfig` or a tune candidate).
     """
-    if pacs.prior == "multiscale" and pacs.fit_region != "first_block":
-        return "prior", (f"multiscale needs fit_region: first_block (the parents are unions "
-                         f"of label cells); got fit_region: {pacs.fit_region}")
+    if pacs.prior == "multiscale" and pacs.fit_region == "window":
+        return "prior", ("multiscale needs fit_region: first_block or centre (the parents "
+                         "are unions of disjoint regions); got fit_region: window")
+    if (pacs.gating == "edge" and pacs.fit_region == "centre" and pacs.stride < pacs.patch_size
+            and pacs.mixing_window != "flat"):
+        return "gating", ("edge needs fit_region: first_block (the gated statistics are "
+                          "per label cell); got fit_region: centre")
     if pacs.gating == "edge" and (pacs.lambda_edge > 0 or pacs.lambda_grad > 0):
         return "gating", ("edge needs lambda_edge: 0 and lambda_grad: 0 (the gated fit has "
                           f"value statistics only); got lambda_edge: {pacs.lambda_edge:g}, "
@@ -167,14 +172,14 @@ def fit_model(
         raise ConfigError("gating: edge needs lambda_edge: 0 and lambda_grad: 0")
     m = stats.n_experts
     if prior == "multiscale":
-        if stats.key.region != "first_block":
-            raise ConfigError("prior: multiscale needs fit_region: first_block")
+        if stats.key.region == "window":
+            raise ConfigError("prior: multiscale needs fit_region: first_block or centre")
         if not (math.isfinite(prior_strength) and prior_strength > 0):
             raise ConfigError(f"prior_strength must be a finite number > 0, got "
                               f"{prior_strength!r}")
         levels = [stats]
         while max(_level_counts(stats.shape, levels[-1].key.stride)) > 1:
-            levels.append(levels[-1].coarsen(2 * levels[-1].key.stride))
+            levels.append(levels[-1].parents())
         parent: NDArray[np.float64] | None = None
         for st in reversed(levels):
             q, b = _normal_equations(st, gated, lambda_edge, lambda_grad)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..core.blending import Normalisation, blend_patient, brain_mask, expert_mean
-from ..core.cellstats import CellStats, StatsKey
+from ..core.cellstats import CellStats, StatsKey, effective_region
 from ..core.gating import edge_gate
 from ..core.metrics import volume_metrics
 from ..core.scoring import experts_as_they_are
@@ -43,14 +43,32 @@ def fixed_settings(pacs: Any, models: Sequence[str]) -> dict[str, Any]:
 
 def stats_key(c: Any, cell: int, pacs: Any, edge: bool, grad: bool,
               gate: bool = False) -> StatsKey:
-    """Statistics key serving candidate ``c`` (``first_block`` at ``cell``, or its boxes)."""
-    if c.fit_region == "first_block":
+    """Statistics key serving candidate ``c`` (``first_block`` at ``cell``, or its own)."""
+    norm = getattr(c, "fit_normalisation", "hr")
+    if statistics_group(c)[0] == "first_block":
         return StatsKey.make(region="first_block", stride=cell, patch_size=cell, window="flat",
                              edge_power=pacs.edge_power, grad_operator=pacs.grad_operator,
-                             with_edge=edge, with_grad=grad, with_gate=gate)
-    return StatsKey.make(region="window", stride=c.stride, patch_size=c.patch_size,
+                             with_edge=edge, with_grad=grad, with_gate=gate,
+                             normalisation=norm)
+    return StatsKey.make(region=c.fit_region, stride=c.stride, patch_size=c.patch_size,
                          window=c.mixing_window, edge_power=pacs.edge_power,
-                         grad_operator=pacs.grad_operator, with_edge=edge, with_grad=grad)
+                         grad_operator=pacs.grad_operator, with_edge=edge, with_grad=grad,
+                         normalisation=norm)
+
+
+def statistics_group(c: Any) -> tuple:
+    """Candidates with equal groups share one statistics pass per patient.
+
+    ``first_block`` candidates share cells at the gcd of their strides (coarser strides are
+    sums of cells); ``window`` and ``centre`` candidates need their own (patch, stride,
+    window); the z-scores of ``fit_normalisation`` split every group.  A ``centre``
+    candidate without overlap or with flat windows is ``first_block`` (``StatsKey.make``).
+    """
+    norm = getattr(c, "fit_normalisation", "hr")
+    region = effective_region(c.fit_region, c.patch_size, c.stride, c.mixing_window)
+    if region == "first_block":
+        return ("first_block", norm)
+    return (region, c.stride, c.patch_size, c.window, norm)
 
 
 class Patients:

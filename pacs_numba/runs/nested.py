@@ -40,7 +40,14 @@ from ..store.integrity import strict_json
 from ..store.manifest import load_manifest, select_task
 from ..store.statscache import StatsCache
 from ..store.volumes import VolumeStore, file_fingerprint
-from .cvunits import Patients, digest, fit_and_score, fixed_settings, stats_key
+from .cvunits import (
+    Patients,
+    digest,
+    fit_and_score,
+    fixed_settings,
+    statistics_group,
+    stats_key,
+)
 from .pool import StopFlag
 from .progress import progress
 from .tune import SWEPT, Candidate, unique_candidates
@@ -52,10 +59,16 @@ DEFAULT_PRIOR_STRENGTHS = (0.25, 1.0, 4.0)
 
 
 def family(c: Candidate) -> str:
-    """Name of the weight model of ``c``: published, multiscale, edge-gated or both."""
+    """Name of the weight model of ``c``: published, multiscale, edge-gated or both.
+
+    Fitted as ``predict`` blends (``fit_region: centre`` or ``fit_normalisation: experts``,
+    algorithm A4) the name says so after a comma.
+    """
     parts = [p for p, on in (("multiscale", c.prior == "multiscale"),
                              ("edge-gated", c.gating == "edge")) if on]
-    return "+".join(parts) or "published"
+    fit = [f for f, on in (("centre", c.fit_region == "centre"),
+                           ("experts' z-scores", c.fit_normalisation == "experts")) if on]
+    return ("+".join(parts) or "published") + (", fitted " + " + ".join(fit) if fit else "")
 
 
 def default_grid(config: FullConfig) -> list[Candidate]:
@@ -70,6 +83,9 @@ def default_grid(config: FullConfig) -> list[Candidate]:
     - the edge-gated model without the prior at the config's tiles, and with the prior at
       strengths 1 and 4 at both tile sizes (5): the gated model has twice the unknowns,
       so it is the one that needs the prior most;
+    - fitted as ``predict`` blends (``fit_region: centre``, ``fit_normalisation: experts``,
+      algorithm A4): the published model and the prior's three strengths at both tile sizes
+      (8);
     - each of those without ``lambda_edge`` and ``lambda_grad`` again with the other HR-free
       map-back (``hr_free_mapping``: ``weighted`` when the config's is ``mean``; up to 15),
       which changes the blend, not the fit.
@@ -104,6 +120,18 @@ def default_grid(config: FullConfig) -> list[Candidate]:
         for strength in DEFAULT_PRIOR_STRENGTHS[1:]:
             out.append(dataclasses.replace(plain, patch_size=patch, stride=stride, gating="edge",
                                            prior="multiscale", prior_strength=strength))
+    # fitted as predict blends (algorithm A4): each tile on its window's central block,
+    # z-scored with the experts' own statistics.  Not the gated model: its statistics are
+    # per label cell, and with the experts' z-scores alone it gained nothing on the
+    # generated cohorts (profiling/2026-12-07-weight-models-gate.md) for the most
+    # expensive blends of the grid.
+    for patch, stride in sizes:
+        out.append(dataclasses.replace(plain, patch_size=patch, stride=stride,
+                                       fit_region="centre", fit_normalisation="experts"))
+        for strength in DEFAULT_PRIOR_STRENGTHS:
+            out.append(dataclasses.replace(plain, patch_size=patch, stride=stride,
+                                           prior="multiscale", prior_strength=strength,
+                                           fit_region="centre", fit_normalisation="experts"))
     other = "weighted" if own.hr_free_mapping == "mean" else "mean"
     out += [dataclasses.replace(c, hr_free_mapping=other) for c in out[1:]
             if c.lambda_edge == 0 and c.lambda_grad == 0]
@@ -207,7 +235,7 @@ def run_nested(
     store = VolumeStore(cache_dir)
     cache = StatsCache(store.directory / "cellstats")
     fixed = fixed_settings(pacs, models)
-    fb = [c for c in candidates if c.fit_region == "first_block"]
+    fb = [c for c in candidates if statistics_group(c)[0] == "first_block"]
     cell = math.gcd(*(c.stride for c in fb)) if fb else 1
     need = (any(c.lambda_edge > 0 for c in candidates),
             any(c.lambda_grad > 0 for c in candidates),
@@ -268,9 +296,7 @@ def run_nested(
             pats = pats_by_task[(s, p)]
             groups: dict[tuple, list[Candidate]] = {}
             for c in cands:
-                g = ("first_block",) if c.fit_region == "first_block" else \
-                    ("window", c.stride, c.patch_size, c.window)
-                groups.setdefault(g, []).append(c)
+                groups.setdefault(statistics_group(c), []).append(c)
             for gkey, members in groups.items():
                 fb_group = gkey[0] == "first_block"
                 skey = stats_key(members[0], cell, pacs, need[0], need[1], need[2] and fb_group)

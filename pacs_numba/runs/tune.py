@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .._config import GATINGS, HR_FREE_MAPPINGS, PRIORS
+from .._config import FIT_NORMALISATIONS, GATINGS, HR_FREE_MAPPINGS, PRIORS
 from ..config import (
     FIT_REGIONS,
     MIXING_WINDOWS,
@@ -46,7 +46,7 @@ from ..config import (
     dump_config,
     stride_problem,
 )
-from ..core.cellstats import sum_stats
+from ..core.cellstats import effective_region, sum_stats
 from ..core.scoring import HR_FREE, PROTOCOL_NOTE, PROTOCOLS, gain_over_best
 from ..core.weightfit import weight_model_conflict
 from ..errors import ConfigError, InputError, Interrupted
@@ -59,6 +59,7 @@ from .cvunits import Patients as _Patients
 from .cvunits import digest as _digest
 from .cvunits import fit_and_score as _fit_and_score
 from .cvunits import fixed_settings
+from .cvunits import statistics_group as _statistics_group
 from .cvunits import stats_key as _stats_key
 from .escape import md_text
 from .pool import StopFlag
@@ -87,10 +88,12 @@ SWEPT = {
     "prior_strength": float,
     "gating": str,
     "hr_free_mapping": str,
+    "fit_normalisation": str,
 }
 #: Allowed values of the swept string keys.
 _CHOICES = {"fit_region": FIT_REGIONS, "mixing_window": MIXING_WINDOWS, "prior": PRIORS,
-            "gating": GATINGS, "hr_free_mapping": HR_FREE_MAPPINGS}
+            "gating": GATINGS, "hr_free_mapping": HR_FREE_MAPPINGS,
+            "fit_normalisation": FIT_NORMALISATIONS}
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class Candidate:
     prior_strength: float = 1.0
     gating: str = "none"
     hr_free_mapping: str = "mean"
+    fit_normalisation: str = "hr"
 
     def as_dict(self) -> dict[str, Any]:
         """Return the swept keys and their values."""
@@ -214,11 +218,12 @@ def unique_candidates(cands: Iterable[Candidate]) -> list[Candidate]:
     """
     seen: dict[tuple, Candidate] = {}
     for c in cands:
-        region = "first_block" if c.stride == c.patch_size else c.fit_region
+        region = "first_block" if c.stride == c.patch_size else \
+            effective_region(c.fit_region, c.patch_size, c.stride, c.window)
         strength = c.prior_strength if c.prior == "multiscale" else None
         ident = (c.patch_size, c.stride, c.lambda_ridge, c.lambda_edge, c.lambda_grad,
                  c.laplacian_tau, region, c.window, c.prior, strength, c.gating,
-                 c.hr_free_mapping)
+                 c.hr_free_mapping, c.fit_normalisation)
         seen.setdefault(ident, c)
     return list(seen.values())
 
@@ -311,16 +316,15 @@ def run_tune(
     fixed = fixed_settings(pacs, models)
 
     # Shared statistics: one first_block pass per patient at the gcd of the strides.
-    fb = [c for c in candidates if c.fit_region == "first_block"]
+    fb = [c for c in candidates if _statistics_group(c)[0] == "first_block"]
     cell = math.gcd(*(c.stride for c in fb)) if fb else 1
     need_edge = any(c.lambda_edge > 0 for c in candidates)
     need_grad = any(c.lambda_grad > 0 for c in candidates)
     need_gate = any(c.gating != "none" for c in candidates)
 
     def group_of(c: Candidate) -> tuple:
-        if c.fit_region == "first_block":
-            return ("first_block", c.stride)
-        return ("window", c.stride, c.patch_size, c.window)
+        g = _statistics_group(c)
+        return (*g, c.stride) if g[0] == "first_block" else g
 
     groups: dict[tuple, list[Candidate]] = {}
     for c in candidates:
@@ -379,7 +383,7 @@ def run_tune(
                         st = sum_stats(per)
                         del per
                         if gkey[0] == "first_block":
-                            st = st.coarsen(gkey[1])
+                            st = st.coarsen(gkey[-1])
                         timings["statistics"] += time.perf_counter() - t0
                         for c in todo:
                             _stop_point(stop, computed, n_units - len(done))
@@ -413,7 +417,8 @@ def _label(c: Candidate) -> str:
             f"edge={c.lambda_edge:g} grad={c.lambda_grad:g} tau={c.laplacian_tau:g} "
             f"fit={c.fit_region} window={c.window} prior={c.prior}"
             + (f"({c.prior_strength:g})" if c.prior == "multiscale" else "")
-            + f" gating={c.gating} mapping={c.hr_free_mapping}")
+            + f" gating={c.gating} mapping={c.hr_free_mapping}"
+            + f" fit_normalisation={c.fit_normalisation}")
 
 
 def _rank(

@@ -146,6 +146,8 @@ def box_moments(
     window: str,
     edge_power: float,
     grad_operator: str,
+    centre: bool = False,
+    normalisation: str = "hr",
 ) -> dict[str, np.ndarray]:
     """Decomposed per-tile statistics over window-weighted boxes, the slow obvious way.
 
@@ -153,12 +155,33 @@ def box_moments(
     each with terms ``x_a y`` (a < M) then ``x_a x_c`` (a <= c, row-major) -- and ``counts``
     (mask voxels with a non-zero window weight).  ``window`` is the effective window
     (flat when ``stride >= patch_size``); ``patch_size == stride`` with "flat" is the label
-    partition of A2.
+    partition of A2.  ``centre`` (fit region ``centre``, A4): each voxel counts, with weight
+    1, only for the tile whose box window is largest there (ties: the largest tile id).
+    ``normalisation="experts"`` (A4): each expert is z-scored over the voxels where the
+    experts' mean is > 0 (all finite), and the HR with the mean of the experts' means and
+    the mean of their stds.
     """
     m = len(experts)
     mask, _ = valid_mask(hr, experts)
     mu_hr, sd_hr = moments(hr, mask)
     mom = [moments(x, mask) for x in experts]
+    if normalisation == "experts":
+        proxy = sum(clean(x) for x in experts) / np.float32(m)
+        emask, _ = valid_mask(proxy, experts)
+        mom = [moments(x, emask) for x in experts]
+        mu_hr = float(np.mean([a for a, _ in mom]))
+        sd_hr = float(np.mean([b for _, b in mom]))
+    n_anchor = [-(-n // stride) for n in hr.shape]
+    owner = []  # per axis: the tile whose window weighs each coordinate most
+    for n, na in zip(hr.shape, n_anchor, strict=True):
+        best = [(-1.0, -1)] * n
+        for t in range(na):
+            lo, hi = t * stride, min(t * stride + patch_size, n)
+            prof = hann_profile(hi - lo, window)
+            for v in range(lo, hi):
+                if (prof[v - lo], t) >= best[v]:
+                    best[v] = (prof[v - lo], t)
+        owner.append(np.array([t for _, t in best]))
     hr_n = zscore(hr, mu_hr, sd_hr)
     xs_n = [zscore(x, mu, sd) for x, (mu, sd) in zip(experts, mom, strict=True)]
     s = [ndimage.sobel(hr_n, axis=d, mode="nearest") for d in range(3)]
@@ -181,6 +204,9 @@ def box_moments(
                     for i, n in zip((i0, i1, i2), hr.shape, strict=True)
                 )
                 h = [hann_profile(sl.stop - sl.start, window) for sl in box]
+                if centre:
+                    h = [(owner[d][sl] == i).astype(np.float64)
+                         for d, (sl, i) in enumerate(zip(box, (i0, i1, i2), strict=True))]
                 win = h[0][:, None, None] * h[1][None, :, None] * h[2][None, None, :]
                 wp = (win * mask[box]).ravel()
                 we = (win * tp[box]).ravel()
