@@ -191,3 +191,20 @@ with node_lock(Path({str(tmp_path / 'x.lock')!r})):
              for _ in range(2)]
     spans = sorted(tuple(map(float, p.communicate(timeout=120)[0].split())) for p in procs)
     assert spans[0][1] <= spans[1][0]
+
+
+#: A fresh compile cache after start-up: the threading layer's probe kernel is compiled (and
+#: cached) before load_kernels looks, which must still see a first run.
+AFTER_STARTUP = """
+from pacs_numba.resources.threads import ensure_threading_layer
+from pacs_numba.runs import warmup as w
+ensure_threading_layer()
+probe = [d for d in w.dispatchers() if d.py_func.__name__ == "_parallel_probe"][0]
+import os
+index = probe._cache._cache_file._index_path
+print(os.path.exists(index), w.kernel_index_files()[0], w.kernel_index_files()[1] > 10)
+"""
+
+
+def test_the_start_up_probe_does_not_hide_a_first_run(tmp_path):
+    assert _run(tmp_path, AFTER_STARTUP) == "True 0 True"
