@@ -310,18 +310,12 @@ def _valid_mask_planes(hr, experts, lo, hi, mask, bad):
 def _valid_mask(hr, experts):
     """Valid-voxel mask and per-volume count of non-finite voxels.
 
-    Parameters
-    ----------
-    hr : (N0, N1, N2) float32
-        Raw HR volume.
-    experts : numba.typed.List of M (N0, N1, N2) float32
-        Raw expert volumes.
+    ``hr`` and ``experts`` as for :func:`_valid_mask_planes`.
 
     Returns
     -------
     mask : (N0, N1, N2) uint8
-        1 where ``hr`` is finite and ``> 0`` and every expert is finite, else 0
-        (algorithm A3.1 plus finiteness).
+        That kernel's mask, for every plane.
     nonfinite : (M + 1,) int64
         Number of NaN/Inf voxels in the HR (index 0) and in each expert.
 
@@ -447,12 +441,7 @@ def _merge_moments(cnt, psum, pm2):
 def _volume_moments(vols, mask):
     """Mean and population standard deviation of each volume over the mask.
 
-    Parameters
-    ----------
-    vols : numba.typed.List of K (N0, N1, N2) float32
-        Raw volumes.
-    mask : (N0, N1, N2) uint8
-        Voxels to use (non-zero).
+    ``vols`` (K raw volumes) and ``mask`` as for :func:`_moments_planes`.
 
     Returns
     -------
