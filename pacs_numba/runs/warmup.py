@@ -28,7 +28,7 @@ from ..core.scoring import score_patient
 from ..core.solve import fit_weights, laplacian_smooth, solve_simplex_qp
 from ..core.statistics import normalisation, valid_mask
 from ..core.tiling import TileGrid
-from ..resources.limits import cgroup_cpu_limit, slurm_cpus
+from ..resources.limits import detect_limits
 from ..resources.threads import ensure_threading_layer
 from ..store.locks import node_lock
 
@@ -295,15 +295,8 @@ def split_steps(steps: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on: affinity, SLURM's allocation and the cgroup quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    for fig in (slurm_cpus(), cgroup_cpu_limit()):
-        if fig is not None:
-            cpus = min(cpus, int(fig.value))
-    return max(1, cpus)
+    """CPUs this process may run on: the engine's figure (affinity, SLURM, cgroup quota)."""
+    return max(1, int(detect_limits().cpus.value))
 
 
 def compile_child_wanted() -> bool:
