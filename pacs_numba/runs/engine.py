@@ -275,9 +275,9 @@ class Engine(FitStage, EvaluateStage):
                                                         (paths["HR"], *paths["experts"])],
                                        int(np.prod(shape)), exact=True)
         # every entry there already: no patient decodes, so the plan leaves the decodes out
+        # (the memory cache looks none up: it decodes every time)
         plans = self._plan_stages(task, shape, len(train), len(test), fit=fitting,
-                                  cold=self.store.mode == "memory"
-                                  or space["cached"] < space["inputs"])
+                                  cold=space["cached"] < space["inputs"])
         plan: PoolPlan | None = None
         if fitting:
             model = self._fit(task, train, clock, skipped, nonfinite, plans["fit"])
