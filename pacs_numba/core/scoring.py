@@ -48,6 +48,7 @@ from .checks import (
 from .metrics import METRIC_KEYS, aggregate, metrics_from_sums, volume_metrics
 from .model import StackingModel
 from .predict import model_mapping, model_window
+from .statistics import by_slabs
 
 #: The blend's brain mask (algorithm A7.5); ``score_patient`` has a parameter of that name.
 _component_mask = brain_mask
@@ -210,10 +211,8 @@ def score_patient(
     ssim = np.full((n_pred, n_s), np.nan)
     threads = numba.get_num_threads()
     mus, sds, mus2, sds2 = stats(norm.mus), stats(norm.sds), stats(f.mus), stats(f.sds)
-    # Along axis 0 a slice is a slab of planes of every volume; along axis 1 it spans them all.
-    step = max(slab, 2 * threads) if axis == 0 else n_s
-    for a in range(0, n_s, step):
-        b = min(a + step, n_s)
+
+    def score(a: int, b: int) -> None:  # slices a:b along the SSIM axis
         _score_patient(
             t, vols, w, mus, sds, float(norm.mu_out),
             float(norm.sd_out), mask_u8, brain_mask is not None, mus2, sds2,
@@ -222,9 +221,13 @@ def score_patient(
             WINDOWS[kind], axis, SSIM_MIN_RANGE, threads,
             a, b, blend, count, sum_sq, sum_abs, lo, hi, ssim,
         )
-        if axis == 0:
-            _release(t, vols, a, b)
-    _release(t, vols)  # and what the kernel's reads mapped around the last slabs' edges
+
+    # Along axis 0 a slice is a slab of planes of every volume; along axis 1 it spans them all.
+    if axis == 0:
+        by_slabs(n_s, max(slab, 2 * threads), [t, *vols], score)
+    else:
+        score(0, n_s)
+        _release(t, vols)
     # Slice partial sums added in slice order, as metrics._volume_metrics adds its planes.
     n = int(count.sum())
     lo_all = float(lo.min()) if lo.size else np.inf
@@ -254,10 +257,10 @@ def score_patient(
     return PatientScore(blend, finish(0), extras)
 
 
-def _release(hr: NDArray, experts: Sequence[NDArray], lo: int = 0, hi: int | None = None) -> None:
-    """Give back the mapped pages of planes ``lo:hi`` of the HR and the experts (if mapped)."""
+def _release(hr: NDArray, experts: Sequence[NDArray]) -> None:
+    """Give back the mapped pages of the HR and the experts (if mapped from the cache)."""
     for v in (hr, *experts):
-        release_pages(v, lo, hi)
+        release_pages(v)
 
 
 def _with_experts_as_they_are(
