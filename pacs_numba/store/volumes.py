@@ -371,9 +371,7 @@ class VolumeStore:
         cached = 0
         for src in sources if exact else ():
             try:
-                h5 = parse_source(src)
-                ident = _h5_ident(_absolute(h5)) if h5 is not None else _identity(
-                    Path(os.path.abspath(src)))[1]  # type: ignore[arg-type]
+                ident = _source_identity(_source(src))[1]
             except (InputError, OSError):
                 continue
             cached += (self.directory / f"{_entry_key(ident)}.json").exists()
@@ -596,15 +594,9 @@ class VolumeStore:
         Thread-safe.  Concurrent calls for the same file wait for one decompression (in
         the ``memory`` mode: one per time the file is in use, see the class notes).
         """
-        h5 = parse_source(path)
-        source: Path | H5Source = (
-            _absolute(h5) if h5 is not None else Path(os.path.abspath(path))
-        )
+        source = _source(path)
         for _ in range(3):
-            if isinstance(source, H5Source):
-                st, ident = None, _h5_ident(source)
-            else:
-                st, ident = _identity(source)
+            st, ident = _source_identity(source)
             key = _entry_key(ident)
             with self._lock_for(key):
                 if self.mode == "memory":
@@ -913,6 +905,19 @@ def _identity(source: Path) -> tuple[os.stat_result, dict[str, Any]]:
     return file_identity(
         source, missing=f"input '{source}' does not exist; expected a NIfTI volume (.nii or "
         ".nii.gz)")
+
+
+def _source(path: str | os.PathLike[str] | H5Source) -> Path | H5Source:
+    """Return the absolute NIfTI path or HDF5 source ``path`` names (entries are keyed by it)."""
+    h5 = parse_source(path)
+    return _absolute(h5) if h5 is not None else Path(os.path.abspath(path))
+
+
+def _source_identity(source: Path | H5Source) -> tuple[os.stat_result | None, dict[str, Any]]:
+    """Return the stat (None for HDF5) and identity an entry of ``source`` must match."""
+    if isinstance(source, H5Source):
+        return None, _h5_ident(source)
+    return _identity(source)
 
 
 def _absolute(src: H5Source) -> H5Source:
