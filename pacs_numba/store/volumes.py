@@ -395,7 +395,8 @@ class VolumeStore:
         bytes still to write (at most ``PACS_NUMBA_CACHE_MAX``, which evicts older entries)
         exceed the free space: the run would otherwise stop with a full disk after hours of
         work.  Which inputs are cached already is looked up (a stat and a content sample of
-        each, ~0.1 ms) when ``exact`` or when writing all of them would not fit.  Returns
+        each: 32 ms for 60 full-size inputs here, 224 ms with the files' metadata not yet
+        cached) when ``exact`` or when writing all of them would not fit.  Returns
         :meth:`space_needed`'s figures (``cached`` is 0 when not looked up).
         """
         need = self.space_needed(sources, voxels, exact=exact and self.mode != "memory")
