@@ -306,7 +306,6 @@ def _valid_mask_planes(hr, experts, lo, hi, mask, bad):
             bad[i, e + 1] = nb
 
 
-@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _valid_mask(hr, experts):
     """Valid-voxel mask and per-volume count of non-finite voxels.
 
@@ -321,20 +320,16 @@ def _valid_mask(hr, experts):
 
     Notes
     -----
-    :func:`_valid_mask_planes` over every plane (parallel), then the per-plane counts
-    summed (integer sums: exact).  Writes only the arrays it returns; safe to run
-    concurrently.
+    Plain Python around :func:`_valid_mask_planes` over every plane (parallel), then the
+    per-plane counts summed (integer sums: exact).  Not a kernel itself: a jitted wrapper
+    passed the constant 0 as a literal and made Numba compile the planes kernel twice (once
+    for that literal, once for the slab calls), ~2 CPU-seconds of every first run.
     """
-    n0, n1, n2 = hr.shape
-    m = len(experts)
-    mask = np.empty((n0, n1, n2), np.uint8)
-    bad = np.zeros((n0, m + 1), np.int64)
+    n0 = hr.shape[0]
+    mask = np.empty(hr.shape, np.uint8)
+    bad = np.zeros((n0, len(experts) + 1), np.int64)
     _valid_mask_planes(hr, experts, 0, n0, mask, bad)
-    nonfinite = np.zeros(m + 1, np.int64)
-    for i in range(n0):
-        for e in range(m + 1):
-            nonfinite[e] += bad[i, e]
-    return mask, nonfinite
+    return mask, bad.sum(axis=0)
 
 
 @njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
@@ -437,7 +432,6 @@ def _merge_moments(cnt, psum, pm2):
     return out
 
 
-@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _volume_moments(vols, mask):
     """Mean and population standard deviation of each volume over the mask.
 
@@ -453,7 +447,8 @@ def _volume_moments(vols, mask):
     Notes
     -----
     float64 throughout: :func:`_moments_planes` over every plane (parallel), then
-    :func:`_merge_moments`.  Writes only the arrays it returns.
+    :func:`_merge_moments`.  Plain Python, as :func:`_valid_mask`.  Writes only the arrays it
+    returns.
     """
     k_vols = len(vols)
     n0 = mask.shape[0]
