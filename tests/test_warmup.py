@@ -95,6 +95,21 @@ def test_only_a_step_and_what_it_pulls_is_compiled(tmp_path):
                                      "_tile_id_one", "_tile_index_one"}, got
 
 
+def test_the_statistics_compile_each_parallel_kernel_once(tmp_path):
+    # A jitted caller passing a constant (a Literal[int]) or another layout makes Numba compile
+    # a parallel kernel a second time: seconds of every first run, for nothing.  Only a fresh
+    # compile shows it (a cached caller does not load its callees' overloads), so an empty
+    # cache and the two steps of the plane and box kernels (~15 CPU s).
+    script = ("import json; from pacs_numba.runs import warmup as w; "
+              "w.warm_kernels(('normalisation', 'statistics')); print(json.dumps({"
+              "d.py_func.__name__: [str(s) for s in d.signatures] for d in w.dispatchers() "
+              "if d.targetoptions.get('parallel') and d.signatures}))")
+    sigs = json.loads(_run(tmp_path, script))
+    assert {"_box_moments", "_valid_mask_planes", "_moments_planes"} <= set(sigs), sigs
+    twice = {name: s for name, s in sigs.items() if len(s) > 1 or "Literal" in s[0]}
+    assert not twice, twice
+
+
 def _run(tmp_path, script, **env_over):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CACHE", "PACS_"))}
     env.update(NUMBA_CACHE_DIR=str(tmp_path / "nb"), PACS_LOG_LEVEL="WARNING", **env_over)
