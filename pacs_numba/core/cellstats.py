@@ -62,6 +62,7 @@ from ..kernels.stats import (
     _valid_mask,
     _volume_moments,
 )
+from ..resources.threads import run_chunks
 from .blending import Normalisation
 from .checks import as_volume_list
 from .gating import edge_gate, gated_normal_equations, term_index
@@ -446,7 +447,7 @@ def box_statistics(
     parts, counts = _box_moments(
         hr_v, ex, mask, key.patch_size, key.stride, wins[0], wins[1], wins[2], mus, sds,
         float(key.edge_power) if key.with_edge else 1.0, gmax, key.with_edge, key.with_grad,
-        int(GRAD_OPERATORS[key.grad_operator or "sobel"]), n_chunks,
+        int(GRAD_OPERATORS[key.grad_operator or "sobel"]), n_chunks, run_chunks,
     )
     if key.with_gate:
         gate = edge_gate(ex)

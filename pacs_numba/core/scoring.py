@@ -30,6 +30,7 @@ from .._config import SSIM_AXES, SSIM_MIN_RANGE, WINDOWS
 from ..errors import InputError
 from ..kernels.score import _score_patient
 from ..resources.pages import SLAB_PLANES, release_pages
+from ..resources.threads import run_chunks
 from .blending import (
     Normalisation,
     blend_patient,
@@ -219,7 +220,7 @@ def score_patient(
             float(f.mu_out), float(f.sd_out), mask2_u8, free_mask is not None,
             bool(experts_alone), free is not None, grid.patch_size, grid.stride,
             WINDOWS[kind], axis, SSIM_MIN_RANGE, threads,
-            a, b, blend, count, sum_sq, sum_abs, lo, hi, ssim,
+            a, b, blend, count, sum_sq, sum_abs, lo, hi, ssim, run_chunks,
         )
 
     # Along axis 0 a slice is a slab of planes of every volume; along axis 1 it spans them all.

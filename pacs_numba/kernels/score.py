@@ -28,7 +28,7 @@ step by step, so the results equal the separate passes to float rounding.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .._config import CACHE, FASTMATH
 from .blend import _window_table
@@ -265,12 +265,135 @@ def _ssim_shared_one(t, preds, n_pred, data_range, vert, col, run, out, s):
         out[q, s] = out[q, s] / area
 
 
-@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
+@njit(nogil=True, cache=CACHE, fastmath=FASTMATH)
+def _score_chunk_one(
+    hr, experts, weights, mask, use_mask, mask2, use_mask2, do_experts, do_free,
+    patch_size, s, axis, n_a, n_pred, counts1, counts2, h0, h1, h2,
+    mu32, sd32, mu2_32, sd2_32, mu_hr32, sd_hr32, mu2f, sd2f, do_ssim, min_range,
+    c, n_chunks, sl_lo, sl_hi, xn, yn, tmp, tmp2, acc, acc2, den, ratio, inmask, img_t, img_p,
+    vert, col, run, out, count, sum_sq, sum_abs, hr_min, hr_max, ssim,
+):
+    """Chunk ``c`` of :func:`_score_patient`: slices ``sl_lo + c, sl_lo + c + n_chunks, ...``.
+
+    The arguments are the kernel's (its float32 copies of the statistics, its window tables
+    and anchor counts) and the chunk's own scratch rows; it writes only those scratch rows
+    and the chunk's slices of the outputs.
+    """
+    n2 = hr.shape[2]
+    n_exp = len(experts)
+    eps32 = np.float32(1e-8)  # BLEND_EPS, as in blend._blend_volume
+    zero = np.float32(0.0)
+    xn_c, yn_c, acc_c, acc2_c, den_c, ratio_c = xn, yn, acc, acc2, den, ratio
+    in_c, t_c, p_c = inmask, img_t, img_p
+    for sl in range(sl_lo + c, sl_hi, n_chunks):
+        cnt = 0
+        lo = np.float32(np.inf)
+        hi = np.float32(-np.inf)
+        t_lo = np.float32(np.inf)  # range of the masked SSIM image t*m
+        t_hi = np.float32(-np.inf)
+        any_mask = False
+        for a in range(n_a):
+            if axis == 0:
+                i0 = sl
+                i1 = a
+            else:
+                i0 = a
+                i1 = sl
+            _zscore_row_one(experts, mu32, sd32, i0, i1, xn_c)
+            if do_free:
+                _zscore_row_one(experts, mu2_32, sd2_32, i0, i1, yn_c)
+            _blend_pair_row_one(
+                weights, h0, h1, h2, i0, i1, patch_size, s, counts1, counts2, xn_c, yn_c,
+                do_free, tmp, tmp2, acc_c, acc2_c, den_c,
+            )
+            for k in range(n2):  # the blend, as blend._blend_volume finishes it
+                b = acc_c[k] / (den_c[k] + eps32)
+                b = b * sd_hr32 + mu_hr32
+                if use_mask and mask[i0, i1, k] == 0:
+                    b = b * zero  # the reference multiplies by the 0/1 mask
+                out[i0, i1, k] = b
+                p_c[0, a, k] = b
+            q = 1
+            if do_experts:  # one-hot blends: x_e,n * den / (den + eps), mapped back
+                for k in range(n2):
+                    ratio_c[k] = den_c[k] / (den_c[k] + eps32)
+                for e in range(n_exp):
+                    pq = p_c[q]
+                    xe = xn_c[e]
+                    for k in range(n2):
+                        v = (xe[k] * ratio_c[k]) * sd_hr32 + mu_hr32
+                        if use_mask and mask[i0, i1, k] == 0:
+                            v = v * zero
+                        pq[a, k] = v
+                    q += 1
+            if do_free:
+                pq = p_c[q]
+                for k in range(n2):
+                    v = acc2_c[k] / (den_c[k] + eps32)
+                    v = v * sd2f + mu2f
+                    if use_mask2 and mask2[i0, i1, k] == 0:
+                        v = v * zero
+                    pq[a, k] = v
+                q += 1
+                # each expert as a user gets it (HR-free protocol): its own values, a
+                # non-finite one read as 0, times the HR-free blend's brain mask
+                for e in range(n_exp):
+                    pq = p_c[q]
+                    vol = experts[e]
+                    for k in range(n2):
+                        v = vol[i0, i1, k]
+                        if not np.isfinite(v) or (use_mask2 and mask2[i0, i1, k] == 0):
+                            v = zero
+                        pq[a, k] = v
+                    q += 1
+            for k in range(n2):  # the HR: range, metric mask, masked SSIM image
+                h = hr[i0, i1, k]
+                fin = np.isfinite(h)
+                if fin and h < lo:
+                    lo = h
+                if fin and h > hi:
+                    hi = h
+                inside = fin and h > 0
+                in_c[k] = inside
+                if not inside:
+                    h = zero
+                t_c[a, k] = h
+                if h < t_lo:
+                    t_lo = h
+                if h > t_hi:
+                    t_hi = h
+                if inside:
+                    cnt += 1
+                    any_mask = True
+            for q in range(n_pred):  # error sums over the mask; zero outside it
+                pq = p_c[q]
+                s2 = 0.0
+                s1 = 0.0
+                for k in range(n2):
+                    if in_c[k]:
+                        d = t_c[a, k] - pq[a, k]
+                        s2 += np.float64(d * d)
+                        s1 += np.float64(abs(d))
+                    else:
+                        pq[a, k] = zero
+                sum_sq[q, sl] += s2
+                sum_abs[q, sl] += s1
+        count[sl] = cnt
+        hr_min[sl] = lo
+        hr_max[sl] = hi
+        if not (do_ssim and any_mask):
+            continue
+        data_range = t_hi - t_lo
+        if not np.float64(data_range) >= min_range:
+            continue
+        _ssim_shared_one(t_c, p_c, n_pred, data_range, vert, col, run, ssim, sl)
+
+
 def _score_patient(
     hr, experts, weights, mus, sds, mu_hr, sd_hr, mask, use_mask,
     mus2, sds2, mu2, sd2, mask2, use_mask2, do_experts, do_free,
     patch_size, stride, window, axis, min_range, n_chunks,
-    sl_lo, sl_hi, out, count, sum_sq, sum_abs, hr_min, hr_max, ssim,
+    sl_lo, sl_hi, out, count, sum_sq, sum_abs, hr_min, hr_max, ssim, run_chunks=None,
 ):
     """Blend and score slices ``sl_lo:sl_hi``: the blend, each expert alone, the HR-free blend.
 
@@ -324,10 +447,17 @@ def _score_patient(
     ssim : (P, n_slices) float64, NaN on entry
         Written: SSIM per prediction and slice, left NaN where skipped (as
         ``metrics._ssim_slices``).
+    run_chunks : callable, optional
+        ``run_chunks(chunk, n_chunks)`` calls ``chunk(c)`` for every ``c``, in parallel
+        (``resources.threads.run_chunks``); None: one after the other on this thread.
 
     Notes
     -----
-    Each ``prange`` iteration owns whole slices (the output rows in them, their entries of
+    Plain Python around the serial ``nogil`` :func:`_score_chunk_one`: the tables, the
+    float32 statistics and each chunk's scratch are made here, the chunks run through
+    ``run_chunks``.  (As a ``parallel=True`` kernel, Numba compiled the chunk's code once
+    more in the parallel function: ~40% of this kernel's first-run compile.)  Each chunk
+    owns whole slices (the output rows in them, their entries of
     every per-slice array and its own scratch): race-free, and no value depends on the
     thread count.  A non-finite expert value is read as 0.0; NaN HR voxels are outside
     the mask and the range.
@@ -335,37 +465,31 @@ def _score_patient(
     n0, n1, n2 = hr.shape
     n_exp = len(experts)
     n_pred = 1 + (n_exp if do_experts else 0) + (1 + n_exp if do_free else 0)
-    s = stride
+    s = int(stride)
+    patch_size = int(patch_size)
     counts0 = _n_anchors_one(n0, s)
     counts1 = _n_anchors_one(n1, s)
     counts2 = _n_anchors_one(n2, s)
     h0 = _window_table(counts0, n0, patch_size, s, window)
     h1 = _window_table(counts1, n1, patch_size, s, window)
     h2 = _window_table(counts2, n2, patch_size, s, window)
-    mu32 = np.empty(n_exp, np.float32)
-    sd32 = np.empty(n_exp, np.float32)
-    mu2_32 = np.empty(n_exp, np.float32)
-    sd2_32 = np.empty(n_exp, np.float32)
-    for m in range(n_exp):
-        mu32[m] = np.float32(mus[m])
-        sd32[m] = np.float32(sds[m])
-        mu2_32[m] = np.float32(mus2[m])
-        sd2_32[m] = np.float32(sds2[m])
+    mu32 = np.asarray(mus, np.float64)[:n_exp].astype(np.float32)
+    sd32 = np.asarray(sds, np.float64)[:n_exp].astype(np.float32)
+    mu2_32 = np.asarray(mus2, np.float64)[:n_exp].astype(np.float32)
+    sd2_32 = np.asarray(sds2, np.float64)[:n_exp].astype(np.float32)
     mu_hr32 = np.float32(mu_hr)
     sd_hr32 = np.float32(sd_hr)
     mu2f = np.float32(mu2)
     sd2f = np.float32(sd2)
-    eps32 = np.float32(1e-8)  # BLEND_EPS, as in blend._blend_volume
-    zero = np.float32(0.0)
 
     if axis == 0:
         n_s, n_a = n0, n1
     else:
         n_s, n_a = n1, n0
     do_ssim = n_a >= _WIN and n2 >= _WIN
-    sl_lo = max(sl_lo, 0)
-    sl_hi = min(sl_hi, n_s)
-    n_chunks = max(1, min(n_chunks, sl_hi - sl_lo))
+    sl_lo = max(int(sl_lo), 0)
+    sl_hi = min(int(sl_hi), n_s)
+    n_chunks = max(1, min(int(n_chunks), sl_hi - sl_lo))
     n_ch = 2 + 3 * n_pred
     xn = np.empty((n_chunks, n_exp, n2), np.float32)
     yn = np.zeros((n_chunks, n_exp, n2), np.float32)
@@ -381,115 +505,22 @@ def _score_patient(
     vert = np.empty((n_chunks, n_ch, n_a if do_ssim else 1, n2), np.float32)
     col = np.empty((n_chunks, n_ch, n2), np.float64)
     run = np.empty((n_chunks, n_ch), np.float64)
-    for c in prange(n_chunks):
-        xn_c = xn[c]
-        yn_c = yn[c]
-        acc_c = acc[c]
-        acc2_c = acc2[c]
-        den_c = den[c]
-        ratio_c = ratio[c]
-        in_c = inmask[c]
-        t_c = img_t[c]
-        p_c = img_p[c]
-        for sl in range(sl_lo + c, sl_hi, n_chunks):
-            cnt = 0
-            lo = np.float32(np.inf)
-            hi = np.float32(-np.inf)
-            t_lo = np.float32(np.inf)  # range of the masked SSIM image t*m
-            t_hi = np.float32(-np.inf)
-            any_mask = False
-            for a in range(n_a):
-                if axis == 0:
-                    i0 = sl
-                    i1 = a
-                else:
-                    i0 = a
-                    i1 = sl
-                _zscore_row_one(experts, mu32, sd32, i0, i1, xn_c)
-                if do_free:
-                    _zscore_row_one(experts, mu2_32, sd2_32, i0, i1, yn_c)
-                _blend_pair_row_one(
-                    weights, h0, h1, h2, i0, i1, patch_size, s, counts1, counts2, xn_c, yn_c,
-                    do_free, tmp[c], tmp2[c], acc_c, acc2_c, den_c,
-                )
-                for k in range(n2):  # the blend, as blend._blend_volume finishes it
-                    b = acc_c[k] / (den_c[k] + eps32)
-                    b = b * sd_hr32 + mu_hr32
-                    if use_mask and mask[i0, i1, k] == 0:
-                        b = b * zero  # the reference multiplies by the 0/1 mask
-                    out[i0, i1, k] = b
-                    p_c[0, a, k] = b
-                q = 1
-                if do_experts:  # one-hot blends: x_e,n * den / (den + eps), mapped back
-                    for k in range(n2):
-                        ratio_c[k] = den_c[k] / (den_c[k] + eps32)
-                    for e in range(n_exp):
-                        pq = p_c[q]
-                        xe = xn_c[e]
-                        for k in range(n2):
-                            v = (xe[k] * ratio_c[k]) * sd_hr32 + mu_hr32
-                            if use_mask and mask[i0, i1, k] == 0:
-                                v = v * zero
-                            pq[a, k] = v
-                        q += 1
-                if do_free:
-                    pq = p_c[q]
-                    for k in range(n2):
-                        v = acc2_c[k] / (den_c[k] + eps32)
-                        v = v * sd2f + mu2f
-                        if use_mask2 and mask2[i0, i1, k] == 0:
-                            v = v * zero
-                        pq[a, k] = v
-                    q += 1
-                    # each expert as a user gets it (HR-free protocol): its own values, a
-                    # non-finite one read as 0, times the HR-free blend's brain mask
-                    for e in range(n_exp):
-                        pq = p_c[q]
-                        vol = experts[e]
-                        for k in range(n2):
-                            v = vol[i0, i1, k]
-                            if not np.isfinite(v) or (use_mask2 and mask2[i0, i1, k] == 0):
-                                v = zero
-                            pq[a, k] = v
-                        q += 1
-                for k in range(n2):  # the HR: range, metric mask, masked SSIM image
-                    h = hr[i0, i1, k]
-                    fin = np.isfinite(h)
-                    if fin and h < lo:
-                        lo = h
-                    if fin and h > hi:
-                        hi = h
-                    inside = fin and h > 0
-                    in_c[k] = inside
-                    if not inside:
-                        h = zero
-                    t_c[a, k] = h
-                    if h < t_lo:
-                        t_lo = h
-                    if h > t_hi:
-                        t_hi = h
-                    if inside:
-                        cnt += 1
-                        any_mask = True
-                for q in range(n_pred):  # error sums over the mask; zero outside it
-                    pq = p_c[q]
-                    s2 = 0.0
-                    s1 = 0.0
-                    for k in range(n2):
-                        if in_c[k]:
-                            d = t_c[a, k] - pq[a, k]
-                            s2 += np.float64(d * d)
-                            s1 += np.float64(abs(d))
-                        else:
-                            pq[a, k] = zero
-                    sum_sq[q, sl] += s2
-                    sum_abs[q, sl] += s1
-            count[sl] = cnt
-            hr_min[sl] = lo
-            hr_max[sl] = hi
-            if not (do_ssim and any_mask):
-                continue
-            data_range = t_hi - t_lo
-            if not np.float64(data_range) >= min_range:
-                continue
-            _ssim_shared_one(t_c, p_c, n_pred, data_range, vert[c], col[c], run[c], ssim, sl)
+    use_mask, use_mask2 = bool(use_mask), bool(use_mask2)
+    do_experts, do_free = bool(do_experts), bool(do_free)
+    min_range = float(min_range)
+
+    def chunk(c):
+        _score_chunk_one(
+            hr, experts, weights, mask, use_mask, mask2, use_mask2, do_experts, do_free,
+            patch_size, s, int(axis), n_a, n_pred, counts1, counts2, h0, h1, h2,
+            mu32, sd32, mu2_32, sd2_32, mu_hr32, sd_hr32, mu2f, sd2f, do_ssim, min_range,
+            c, n_chunks, sl_lo, sl_hi, xn[c], yn[c], tmp[c], tmp2[c], acc[c],
+            acc2[c], den[c], ratio[c], inmask[c], img_t[c], img_p[c], vert[c], col[c], run[c],
+            out, count, sum_sq, sum_abs, hr_min, hr_max, ssim,
+        )
+
+    if run_chunks is None:
+        for c in range(n_chunks):
+            chunk(c)
+    else:
+        run_chunks(chunk, n_chunks)

@@ -741,10 +741,9 @@ def _box_chunk_one(
                            win2, out, counts)
 
 
-@njit(parallel=True, nogil=True, cache=CACHE, fastmath=FASTMATH)
 def _box_moments(
     hr, experts, mask, patch, stride, win0, win1, win2, mus, sds, edge_power, gmax,
-    use_edge, use_grad, grad_op, n_chunks,
+    use_edge, use_grad, grad_op, n_chunks, run_chunks=None,
 ):
     """Per-tile decomposed normal equations over window-weighted boxes (algorithm A4).
 
@@ -775,6 +774,9 @@ def _box_moments(
     n_chunks : int
         Number of work blocks (normally the Numba thread count); the result does not
         depend on it.
+    run_chunks : callable, optional
+        ``run_chunks(chunk, n_chunks)`` calls ``chunk(c)`` for every ``c``, in parallel
+        (``resources.threads.run_chunks``); None: one after the other on this thread.
 
     Returns
     -------
@@ -791,16 +793,19 @@ def _box_moments(
 
     Notes
     -----
-    Parallel over the rows ``(j0, j1)`` of the tile grid, round-robin over ``n_chunks``
-    blocks; each tile is written by one thread in a fixed order.  Overlapping boxes
-    recompute the lines they share (a direct pass: at most ``ceil(patch/stride)^2``
-    times the work of the cell pass).  Lines whose window weight is 0 (the first voxel
-    of a Hann box) or that have no mask voxel are skipped.  Non-finite values are read
-    as 0 and are never in the mask.  Writes only the arrays it returns; safe to run
-    concurrently.
+    Plain Python around the serial ``nogil`` :func:`_box_chunk_one`, as
+    ``kernels.score._score_patient``: a ``parallel=True`` wrapper made Numba compile the
+    chunk's code once more. Chunks are the rows ``(j0, j1)`` of the tile grid, round-robin
+    over ``n_chunks`` blocks; each tile is written by one chunk in a fixed order.
+    Overlapping boxes recompute the lines they share (a direct pass: at most
+    ``ceil(patch/stride)^2`` times the work of the cell pass). Lines whose window weight is
+    0 (the first voxel of a Hann box) or that have no mask voxel are skipped. Non-finite
+    values are read as 0 and are never in the mask. Writes only the arrays it returns; safe
+    to run concurrently.
     """
     n0, n1, n2 = hr.shape
     m = len(experts)
+    stride, patch = int(stride), int(patch)
     t0 = _n_anchors_one(n0, stride)
     t1 = _n_anchors_one(n1, stride)
     t2 = _n_anchors_one(n2, stride)
@@ -808,14 +813,15 @@ def _box_moments(
     n_terms = m + m * (m + 1) // 2
     out = np.zeros((n_tiles, N_PARTS, n_terms))
     counts = np.zeros(n_tiles, np.int64)
-
-    w_side, w_mid = _smoothing_weights(grad_op)
-    reuse_hr = use_grad and grad_op == _SOBEL
-    inv_edge = 1.0 / (gmax + EDGE_EPS)
-    inv_sds = 1.0 / sds
-
+    w_side, w_mid = _smoothing_weights(int(grad_op))
+    use_edge, use_grad = bool(use_edge), bool(use_grad)
+    reuse_hr = use_grad and int(grad_op) == _SOBEL
+    inv_edge = 1.0 / (float(gmax) + EDGE_EPS)
+    inv_sds = 1.0 / np.asarray(sds, np.float64)
+    mus = np.asarray(mus, np.float64)
+    edge_power = float(edge_power)
     n_rows = t0 * t1
-    n_chunks = max(1, min(n_chunks, n_rows))
+    n_chunks = max(1, min(int(n_chunks), n_rows))
     vals = np.empty((n_chunks, m + 1, n2))
     grads = np.empty((n_chunks, 3, m + 1, n2 if use_grad else 0))
     sobs = np.empty((n_chunks, 3, 1, n2 if (use_edge and not reuse_hr) else 0))
@@ -826,13 +832,17 @@ def _box_moments(
     accs = np.zeros((n_chunks, N_PARTS, n_terms, n2))
     cnts = np.zeros((n_chunks, n2), np.int64)
 
-    for c in prange(n_chunks):
-        # the whole chunk in one serial helper: Numba types and compiles a prange body twice
-        # (in the kernel and in its parallel function), a call costs nothing to type twice
+    def chunk(c):
         _box_chunk_one(
             hr, experts, mask, patch, stride, win0, win1, win2, mus, inv_sds, edge_power,
-            inv_edge, use_edge, use_grad, reuse_hr, w_side, w_mid, np.int64(c), n_chunks,
+            inv_edge, use_edge, use_grad, reuse_hr, w_side, w_mid, c, n_chunks,
             vals[c], grads[c], sobs[c], tmps[c], ets[c], wps[c], wes[c], accs[c], cnts[c],
             out, counts,
         )
+
+    if run_chunks is None:
+        for c in range(n_chunks):
+            chunk(c)
+    else:
+        run_chunks(chunk, n_chunks)
     return out, counts

@@ -44,12 +44,14 @@ STEPS = ("normalisation", "statistics", "solve", "solve_unconstrained", "solve_m
 #: :data:`PULLS`), on one core of an idle 2-core machine: CPU seconds measured one step at a
 #: time with an empty NUMBA_CACHE_DIR on a busy machine (load 8-12), less the steps it
 #: pulls, times 0.7 (the ratio of last round's idle figures to these); docs/performance.md.
-#: The normalisation was re-measured on an idle machine once its plane kernels stopped being
-#: compiled twice (3.2 s).  They split a first run between two processes and say how long the
-#: wait will be.
-TYPICAL_COMPILE_S = {"normalisation": 3.5, "statistics": 13.5, "solve": 4.0,
+#: The normalisation, statistics and score steps were re-measured on an idle machine (one
+#: process, two alternating runs) once their plane kernels stopped being compiled twice and
+#: their two big kernels became serial chunks run by ``resources.threads.run_chunks``
+#: (3.2-3.8, 6.5-6.7 and 4.1-4.3 s).  They split a first run between two processes and say
+#: how long the wait will be.
+TYPICAL_COMPILE_S = {"normalisation": 3.5, "statistics": 6.5, "solve": 4.0,
                      "solve_unconstrained": 3.5, "solve_many_experts": 5.5, "smoothing": 2.0,
-                     "brain_mask": 4.2, "blend": 6.0, "score": 13.0, "weight_maps": 1.5,
+                     "brain_mask": 4.2, "blend": 6.0, "score": 4.5, "weight_maps": 1.5,
                      "weight_analysis": 1.0, "metrics": 7.0}
 #: Steps whose warm-up also compiles other steps' kernels on the way (scoring normalises and
 #: masks, and scores the raw experts in its own kernel, so it needs no metrics kernel; the
