@@ -270,8 +270,8 @@ def _score_chunk_one(
     hr, experts, weights, mask, use_mask, mask2, use_mask2, do_experts, do_free,
     patch_size, s, axis, n_a, n_pred, counts1, counts2, h0, h1, h2,
     mu32, sd32, mu2_32, sd2_32, mu_hr32, sd_hr32, mu2f, sd2f, do_ssim, min_range,
-    c, n_chunks, sl_lo, sl_hi, xn, yn, tmp, tmp2, acc, acc2, den, ratio, inmask, img_t, img_p,
-    vert, col, run, out, count, sum_sq, sum_abs, hr_min, hr_max, ssim,
+    c, n_chunks, sl_lo, sl_hi, xn_c, yn_c, tmp, tmp2, acc_c, acc2_c, den_c, ratio_c, in_c,
+    t_c, p_c, vert, col, run, out, count, sum_sq, sum_abs, hr_min, hr_max, ssim,
 ):
     """Chunk ``c`` of :func:`_score_patient`: slices ``sl_lo + c, sl_lo + c + n_chunks, ...``.
 
@@ -283,8 +283,6 @@ def _score_chunk_one(
     n_exp = len(experts)
     eps32 = np.float32(1e-8)  # BLEND_EPS, as in blend._blend_volume
     zero = np.float32(0.0)
-    xn_c, yn_c, acc_c, acc2_c, den_c, ratio_c = xn, yn, acc, acc2, den, ratio
-    in_c, t_c, p_c = inmask, img_t, img_p
     for sl in range(sl_lo + c, sl_hi, n_chunks):
         cnt = 0
         lo = np.float32(np.inf)

@@ -795,13 +795,13 @@ def _box_moments(
     -----
     Plain Python around the serial ``nogil`` :func:`_box_chunk_one`, as
     ``kernels.score._score_patient``: a ``parallel=True`` wrapper made Numba compile the
-    chunk's code once more. Chunks are the rows ``(j0, j1)`` of the tile grid, round-robin
-    over ``n_chunks`` blocks; each tile is written by one chunk in a fixed order.
-    Overlapping boxes recompute the lines they share (a direct pass: at most
-    ``ceil(patch/stride)^2`` times the work of the cell pass). Lines whose window weight is
-    0 (the first voxel of a Hann box) or that have no mask voxel are skipped. Non-finite
-    values are read as 0 and are never in the mask. Writes only the arrays it returns; safe
-    to run concurrently.
+    chunk's code once more.  Chunks are the rows ``(j0, j1)`` of the tile grid,
+    round-robin over ``n_chunks`` blocks; each tile is written by one chunk in a fixed
+    order.  Overlapping boxes recompute the lines they share (a direct pass: at most
+    ``ceil(patch/stride)^2`` times the work of the cell pass).  Lines whose window weight
+    is 0 (the first voxel of a Hann box) or that have no mask voxel are skipped.
+    Non-finite values are read as 0 and are never in the mask.  Writes only the arrays it
+    returns; safe to run concurrently.
     """
     n0, n1, n2 = hr.shape
     m = len(experts)

@@ -50,12 +50,13 @@ def thread_safe_layer() -> bool:
 
 
 _CHUNK_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_CHUNK_POOL_LOCK = threading.Lock()
 
 
 def _chunk_pool() -> ThreadPoolExecutor:
     """Return the process's helper threads for :func:`run_chunks` (new in a forked child)."""
     global _CHUNK_POOL
-    with _LAYER_LOCK:
+    with _CHUNK_POOL_LOCK:
         if _CHUNK_POOL is None or _CHUNK_POOL[0] != os.getpid():
             # a forked child inherits the pool object but none of its threads
             size = max(1, int(numba.config.NUMBA_NUM_THREADS) - 1)
